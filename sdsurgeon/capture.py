@@ -1,0 +1,251 @@
+"""nn.Module -> fx.GraphModule: torch.fx tracing with leaf control and a partial-capture fallback."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import CaptureError, ConfigError
+
+# User module classes that torch.fx must not trace into (see register_leaf and --leaf).
+LEAF_REGISTRY: set[type] = set()
+
+CAPTURE_METHODS = ("fx",)
+
+
+def register_leaf(cls: type) -> type:
+    """Mark a module class as opaque to tracing (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"register_leaf expects an nn.Module subclass, got {cls!r}")
+    LEAF_REGISTRY.add(cls)
+    return cls
+
+
+@dataclass
+class CapturedPart:
+    """One traced module: ``path`` is where it sits in the model ("" is the whole model)."""
+
+    path: str
+    gm: fx.GraphModule
+
+
+@dataclass(frozen=True)
+class UntracedPart:
+    """A module whose own forward could not be traced (its children may have been)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Capture:
+    """The result of capturing a model: traced parts in module order, and what could not be traced."""
+
+    method: str
+    parts: list[CapturedPart]
+    untraced: list[UntracedPart] = field(default_factory=list)
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx tracer whose leaves are torch.nn layers plus registered and named user classes."""
+
+    def __init__(self, leaf_names: frozenset[str]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        cls = type(m)
+        if cls in LEAF_REGISTRY or _class_matches(cls, self.leaf_names):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _class_matches(cls: type, names: frozenset[str]) -> bool:
+    return cls.__name__ in names or f"{cls.__module__}.{cls.__qualname__}" in names
+
+
+def _is_default_leaf(m: nn.Module) -> bool:
+    return fx.Tracer().is_leaf_module(m, "")
+
+
+def _faithful_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running ``graph`` that keeps root's whole module tree.
+
+    fx.GraphModule copies only what the graph references, which drops unused children and
+    parameters; we keep root's own dicts so the state_dict has the original keys, in order.
+    """
+    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    for slot in ("_modules", "_parameters", "_buffers"):
+        merged = OrderedDict(getattr(root, slot))
+        for name, value in getattr(gm, slot).items():
+            merged.setdefault(name, value)
+        gm.__dict__[slot] = merged
+    gm.__dict__["_non_persistent_buffers_set"] = set(root._non_persistent_buffers_set)
+    gm.training = root.training
+    return gm
+
+
+def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
+    """Trace one module with torch.fx (raises whatever tracing raises)."""
+    tracer = _LeafTracer(frozenset(leaves))
+    graph = tracer.trace(module)
+    return _faithful_graph_module(module, graph)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "fx") -> Capture:
+    """Capture ``model`` as graphs without modifying it.
+
+    The whole model is traced if possible. Otherwise the largest traceable submodules are
+    captured (top-down), and every module whose own forward failed is listed with the reason.
+    The parts share modules with ``model``: copy the model first to change them independently.
+    """
+    if method not in CAPTURE_METHODS:
+        raise ConfigError(f"unknown capture method {method!r}; use one of: {', '.join(CAPTURE_METHODS)}")
+    leaves = frozenset(leaves)
+    parts: list[CapturedPart] = []
+    untraced: list[UntracedPart] = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            pass  # containers have no forward of their own: look inside without reporting a failure
+        else:
+            try:
+                parts.append(CapturedPart(path, trace(module, leaves)))
+                return
+            except Exception as exc:  # any tracing failure: fall back to the children
+                untraced.append(UntracedPart(path, _reason(exc)))
+        for name, child in module.named_children():
+            if _is_default_leaf(child) or type(child) in LEAF_REGISTRY or _class_matches(type(child), leaves):
+                continue
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    if not parts:
+        first = untraced[0].reason if untraced else "no traceable module"
+        raise CaptureError(
+            f"could not trace any part of {type(model).__name__} ({first}); mark the module that fails "
+            "as opaque with --leaf CLASSNAME, or simplify its forward"
+        )
+    return Capture(method, parts, untraced)
+
+
+# --- example inputs -------------------------------------------------------------------------------
+
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool,
+}
+
+
+def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise ConfigError(f"{option} {text!r}: expected positive integers separated by commas, e.g. 1,3,32,32")
+    return shape
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One example input: forward argument ``name`` (None = next positional), its shape and dtype."""
+
+    name: str | None
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str) -> "InputSpec":
+        """``NAME:SHAPE[:DTYPE]``, e.g. ``input_ids:1,16:int64``."""
+        fields = text.split(":")
+        if len(fields) not in (2, 3) or not fields[0].isidentifier():
+            raise ConfigError(f"--input {text!r}: expected NAME:SHAPE[:DTYPE], e.g. x:1,3,32,32 or ids:1,16:int64")
+        dtype = fields[2] if len(fields) == 3 else "float32"
+        if dtype not in DTYPES:
+            raise ConfigError(f"--input {text!r}: unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+        return cls(fields[0], parse_shape(fields[1], "--input"), dtype)
+
+    def make(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        dtype = DTYPES[self.dtype]
+        if dtype.is_floating_point:
+            return torch.randn(self.shape, generator=generator).to(dtype)
+        if dtype == torch.bool:
+            return torch.ones(self.shape, dtype=dtype)
+        return torch.randint(0, 2, self.shape, generator=generator, dtype=dtype)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        return cls(d.get("name"), tuple(d["shape"]), d.get("dtype", "float32"))
+
+
+ExampleInputs = tuple[tuple, dict]
+
+
+def make_example_inputs(specs: Iterable[InputSpec], seed: int = 0) -> ExampleInputs:
+    """Positional and keyword example tensors for ``model(*args, **kwargs)``."""
+    g = torch.Generator().manual_seed(seed)
+    args, kwargs = [], {}
+    for spec in specs:
+        if spec.name is None:
+            args.append(spec.make(g))
+        else:
+            kwargs[spec.name] = spec.make(g)
+    return tuple(args), kwargs
+
+
+def normalize_inputs(example_inputs) -> ExampleInputs | None:
+    """Accept a tensor, a tuple of positional tensors, a dict of keyword tensors, or (args, kwargs)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if (
+        isinstance(example_inputs, tuple) and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)
+    ):
+        return example_inputs
+    return tuple(example_inputs), {}
+
+
+def bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """Positional values for gm's placeholders from a call's args and kwargs (defaults filled in)."""
+    values, pending = [], list(args)
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        name = n.target.lstrip("*")
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif pending:
+            values.append(pending.pop(0))
+        elif n.args:
+            values.append(n.args[0])
+        else:
+            raise ConfigError(f"no example value for input {name!r}; give it with --input {name}:SHAPE")
+    return values
+
+
+def tag(module: nn.Module, name: str, value) -> None:
+    """Attach a plain attribute that survives copy.deepcopy, also on a GraphModule (which drops others)."""
+    setattr(module, name, value)
+    if isinstance(module, fx.GraphModule):
+        from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+        module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value

@@ -1,0 +1,260 @@
+"""Find residual blocks ``x + f(x)`` in a captured graph; read-only, returns plain records."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+_aten = torch.ops.aten
+ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor})
+ADD_METHODS = frozenset({"add", "add_"})
+
+# Ops whose result describes a tensor's shape, not its values: an edge through them is not a data
+# dependence, so `x + pos_emb(arange(x.size(1)))` is not mistaken for a residual block.
+SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "get_device"})
+SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+SHAPE_FUNCTIONS = frozenset(
+    {_aten.sym_size.int, _aten.sym_size.default, _aten.sym_numel.default, _aten.sym_stride.int}
+)
+
+# A projection shortcut (conv+bn, avg-pool+conv+bn, slice+pad, ...) is a short single-input chain.
+MAX_SHORTCUT_OPS = 8
+
+
+@dataclass(frozen=True)
+class ResidualSite:
+    """One residual block found in a graph. Node names refer to the graph it was found in."""
+
+    id: str  # stable: module path of the add + its position among the adds there, e.g. "layers.0:add"
+    index: int  # 1-based depth order (execution order)
+    part: str  # module path of the captured part holding the graph ("" = whole model)
+    add: str  # the add node
+    skip: str  # the value added unchanged: x, or g(x) for a projection shortcut
+    branch_output: str  # f(x)
+    branch_inputs: tuple[str, ...]  # values the branch reads from outside itself
+    branch_nodes: tuple[str, ...]  # the branch's own nodes, in graph order
+    shortcut: str  # "identity" | "projection"
+    params: int  # parameters the branch owns (shared modules counted too)
+    modules: tuple[str, ...]  # submodules the branch calls
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of a plain residual-style addition, else None."""
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        args, kwargs = node.args, dict(node.kwargs)
+    elif node.op == "call_method" and node.target in ADD_METHODS:
+        args, kwargs = node.args, dict(node.kwargs)
+    else:
+        return None
+    if len(args) != 2 or kwargs.get("alpha", 1) != 1 or kwargs.get("out") is not None:
+        return None
+    a, b = args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+        return None
+    return a, b
+
+
+def is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ADD_METHODS
+    )
+
+
+def _is_shape_op(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+        return node.target in SHAPE_FUNCTIONS
+    return False
+
+
+def _shape_only_nodes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    shape_only: set[fx.Node] = set()
+    for n in nodes:
+        ins = n.all_input_nodes
+        if _is_shape_op(n) or (ins and all(i in shape_only for i in ins)):
+            shape_only.add(n)
+    return shape_only
+
+
+def module_scope(node: fx.Node) -> str:
+    """Path of the innermost module whose forward produced ``node`` ("" for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if node.op == "call_module" and path == node.target:
+        # A leaf call records itself as innermost: its scope is the module calling it.
+        path = list(stack.values())[-2][0] if len(stack) > 1 else ""
+    return path
+
+
+class _Graph:
+    """Per-graph indexes shared by all matches (built once: keeps detection linear)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.shape_only = _shape_only_nodes(self.nodes)
+        self._module_params: dict[str, int] = {}
+
+    def data_inputs(self, n: fx.Node) -> list[fx.Node]:
+        return [i for i in n.all_input_nodes if i not in self.shape_only]
+
+    def module_params(self, target: str) -> int:
+        if target not in self._module_params:
+            mod = self.gm.get_submodule(target)
+            self._module_params[target] = sum(p.numel() for p in mod.parameters())
+        return self._module_params[target]
+
+    def attr_params(self, n: fx.Node) -> int:
+        if n.op != "get_attr":
+            return 0
+        value = _get_attr(self.gm, n.target)
+        return value.numel() if isinstance(value, nn.Parameter) else 0
+
+    def branch(self, x: fx.Node, t: fx.Node) -> list[fx.Node] | None:
+        """Nodes computing ``t`` from ``x`` (graph order), or None if t does not depend on x's values.
+
+        Walks back from t only over nodes after x in graph order, so the cost is the size of the
+        block, not of the graph.
+        """
+        lo = self.order[x]
+        if self.order[t] <= lo:
+            return None
+        seen = {t}
+        stack = [t]
+        while stack:
+            for i in stack.pop().all_input_nodes:
+                if self.order[i] > lo and i not in seen:
+                    seen.add(i)
+                    stack.append(i)
+        region: set[fx.Node] = set()
+        data_dependent: set[fx.Node] = set()
+        for n in sorted(seen, key=self.order.__getitem__):
+            ins = n.all_input_nodes
+            if any(i is x or i in region for i in ins):
+                region.add(n)
+            if any(i is x or i in data_dependent for i in self.data_inputs(n)) and n not in self.shape_only:
+                data_dependent.add(n)
+        if t not in data_dependent:
+            return None
+        return sorted(region, key=self.order.__getitem__)
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _shortcut_chain(g: _Graph, s: fx.Node, add: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """Walk back from skip operand ``s`` along a single-input chain: (fork x, chain) or None."""
+    chain: list[fx.Node] = []
+    cur, user = s, add
+    for _ in range(MAX_SHORTCUT_OPS + 1):
+        ins = [i for i in g.data_inputs(cur) if i.op != "get_attr"]
+        if cur.op in ("placeholder", "get_attr") or len(ins) != 1 or set(cur.users) != {user}:
+            break
+        chain.append(cur)
+        cur, user = ins[0], cur
+    else:
+        return None
+    return (cur, chain) if chain else None
+
+
+def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[fx.Node]) -> dict | None:
+    """Check that ``region`` is a real block and describe it, else None."""
+    region_set = set(region)
+    if set(t.users) != {add}:
+        return None  # f(x) is used elsewhere: gating it would change those uses
+    for n in region:
+        if n is not t and not set(n.users) <= region_set:
+            return None  # an intermediate value escapes the branch
+    inputs: list[fx.Node] = []
+    for n in region:
+        for i in n.all_input_nodes:
+            if i not in region_set and i not in inputs:
+                inputs.append(i)
+    modules = tuple(n.target for n in region if n.op == "call_module")
+    params = sum(g.module_params(m) for m in set(modules))
+    params += sum(g.attr_params(i) for i in inputs if set(i.users) <= region_set)
+    if params == 0:
+        return None  # no parameters: not a block (e.g. x + relu(x))
+    inputs.sort(key=lambda n: (n is not x, g.order[n]))  # x first, then side inputs in order
+    return dict(
+        branch_output=t.name,
+        branch_inputs=tuple(n.name for n in inputs),
+        branch_nodes=tuple(n.name for n in region),
+        params=params,
+        modules=modules,
+    )
+
+
+def _match(g: _Graph, add: fx.Node) -> dict | None:
+    operands = add_operands(add)
+    if operands is None or any(o in g.shape_only for o in operands):
+        return None
+    a, b = operands
+    for s, t in ((a, b), (b, a)):
+        region = g.branch(s, t)
+        if region is not None:
+            fields = _site_fields(g, add, s, t, region)
+            return fields and dict(fields, skip=s.name, shortcut="identity")
+    best = None
+    for s, t in ((a, b), (b, a)):
+        found = _shortcut_chain(g, s, add)
+        if found is None:
+            continue
+        x, chain = found
+        region = g.branch(x, t)
+        if region is None or len(chain) >= len(region):
+            continue
+        fields = _site_fields(g, add, x, t, region)
+        if fields is None:
+            continue
+        if best is not None:
+            if len(chain) == best[0]:
+                return None  # two symmetric paths: a sum of branches, not x + f(x)
+            if len(chain) > best[0]:
+                continue
+        best = (len(chain), dict(fields, skip=s.name, shortcut="projection"))
+    return best and best[1]
+
+
+def find_residuals(gm: fx.GraphModule, *, part: str = "") -> list[ResidualSite]:
+    """Residual sites of ``gm`` in execution order (index from 1). Never modifies ``gm``."""
+    g = _Graph(gm)
+    positions: Counter[str] = Counter()
+    sites: list[ResidualSite] = []
+    for n in g.nodes:
+        if not is_add(n):
+            continue
+        scope = module_scope(n)
+        position = positions[scope]
+        positions[scope] += 1
+        fields = _match(g, n)
+        if fields is None:
+            continue
+        path = ".".join(p for p in (part, scope) if p)
+        name = "add" if position == 0 else f"add_{position}"
+        sites.append(
+            ResidualSite(
+                id=f"{path}:{name}" if path else name,
+                index=len(sites) + 1,
+                part=part,
+                add=n.name,
+                **fields,
+            )
+        )
+    return sites

@@ -1,0 +1,224 @@
+"""Rewrite residual sites with stochastic-depth gates: detected sites + probabilities -> trainable model."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from .capture import Capture, CapturedPart, InputSpec, capture, tag
+from .detect import ResidualSite, find_residuals
+from .errors import NoResidualSitesError, RecipeMismatchError
+from .layers import MODES, SCALINGS, StochasticDepth
+from .schedule import Override, assign
+
+RECIPE_ATTR = "sdsurgeon_recipe"
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
+@dataclass
+class Recipe:
+    """Everything needed to redo the same surgery on a fresh instance of the architecture."""
+
+    sites: list[tuple[str, float]]  # (site id, p) of every gated site, in depth order
+    mode: str = "batch"
+    scaling: str = "paper"
+    seed: int | None = None
+    p_L: float | None = None
+    rule: str | None = None
+    leaves: list[str] = field(default_factory=list)
+    inputs: list[InputSpec] | None = None
+    capture: str = "fx"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sites"] = [[s, p] for s, p in self.sites]
+        d["inputs"] = None if self.inputs is None else [i.to_dict() for i in self.inputs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        d = dict(d)
+        d["sites"] = [(str(s), float(p)) for s, p in d["sites"]]
+        if d.get("inputs") is not None:
+            d["inputs"] = [InputSpec.from_dict(i) for i in d["inputs"]]
+        return cls(**d)
+
+
+def locate(model: nn.Module, leaves: Iterable[str] = ()) -> tuple[Capture, list[ResidualSite]]:
+    """Capture ``model`` and find its residual sites, numbered in depth order across all parts."""
+    cap = capture(model, leaves=leaves)
+    sites: list[ResidualSite] = []
+    for part in cap.parts:
+        for site in find_residuals(part.gm, part=part.path):
+            sites.append(_renumber(site, len(sites) + 1))
+    return cap, sites
+
+
+def _renumber(site: ResidualSite, index: int) -> ResidualSite:
+    from dataclasses import replace
+
+    return replace(site, index=index)
+
+
+def inject(
+    model: nn.Module,
+    p_L: float = 0.5,
+    *,
+    rule: str = "linear",
+    mode: str = "batch",
+    scaling: str = "paper",
+    seed: int | None = None,
+    overrides: Sequence[Override | str] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    leaves: Sequence[str] = (),
+    inputs: Sequence[InputSpec] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
+
+    The result has exactly the state_dict keys and tensors of ``model``; it carries its recipe as
+    ``result.sdsurgeon_recipe`` so it can be saved weights-only and rebuilt. ``inputs`` (optional)
+    is remembered in the recipe for later export. Raises NoResidualSitesError if nothing is gated.
+    """
+    _check_gate_options(mode, scaling)
+    overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
+    work = copy.deepcopy(model)
+    cap, sites = locate(work, leaves)
+    ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
+    chosen = [(s, p) for s, p in zip(sites, ps) if p is not None]
+    if not chosen:
+        what = "no residual block" if not sites else f"none of its {len(sites)} residual sites selected"
+        raise NoResidualSitesError(
+            f"{type(model).__name__} has {what}: nothing to inject (run `sdsurgeon plan` to see what was found)"
+        )
+    recipe = Recipe(
+        sites=[(s.id, p) for s, p in chosen], mode=mode, scaling=scaling, seed=seed, p_L=p_L, rule=rule,
+        leaves=list(leaves), inputs=None if inputs is None else list(inputs),
+    )
+    return _apply(work, cap, chosen, recipe)
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Redo a recorded surgery on ``model`` (a fresh instance of the same architecture); copies it."""
+    _check_gate_options(recipe.mode, recipe.scaling)
+    work = copy.deepcopy(model)
+    cap, sites = locate(work, recipe.leaves)
+    by_id = {s.id: s for s in sites}
+    missing = [sid for sid, _ in recipe.sites if sid not in by_id]
+    if missing:
+        raise RecipeMismatchError(
+            f"the recipe names {len(missing)} site(s) this architecture does not have (first: {missing[0]!r}); "
+            "was it saved from a different architecture or with other --leaf settings?"
+        )
+    return _apply(work, cap, [(by_id[sid], p) for sid, p in recipe.sites], recipe)
+
+
+def _check_gate_options(mode: str, scaling: str) -> None:
+    # Checked up front so a bad option fails before any copying or tracing.
+    StochasticDepth(1.0, lambda: None, mode=mode, scaling=scaling)
+
+
+def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float]], recipe: Recipe) -> nn.Module:
+    result = work
+    for part in cap.parts:
+        items = [(s, p) for s, p in chosen if s.part == part.path]
+        if not items:
+            continue
+        gate_sites(part.gm, items, mode=recipe.mode, scaling=recipe.scaling, seed=recipe.seed)
+        result = _install(result, part)
+    tag(result, RECIPE_ATTR, recipe)
+    for name in ("sdsurgeon_source",):
+        if hasattr(work, name):
+            tag(result, name, getattr(work, name))
+    return result
+
+
+def _install(root: nn.Module, part: CapturedPart) -> nn.Module:
+    """Put a rewritten part where its module was; the whole model if it is the root."""
+    if not part.path:
+        return part.gm
+    parent_path, _, name = part.path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, part.gm)
+    return root
+
+
+def _mutated_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether some user of ``node`` overwrites it in place (ReLU(inplace=True), relu_, +=, ...)."""
+    for u in node.users:
+        if u.op == "call_module" and getattr(gm.get_submodule(u.target), "inplace", False):
+            return True
+        first = u.args[0] if u.args else None
+        if first is node and (
+            (u.op == "call_method" and str(u.target).endswith("_"))
+            or (u.op == "call_function" and (u.target in _INPLACE_OPERATORS or u.kwargs.get("inplace")))
+        ):
+            return True
+    return False
+
+
+def gate_sites(
+    gm: fx.GraphModule,
+    sites: Sequence[tuple[ResidualSite, float]],
+    *,
+    mode: str = "batch",
+    scaling: str = "paper",
+    seed: int | None = None,
+) -> fx.GraphModule:
+    """Pass: replace each site's add and branch with a call to a StochasticDepth gate.
+
+    Mutates and returns ``gm``. Sites must come from ``find_residuals(gm)`` and be in depth order:
+    inner blocks of nested residuals are gated first and the outer branch then calls the inner gate.
+    The branch's modules stay where they are (state_dict keys unchanged); each gate runs its branch
+    through a GraphModule that shares those modules.
+    """
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    replaced: dict[str, fx.Node] = {}  # add node name -> gate node that now stands for it
+    removed: set[str] = set()  # branch nodes moved into a gate
+
+    def node(name: str) -> fx.Node:
+        return replaced.get(name) or nodes[name]
+
+    for site, p in sites:
+        add = nodes[site.add]
+        region = [node(n) for n in site.branch_nodes if n not in removed]
+        inputs = [node(n) for n in site.branch_inputs]
+        output = node(site.branch_output)
+
+        branch_graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {i: branch_graph.placeholder(i.name) for i in inputs}
+        for n in region:
+            env[n] = branch_graph.node_copy(n, env.__getitem__)
+        branch_graph.output(env[output])
+        branch = fx.GraphModule(gm, branch_graph, class_name="Branch")
+
+        name = f"sd_gate_{site.index}"
+        gate = StochasticDepth(
+            p, branch, mode=mode, scaling=scaling, seed=seed, site_id=site.id, index=site.index,
+            copy_skip=_mutated_in_place(gm, add),
+        )
+        gm.add_submodule(name, gate)
+        with graph.inserting_before(add):
+            gate_node = graph.call_module(name, args=(node(site.skip), *inputs))
+        gate_node.meta = {k: v for k, v in add.meta.items() if k == "nn_module_stack"}
+        add.replace_all_uses_with(gate_node)
+        graph.erase_node(add)
+        for n in reversed(region):
+            graph.erase_node(n)
+        replaced[site.add] = gate_node
+        removed.update(n.name for n in region)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def gates(model: nn.Module) -> list[StochasticDepth]:
+    """The model's gates in depth order."""
+    found = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    return sorted(found, key=lambda g: g.index)

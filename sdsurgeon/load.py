@@ -1,0 +1,334 @@
+"""Read and write checkpoints safely: formats, trust, architecture factories, atomic writes."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .capture import tag
+from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError
+from .inject import RECIPE_ATTR, Recipe, apply_recipe
+
+SOURCE_ATTR = "sdsurgeon_source"
+FORMAT = "sdsurgeon"
+FORMAT_VERSION = 1
+# Wrapper keys under which training scripts commonly nest a state_dict.
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to rebuild a model's architecture: an importable factory, or a pickled module."""
+
+    kind: str  # "arch" | "pickle"
+    arch: str | None = None
+    arch_kwargs: dict = field(default_factory=dict)
+
+
+# --- architectures ---------------------------------------------------------------------------------
+
+
+def import_factory(spec: str) -> Callable[..., Any]:
+    """Resolve ``package.module:factory`` (the current folder is importable, as for `python -m`)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--arch {spec!r}: expected package.module:factory, e.g. mymodels.resnet:resnet110")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise LoadError(
+            f"--arch {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+            "install the package or run from the folder that contains it"
+        ) from None
+    obj = module
+    for atom in attr.split("."):
+        if not hasattr(obj, atom):
+            raise LoadError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, atom)
+    if not callable(obj):
+        raise LoadError(f"--arch {spec!r}: {attr!r} is not callable; point at a class or function that builds the model")
+    return obj
+
+
+def build(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
+    """Call an architecture factory and check that it gives an nn.Module."""
+    factory = import_factory(arch)
+    try:
+        model = factory(**(arch_kwargs or {}))
+    except TypeError as exc:
+        raise LoadError(f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"--arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+    tag(model, SOURCE_ATTR, ModelSource("arch", arch, dict(arch_kwargs or {})))
+    return model
+
+
+def parse_arch_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--arch-kwargs is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--arch-kwargs must be a JSON object like '{{\"depth\": 110}}', got {text!r}")
+    return value
+
+
+def _check_recorded_factory(arch: str, path: Path) -> None:
+    # A file names the factory that load() will call: never let it name the standard library or
+    # torch itself (e.g. subprocess:run), which would make a weights-only file run arbitrary code.
+    top = arch.partition(":")[0].split(".")[0]
+    if top in sys.stdlib_module_names or top in ("torch", "builtins", "__main__"):
+        raise UnsafeLoadError(
+            f"{path} names {arch!r} as its architecture, which is not a model factory; pass --arch yourself"
+        )
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    trust_pickle: bool = False,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+) -> nn.Module:
+    """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
+
+    - a state_dict (``.pt``/``.pth``/``.safetensors``) needs ``arch`` (``package.module:factory``);
+    - a full pickled ``nn.Module`` is unpickled only with ``trust_pickle=True`` (unpickling runs code);
+    - a file written by sdsurgeon is rebuilt from the factory and recipe it records;
+    - no path: a fresh model from ``arch``.
+    """
+    if arch_kwargs and not arch:
+        raise ConfigError("--arch-kwargs needs --arch package.module:factory")
+    if path is None:
+        if not arch:
+            raise ConfigError("give a checkpoint file, or an architecture with --arch package.module:factory")
+        return build(arch, arch_kwargs)
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise LoadError(f"{path} is a folder; give the checkpoint file inside it")
+    if path.suffix == ".safetensors":
+        return _from_state_dict(_read_safetensors(path), path, arch, arch_kwargs)
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _from_sdsurgeon_file(obj, path, trust_pickle, arch, arch_kwargs)
+    if isinstance(obj, nn.Module):
+        if arch:
+            raise ConfigError(f"{path} holds a whole model; --arch is only for files that hold weights alone")
+        tag(obj, SOURCE_ATTR, ModelSource("pickle"))
+        return obj
+    return _from_state_dict(_state_dict_of(obj, path), path, arch, arch_kwargs)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            if any(n.endswith("constants.pkl") for n in zf.namelist()):
+                raise LoadError(
+                    f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
+                    "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
+                )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if not found:
+            raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({_first_line(exc)})") from None
+        if not trust_pickle:
+            raise UnsafeLoadError(
+                f"{path} holds pickled Python objects ({found.group(1)}); unpickling runs code from the file, "
+                "so it is refused. Pass --trust-pickle if you trust its source, or save model.state_dict() "
+                "and use --arch package.module:factory"
+            ) from None
+    except Exception as exc:
+        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({_first_line(exc)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: unpickling failed ({_first_line(exc)}); the code that defined the model must be importable"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    raise LoadError(
+        f"{path} holds a {type(obj).__name__}, not a model or a state_dict "
+        f"(looked for tensors at the top level and under {', '.join(_STATE_DICT_KEYS)})"
+    )
+
+
+def _from_state_dict(
+    state: dict[str, torch.Tensor], path: Path, arch: str | None, arch_kwargs: dict | None
+) -> nn.Module:
+    if not arch:
+        raise LoadError(
+            f"{path} holds weights only (a state_dict); say which architecture they belong to with "
+            "--arch package.module:factory (and --arch-kwargs JSON if the factory takes arguments)"
+        )
+    model = build(arch, arch_kwargs)
+    expected = set(model.state_dict())
+    if not set(state) & expected and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
+    _load_weights(model, state, path, f"--arch {arch}")
+    return model
+
+
+def _load_weights(model: nn.Module, state: dict, path: Path, what: str) -> None:
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise LoadError(
+            f"the weights in {path} do not fit {what}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"keys (e.g. {example!r}); check --arch and --arch-kwargs"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), _first_line(exc))
+        raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
+
+
+def _from_sdsurgeon_file(
+    payload: dict, path: Path, trust_pickle: bool, arch: str | None, arch_kwargs: dict | None
+) -> nn.Module:
+    version = payload.get("version")
+    if version != FORMAT_VERSION:
+        raise LoadError(f"{path} is sdsurgeon format version {version}; this sdsurgeon reads version {FORMAT_VERSION}")
+    source = payload["source"]
+    recipe = Recipe.from_dict(payload["recipe"]) if payload.get("recipe") else None
+    if source["kind"] == "pickle":
+        if not trust_pickle:
+            raise UnsafeLoadError(
+                f"{path} was made from a pickled model and holds it pickled; unpickling runs code from the file, "
+                "so it is refused. Pass --trust-pickle if you trust its source"
+            )
+        model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
+        tag(model, SOURCE_ATTR, ModelSource("pickle"))
+        return model
+    if not arch:
+        arch, arch_kwargs = source["arch"], source.get("arch_kwargs") or {}
+        _check_recorded_factory(arch, path)
+    model = build(arch, arch_kwargs)
+    if recipe is not None:
+        model = apply_recipe(model, recipe)
+    _load_weights(model, payload["state_dict"], path, f"the architecture it records ({arch})")
+    return model
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write via a temp file in the destination folder and rename: readers never see a partial file."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise WriteError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse an output path that is one of the inputs."""
+    output = Path(output)
+    for i in inputs:
+        if i is not None and Path(i).exists() and output.exists() and os.path.samefile(output, i):
+            raise WriteError(f"output {output} is the input file; sdsurgeon never overwrites its input: choose another -o")
+    return output
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model`` as an sdsurgeon file (atomically).
+
+    A model built from an architecture factory is saved weights-only: the factory, the surgery
+    recipe and the state_dict; it loads without trusting pickles. Any other model is pickled whole
+    and, like its source, needs ``trust_pickle`` to load.
+    """
+    source = getattr(model, SOURCE_ATTR, None)
+    recipe = getattr(model, RECIPE_ATTR, None)
+    payload: dict[str, Any] = {
+        "format": FORMAT, "version": FORMAT_VERSION, "recipe": recipe.to_dict() if recipe else None,
+    }
+    if source is not None and source.kind == "arch":
+        payload["source"] = {"kind": "arch", "arch": source.arch, "arch_kwargs": source.arch_kwargs}
+        payload["state_dict"] = model.state_dict()
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        payload["source"] = {"kind": "pickle"}
+        payload["module"] = buffer.getvalue()
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def default_output(path: str | os.PathLike | None, suffix: str = ".sd.pt", arch: str | None = None) -> Path:
+    """``<stem>.sd.pt`` beside the input (or named after the factory when there is no input file)."""
+    if path is None:
+        name = (arch or "model").rpartition(":")[2] or "model"
+        return Path(f"{name}{suffix}")
+    path = Path(path)
+    stem = path.name.removesuffix(".sd.pt") if path.name.endswith(".sd.pt") else path.stem
+    return path.with_name(stem + suffix)
