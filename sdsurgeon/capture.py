@@ -54,7 +54,7 @@ class Capture:
 class _LeafTracer(fx.Tracer):
     """torch.fx tracer whose leaves are torch.nn layers plus registered and named user classes."""
 
-    def __init__(self, leaf_names: frozenset[str]) -> None:
+    def __init__(self, leaf_names: frozenset[str] = frozenset()) -> None:  # no-arg: GraphModule unpickling
         super().__init__()
         self.leaf_names = leaf_names
 

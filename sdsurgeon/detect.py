@@ -106,6 +106,7 @@ class _Graph:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.shape_only = _shape_only_nodes(self.nodes)
         self._module_params: dict[str, int] = {}
+        self.visited = 0  # nodes walked by branch(): the cost of detection, for tests of its scaling
 
     def data_inputs(self, n: fx.Node) -> list[fx.Node]:
         return [i for i in n.all_input_nodes if i not in self.shape_only]
@@ -138,6 +139,7 @@ class _Graph:
                 if self.order[i] > lo and i not in seen:
                     seen.add(i)
                     stack.append(i)
+        self.visited += len(seen)
         region: set[fx.Node] = set()
         data_dependent: set[fx.Node] = set()
         for n in sorted(seen, key=self.order.__getitem__):
@@ -234,7 +236,10 @@ def _match(g: _Graph, add: fx.Node) -> dict | None:
 
 def find_residuals(gm: fx.GraphModule, *, part: str = "") -> list[ResidualSite]:
     """Residual sites of ``gm`` in execution order (index from 1). Never modifies ``gm``."""
-    g = _Graph(gm)
+    return _find(_Graph(gm), part)
+
+
+def _find(g: _Graph, part: str) -> list[ResidualSite]:
     positions: Counter[str] = Counter()
     sites: list[ResidualSite] = []
     for n in g.nodes:

@@ -1,0 +1,84 @@
+"""Detection over the zoo: counts, ids, shortcut kinds, partial capture, and linear-time scaling."""
+
+import pytest
+import torch
+
+from sdsurgeon import find_residuals
+from sdsurgeon.capture import capture
+from sdsurgeon.inject import locate
+from sdsurgeon.models import cifar_resnet
+from zoo import ZOO, DataDependentTop
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+def test_zoo_site_count(entry):
+    _, sites = locate(entry.build())
+    assert len(sites) == entry.num_sites, [s.id for s in sites]
+    assert [s.index for s in sites] == list(range(1, entry.num_sites + 1))
+    assert len({s.id for s in sites}) == len(sites)
+
+
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.shortcuts], ids=lambda e: e.name)
+def test_shortcut_kinds(entry):
+    _, sites = locate(entry.build())
+    for index, kind in entry.shortcuts.items():
+        assert sites[index - 1].shortcut == kind, sites[index - 1]
+
+
+def test_detection_does_not_mutate_the_graph():
+    gm = capture(cifar_resnet(20)).parts[0].gm
+    before = gm.code
+    find_residuals(gm)
+    assert gm.code == before
+
+
+def test_ids_are_module_path_and_position():
+    from zoo import Transformer, PreNormLayer
+
+    _, sites = locate(Transformer(PreNormLayer))
+    assert [s.id for s in sites] == ["layers.0:add", "layers.0:add_1", "layers.1:add", "layers.1:add_1"]
+
+
+def test_ids_are_stable_across_recaptures():
+    ids = [[s.id for s in locate(cifar_resnet(20))[1]] for _ in range(2)]
+    assert ids[0] == ids[1]
+    assert ids[0][0] == "layers.0:add"
+
+
+def test_data_dependent_top_is_captured_in_parts():
+    cap, sites = locate(DataDependentTop())
+    assert [p.path for p in cap.parts] == ["blocks"]
+    assert [u.path for u in cap.untraced] == [""]
+    assert "control flow" in cap.untraced[0].reason or "TraceError" in cap.untraced[0].reason
+    assert [s.id for s in sites] == ["blocks.0:add", "blocks.1:add", "blocks.2:add"]
+
+
+def test_leaf_option_hides_residuals_inside_a_module():
+    from zoo import PlusBlock, Seq
+
+    model = Seq(*(PlusBlock(8) for _ in range(3)))
+    assert len(locate(model)[1]) == 3
+    assert len(locate(model, leaves=["PlusBlock"])[1]) == 0
+    assert len(locate(model, leaves=["zoo.PlusBlock"])[1]) == 0
+
+
+def test_branch_params_and_modules():
+    _, sites = locate(cifar_resnet(20))
+    block = cifar_resnet(20).layers[0]
+    assert sites[0].params == sum(p.numel() for p in block.parameters())
+    assert set(sites[0].modules) == {"layers.0.conv1", "layers.0.bn1", "layers.0.conv2", "layers.0.bn2"}
+
+
+def test_detection_work_grows_linearly():
+    """ResNet-1202 has 11x the graph of ResNet-110: the nodes walked must grow about as much, not 120x."""
+    from sdsurgeon.detect import _find, _Graph
+
+    def work(depth):
+        g = _Graph(capture(cifar_resnet(depth)).parts[0].gm)
+        sites = _find(g, "")
+        return g.visited, len(g.nodes), len(sites)
+
+    small, nodes_small, n_small = work(110)
+    large, nodes_large, n_large = work(1202)
+    assert (n_small, n_large) == (54, 600)
+    assert large / small < 1.5 * nodes_large / nodes_small, (small, large)

@@ -1,0 +1,162 @@
+"""inject over the zoo: eval equals a hand-scaled reference, state_dict keys survive, modules behave."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import sdsurgeon
+from sdsurgeon import StochasticDepth, gates, inject
+from zoo import POSITIVE, linear_ps
+
+WITH_REFERENCE = [e for e in POSITIVE if e.scale is not None]
+
+
+def _forward(model, inputs):
+    out = model(*inputs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("entry", WITH_REFERENCE, ids=lambda e: e.name)
+def test_eval_matches_hand_scaled_reference(entry, dtype):
+    model = entry.build().to(dtype).eval()
+    inputs = tuple(i.to(dtype) if i.is_floating_point() else i for i in entry.inputs())
+    injected = inject(model, 0.5).eval()
+    reference = copy.deepcopy(model)
+    entry.scale(reference, linear_ps(entry.num_sites, 0.5))
+    with torch.no_grad():
+        expected = _forward(reference, inputs)
+        got = _forward(injected, inputs)
+        unscaled = _forward(model, inputs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    assert not torch.allclose(got, unscaled), "the reference must differ from the unscaled model"
+
+
+@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+def test_train_mode_at_pL_1_equals_original(entry):
+    model = entry.build().train()
+    injected = inject(model, 1.0).train()
+    inputs = entry.inputs()
+    torch.testing.assert_close(_forward(injected, inputs), _forward(copy.deepcopy(model), inputs))
+
+
+@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+def test_state_dict_keys_and_tensors_survive_both_ways(entry):
+    model = entry.build()
+    injected = inject(model, 0.5)
+    original, after = model.state_dict(), injected.state_dict()
+    assert list(after) == list(original) or set(after) == set(original)
+    for k in original:
+        assert torch.equal(original[k], after[k]), k
+    # trained weights go back into the original architecture, pretrained ones into the injected model
+    with torch.no_grad():
+        for p in injected.parameters():
+            p.add_(1.0)
+    fresh = entry.build()
+    fresh.load_state_dict(injected.state_dict(), strict=True)
+    for k, v in injected.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    injected.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(next(iter(injected.state_dict().values())), next(iter(model.state_dict().values())))
+
+
+@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+def test_injected_model_has_one_gate_per_site_and_input_is_untouched(entry):
+    model = entry.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    code_before = type(model)
+    injected = inject(model, 0.5)
+    assert len(gates(injected)) == entry.num_sites
+    assert not any(isinstance(m, StochasticDepth) for m in model.modules())
+    assert type(model) is code_before
+    for p in injected.parameters():
+        p.data.zero_()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+def test_train_step_reaches_every_parameter(entry):
+    injected = inject(entry.build(), 1.0).train()  # p = 1: every branch runs
+    _forward(injected, entry.inputs()).float().sum().backward()
+    missing = [n for n, p in injected.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_deepcopy_to_and_pickle_keep_branches_bound_to_the_model():
+    from zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "layerscale")
+    model = inject(entry.build(), 0.5).eval()
+    x = entry.inputs()
+    expected = model(*x)
+
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(*x), expected)
+    with torch.no_grad():  # the copy's branches must use the copy's weights, not the original's
+        for p in clone.parameters():
+            p.mul_(0)
+    assert not torch.allclose(model(*x), clone(*x))
+    torch.testing.assert_close(model(*x), expected)
+
+    double = copy.deepcopy(model).to(torch.float64)
+    torch.testing.assert_close(double(*(t.double() for t in x)), expected.double(), rtol=1e-5, atol=1e-6)
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(restored(*x), expected)
+    with torch.no_grad():
+        for p in restored.parameters():
+            p.mul_(0)
+    assert torch.allclose(restored(*x), x[0]), "restored branches must read the restored weights"
+
+
+def test_train_and_eval_switch_gates_and_layers():
+    from zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "projection")
+    model = inject(entry.build(), 0.5)
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_in_place_relu_after_a_dropped_block_keeps_autograd_sound():
+    """torchvision-style `out += identity; relu_(out)`: a dropped gate must not hand back an alias."""
+    from zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "projection")
+    model = inject(entry.build(), 0.5, overrides=[".*=0.0001"], seed=1).train()
+    assert all(g.copy_skip for g in gates(model))
+    model(*entry.inputs()).sum().backward()  # raises if an in-place op clobbered a saved tensor
+
+
+def test_nested_outer_gate_calls_inner_gate():
+    from zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "nested")
+    model = inject(entry.build(), 0.5)
+    outer = gates(model)[1]
+    assert "sd_gate_1" in outer.branch.code  # the outer branch runs the inner gate
+
+
+def test_recipe_redoes_the_same_surgery():
+    from sdsurgeon.models import cifar_resnet
+
+    model = cifar_resnet(20)
+    injected = inject(model, 0.3, rule="uniform", overrides=["layers\\.8:.*=0.9"], exclude=["layers\\.0:"], seed=4)
+    again = sdsurgeon.apply_recipe(cifar_resnet(20), injected.sdsurgeon_recipe)
+    summary = lambda m: [(g.site_id, g.p, g.mode, g.scaling, g.seed) for g in gates(m)]
+    assert summary(again) == summary(injected)
+    assert summary(injected)[-1][:2] == ("layers.8:add", 0.9)
+    assert len(summary(injected)) == 8

@@ -1,0 +1,299 @@
+"""A zoo of small models with known residual sites, each with a hand-scaled reference.
+
+Every zoo block multiplies its branch by ``self.scale`` (a plain float, 1.0 by default, invisible to
+tracing when 1.0). A reference for eval equivalence is a copy of the model with each block's scale set
+to its p_l by hand: it shares no code with sdsurgeon's gates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdsurgeon.models import BasicBlock, cifar_resnet
+
+
+class Scaled(nn.Module):
+    scale = 1.0
+
+    def s(self, f):
+        return f if self.scale == 1.0 else f * self.scale
+
+
+def mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+
+class PlusBlock(Scaled):
+    def __init__(self, w):
+        super().__init__()
+        self.f = mlp(w)
+
+    def forward(self, x):
+        return x + self.s(self.f(x))
+
+
+class IAddBlock(Scaled):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.s(self.bn(self.conv(x)))
+        out += x
+        return F.relu(out)
+
+
+class TorchAddBlock(PlusBlock):
+    def forward(self, x):
+        return torch.add(x, self.s(self.f(x)))
+
+
+class TensorAddBlock(PlusBlock):
+    def forward(self, x):
+        return x.add(self.s(self.f(x)))
+
+
+class ProjectionBlock(Scaled):
+    """torchvision-style BasicBlock: conv-bn shortcut when shape changes, in-place ReLU after the add."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout else None
+        )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.s(self.bn2(self.conv2(out)))
+        out += identity
+        return self.relu(out)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
+        scores = scores + mask  # additive attention mask: not a residual
+        out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class PreNormLayer(Scaled):
+    scale2 = 1.0
+
+    def s2(self, f):
+        return f if self.scale2 == 1.0 else f * self.scale2
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d)
+        self.ln2, self.mlp = nn.LayerNorm(d), mlp(d)
+
+    def forward(self, x, mask):
+        x = x + self.s(self.attn(self.ln1(x), mask))
+        return x + self.s2(self.mlp(self.ln2(x)))
+
+
+class PostNormLayer(PreNormLayer):
+    def forward(self, x, mask):
+        x = self.ln1(x + self.s(self.attn(x, mask)))
+        return self.ln2(x + self.s2(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, layer_cls, d=16, layers=2, vocab=50, max_len=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.1)
+        self.layers = nn.ModuleList(layer_cls(d) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids, mask):
+        x = self.embed(ids) + self.pos[: ids.size(1)]  # positional-embedding add: not a residual
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.head(x)
+
+
+class LayerScaleBlock(Scaled):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.f = mlp(d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return x + self.s(self.gamma * self.f(self.norm(x)))
+
+
+class NestedBlock(Scaled):
+    """Outer residual whose branch holds an inner residual block."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.pre = nn.Linear(d, d)
+        self.inner = PlusBlock(d)
+        self.post = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.s(self.post(self.inner(torch.tanh(self.pre(x)))))
+
+
+class DataDependentTop(nn.Module):
+    """Top-level forward branches on data, so only the submodules can be traced."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks = nn.Sequential(*(PlusBlock(d) for _ in range(3)))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.blocks(x)
+        return self.blocks(-x)
+
+
+class DenseLike(nn.Module):
+    """DenseNet-style concatenation: no additions at all."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = torch.cat([x, F.relu(self.l1(x))], -1)
+        return torch.cat([x, F.relu(self.l2(x))], -1)
+
+
+class Negatives(nn.Module):
+    """Additions that are not residual blocks."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=False)
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.pos = nn.Parameter(torch.randn(4, d))
+        self.other = nn.Linear(d, d)
+
+    def forward(self, x, y):
+        h = self.lin(x) + self.bias  # bias add
+        h = h + self.pos[: h.size(0)]  # positional add
+        h = h + h  # x + x
+        h = h + 1.0  # constant add
+        z = self.other(y)
+        return h + z  # sum of two independent inputs
+
+
+class EscapingBranch(nn.Module):
+    """x + f(x) whose intermediate value is also returned: not a self-contained block."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.a(x)
+        return x + self.b(F.relu(h)), h
+
+
+class Seq(nn.Module):
+    def __init__(self, *blocks, stem=None):
+        super().__init__()
+        self.stem = stem or nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    num_sites: int
+    # Apply hand-scaling p_l (depth order) to a model copy; None: the entry has no reference.
+    scale: Callable[[nn.Module, list[float]], None] | None = None
+    shortcuts: dict[int, str] | None = None  # site index -> expected shortcut kind
+
+
+def _scale_blocks(model: nn.Module, ps: list[float]) -> None:
+    blocks = [m for m in model.modules() if isinstance(m, Scaled)]
+    assert len(blocks) == len(ps), (len(blocks), len(ps))
+    for block, p in zip(blocks, ps):
+        block.scale = p
+
+
+def _scale_transformer(model: nn.Module, ps: list[float]) -> None:
+    assert len(ps) == 2 * len(model.layers)
+    for i, layer in enumerate(model.layers):
+        layer.scale, layer.scale2 = ps[2 * i], ps[2 * i + 1]
+
+
+def _scale_nested(model: nn.Module, ps: list[float]) -> None:
+    # Depth order is execution order: each inner block's add runs before its outer block's.
+    outers = [m for m in model.blocks]
+    assert len(ps) == 2 * len(outers)
+    for i, outer in enumerate(outers):
+        outer.inner.scale, outer.scale = ps[2 * i], ps[2 * i + 1]
+
+
+def _scale_cifar(model: nn.Module, ps: list[float]) -> None:
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == len(ps)
+    for block, p in zip(blocks, ps):
+        block.bn2.register_forward_hook(lambda _m, _i, out, p=p: out * p)
+
+
+def _tokens():
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.zeros(6, 6).masked_fill(torch.ones(6, 6).triu(1).bool(), -1e4)
+    return ids, mask
+
+
+ZOO = [
+    ZooEntry("plus", lambda: Seq(*(PlusBlock(8) for _ in range(3))), lambda: (torch.randn(4, 8),), 3, _scale_blocks),
+    ZooEntry("iadd", lambda: Seq(*(IAddBlock(4) for _ in range(2)), stem=nn.Conv2d(3, 4, 1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks),
+    ZooEntry("torch_add", lambda: Seq(*(TorchAddBlock(8) for _ in range(2))), lambda: (torch.randn(4, 8),), 2, _scale_blocks),
+    ZooEntry("tensor_add", lambda: Seq(*(TensorAddBlock(8) for _ in range(2))), lambda: (torch.randn(4, 8),), 2, _scale_blocks),
+    ZooEntry("projection", lambda: Seq(ProjectionBlock(4, 4, 1), ProjectionBlock(4, 8, 2), ProjectionBlock(8, 8, 1),
+                                       stem=nn.Conv2d(3, 4, 3, padding=1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 3, _scale_blocks, {1: "identity", 2: "projection", 3: "identity"}),
+    ZooEntry("cifar_resnet20", lambda: cifar_resnet(20, width=4), lambda: (torch.randn(2, 3, 16, 16),), 9, _scale_cifar,
+             {4: "projection", 7: "projection", 1: "identity"}),
+    ZooEntry("prenorm", lambda: Transformer(PreNormLayer), _tokens, 4, _scale_transformer),
+    ZooEntry("postnorm", lambda: Transformer(PostNormLayer), _tokens, 4, _scale_transformer),
+    ZooEntry("layerscale", lambda: Seq(*(LayerScaleBlock(8) for _ in range(2))), lambda: (torch.randn(4, 8),), 2, _scale_blocks),
+    ZooEntry("nested", lambda: Seq(NestedBlock(8), NestedBlock(8)), lambda: (torch.randn(4, 8),), 4, _scale_nested),
+    ZooEntry("data_dependent_top", DataDependentTop, lambda: (torch.randn(4, 8),), 3, _scale_blocks),
+    ZooEntry("dense_concat", DenseLike, lambda: (torch.randn(4, 8),), 0),
+    ZooEntry("negatives", Negatives, lambda: (torch.randn(4, 8), torch.randn(4, 8)), 0),
+    ZooEntry("escaping_branch", EscapingBranch, lambda: (torch.randn(4, 8),), 0),
+]
+POSITIVE = [e for e in ZOO if e.num_sites]
+
+
+def linear_ps(L: int, p_L: float) -> list[float]:
+    """The paper's rule written out independently of sdsurgeon.schedule."""
+    return [1 - (l / L) * (1 - p_L) for l in range(1, L + 1)]
