@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Capture, bind_placeholders, normalize_inputs
-from .detect import ResidualSite
 from .inject import locate
 from .schedule import Override, assign, expected_depth, expected_flops_ratio
 
@@ -91,7 +90,8 @@ def plan(
     cap, sites = locate(model, leaves)
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
     inputs = normalize_inputs(example_inputs)
-    flops, total = (None, None) if inputs is None else branch_flops(model, cap, sites, *inputs)
+    node_flops, total = (None, None) if inputs is None else count_flops(model, cap, *inputs)
+    flops = None if node_flops is None else [sum(node_flops.get((s.part, n), 0) for n in s.branch_nodes) for s in sites]
     planned = [
         PlannedSite(
             index=s.index, id=s.id, p=1.0 if p is None else p, gated=p is not None, params=s.params,
@@ -100,7 +100,9 @@ def plan(
         )
         for i, (s, p) in enumerate(zip(sites, ps))
     ]
-    ratio = None if flops is None else expected_flops_ratio(flops, ps, total)
+    ratio = None if node_flops is None else expected_flops_ratio(
+        node_flops, [([(s.part, n) for n in s.branch_nodes], p) for s, p in zip(sites, ps)], total
+    )
     return Plan(
         sites=planned, rule=rule, p_L=p_L, expected_depth=expected_depth(ps),
         expected_train_flops_ratio=ratio, total_flops=total, capture=cap.method,
@@ -121,10 +123,8 @@ class _FlopsPerNode(fx.Interpreter):
         return result
 
 
-def branch_flops(
-    model: nn.Module, cap: Capture, sites: Sequence[ResidualSite], args: tuple, kwargs: dict
-) -> tuple[list[int], int]:
-    """Forward FLOPs of each site's branch, and of the whole model, on one example input (eval mode)."""
+def count_flops(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> tuple[dict[tuple[str, str], int], int]:
+    """Forward FLOPs per graph node, keyed (part path, node name), and of the whole model (eval mode)."""
     calls: dict[str, tuple[tuple, dict]] = {}
 
     def recorder(path: str):
@@ -158,5 +158,4 @@ def branch_flops(
             h.remove()
         for m, training in modes.items():
             m.training = training
-    flops = [sum(per_node.get((s.part, n), 0) for n in s.branch_nodes) for s in sites]
-    return flops, whole.get_total_flops()
+    return per_node, whole.get_total_flops()

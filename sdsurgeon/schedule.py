@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 from .errors import ConfigError
 
@@ -91,9 +91,20 @@ def expected_depth(ps: Sequence[float | None]) -> float:
     return sum(1.0 if p is None else p for p in ps)
 
 
-def expected_flops_ratio(branch_flops: Sequence[int], ps: Sequence[float | None], total: int) -> float | None:
-    """Expected training FLOPs with gates / without: a closed gate skips its branch's forward and backward."""
+def expected_flops_ratio(
+    node_flops: dict[Hashable, int], branches: Sequence[tuple[Iterable[Hashable], float | None]], total: int
+) -> float | None:
+    """Expected training FLOPs with gates / without (a closed gate skips forward and backward).
+
+    ``branches`` pairs each site's branch nodes with its p (None: no gate). A node runs with the
+    product of the p of every gated branch containing it, so nested blocks are not counted twice.
+    """
     if total <= 0:
         return None
-    saved = sum(f * (1.0 - p) for f, p in zip(branch_flops, ps) if p is not None)
+    survival: dict[Hashable, float] = {}
+    for nodes, p in branches:
+        if p is not None:
+            for n in nodes:
+                survival[n] = survival.get(n, 1.0) * p
+    saved = sum(node_flops.get(n, 0) * (1.0 - s) for n, s in survival.items())
     return (total - saved) / total

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch
 
 from sdsurgeon import find_residuals
 from sdsurgeon.capture import capture
@@ -82,3 +83,22 @@ def test_detection_work_grows_linearly():
     large, nodes_large, n_large = work(1202)
     assert (n_small, n_large) == (54, 600)
     assert large / small < 1.5 * nodes_large / nodes_small, (small, large)
+
+
+def test_expected_flops_ratio_against_a_hand_count():
+    """Nested blocks: inner work runs with p_outer * p_inner; ratio computed by hand from FLOP counts."""
+    import sdsurgeon
+    from zoo import NestedBlock, Seq
+
+    d, n = 8, 4
+    model = Seq(NestedBlock(d))
+    x = torch.randn(n, d)
+    plan = sdsurgeon.plan(model, 0.5, example_inputs=x)
+    p_inner, p_outer = 0.75, 0.5  # linear rule, L = 2
+    lin = 2 * n * d * d  # FLOPs of one Linear(d, d) on n rows (torch's flop counter: 2 per MAC)
+    inner = 2 * n * d * (2 * d) * 2  # the inner MLP: d -> 2d -> d
+    total = 2 * lin + inner  # pre and post Linear, and the inner MLP; all inside the outer branch
+    assert plan.total_flops == total
+    expected = (total - (1 - p_outer) * (2 * lin) - (1 - p_outer * p_inner) * inner) / total
+    assert plan.expected_train_flops_ratio == pytest.approx(expected)
+    assert [s.flops for s in plan.sites] == [inner, 2 * lin + inner]
