@@ -301,14 +301,17 @@ def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -
     return output
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(
+    model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None
+) -> None:
     """Write ``model`` as an sdsurgeon file (atomically).
 
-    A model built from an architecture factory is saved weights-only: the factory, the surgery
-    recipe and the state_dict; it loads without trusting pickles. Any other model is pickled whole
-    and, like its source, needs ``trust_pickle`` to load.
+    A model whose architecture factory is known (it came from ``load``/``--arch``, or ``arch`` names
+    it here) is saved weights-only: the factory, the surgery recipe and the state_dict; it loads
+    without trusting pickles. Any other model is pickled whole and, like its source, needs
+    ``trust_pickle`` to load.
     """
-    source = getattr(model, SOURCE_ATTR, None)
+    source = ModelSource("arch", arch, dict(arch_kwargs or {})) if arch else getattr(model, SOURCE_ATTR, None)
     recipe = getattr(model, RECIPE_ATTR, None)
     payload: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "recipe": recipe.to_dict() if recipe else None,
