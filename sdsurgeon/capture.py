@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CaptureError, ConfigError
 
@@ -49,6 +50,7 @@ class Capture:
     method: str
     parts: list[CapturedPart]
     untraced: list[UntracedPart] = field(default_factory=list)
+    total_flops: int | None = None  # whole-model forward FLOPs, once annotate() has run
 
 
 class _LeafTracer(fx.Tracer):
@@ -224,6 +226,13 @@ def normalize_inputs(example_inputs) -> ExampleInputs | None:
     return tuple(example_inputs), {}
 
 
+def specs_of(inputs: ExampleInputs) -> list[InputSpec]:
+    """Input specs describing example tensors (non-tensor arguments are not recorded)."""
+    args, kwargs = inputs
+    named = [(None, a) for a in args] + list(kwargs.items())
+    return [InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named if isinstance(t, torch.Tensor)]
+
+
 def bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     """Positional values for gm's placeholders from a call's args and kwargs (defaults filled in)."""
     values, pending = [], list(args)
@@ -249,3 +258,64 @@ def tag(module: nn.Module, name: str, value) -> None:
         from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
         module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
+# --- shapes and FLOPs on an example input -----------------------------------------------------------
+
+
+class _Annotator(fx.Interpreter):
+    """Runs a part and records each node's output shape (``sd_shape``) and FLOPs (``sd_flops``)."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(gm)
+        self.counter = counter
+
+    def run_node(self, n: fx.Node):
+        before = self.counter.get_total_flops()
+        result = super().run_node(n)
+        n.meta["sd_flops"] = self.counter.get_total_flops() - before
+        if isinstance(result, torch.Tensor):
+            n.meta["sd_shape"] = tuple(result.shape)
+        return result
+
+
+def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Capture:
+    """Run ``model`` once on example inputs (eval mode, no grad) and annotate every captured node.
+
+    Parts are re-run on the inputs each one received in the real forward, so partial captures
+    are annotated too. Sets ``cap.total_flops``; restores the modules' train/eval modes.
+    """
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(path: str):
+        def hook(_module, a, kw):
+            calls.setdefault(path, (a, kw))
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [
+        (model.get_submodule(p.path) if p.path else model).register_forward_pre_hook(recorder(p.path), with_kwargs=True)
+        for p in cap.parts
+    ]
+    try:
+        model.eval()  # no batch-norm statistics updates, no dropout while counting
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as whole:
+                try:
+                    model(*args, **kwargs)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"the model failed on the example inputs ({_reason(exc)}); check --input-shape / --input"
+                    ) from None
+            for part in cap.parts:
+                if part.path in calls:  # a part that did not run on this input keeps no annotations
+                    with FlopCounterMode(display=False) as counter:
+                        _Annotator(part.gm, counter).run(*bind_placeholders(part.gm, *calls[part.path]))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    cap.total_flops = whole.get_total_flops()
+    return cap

@@ -187,6 +187,7 @@ def inject_cmd(
     injected = inject_model(
         m, pL, rule=rule, mode=mode, scaling=scaling, seed=seed, overrides=set_, include=include,
         exclude=exclude, leaves=leaf, inputs=specs,
+        example_inputs=None if specs is None else make_example_inputs(specs),
     )
     save(injected, target)
     recipe = injected.sdsurgeon_recipe

@@ -104,6 +104,7 @@ class _Graph:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
         self.shape_only = _shape_only_nodes(self.nodes)
         self._module_params: dict[str, int] = {}
         self.visited = 0  # nodes walked by branch(): the cost of detection, for tests of its scaling
@@ -207,7 +208,16 @@ def _match(g: _Graph, add: fx.Node) -> dict | None:
     operands = add_operands(add)
     if operands is None or any(o in g.shape_only for o in operands):
         return None
-    a, b = operands
+    fields = _match_operands(g, add, *operands)
+    # With shapes known (capture.annotate), a skip that broadcasts is no residual: a dropped gate
+    # returns the skip, which must already have the block's output shape.
+    out_shape = add.meta.get("sd_shape")
+    if fields and out_shape is not None and g.by_name[fields["skip"]].meta.get("sd_shape", out_shape) != out_shape:
+        return None
+    return fields
+
+
+def _match_operands(g: _Graph, add: fx.Node, a: fx.Node, b: fx.Node) -> dict | None:
     for s, t in ((a, b), (b, a)):
         region = g.branch(s, t)
         if region is not None:

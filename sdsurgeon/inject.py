@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
-from .capture import Capture, CapturedPart, InputSpec, capture, tag
+from .capture import Capture, CapturedPart, InputSpec, annotate, capture, normalize_inputs, specs_of, tag
 from .detect import ResidualSite, find_residuals
 from .errors import NoResidualSitesError, RecipeMismatchError
 from .layers import MODES, SCALINGS, StochasticDepth
@@ -49,9 +49,16 @@ class Recipe:
         return cls(**d)
 
 
-def locate(model: nn.Module, leaves: Iterable[str] = ()) -> tuple[Capture, list[ResidualSite]]:
-    """Capture ``model`` and find its residual sites, numbered in depth order across all parts."""
+def locate(model: nn.Module, leaves: Iterable[str] = (), example_inputs=None) -> tuple[Capture, list[ResidualSite]]:
+    """Capture ``model`` and find its residual sites, numbered in depth order across all parts.
+
+    With example inputs, nodes are annotated with shapes and FLOPs first, so detection can reject
+    broadcasting adds (a dropped gate must return a value of the block's output shape).
+    """
     cap = capture(model, leaves=leaves)
+    inputs = normalize_inputs(example_inputs)
+    if inputs is not None:
+        annotate(model, cap, *inputs)
     sites: list[ResidualSite] = []
     for part in cap.parts:
         for site in find_residuals(part.gm, part=part.path):
@@ -77,18 +84,23 @@ def inject(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     leaves: Sequence[str] = (),
+    example_inputs=None,
     inputs: Sequence[InputSpec] | None = None,
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
     The result has exactly the state_dict keys and tensors of ``model``; it carries its recipe as
-    ``result.sdsurgeon_recipe`` so it can be saved weights-only and rebuilt. ``inputs`` (optional)
-    is remembered in the recipe for later export. Raises NoResidualSitesError if nothing is gated.
+    ``result.sdsurgeon_recipe`` so it can be saved weights-only and rebuilt. ``example_inputs`` (a
+    tensor, tuple, dict or ``(args, kwargs)``) lets detection check shapes; the input specs (given
+    as ``inputs`` or read off ``example_inputs``) are remembered in the recipe for later export.
+    Raises NoResidualSitesError if nothing is gated.
     """
     _check_gate_options(mode, scaling)
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
     work = copy.deepcopy(model)
-    cap, sites = locate(work, leaves)
+    cap, sites = locate(work, leaves, example_inputs)
+    if inputs is None and example_inputs is not None:
+        inputs = specs_of(normalize_inputs(example_inputs))
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
     chosen = [(s, p) for s, p in zip(sites, ps) if p is not None]
     if not chosen:

@@ -5,12 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-import torch.fx as fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import Capture, bind_placeholders, normalize_inputs
+from .capture import Capture
 from .inject import locate
 from .schedule import Override, assign, expected_depth, expected_flops_ratio
 
@@ -87,10 +84,10 @@ def plan(
     each branch's FLOPs are counted and the expected training-FLOPs ratio is computed.
     """
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
-    cap, sites = locate(model, leaves)
+    cap, sites = locate(model, leaves, example_inputs)
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
-    inputs = normalize_inputs(example_inputs)
-    node_flops, total = (None, None) if inputs is None else count_flops(model, cap, *inputs)
+    total = cap.total_flops
+    node_flops = None if total is None else node_flops_of(cap)
     flops = None if node_flops is None else [sum(node_flops.get((s.part, n), 0) for n in s.branch_nodes) for s in sites]
     planned = [
         PlannedSite(
@@ -110,52 +107,6 @@ def plan(
     )
 
 
-class _FlopsPerNode(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
-        super().__init__(gm)
-        self.counter = counter
-        self.flops: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node):
-        before = self.counter.get_total_flops()
-        result = super().run_node(n)
-        self.flops[n.name] = self.counter.get_total_flops() - before
-        return result
-
-
-def count_flops(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> tuple[dict[tuple[str, str], int], int]:
-    """Forward FLOPs per graph node, keyed (part path, node name), and of the whole model (eval mode)."""
-    calls: dict[str, tuple[tuple, dict]] = {}
-
-    def recorder(path: str):
-        def hook(_module, a, kw):
-            calls.setdefault(path, (a, kw))
-
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    handles = [
-        (model.get_submodule(p.path) if p.path else model).register_forward_pre_hook(
-            recorder(p.path), with_kwargs=True
-        )
-        for p in cap.parts
-    ]
-    try:
-        model.eval()  # no batch-norm statistics updates, no dropout while counting
-        with torch.no_grad():
-            with FlopCounterMode(display=False) as whole:
-                model(*args, **kwargs)
-            per_node: dict[tuple[str, str], int] = {}
-            for part in cap.parts:
-                if part.path not in calls:
-                    continue  # this part did not run on the example input
-                with FlopCounterMode(display=False) as counter:
-                    interp = _FlopsPerNode(part.gm, counter)
-                    interp.run(*bind_placeholders(part.gm, *calls[part.path]))
-                per_node.update({(part.path, k): v for k, v in interp.flops.items()})
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    return per_node, whole.get_total_flops()
+def node_flops_of(cap: Capture) -> dict[tuple[str, str], int]:
+    """FLOPs per node recorded by capture.annotate, keyed (part path, node name)."""
+    return {(p.path, n.name): n.meta.get("sd_flops", 0) for p in cap.parts for n in p.gm.graph.nodes}

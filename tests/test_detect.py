@@ -102,3 +102,19 @@ def test_expected_flops_ratio_against_a_hand_count():
     expected = (total - (1 - p_outer) * (2 * lin) - (1 - p_outer * p_inner) * inner) / total
     assert plan.expected_train_flops_ratio == pytest.approx(expected)
     assert [s.flops for s in plan.sites] == [inner, 2 * lin + inner]
+
+
+def test_broadcasting_add_is_no_site_when_shapes_are_known():
+    """x (n, 1) + f(x) (n, d): structurally x + f(x), but a dropped gate could not return x's shape."""
+    from torch import nn
+
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(1, 4)
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    assert len(locate(Broadcast())[1]) == 1  # no shapes: the structure alone matches
+    assert len(locate(Broadcast(), example_inputs=torch.randn(3, 1))[1]) == 0
