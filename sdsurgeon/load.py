@@ -10,6 +10,7 @@ import pickle
 import re
 import sys
 import tempfile
+import typing
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,10 @@ def build(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
     factory = import_factory(arch)
     try:
         model = factory(**(arch_kwargs or {}))
-    except TypeError as exc:
-        raise LoadError(f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})}: {exc}") from None
+    except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
+        raise LoadError(
+            f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})} failed: {_first_line(exc)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise LoadError(f"--arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     tag(model, SOURCE_ATTR, ModelSource("arch", arch, dict(arch_kwargs or {})))
@@ -90,14 +93,28 @@ def parse_arch_kwargs(text: str | None) -> dict:
     return value
 
 
-def _check_recorded_factory(arch: str, path: Path) -> None:
-    # A file names the factory that load() will call: never let it name the standard library or
-    # torch itself (e.g. subprocess:run), which would make a weights-only file run arbitrary code.
-    top = arch.partition(":")[0].split(".")[0]
-    if top in sys.stdlib_module_names or top in ("torch", "builtins", "__main__"):
+def _builds_a_module(factory: Callable[..., Any]) -> bool:
+    """True for an nn.Module class, or a function whose return annotation is an nn.Module class."""
+    if isinstance(factory, type):
+        return issubclass(factory, nn.Module)
+    try:
+        returns = typing.get_type_hints(factory).get("return")
+    except Exception:
+        return False
+    return isinstance(returns, type) and issubclass(returns, nn.Module)
+
+
+def _build_recorded(arch: str, arch_kwargs: dict, path: Path) -> nn.Module:
+    # A file names the factory that load() will call. It may only name something that declares it
+    # builds a model (a Module class, or a function annotated to return one); anything else (e.g.
+    # subprocess:run or a third-party writer) is never called, so a weights-only file cannot run code.
+    if not _builds_a_module(import_factory(arch)):
         raise UnsafeLoadError(
-            f"{path} names {arch!r} as its architecture, which is not a model factory; pass --arch yourself"
+            f"{path} names {arch!r} as its architecture, which is not declared to build an nn.Module "
+            "(a Module class, or a function annotated '-> SomeModule'); it was not called. "
+            f"If you trust it, pass --arch {arch} yourself"
         )
+    return build(arch, arch_kwargs)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -254,10 +271,11 @@ def _from_sdsurgeon_file(
         model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
         tag(model, SOURCE_ATTR, ModelSource("pickle"))
         return model
-    if not arch:
-        arch, arch_kwargs = source["arch"], source.get("arch_kwargs") or {}
-        _check_recorded_factory(arch, path)
-    model = build(arch, arch_kwargs)
+    if arch:
+        model = build(arch, arch_kwargs)
+    else:
+        arch = source["arch"]
+        model = _build_recorded(arch, source.get("arch_kwargs") or {}, path)
     if recipe is not None:
         model = apply_recipe(model, recipe)
     _load_weights(model, payload["state_dict"], path, f"the architecture it records ({arch})")
@@ -271,6 +289,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     """Write via a temp file in the destination folder and rename: readers never see a partial file."""
     path = Path(path)
     folder = path.parent
+    if path.is_dir():
+        raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
     if not folder.is_dir():
         raise WriteError(f"cannot write {path}: folder {folder} does not exist")
     try:

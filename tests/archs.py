@@ -1,0 +1,63 @@
+"""Tiny architectures importable as ``--arch archs:FACTORY`` (put tests/ on sys.path first).
+
+The classes live here, not in test functions, so that a model pickled whole with torch.save can be
+unpickled again at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """x + fc2(relu(fc1(x))): one residual site."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyResNet(nn.Module):
+    """A residual MLP with ``blocks`` residual sites (2 by default)."""
+
+    def __init__(self, width: int = 8, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Linear(width, width)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class PlainMLP(nn.Module):
+    """No residual addition at all: zero sites."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_resnet(width: int = 8, blocks: int = 2) -> TinyResNet:
+    return TinyResNet(width, blocks)
+
+
+def no_residual(width: int = 8) -> PlainMLP:
+    return PlainMLP(width)
+
+
+def not_a_module():
+    """A factory that returns something other than an nn.Module."""
+    return {"fc.weight": torch.zeros(2, 2)}
+
+
+NOT_CALLABLE = 42
