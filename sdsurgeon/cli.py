@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import capture as capture_mod
 from .capture import InputSpec, make_example_inputs
-from .errors import ConfigError, SurgeonError
+from .errors import SurgeonError
 from .inject import inject as inject_model
 from .layers import MODES, SCALINGS
 from .load import check_output, default_output, load, parse_arch_kwargs, save

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
 import torch.fx as fx
@@ -13,7 +13,7 @@ from torch import nn
 from .capture import Capture, CapturedPart, InputSpec, annotate, capture, normalize_inputs, specs_of, tag
 from .detect import ResidualSite, find_residuals
 from .errors import NoResidualSitesError, RecipeMismatchError
-from .layers import MODES, SCALINGS, StochasticDepth
+from .layers import StochasticDepth
 from .schedule import Override, assign
 
 RECIPE_ATTR = "sdsurgeon_recipe"
@@ -67,8 +67,6 @@ def locate(model: nn.Module, leaves: Iterable[str] = (), example_inputs=None) ->
 
 
 def _renumber(site: ResidualSite, index: int) -> ResidualSite:
-    from dataclasses import replace
-
     return replace(site, index=index)
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch
 
 from sdsurgeon import find_residuals
 from sdsurgeon.capture import capture
