@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import CaptureError, ConfigError
+from .errors import CaptureError, ConfigError, SurgeonError
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
@@ -282,9 +282,11 @@ class _Annotator(fx.Interpreter):
 def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Capture:
     """Run ``model`` once on example inputs (eval mode, no grad) and annotate every captured node.
 
-    Parts are re-run on the inputs each one received in the real forward, so partial captures
-    are annotated too. Sets ``cap.total_flops``; restores the modules' train/eval modes.
+    A whole-model capture is annotated by interpreting its graph: one forward. For a partial
+    capture the model runs first, hooks record each part's real inputs, and each part is then
+    interpreted on them. Sets ``cap.total_flops``; restores the modules' train/eval modes.
     """
+    whole_graph = [p.path for p in cap.parts] == [""]
     calls: dict[str, tuple[tuple, dict]] = {}
 
     def recorder(path: str):
@@ -294,28 +296,32 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
         return hook
 
     modes = {m: m.training for m in model.modules()}
-    handles = [
-        (model.get_submodule(p.path) if p.path else model).register_forward_pre_hook(recorder(p.path), with_kwargs=True)
-        for p in cap.parts
+    handles = [] if whole_graph else [
+        model.get_submodule(p.path).register_forward_pre_hook(recorder(p.path), with_kwargs=True) for p in cap.parts
     ]
     try:
         model.eval()  # no batch-norm statistics updates, no dropout while counting
-        with torch.no_grad():
-            with FlopCounterMode(display=False) as whole:
-                try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            try:
+                if whole_graph:
+                    _Annotator(cap.parts[0].gm, counter).run(*bind_placeholders(cap.parts[0].gm, args, kwargs))
+                    total = counter.get_total_flops()
+                else:
                     model(*args, **kwargs)
-                except Exception as exc:
-                    raise ConfigError(
-                        f"the model failed on the example inputs ({_reason(exc)}); check --input-shape / --input"
-                    ) from None
-            for part in cap.parts:
-                if part.path in calls:  # a part that did not run on this input keeps no annotations
-                    with FlopCounterMode(display=False) as counter:
-                        _Annotator(part.gm, counter).run(*bind_placeholders(part.gm, *calls[part.path]))
+                    total = counter.get_total_flops()
+                    for part in cap.parts:
+                        if part.path in calls:  # a part that did not run on this input keeps no annotations
+                            _Annotator(part.gm, counter).run(*bind_placeholders(part.gm, *calls[part.path]))
+            except SurgeonError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"the model failed on the example inputs ({_reason(exc)}); check --input-shape / --input"
+                ) from None
     finally:
         for h in handles:
             h.remove()
         for m, training in modes.items():
             m.training = training
-    cap.total_flops = whole.get_total_flops()
+    cap.total_flops = total
     return cap
