@@ -3,9 +3,11 @@
 from .capture import InputSpec, register_leaf
 from .detect import ResidualSite, find_residuals
 from .errors import SurgeonError
+from .export import export_onnx, verify
+from .fold import find_folds, fold, fold_with_report, remove_gates
 from .inject import Recipe, apply_recipe, gates, inject
 from .layers import StochasticDepth
-from .load import load, save
+from .load import load, load_weights, save
 from .plan import Plan, plan
 
 __version__ = "0.1.0"
@@ -18,11 +20,18 @@ __all__ = [
     "StochasticDepth",
     "SurgeonError",
     "apply_recipe",
+    "export_onnx",
+    "find_folds",
     "find_residuals",
+    "fold",
+    "fold_with_report",
     "gates",
     "inject",
     "load",
+    "load_weights",
     "plan",
     "register_leaf",
+    "remove_gates",
     "save",
+    "verify",
 ]

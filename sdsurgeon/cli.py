@@ -15,10 +15,12 @@ from rich.table import Table
 
 from . import capture as capture_mod
 from .capture import InputSpec, make_example_inputs
-from .errors import SurgeonError
-from .inject import inject as inject_model
+from .errors import ConfigError, SurgeonError
+from .export import export_onnx, export_verified
+from .fold import FoldReport, fold_with_report, remove_gates
+from .inject import RECIPE_ATTR, inject as inject_model
 from .layers import MODES, SCALINGS
-from .load import check_output, default_output, load, parse_arch_kwargs, save
+from .load import check_output, default_output, load, load_weights, parse_arch_kwargs, save
 from .plan import Plan, plan as plan_model
 from .schedule import RULES
 
@@ -208,6 +210,130 @@ def inject_cmd(
     out.print(f"expected gated blocks active per step: {record['expected_depth']:.2f} of {record['num_gated']}")
     trust = "" if record["weights_only"] else " (holds a pickled model: load it with --trust-pickle)"
     out.print(f"wrote {target}{trust}", markup=False)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _render_fold(report: FoldReport, fold: bool) -> None:
+    n = len(report.sites)
+    if not n:
+        out.print("no gates: the model is exported as it is")
+        return
+    if report.folded:
+        out.print(f"folded {len(report.folded)} of {n} gates into their branch's weights")
+    unscaled = [s for s in report.sites if s.how == "none"]
+    if unscaled:
+        out.print(f"removed {len(unscaled)} gates that need no scale (inverted scaling or p = 1)")
+    if report.multiplies and not fold:
+        out.print(f"kept {len(report.multiplies)} gates as explicit multiplies (--no-fold)")
+    elif report.multiplies:
+        out.print(f"kept {len(report.multiplies)} as an explicit multiply:")
+        for s in report.multiplies:
+            out.print(f"  {s.id} (p = {s.p:.4g}): {s.reason}", markup=False)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    model: Optional[Path] = MODEL_ARG,
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold each p_l into its branch's weights, or keep "
+                              "an explicit constant multiply per gate (same numbers; for comparison)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="ONNX file to write (default: <stem>.onnx beside MODEL)."),
+    input_shape: Optional[str] = INPUT_SHAPE,
+    input_: list[str] = INPUT,
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch axis to the example's size (default: dynamic)."),
+    rtol: float = typer.Option(1e-4, "--rtol", help="Relative tolerance of the onnxruntime check."),
+    atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the onnxruntime check."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (a state_dict of the injected "
+                                           "model or of the original architecture: same keys) loaded before folding."),
+    compare: bool = typer.Option(False, "--compare", help="Also export the architecture without gates and report its node count."),
+    arch: Optional[str] = ARCH,
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
+    trust_pickle: bool = TRUST,
+    verbose: bool = typer.Option(False, "--verbose", help="Show the ONNX exporter's own log and warnings."),
+    json_: bool = JSON,
+) -> None:
+    """Fold the gates into the weights and export a deterministic ONNX graph, verified with onnxruntime.
+
+    onnxruntime runs the file on three fresh random inputs (the last with another batch size) and is
+    compared with the injected model in eval mode, so the check covers the fold as well as the export.
+    A miss beyond --rtol/--atol is a failure (exit 1) and leaves no ONNX file. The input shape given at
+    inject is remembered, so a file written by `sdsurgeon inject --input-shape ...` needs none here.
+
+    Example: sdsurgeon export model.sd.pt --weights trained_state.pt -o model.onnx
+    """
+    started = time.perf_counter()
+    specs = _input_specs(input_shape, input_)
+    if rtol < 0 or atol < 0:
+        raise ConfigError("--rtol and --atol must be zero or positive")
+    target = output or default_output(model, ".onnx", arch)
+    if target.suffix != ".onnx":
+        raise ConfigError(f"-o {target}: an ONNX file name must end in .onnx")
+    check_output(target, model, weights)
+    m = _load(model, arch, arch_kwargs, trust_pickle)
+    if weights is not None:
+        load_weights(m, weights)
+    recipe = getattr(m, RECIPE_ATTR, None)
+    if specs is None and recipe is not None and recipe.inputs:
+        specs = recipe.inputs
+    if specs is None:
+        raise ConfigError(
+            "export needs the model's input shape: give --input-shape 1,3,224,224 for one tensor input, or "
+            "--input NAME:SHAPE[:DTYPE] per forward argument (inject remembers them when given there)"
+        )
+    example = make_example_inputs(specs)
+    folded, report = fold_with_report(m, into_weights=fold)
+    exported, checked = export_verified(
+        folded, example, target, reference=m, opset=opset, dynamic_batch=not static_batch, rtol=rtol, atol=atol,
+        verbose=verbose,
+    )
+    original_nodes = None
+    if compare:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            original = remove_gates(m) if report.sites else m
+            original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=opset,
+                                         dynamic_batch=not static_batch, verbose=verbose).nodes
+    record = {
+        "model": str(model) if model else str(arch),
+        "output": str(target),
+        "fold": fold,
+        "gates": len(report.sites),
+        "folded": len(report.folded),
+        "multiplies": [{"id": s.id, "p": round(s.p, 6), "reason": s.reason} for s in report.multiplies],
+        "sites": [s.to_dict() for s in report.sites],
+        "nodes": exported.nodes,
+        "scale_nodes": exported.scale_nodes,
+        "original_nodes": original_nodes,
+        "op_types": exported.op_types,
+        "opset": exported.opset,
+        "dynamic_inputs": exported.dynamic_inputs,
+        "file_bytes": exported.file_bytes,
+        "max_abs_error": checked.max_abs,
+        "max_rel_error": checked.max_rel,
+        "verify": checked.to_dict(),
+        "export_seconds": round(exported.seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if json_:
+        print(json.dumps(record))
+        return
+    _render_fold(report, fold)
+    compared = "" if original_nodes is None else f" (the architecture without gates: {original_nodes})"
+    batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
+    out.print(f"ONNX: {exported.nodes} nodes{compared}, opset {exported.opset}, {batch}, {_fmt_bytes(exported.file_bytes)}")
+    sizes = ", ".join(str(b) for b in checked.batch_sizes)
+    against = "the injected model" if report.sites else "the model"
+    out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
+              f"max abs error {checked.max_abs:.2g}, max rel {checked.max_rel:.2g} (rtol {rtol:g}, atol {atol:g})")
+    out.print(f"wrote {target} in {record['seconds']:.1f} s", markup=False)
 
 
 def main() -> None:

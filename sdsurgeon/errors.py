@@ -40,3 +40,15 @@ class RecipeMismatchError(SurgeonError):
 
 class WriteError(SurgeonError):
     """An output could not be written."""
+
+
+class ExportError(SurgeonError):
+    """The model could not be exported to ONNX, or the ONNX file is not what it must be."""
+
+
+class VerificationError(SurgeonError):
+    """onnxruntime and PyTorch disagree beyond tolerance on the exported model."""
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result

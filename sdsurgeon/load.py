@@ -238,14 +238,15 @@ def _from_state_dict(
     return model
 
 
-def _load_weights(model: nn.Module, state: dict, path: Path, what: str) -> None:
+def _load_weights(model: nn.Module, state: dict, path: Path, what: str,
+                  hint: str = "check --arch and --arch-kwargs") -> None:
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise LoadError(
             f"the weights in {path} do not fit {what}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"keys (e.g. {example!r}); check --arch and --arch-kwargs"
+            f"keys (e.g. {example!r}); {hint}"
         )
     try:
         model.load_state_dict(state, strict=True)
@@ -279,6 +280,31 @@ def _from_sdsurgeon_file(
     if recipe is not None:
         model = apply_recipe(model, recipe)
     _load_weights(model, payload["state_dict"], path, f"the architecture it records ({arch})")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a weights file into ``model`` (strictly) and return it; reads no pickled code.
+
+    Accepts a state_dict (``.pt``/``.pth``, also nested or ``module.``-prefixed), ``.safetensors``, or
+    an sdsurgeon file. An injected model has its original's keys, so either one's weights fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"--weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    else:
+        obj = _torch_load(path, trust_pickle=False)
+        if isinstance(obj, dict) and obj.get("format") == FORMAT and "state_dict" in obj:
+            obj = obj["state_dict"]
+        elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+            raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead")
+        state = _state_dict_of(obj, path)
+    expected = set(model.state_dict())
+    if not set(state) & expected and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    _load_weights(model, state, path, "the model", "give the state_dict saved from this model or its original")
     return model
 
 

@@ -1,0 +1,410 @@
+"""ONNX export with torch.onnx (dynamo), onnx.checker, and verification against PyTorch with onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils import _pytree
+
+from .capture import DTYPES, InputSpec, normalize_inputs
+from .errors import ConfigError, ExportError, VerificationError, WriteError
+
+# Ops that would make inference random; a correct export of a folded model holds none.
+RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
+                        "Bernoulli", "Multinomial", "Dropout"})
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "onnx_ir")
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class OnnxExport:
+    """What was written: the ONNX file and its graph."""
+
+    path: str
+    nodes: int
+    op_types: dict[str, int]
+    scale_nodes: int  # nodes made from kept multiplies (sd_scale_* modules)
+    file_bytes: int
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_inputs: list[str]  # inputs whose first axis (batch) is dynamic
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "nodes": self.nodes, "scale_nodes": self.scale_nodes, "file_bytes": self.file_bytes,
+                "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
+                "dynamic_inputs": self.dynamic_inputs, "op_types": self.op_types, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float
+    max_rel: float  # max |ort - torch| / (|torch| + atol)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel}
+
+
+@dataclass
+class Verification:
+    """onnxruntime against PyTorch on fresh random inputs: worst errors per output over all runs."""
+
+    ok: bool
+    rtol: float
+    atol: float
+    batch_sizes: list[int]
+    outputs: list[OutputError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "rtol": self.rtol, "atol": self.atol, "batch_sizes": self.batch_sizes,
+                "max_abs": self.max_abs, "max_rel": self.max_rel, "outputs": [o.to_dict() for o in self.outputs],
+                "seconds": round(self.seconds, 3)}
+
+
+# --- quiet exporter ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool = False) -> Iterator[io.StringIO]:
+    """Keep the exporter's prints, warnings and logs from the user unless ``verbose``."""
+    log = io.StringIO()
+    if verbose:
+        yield log
+        return
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            yield log
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+
+def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Forward argument name -> tensor, in signature order (the order the ONNX graph's inputs take)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"the example inputs do not fit {type(model).__name__}.forward ({exc}); check --input") from None
+    named: dict[str, torch.Tensor] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            named.update({f"{name}_{i}": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update({k: v for k, v in value.items() if isinstance(v, torch.Tensor)})
+        elif isinstance(value, torch.Tensor):
+            named[name] = value
+    return named
+
+
+def _batch_inputs(tensors: list[torch.Tensor]) -> list[bool]:
+    """Which inputs share the batch axis: those whose first dimension equals the first input's."""
+    first = next((t for t in tensors if t.dim() > 0), None)
+    return [first is not None and t.dim() > 0 and t.shape[0] == first.shape[0] for t in tensors]
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """torch.export spec making dim 0 of the batch inputs one shared dynamic "batch" dimension."""
+    batch = torch.export.Dim("batch")
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    tensors = [v for v in bound.arguments.values() if isinstance(v, torch.Tensor)]
+    is_batch = iter(_batch_inputs(tensors))
+    spec = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            spec[name] = {0: batch} if next(is_batch) else None
+        else:
+            spec[name] = None
+    return spec
+
+
+def _with_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
+    """The same inputs with the batch axis resized (torch.export treats a batch of 1 as a constant)."""
+    flat = list(args) + list(kwargs.values())
+    is_batch = iter(_batch_inputs([t for t in flat if isinstance(t, torch.Tensor)]))
+
+    def resize(value):
+        if not isinstance(value, torch.Tensor) or not next(is_batch):
+            return value
+        reps = [size // value.shape[0] + 1] + [1] * (value.dim() - 1)
+        return value.repeat(*reps)[:size].clone()
+
+    new = [resize(v) for v in flat]
+    return tuple(new[: len(args)]), dict(zip(kwargs, new[len(args):]))
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
+    if not path.parent.is_dir():
+        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opset: int | None,
+                dynamic_batch: bool, verbose: bool) -> None:
+    if dynamic_batch:
+        first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+        if first is not None and first.shape[0] == 1:
+            args, kwargs = _with_batch(args, kwargs, 2)
+    dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+    with quiet(verbose), _eval_mode(model):
+        try:
+            program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
+                                        opset_version=opset, verbose=verbose)
+        except Exception as exc:
+            hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in str(exc) else ""
+            raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}{hint} (--verbose shows the exporter's log)") from None
+        if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:
+            raise ExportError("the model is over 2 GB, which needs ONNX external data; sdsurgeon does not write that yet")
+        program.save(str(dest), external_data=False)
+
+
+def _describe(path: Path, seconds: float) -> OnnxExport:
+    import onnx
+
+    proto = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejects the exported model: {_first_line(exc)}") from None
+    nodes = list(proto.graph.node)
+    random_ops = sorted({n.op_type for n in nodes} & RANDOM_OPS)
+    if random_ops:
+        raise ExportError(f"the exported graph holds random ops ({', '.join(random_ops)}); inference must be deterministic")
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    dynamic = [i.name for i in inputs if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxExport(
+        path=str(path), nodes=len(nodes), op_types=dict(Counter(n.op_type for n in nodes).most_common()),
+        scale_nodes=sum(1 for n in nodes if _from_scale_module(n)), file_bytes=path.stat().st_size, opset=opset,
+        inputs=[i.name for i in inputs], outputs=[o.name for o in proto.graph.output], dynamic_inputs=dynamic,
+        seconds=seconds,
+    )
+
+
+def _from_scale_module(node) -> bool:
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    return "'sd_scale_" in scopes
+
+
+def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int | None = None,
+                dynamic_batch: bool = True, verbose: bool = False) -> OnnxExport:
+    """Export ``model`` (in eval mode) to ONNX at ``path`` with torch.onnx's dynamo exporter, then check it.
+
+    ``example_inputs``: a tensor, tuple, dict or ``(args, kwargs)``. With ``dynamic_batch`` the first
+    axis of every input that shares the first input's batch size is dynamic. The file is written
+    atomically and checked with ``onnx.checker``; a graph holding random ops is refused.
+    """
+    args, kwargs = _inputs(example_inputs)
+    with staged(path) as tmp:
+        started = time.perf_counter()
+        _write_onnx(model, args, kwargs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+        result = _describe(tmp, time.perf_counter() - started)
+    result.path = str(path)
+    return result
+
+
+def _inputs(example_inputs) -> tuple[tuple, dict]:
+    inputs = normalize_inputs(example_inputs)
+    if inputs is None:
+        raise ConfigError("export needs example inputs: give --input-shape 1,3,224,224 or --input NAME:SHAPE[:DTYPE]")
+    return inputs
+
+
+# --- verification -----------------------------------------------------------------------------------------
+
+
+def _fresh_inputs(model: nn.Module, args: tuple, kwargs: dict, batch: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """New random tensors shaped like the examples (batch axis resized), by forward argument name."""
+    named = _named_inputs(model, args, kwargs)
+    is_batch = _batch_inputs(list(named.values()))
+    g = torch.Generator().manual_seed(seed)
+    fresh = {}
+    for (name, t), b in zip(named.items(), is_batch):
+        shape = (batch, *t.shape[1:]) if b and batch is not None else tuple(t.shape)
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ConfigError(f"input {name!r} has dtype {dtype}, which verification cannot generate")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            fresh[name] = InputSpec(name, shape, dtype).make(g)
+        else:  # integer inputs (token ids, indices): stay within the example's range
+            low, high = int(t.min()), int(t.max()) + 1
+            fresh[name] = torch.randint(low, max(high, low + 1), shape, generator=g, dtype=t.dtype)
+    return fresh
+
+
+def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: float = 1e-4, atol: float = 1e-5,
+           runs: int = 3, seed: int = 1, check: bool = True) -> Verification:
+    """Run the ONNX file with onnxruntime and ``model`` (eval) on ``runs`` fresh random inputs; compare.
+
+    The inputs are shaped like ``example_inputs``; when the file's batch axis is dynamic the last run
+    uses another batch size. An output passes when ``|ort - torch| <= atol + rtol * |torch|``
+    everywhere. With ``check`` (the default) a miss raises VerificationError; else see ``.ok``.
+    """
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    args, kwargs = _inputs(example_inputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise VerificationError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
+    onnx_inputs = session.get_inputs()
+    named = _named_inputs(model, args, kwargs)
+    first = next((t for t in named.values() if t.dim()), None)
+    example_batch = first.shape[0] if first is not None else None
+    dynamic = any(isinstance(i.shape[0], str) for i in onnx_inputs if i.shape) if onnx_inputs else False
+    batches = [example_batch] * runs
+    if dynamic and example_batch is not None and runs > 1:
+        batches[-1] = 1 if example_batch > 1 else 3
+    worst: dict[int, list[float]] = {}
+    names = [o.name for o in session.get_outputs()]
+    failed_at: int | None = None
+    with _eval_mode(model), torch.no_grad():
+        for run, batch in enumerate(batches):
+            fresh = _fresh_inputs(model, args, kwargs, batch, seed + run)
+            expected = [t for t in _pytree.tree_leaves(model(**_rebind(model, fresh, args, kwargs)))
+                        if isinstance(t, torch.Tensor)]
+            feed = _feed(onnx_inputs, fresh)
+            got = session.run(None, feed)
+            if len(got) != len(expected):
+                raise VerificationError(
+                    f"{path} has {len(got)} outputs but the model returns {len(expected)} tensors"
+                )
+            for k, (e, g) in enumerate(zip(expected, got)):
+                e64 = e.detach().to(torch.float64)
+                g64 = torch.from_numpy(g).to(torch.float64)
+                if tuple(g64.shape) != tuple(e64.shape):
+                    raise VerificationError(f"output {names[k]}: onnxruntime gives shape {tuple(g64.shape)}, "
+                                            f"PyTorch {tuple(e64.shape)} (batch {batch})")
+                diff = (g64 - e64).abs()
+                max_abs = float(diff.max()) if diff.numel() else 0.0
+                max_rel = float((diff / (e64.abs() + atol)).max()) if diff.numel() else 0.0
+                prev = worst.setdefault(k, [0.0, 0.0])
+                prev[0], prev[1] = max(prev[0], max_abs), max(prev[1], max_rel)
+                if failed_at is None and not bool((diff <= atol + rtol * e64.abs()).all()):
+                    failed_at = run
+    result = Verification(
+        ok=failed_at is None, rtol=rtol, atol=atol, batch_sizes=[b for b in batches if b is not None],
+        outputs=[OutputError(names[k], v[0], v[1]) for k, v in sorted(worst.items())],
+        seconds=time.perf_counter() - started,
+    )
+    if check and not result.ok:
+        bad = max(result.outputs, key=lambda o: o.max_rel)
+        raise VerificationError(
+            f"onnxruntime differs from PyTorch beyond rtol {rtol:g} / atol {atol:g}: output {bad.name} max abs error "
+            f"{bad.max_abs:.3g}, max rel {bad.max_rel:.3g} (batch {batches[failed_at]}); no ONNX file was kept",
+            result,
+        )
+    return result
+
+
+def _rebind(model: nn.Module, fresh: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict:
+    """Keyword arguments for model(...) with the fresh tensors in place of the examples."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    call = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ConfigError(f"{type(model).__name__}.forward takes *args/**kwargs, which verification cannot bind")
+        call[name] = fresh.get(name, value)
+    return call
+
+
+def _feed(onnx_inputs, fresh: dict[str, torch.Tensor]) -> dict:
+    tensors = list(fresh.values())
+    feed = {}
+    for k, i in enumerate(onnx_inputs):
+        t = fresh[i.name] if i.name in fresh else tensors[k]  # the exporter names inputs after forward's arguments
+        feed[i.name] = t.numpy()
+    return feed
+
+
+def export_verified(model: nn.Module, example_inputs, path: str | os.PathLike, *, reference: nn.Module | None = None,
+                    opset: int | None = None, dynamic_batch: bool = True, rtol: float = 1e-4, atol: float = 1e-5,
+                    verbose: bool = False) -> tuple[OnnxExport, Verification]:
+    """Export, check and verify; ``path`` appears only if every check passed.
+
+    onnxruntime is compared against ``reference`` (default: ``model``), e.g. the injected model
+    before folding, so the check covers the fold as well as the export.
+    """
+    args, kwargs = _inputs(example_inputs)
+    with staged(path) as tmp:
+        started = time.perf_counter()
+        _write_onnx(model, args, kwargs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+        exported = _describe(tmp, time.perf_counter() - started)
+        checked = verify(reference if reference is not None else model, tmp, (args, kwargs), rtol=rtol, atol=atol)
+    exported.path = str(path)
+    return exported, checked
+

@@ -1,0 +1,526 @@
+"""Gates -> a fixed deterministic graph: each branch's p_l is folded into the weights that produce it."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+from .inject import RECIPE_ATTR
+from .layers import StochasticDepth
+
+_aten = torch.ops.aten
+
+# --- what a scale can be folded into ------------------------------------------------------------------
+
+# Modules whose output is affine in (weight, bias): scaling both scales the output.
+AFFINE_MODULES: tuple[type, ...] = (
+    nn.Linear, nn.Bilinear,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+)
+# Functions taking (input, weight, bias) at these positions; weight and bias must be graph attributes.
+AFFINE_FUNCTIONS: dict[object, tuple[int, int]] = {
+    F.linear: (1, 2), F.bilinear: (2, 3),
+    F.conv1d: (1, 2), F.conv2d: (1, 2), F.conv3d: (1, 2),
+    F.conv_transpose1d: (1, 2), F.conv_transpose2d: (1, 2), F.conv_transpose3d: (1, 2),
+    F.layer_norm: (2, 3), F.group_norm: (2, 3), F.batch_norm: (3, 4), F.instance_norm: (3, 4),
+    _aten.linear.default: (1, 2), _aten.conv1d.default: (1, 2), _aten.conv2d.default: (1, 2),
+    _aten.conv3d.default: (1, 2), _aten.convolution.default: (1, 2),
+}
+
+# Positively homogeneous ops of one tensor: op(c * x) == c * op(x) for c > 0, so a scale passes through.
+HOMOGENEOUS_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,  # identity in eval
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.ChannelShuffle,
+)
+HOMOGENEOUS_FUNCTIONS = frozenset({
+    torch.relu, F.relu, F.leaky_relu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pixel_shuffle,
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.mean, torch.sum, torch.neg, operator.neg, operator.getitem, torch.clone,
+    _aten.relu.default, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default,
+    _aten.permute.default, _aten.transpose.int, _aten.t.default, _aten.flatten.using_ints,
+    _aten.squeeze.dim, _aten.unsqueeze.default, _aten.clone.default, _aten.alias.default,
+    _aten.mean.dim, _aten.dropout.default, _aten.max_pool2d.default, _aten.avg_pool2d.default,
+    _aten.adaptive_avg_pool2d.default,
+})
+HOMOGENEOUS_METHODS = frozenset({
+    "relu", "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
+    "mean", "sum", "t", "expand", "clone", "neg", "view_as", "reshape_as", "expand_as",
+})
+_MUL = frozenset({operator.mul, torch.mul, _aten.mul.Tensor})
+_DIV = frozenset({operator.truediv, torch.div, _aten.div.Tensor})
+_ADD = frozenset({operator.add, torch.add, _aten.add.Tensor, operator.sub, torch.sub, _aten.sub.Tensor})
+
+
+# --- records --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaleTarget:
+    """Parameters to multiply by p: those of a module call, or one attribute read by a node."""
+
+    kind: str  # "module" (a call_module node's weight/bias) | "attr" (a get_attr tensor read by ``user``)
+    node: str  # the call_module node (in the gate's branch graph) or the get_attr node (there or outside)
+    target: str  # module or attribute path, relative to the part holding the gate
+    params: tuple[str, ...]  # parameter names scaled, relative to the part
+    shared: bool  # the weights have another user: scale a private copy
+    user: str | None = None  # for "attr": the node that reads the attribute
+
+
+@dataclass(frozen=True)
+class FoldSite:
+    """How one gate folds: into ``targets``, or, when ``reason`` is set, as an explicit multiply."""
+
+    id: str
+    index: int
+    p: float
+    scaling: str
+    part: str  # module path of the GraphModule holding the gate
+    gate: str  # the gate's submodule name in that GraphModule
+    targets: tuple[ScaleTarget, ...] = ()
+    reason: str | None = None  # why p cannot go into weights (None: it can, or scaling is inverted)
+
+    @property
+    def foldable(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class FoldedSite:
+    """What fold did to one gate."""
+
+    id: str
+    index: int
+    p: float
+    how: str  # "weights" (p folded into params) | "multiply" (explicit constant multiply) | "none" (inverted scaling)
+    params: tuple[str, ...] = ()  # model-qualified names of the scaled parameters
+    copied: tuple[str, ...] = ()  # shared weights that were copied before scaling
+    reason: str | None = None  # why a multiply stayed
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "id": self.id, "p": round(self.p, 6), "how": self.how,
+                "params": list(self.params), "copied": list(self.copied), "reason": self.reason}
+
+
+@dataclass
+class FoldReport:
+    sites: list[FoldedSite] = field(default_factory=list)
+
+    @property
+    def folded(self) -> list[FoldedSite]:
+        return [s for s in self.sites if s.how == "weights"]
+
+    @property
+    def multiplies(self) -> list[FoldedSite]:
+        return [s for s in self.sites if s.how == "multiply"]
+
+    def to_dict(self) -> dict:
+        return {"num_gates": len(self.sites), "num_folded": len(self.folded),
+                "num_multiplies": len(self.multiplies), "sites": [s.to_dict() for s in self.sites]}
+
+
+class Scale(nn.Module):
+    """A branch scale kept as an explicit multiply: ``x * p`` (no parameters, deterministic).
+
+    A module rather than a bare ``mul`` so the multiply keeps its name (``sd_scale_<index>``) in
+    printed graphs and in the exported ONNX file's name scopes.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.6g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.p
+
+
+# --- finding ---------------------------------------------------------------------------------------------
+
+
+def _gate_graphs(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
+    """(path, GraphModule) of every graph part holding gates."""
+    for path, module in model.named_modules():
+        if isinstance(module, fx.GraphModule) and any(isinstance(m, StochasticDepth) for m in module.children()):
+            yield path, module
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+class _Usage:
+    """How often each module and tensor is used across the whole model, to spot shared weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self.holders = Counter(id(t) for _, t in model.named_parameters(remove_duplicate=False))
+        self.holders.update(id(t) for _, t in model.named_buffers(remove_duplicate=False))
+        self.calls: Counter[int] = Counter()
+        self.reads: Counter[int] = Counter()
+        for _, gm in _all_graphs(model):
+            for graph, root in _graphs_with_branches(gm):
+                for n in graph.nodes:
+                    if n.op == "call_module":
+                        self.calls[id(root.get_submodule(n.target))] += 1
+                    elif n.op == "get_attr":
+                        self.reads[id(_get_attr(root, n.target))] += 1
+
+    def module_shared(self, module: nn.Module, params: Sequence[torch.Tensor]) -> bool:
+        return (self.paths[id(module)] > 1 or self.calls[id(module)] > 1
+                or any(self.holders[id(t)] > 1 for t in params))
+
+    def tensor_shared(self, tensor: torch.Tensor, getattr_node: fx.Node) -> bool:
+        return self.holders[id(tensor)] > 1 or self.reads[id(tensor)] > 1 or len(getattr_node.users) > 1
+
+
+def _all_graphs(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
+    for path, module in model.named_modules():
+        if isinstance(module, fx.GraphModule):
+            yield path, module
+
+
+def _graphs_with_branches(gm: fx.GraphModule) -> Iterator[tuple[fx.Graph, fx.GraphModule]]:
+    """gm's graph and its gates' branch graphs: together, the nodes of the original graph."""
+    yield gm.graph, gm
+    for m in gm.children():
+        if isinstance(m, StochasticDepth) and isinstance(m.branch, fx.GraphModule):
+            yield m.branch.graph, gm
+
+
+def find_folds(model: nn.Module) -> list[FoldSite]:
+    """Where each gate's p can be folded, in depth order. Read-only: the model is not changed.
+
+    For every gate, walks back from its branch output through positively homogeneous ops to the
+    nearest affine producers (see AFFINE_MODULES / AFFINE_FUNCTIONS and layer-scale multiplies).
+    A gate whose branch ends elsewhere gets a ``reason`` and will keep an explicit multiply.
+    """
+    usage = _Usage(model)
+    sites: list[FoldSite] = []
+    for path, gm in _gate_graphs(model):
+        for name, gate in gm.named_children():
+            if not isinstance(gate, StochasticDepth):
+                continue
+            common = dict(id=gate.site_id, index=gate.index, p=gate.p, scaling=gate.scaling, part=path, gate=name)
+            if gate.scaling == "inverted" or gate.p == 1.0:
+                sites.append(FoldSite(**common))  # nothing to scale
+                continue
+            branch = gate.branch
+            out = next(n for n in branch.graph.nodes if n.op == "output").args[0]
+            walker = _Walker(gm, usage, _branch_inputs(gm, name, branch))
+            found = walker.targets(out) if isinstance(out, fx.Node) else "the branch returns no tensor"
+            if isinstance(found, str):
+                sites.append(FoldSite(**common, reason=found))
+            else:
+                sites.append(FoldSite(**common, targets=tuple(found)))
+    return sorted(sites, key=lambda s: s.index)
+
+
+def _branch_inputs(gm: fx.GraphModule, gate_name: str, branch: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """The branch's placeholders -> the nodes the gate call passes in (in gm's graph or an outer branch)."""
+    for graph, _ in _graphs_with_branches(gm):
+        for n in graph.nodes:
+            if n.op == "call_module" and n.target == gate_name:
+                placeholders = [p for p in branch.graph.nodes if p.op == "placeholder"]
+                return dict(zip(placeholders, n.args[1:]))
+    return {}
+
+
+class _Walker:
+    """Walks back from a value to the parameters that scale it (or says why there are none)."""
+
+    def __init__(self, root: fx.GraphModule, usage: _Usage, outside: dict[fx.Node, fx.Node]) -> None:
+        self.root = root
+        self.usage = usage
+        self.outside = outside  # branch placeholder -> the value passed in: a weight may come from outside
+
+    def _resolve(self, value):
+        return self.outside.get(value, value) if isinstance(value, fx.Node) else value
+
+    def targets(self, node: fx.Node) -> list[ScaleTarget] | str:
+        if node.op == "call_module":
+            module = self.root.get_submodule(node.target)
+            if isinstance(module, AFFINE_MODULES):
+                return self._module(node, module)
+            if isinstance(module, HOMOGENEOUS_MODULES) and not getattr(module, "return_indices", False):
+                return self._through(node, node.args[0])
+            if isinstance(module, StochasticDepth):
+                return f"the branch ends in the nested residual block {module.site_id}"
+            return f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous"
+        if node.op == "call_function":
+            fn = node.target
+            if fn in AFFINE_FUNCTIONS:
+                return self._functional(node, *AFFINE_FUNCTIONS[fn])
+            if fn in _MUL:
+                return self._mul(node)
+            if fn in _DIV:
+                return self._through(node, node.args[0]) if not isinstance(node.args[0], (int, float)) else self._opaque(node)
+            if fn in _ADD:
+                return self._both(node)
+            if fn in HOMOGENEOUS_FUNCTIONS and not node.kwargs.get("return_indices") and _zero_pad(node):
+                return self._through(node, node.args[0])
+            return self._opaque(node)
+        if node.op == "call_method":
+            if node.target in HOMOGENEOUS_METHODS:
+                return self._through(node, node.args[0])
+            if node.target == "mul":
+                return self._mul(node)
+            if node.target == "div":
+                return self._through(node, node.args[0])
+            if node.target in ("add", "sub"):
+                return self._both(node)
+            return self._opaque(node)
+        if node.op == "get_attr":
+            return f"the branch ends in the attribute {node.target}"
+        return f"the branch output {node.name} is one of its inputs"
+
+    def _opaque(self, node: fx.Node) -> str:
+        what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        return f"the branch ends in {what} ({node.name}), which is not positively homogeneous"
+
+    def _through(self, node: fx.Node, source) -> list[ScaleTarget] | str:
+        if not isinstance(source, fx.Node):
+            return self._opaque(node)
+        if len(source.users) > 1:
+            return f"{source.name} feeds more than {node.name} in the branch, so its producer cannot be scaled"
+        return self.targets(source)
+
+    def _module(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | str:
+        names = [n for n in ("weight", "bias") if isinstance(getattr(module, n, None), torch.Tensor)]
+        if "weight" not in names:
+            return f"{type(module).__name__} {node.target} has no affine weight to scale"
+        tensors = [getattr(module, n) for n in names]
+        return [ScaleTarget(
+            "module", node.name, node.target, tuple(f"{node.target}.{n}" for n in names),
+            self.usage.module_shared(module, tensors),
+        )]
+
+    def _attr(self, value: fx.Node, user: fx.Node) -> ScaleTarget:
+        getattr_node = self._resolve(value)
+        tensor = _get_attr(self.root, getattr_node.target)
+        return ScaleTarget("attr", getattr_node.name, getattr_node.target, (getattr_node.target,),
+                           self.usage.tensor_shared(tensor, getattr_node), user=user.name)
+
+    def _is_tensor_attr(self, value) -> bool:
+        value = self._resolve(value)
+        return (isinstance(value, fx.Node) and value.op == "get_attr"
+                and isinstance(_get_attr(self.root, value.target), torch.Tensor))
+
+    def _functional(self, node: fx.Node, w_pos: int, b_pos: int) -> list[ScaleTarget] | str:
+        def arg(pos: int, name: str):
+            return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
+
+        weight, bias = arg(w_pos, "weight"), arg(b_pos, "bias")
+        if not self._is_tensor_attr(weight) or not (bias is None or self._is_tensor_attr(bias)):
+            return f"{node.name}: its weight and bias are not model attributes, so they cannot be scaled"
+        return [self._attr(t, node) for t in (weight, bias) if t is not None]
+
+    def _mul(self, node: fx.Node) -> list[ScaleTarget] | str:
+        a, b = node.args[0], node.args[1]
+        for gamma, value in ((a, b), (b, a)):
+            if self._is_tensor_attr(gamma) and isinstance(value, fx.Node):
+                return [self._attr(gamma, node)]  # layer scale: gamma * f(x)
+        for const, value in ((a, b), (b, a)):
+            if isinstance(const, (int, float)) and isinstance(value, fx.Node):
+                return self._through(node, value)
+        reasons = []
+        for value in (a, b):  # (c a) b == c (a b): either factor may carry the scale
+            found = self._through(node, value) if isinstance(value, fx.Node) else self._opaque(node)
+            if not isinstance(found, str):
+                return found
+            reasons.append(found)
+        return reasons[-1]
+
+    def _both(self, node: fx.Node) -> list[ScaleTarget] | str:
+        operands = [v for v in node.args[:2] if isinstance(v, fx.Node)]
+        if len(operands) != 2 or operands[0] is operands[1] or set(node.kwargs) - {"alpha"}:
+            return self._opaque(node)
+        found: list[ScaleTarget] = []
+        for value in operands:  # c a + c b: both sides must carry the scale
+            more = self._through(node, value)
+            if isinstance(more, str):
+                return more
+            found += more
+        if len({t.target for t in found}) != len(found):
+            return f"{node.name} adds two values made with the same weights"
+        return found
+
+
+def _zero_pad(node: fx.Node) -> bool:
+    """F.pad is homogeneous only with a zero constant fill."""
+    if node.target is not F.pad:
+        return True
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    return mode == "constant" and not value
+
+
+# --- changing --------------------------------------------------------------------------------------------
+
+
+def fold_gates(gm: fx.GraphModule, sites: Sequence[FoldSite], *, into_weights: bool = True, scale: bool = True,
+               prefix: str = "") -> tuple[fx.GraphModule, list[FoldedSite]]:
+    """Pass: replace every gate in ``gm`` by its branch, with p folded into weights or kept as a multiply.
+
+    Mutates and returns ``gm`` (with a record per gate). ``sites`` come from ``find_folds`` on the model
+    holding ``gm``. Nested gates are handled: inlining an outer branch exposes the inner gate node,
+    which is folded in turn. ``into_weights=False`` keeps every paper-scaled p as a ``Scale`` multiply;
+    ``scale=False`` drops p altogether (the original architecture back, see ``remove_gates``).
+    ``prefix`` is gm's module path, used to name parameters in the records.
+    """
+    by_gate = {s.gate: s for s in sites}
+    graph = gm.graph
+    done: list[FoldedSite] = []
+    while True:
+        gate_node = next((n for n in graph.nodes if n.op == "call_module" and n.target in by_gate), None)
+        if gate_node is None:
+            break
+        site = by_gate[gate_node.target]
+        gate = gm.get_submodule(site.gate)
+        skip, *inputs = gate_node.args
+        with graph.inserting_before(gate_node):
+            env = _inline(graph, gate.branch.graph, inputs)
+            out = env["__output__"]
+            record = _scale(gm, graph, site, env, out, into_weights, scale, prefix)
+            value = record[1]
+            total = graph.call_function(operator.add, (skip, value))
+        total.meta = {k: v for k, v in gate_node.meta.items() if k == "nn_module_stack"}
+        gate_node.replace_all_uses_with(total)
+        graph.erase_node(gate_node)
+        gm.delete_submodule(site.gate)
+        done.append(record[0])
+    graph.lint()
+    gm.recompile()
+    return gm, done
+
+
+def _inline(graph: fx.Graph, branch: fx.Graph, inputs: Sequence[fx.Node]) -> dict[str, fx.Node]:
+    """Copy ``branch`` into ``graph`` at the insertion point; returns branch node name -> new node."""
+    env: dict[fx.Node, fx.Node] = {}
+    names: dict[str, fx.Node] = {}
+    placeholders = iter(inputs)
+    for n in branch.nodes:
+        if n.op == "placeholder":
+            env[n] = next(placeholders)
+        elif n.op == "output":
+            names["__output__"] = env[n.args[0]]
+        else:
+            env[n] = graph.node_copy(n, env.__getitem__)
+        names[n.name] = env.get(n)
+    return names
+
+
+def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, fx.Node], out: fx.Node,
+           into_weights: bool, scale: bool, prefix: str) -> tuple[FoldedSite, fx.Node]:
+    def qualified(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    if site.scaling == "inverted" or site.p == 1.0 or not scale:
+        return FoldedSite(site.id, site.index, site.p, "none"), out
+    if not into_weights or not site.foldable:
+        reason = site.reason if into_weights else "--no-fold: kept as a multiply"
+        name = f"sd_scale_{site.index}"
+        gm.add_submodule(name, Scale(site.p))
+        return FoldedSite(site.id, site.index, site.p, "multiply", reason=reason), graph.call_module(name, (out,))
+    scaled, copied = [], []
+    for k, target in enumerate(site.targets):
+        node = env[target.node]
+        if target.kind == "module":
+            module = gm.get_submodule(target.target)
+            if target.shared:
+                module = copy.deepcopy(module)
+                new_name = f"sd_fold_{site.index}_{k}"
+                gm.add_submodule(new_name, module)
+                node.target = new_name
+                copied.append(qualified(target.target))
+                names = [f"{new_name}.{p.rpartition('.')[2]}" for p in target.params]
+            else:
+                names = list(target.params)
+            with torch.no_grad():
+                for n in names:
+                    _get_attr(gm, n).mul_(site.p)
+            scaled += [qualified(n) for n in names]
+        else:
+            tensor = _get_attr(gm, target.target)
+            name = target.target
+            if target.shared:  # a private copy, read by this branch's node alone
+                name = f"sd_fold_{site.index}_{k}"
+                fresh = tensor.detach().clone()
+                if isinstance(tensor, nn.Parameter):
+                    gm.register_parameter(name, nn.Parameter(fresh, tensor.requires_grad))
+                else:
+                    gm.register_buffer(name, fresh)
+                user = env[target.user]
+                old = next(i for i in user.all_input_nodes if i.op == "get_attr" and i.target == target.target)
+                user.replace_input_with(old, graph.get_attr(name))
+                copied.append(qualified(target.target))
+            with torch.no_grad():
+                _get_attr(gm, name).mul_(site.p)
+            scaled.append(qualified(name))
+    return FoldedSite(site.id, site.index, site.p, "weights", tuple(scaled), tuple(copied)), out
+
+
+def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True) -> tuple[nn.Module, FoldReport]:
+    """``fold`` that also says, per gate, which parameters took p or why a multiply stayed."""
+    work = copy.deepcopy(model)
+    sites = find_folds(work)
+    report = FoldReport()
+    result = work
+    for path, gm in list(_gate_graphs(work)):
+        mine = [s for s in sites if s.part == path]
+        _, done = fold_gates(gm, mine, into_weights=into_weights, scale=scale, prefix=path)
+        report.sites += done
+    report.sites.sort(key=lambda s: s.index)
+    _untag(result)
+    return result.eval(), report
+
+
+def fold(model: nn.Module, *, into_weights: bool = True) -> nn.Module:
+    """A deterministic copy of an injected model for inference; ``model`` is unchanged.
+
+    Every gate is replaced by its branch. With paper scaling, p is multiplied into the nearest
+    affine producer of the branch output (conv/linear/norm weight and bias, or a layer-scale
+    parameter), through positively homogeneous ops; where there is none, an explicit ``Scale``
+    multiply stays (``fold_with_report`` says why). Shared weights are copied before scaling.
+    Inverted scaling: the gates go and nothing is scaled. The result is in eval mode and in eval
+    ``fold(model)(x) == model(x)``. ``into_weights=False`` keeps every p as a multiply instead.
+    """
+    return fold_with_report(model, into_weights=into_weights)[0]
+
+
+def remove_gates(model: nn.Module) -> nn.Module:
+    """The injected model's architecture without gates (each branch added unscaled); ``model`` is unchanged.
+
+    The inverse of ``inject`` for structure: equal to the original model in every mode, and to the
+    injected model in eval only with inverted scaling. Used to compare exports against the original.
+    """
+    return fold_with_report(model, scale=False)[0]
+
+
+def _untag(model: nn.Module) -> None:
+    """The folded model is no longer an injected one: drop the recipe."""
+    if hasattr(model, RECIPE_ATTR):
+        delattr(model, RECIPE_ATTR)
+    if isinstance(model, fx.GraphModule):
+        model.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}).pop(RECIPE_ATTR, None)
