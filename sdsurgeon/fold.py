@@ -350,7 +350,7 @@ class _Walker:
             if not isinstance(found, str):
                 return found
             reasons.append(found)
-        return reasons[-1]
+        return f"neither factor of {node.name} can take p ({'; '.join(reasons)})"
 
     def _both(self, node: fx.Node) -> list[ScaleTarget] | str:
         operands = [v for v in node.args[:2] if isinstance(v, fx.Node)]
@@ -473,7 +473,10 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
                     gm.register_buffer(name, fresh)
                 user = env[target.user]
                 old = next(i for i in user.all_input_nodes if i.op == "get_attr" and i.target == target.target)
-                user.replace_input_with(old, graph.get_attr(name))
+                with graph.inserting_before(user):
+                    user.replace_input_with(old, graph.get_attr(name))
+                if not old.users:
+                    graph.erase_node(old)
                 copied.append(qualified(target.target))
             with torch.no_grad():
                 _get_attr(gm, name).mul_(site.p)
