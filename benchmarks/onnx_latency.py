@@ -65,18 +65,21 @@ def latency(name: str, model: torch.nn.Module, x: torch.Tensor, tmp: Path, args:
     for v, m in variants.items():
         nodes[v] = export_onnx(m, x, tmp / f"{name}_{v}.onnx").nodes
         sessions[v] = session(tmp / f"{name}_{v}.onnx", args.threads)
+    # A second session on the original file: its ratio to the original is the noise floor of this run.
+    sessions["control"] = session(tmp / f"{name}_original.onnx", args.threads)
     feed = {sessions["folded"].get_inputs()[0].name: x.numpy()}
     for s in sessions.values():
         per_run(s, feed, args.warmup)
 
-    times: dict[str, list[float]] = {"folded": [], "original": []}
+    times: dict[str, list[float]] = {v: [] for v in sessions}
     for r in range(args.rounds):
-        order = ("folded", "original") if r % 2 == 0 else ("original", "folded")  # alternate who goes first
+        order = list(sessions)[r % 3:] + list(sessions)[: r % 3]  # rotate who goes first
         for v in order:
             times[v].append(per_run(sessions[v], feed, args.reps))
     ratio = statistics.median(f / o for f, o in zip(times["folded"], times["original"]))
+    control = statistics.median(c / o for c, o in zip(times["control"], times["original"]))
     return {"nodes": nodes, "median_ms": {v: round(1e3 * statistics.median(t), 3) for v, t in times.items()},
-            "median_ratio": round(ratio, 4)}
+            "median_ratio": round(ratio, 4), "control_ratio": round(control, 4)}
 
 
 def timed_subprocess(cmd: list[str]) -> float:
@@ -122,11 +125,11 @@ def main() -> None:
 
     print(f"onnxruntime {ort.__version__} (CPU, {args.threads} thread(s)), batch {args.batch}, "
           f"{args.rounds} interleaved rounds x {args.reps} runs; torch {torch.__version__}")
-    print(f"{'model':<10} {'nodes folded/orig':>18} {'folded ms':>10} {'orig ms':>9} {'ratio':>7}  (goal 1.00 ± 0.03)")
+    print(f"{'model':<10} {'nodes folded/orig':>18} {'folded ms':>10} {'orig ms':>9} {'ratio':>7} {'control':>8}  (goal 1.00 ± 0.03; control: original vs itself)")
     for name, r in results["latency"].items():
         nodes = f"{r['nodes']['folded']}/{r['nodes']['original']}"
         print(f"{name:<10} {nodes:>18} {r['median_ms']['folded']:>10.3f} {r['median_ms']['original']:>9.3f} "
-              f"{r['median_ratio']:>7.3f}")
+              f"{r['median_ratio']:>7.3f} {r['control_ratio']:>8.3f}")
     e = results["export"]
     print(f"\nResNet-110 export, end to end, {args.export_rounds} alternating rounds: sdsurgeon export "
           f"{e['median_s']['sdsurgeon']:.2f} s, plain torch.onnx.export {e['median_s']['plain']:.2f} s, "

@@ -2,9 +2,10 @@
 
 Walks through the whole sdsurgeon workflow on the built-in CIFAR ResNet-110, in a temporary folder:
 save a plain state_dict, `sdsurgeon plan` it, `sdsurgeon inject` it, load the result, train a few
-steps on a synthetic task, compare step time with the original, and check that eval is deterministic.
+steps on a synthetic task, compare step time with the original, check that eval is deterministic,
+and `sdsurgeon export --fold` the trained weights to ONNX, verified with onnxruntime.
 
-Run: .venv/bin/python examples/quickstart.py [--workdir DIR]   (about 20 s on 2 idle CPU cores)
+Run: .venv/bin/python examples/quickstart.py [--workdir DIR]   (about 35 s on 2 idle CPU cores)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sdsurgeon
 from sdsurgeon.models import cifar_resnet
 
 ARCH = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 110}']
-CHECKPOINT, INJECTED = "resnet110.pt", "resnet110.sd.pt"
+CHECKPOINT, INJECTED, TRAINED, ONNX = "resnet110.pt", "resnet110.sd.pt", "trained.pt", "resnet110.onnx"
 BATCH, TRAIN_STEPS, TIMING_STEPS = 32, 15, 8
 
 
@@ -69,7 +70,8 @@ def show_plan(workdir: Path) -> dict:
 
 def inject_checkpoint(workdir: Path) -> None:
     heading("3. Inject: gate every residual block and write a model to train")
-    out = sdsurgeon_cli(workdir, "inject", CHECKPOINT, *ARCH, "--pL", "0.5", "-o", INJECTED)
+    out = sdsurgeon_cli(workdir, "inject", CHECKPOINT, *ARCH, "--pL", "0.5", "--input-shape", "1,3,32,32",
+                        "-o", INJECTED)
     print("".join(f"  {line}\n" for line in out.splitlines()), end="")
 
 
@@ -142,13 +144,28 @@ def check_eval_deterministic(model: nn.Module) -> None:
     print(f"two forward passes on the same batch are identical: {torch.equal(a, b)}")
 
 
-def summary(plan: dict, ratio: float, output: Path, kept: bool) -> None:
+def export_trained(workdir: Path, model: nn.Module) -> dict:
+    heading("6. Export: fold each p_l into the trained weights; ONNX verified with onnxruntime")
+    torch.save(model.state_dict(), workdir / TRAINED)
+    print(f'torch.save(model.state_dict(), "{TRAINED}")   # the keys of the original architecture')
+    record = json.loads(sdsurgeon_cli(workdir, "export", INJECTED, "--weights", TRAINED, "-o", ONNX, "--json"))
+    print(f"folded {record['folded']} of {record['gates']} gates into weights; "
+          f"{len(record['multiplies'])} kept as a multiply")
+    print(f"ONNX: {record['nodes']} nodes, {record['file_bytes'] / 1e6:.1f} MB, batch axis dynamic")
+    print(f"onnxruntime vs the trained model in eval: max abs error {record['max_abs_error']:.2g} "
+          f"(batch sizes {record['verify']['batch_sizes']})")
+    return record
+
+
+def summary(plan: dict, ratio: float, export: dict, workdir: Path, kept: bool) -> None:
     heading("Summary")
+    where = "" if kept else " (temporary folder, removed on exit)"
     print(f"residual sites gated:       {plan['num_gated']} of {plan['num_sites']}")
     print(f"expected depth (training):  {plan['expected_depth']:.2f} blocks")
     print(f"expected train FLOPs ratio: {plan['expected_train_flops_ratio']:.3f}")
     print(f"measured step-time ratio:   {ratio:.2f}")
-    print(f"injected model:             {output}" + ("" if kept else " (temporary folder, removed on exit)"))
+    print(f"injected model:             {workdir / INJECTED}{where}")
+    print(f"ONNX (folded, verified):    {workdir / ONNX}, max abs error {export['max_abs_error']:.2g}")
 
 
 def run(workdir: Path, kept: bool) -> None:
@@ -159,7 +176,8 @@ def run(workdir: Path, kept: bool) -> None:
     model = train_injected(workdir)
     ratio = measure_step_time(workdir, model)
     check_eval_deterministic(model)
-    summary(plan, ratio, workdir / INJECTED, kept)
+    export = export_trained(workdir, model)
+    summary(plan, ratio, export, workdir, kept)
 
 
 def main() -> None:
