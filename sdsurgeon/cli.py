@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 import warnings
@@ -334,6 +335,15 @@ def export_cmd(
     out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
               f"max abs error {checked.max_abs:.2g}, max rel {checked.max_rel:.2g} (rtol {rtol:g}, atol {atol:g})")
     out.print(f"wrote {target} in {record['seconds']:.1f} s", markup=False)
+
+
+def _reflow(doc: str) -> str:
+    """Docstring paragraphs as single lines, so help wraps to the terminal instead of at source line ends."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _info in app.registered_commands:
+    _info.help = _reflow(_info.callback.__doc__ or "")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -98,7 +99,7 @@ def quiet(verbose: bool = False) -> Iterator[io.StringIO]:
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL + 1)  # torch logs a failed trace at ERROR: that, too, is the exporter's
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             warnings.simplefilter("ignore")
@@ -203,13 +204,32 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: the exporter wraps the real failure in step-by-step advice."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
 
 
 def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opset: int | None,
                 dynamic_batch: bool, verbose: bool) -> None:
+    _named_inputs(model, args, kwargs)  # inputs that do not fit forward's signature: a clear error first
+    with _eval_mode(model), torch.no_grad():
+        try:
+            model(*args, **kwargs)  # one forward: a wrong input shape is the user's, not the exporter's, error
+        except Exception as exc:
+            raise ConfigError(f"the model failed on the example inputs ({_first_line(exc)}); "
+                              "check --input-shape / --input") from None
     if dynamic_batch:
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
         if first is not None and first.shape[0] == 1:
@@ -220,10 +240,15 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)
         except Exception as exc:
-            hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in str(exc) else ""
-            raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}{hint} (--verbose shows the exporter's log)") from None
+            cause = _first_line(_root_cause(exc))
+            hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in cause else ""
+            raise ExportError(f"torch.onnx.export failed: {cause}{hint} (--verbose shows the exporter's log)") from None
         if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:
             raise ExportError("the model is over 2 GB, which needs ONNX external data; sdsurgeon does not write that yet")
+        written = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is not None and written != opset:
+            raise ExportError(f"the exporter cannot write opset {opset} for this model (it offers {written}); "
+                              f"use --opset {written} or leave --opset out")
         program.save(str(dest), external_data=False)
 
 

@@ -61,3 +61,18 @@ def not_a_module():
 
 
 NOT_CALLABLE = 42
+
+
+class DataDependent(nn.Module):
+    """Residual blocks behind a data-dependent branch: sdsurgeon captures the blocks, torch.export fails."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Block(width), Block(width))
+
+    def forward(self, x):
+        return self.blocks(x) if x.sum() > 0 else self.blocks(-x)
+
+
+def data_dependent(width: int = 8) -> DataDependent:
+    return DataDependent(width)
