@@ -54,11 +54,13 @@ class OnnxExport:
 @dataclass
 class OutputError:
     name: str
-    max_abs: float
-    max_rel: float  # max |ort - torch| / (|torch| + atol)
+    max_abs: float  # max |ort - torch|
+    max_rel: float  # max_abs relative to the output's scale: max |ort - torch| / max |torch|
+    tolerance_used: float  # max |ort - torch| / (atol + rtol |torch|): the check passes while this is <= 1
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel}
+        return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "tolerance_used": self.tolerance_used}
 
 
 @dataclass
@@ -80,9 +82,14 @@ class Verification:
     def max_rel(self) -> float:
         return max((o.max_rel for o in self.outputs), default=0.0)
 
+    @property
+    def tolerance_used(self) -> float:
+        return max((o.tolerance_used for o in self.outputs), default=0.0)
+
     def to_dict(self) -> dict:
         return {"ok": self.ok, "rtol": self.rtol, "atol": self.atol, "batch_sizes": self.batch_sizes,
-                "max_abs": self.max_abs, "max_rel": self.max_rel, "outputs": [o.to_dict() for o in self.outputs],
+                "max_abs": self.max_abs, "max_rel": self.max_rel, "tolerance_used": self.tolerance_used,
+                "outputs": [o.to_dict() for o in self.outputs],
                 "seconds": round(self.seconds, 3)}
 
 
@@ -333,7 +340,8 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
 
     The inputs are shaped like ``example_inputs``; when the file's batch axis is dynamic the last run
     uses another batch size. An output passes when ``|ort - torch| <= atol + rtol * |torch|``
-    everywhere. With ``check`` (the default) a miss raises VerificationError; else see ``.ok``.
+    everywhere; ``tolerance_used`` is the worst ``|ort - torch| / (atol + rtol |torch|)``. With ``check``
+    (the default) a miss raises VerificationError; else see ``.ok``.
     """
     import onnxruntime as ort
 
@@ -374,22 +382,27 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
                     raise VerificationError(f"output {names[k]}: onnxruntime gives shape {tuple(g64.shape)}, "
                                             f"PyTorch {tuple(e64.shape)} (batch {batch})")
                 diff = (g64 - e64).abs()
+                allowed = atol + rtol * e64.abs()
+                scale = float(e64.abs().max()) if e64.numel() else 0.0
                 max_abs = float(diff.max()) if diff.numel() else 0.0
-                max_rel = float((diff / (e64.abs() + atol)).max()) if diff.numel() else 0.0
-                prev = worst.setdefault(k, [0.0, 0.0])
-                prev[0], prev[1] = max(prev[0], max_abs), max(prev[1], max_rel)
-                if failed_at is None and not bool((diff <= atol + rtol * e64.abs()).all()):
+                used = float((diff / allowed).max()) if diff.numel() and bool((allowed > 0).all()) else (
+                    0.0 if max_abs == 0 else float("inf"))
+                prev = worst.setdefault(k, [0.0, 0.0, 0.0])
+                rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+                prev[:] = max(prev[0], max_abs), max(prev[1], rel), max(prev[2], used)
+                if failed_at is None and not bool((diff <= allowed).all()):
                     failed_at = run
     result = Verification(
         ok=failed_at is None, rtol=rtol, atol=atol, batch_sizes=[b for b in batches if b is not None],
-        outputs=[OutputError(names[k], v[0], v[1]) for k, v in sorted(worst.items())],
+        outputs=[OutputError(names[k], *v) for k, v in sorted(worst.items())],
         seconds=time.perf_counter() - started,
     )
     if check and not result.ok:
-        bad = max(result.outputs, key=lambda o: o.max_rel)
+        bad = max(result.outputs, key=lambda o: o.tolerance_used)
         raise VerificationError(
             f"onnxruntime differs from PyTorch beyond rtol {rtol:g} / atol {atol:g}: output {bad.name} max abs error "
-            f"{bad.max_abs:.3g}, max rel {bad.max_rel:.3g} (batch {batches[failed_at]}); no ONNX file was kept",
+            f"{bad.max_abs:.3g} ({bad.tolerance_used:.3g}x the tolerance, batch {batches[failed_at]}); "
+            "no ONNX file was kept",
             result,
         )
     return result
