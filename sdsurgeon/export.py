@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -21,7 +20,8 @@ from torch import nn
 from torch.utils import _pytree
 
 from .capture import DTYPES, InputSpec, normalize_inputs
-from .errors import ConfigError, ExportError, VerificationError, WriteError
+from .errors import ConfigError, ExportError, VerificationError
+from .load import staged
 
 # Ops that would make inference random; a correct export of a folded model holds none.
 RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
@@ -185,30 +185,6 @@ def _with_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
 
 
 # --- export -----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staged(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds."""
-    path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
-    if not path.parent.is_dir():
-        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -14,7 +15,7 @@ import typing
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -311,31 +312,37 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write via a temp file in the destination folder and rename: readers never see a partial file."""
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds.
+
+    Readers never see a partial file, and a failure (a write error, a failed check) leaves none.
+    """
     path = Path(path)
-    folder = path.parent
     if path.is_dir():
         raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
-    if not folder.is_dir():
-        raise WriteError(f"cannot write {path}: folder {folder} does not exist")
+    if not path.parent.is_dir():
+        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
-        try:
+    finally:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write via a temp file in the destination folder and rename (see ``staged``)."""
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
