@@ -1,5 +1,7 @@
 """sdsurgeon: stochastic depth for any PyTorch checkpoint — find residual blocks, gate them, fold them."""
 
+__version__ = "0.1.0"  # first: submodules read it
+
 from .capture import InputSpec, register_leaf
 from .detect import ResidualSite, find_residuals
 from .errors import SurgeonError
@@ -9,8 +11,6 @@ from .inject import Recipe, apply_recipe, gates, inject
 from .layers import StochasticDepth
 from .load import load, load_weights, save
 from .plan import Plan, plan
-
-__version__ = "0.1.0"
 
 __all__ = [
     "InputSpec",

@@ -339,6 +339,111 @@ def export_cmd(
     out.print(f"wrote {target} in {record['seconds']:.1f} s", markup=False)
 
 
+class _BatchDisplay:
+    """Per-job status: a live table on a terminal, one plain line per finished job otherwise."""
+
+    def __init__(self, names: list[str], live: bool, enabled: bool) -> None:
+        self.status = {n: "queued" for n in names}
+        self.notes: dict[str, str] = {}
+        self.live = None
+        self.enabled = enabled
+        if enabled and live:
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=out, refresh_per_second=4, transient=False)
+
+    def _table(self) -> Table:
+        table = Table(title="sdsurgeon batch", title_justify="left")
+        for col in ("job", "status", "note"):
+            table.add_column(col)
+        colour = {"ok": "green", "failed": "red", "skipped": "dim", "running": "yellow", "queued": "dim"}
+        for name, status in self.status.items():
+            table.add_row(name, f"[{colour[status]}]{status}[/]", self.notes.get(name, ""))
+        return table
+
+    def __enter__(self):
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def __call__(self, event) -> None:
+        if event.kind == "start":
+            self.status[event.job] = "running"
+        else:
+            r = event.record
+            self.status[event.job] = r.status
+            self.notes[event.job] = r.error or (
+                f"{r.folded}/{r.sites} folded, {r.nodes} nodes, max abs error {r.max_abs_error:.2g}, "
+                f"{r.timings.get('total', 0):.1f} s"
+            )
+            if self.enabled and not self.live:
+                out.print(f"[{event.done}/{event.total}] {r.name}: {r.status} ({self.notes[event.job]})", markup=False)
+        if self.live:
+            self.live.update(self._table())
+
+
+@app.command("batch")
+@user_errors
+def batch_cmd(
+    config: Path = typer.Argument(..., metavar="CONFIG", show_default=False,
+                                  help="YAML config: defaults (any inject/export option) and models."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs run at once, each in its own process; torch threads are split between them."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Start no new job after a failure (the rest are reported skipped)."),
+    force: bool = typer.Option(False, "--force", help="Redo jobs whose outputs are up to date."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and list the jobs; run nothing."),
+    report_dir: Path = typer.Option(Path("sdsurgeon-report"), "--report-dir", help="Where report.json, junit.xml and summary.md go."),
+    json_: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of progress and a summary."),
+) -> None:
+    """Inject, fold, export and verify many models in one run, as CI does; writes reports CI systems read.
+
+    Each job: load -> inject -> (save the injected model) -> fold -> export ONNX -> verify with onnxruntime,
+    writing <output_dir>/<name>.onnx (and <name>.sd.pt with save_injected). A failing job never stops the
+    others; a job whose outputs are newer than its inputs and whose settings are unchanged is skipped. Exit 0
+    when every job is ok or skipped, 1 when any failed. Paths in the config are relative to its folder.
+
+    Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, fold, input_shape or
+    inputs, opset, static_batch, rtol, atol, output_dir, trust_pickle, save_injected, timeout. Each entry of
+    models takes name and checkpoint (a file or a glob: one job per match, named by file stem) or arch
+    (package.module:factory, with arch_kwargs and weights), plus any of those options.
+
+    Example: sdsurgeon batch examples/ci/sdsurgeon.yaml --jobs 2
+    """
+    from .batch import check_jobs, load_config, plan_jobs, run_batch
+    from .report import to_json, write_reports
+
+    if jobs < 1:
+        raise ConfigError("--jobs must be 1 or more")
+    cfg = load_config(config)
+    job_list = plan_jobs(cfg)
+    check_jobs(job_list)
+    if check:
+        if json_:
+            print(json.dumps({"config": str(config), "jobs": [{"name": j.name, "checkpoint": j.checkpoint,
+                                                               "arch": j.arch, "outputs": j.outputs} for j in job_list]}))
+        else:
+            out.print(f"{config}: valid, {len(job_list)} jobs: {', '.join(j.name for j in job_list)}", markup=False)
+        return
+    display = _BatchDisplay([j.name for j in job_list], live=out.is_terminal, enabled=not json_)
+    with display:
+        result = run_batch(job_list, workers=jobs, fail_fast=fail_fast, force=force, on_event=display)
+    written = write_reports(result.records, report_dir)
+    if json_:
+        print(to_json(result.records))
+    else:
+        counts = {s: sum(r.status == s for r in result.records) for s in ("ok", "failed", "skipped")}
+        out.print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
+                  f"reports in {report_dir}: {', '.join(written)}", markup=False)
+    failed = [r.name for r in result.records if r.status == "failed"]
+    if failed:
+        err.print(f"error: {len(failed)} of {len(result.records)} jobs failed ({', '.join(failed)}); "
+                  f"see {report_dir / 'summary.md'}", markup=False)
+        raise typer.Exit(1)
+
+
 def _reflow(doc: str) -> str:
     """Docstring paragraphs as single lines, so help wraps to the terminal instead of at source line ends."""
     return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))

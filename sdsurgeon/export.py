@@ -264,6 +264,15 @@ def _from_scale_module(node) -> bool:
     return "'sd_scale_" in scopes
 
 
+def write_onnx(model: nn.Module, example_inputs, dest: str | os.PathLike, *, opset: int | None = None,
+               dynamic_batch: bool = True, verbose: bool = False) -> OnnxExport:
+    """Export and check, writing straight to ``dest`` (callers stage it; see ``export_onnx``)."""
+    args, kwargs = _inputs(example_inputs)
+    started = time.perf_counter()
+    _write_onnx(model, args, kwargs, Path(dest), opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+    return _describe(Path(dest), time.perf_counter() - started)
+
+
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int | None = None,
                 dynamic_batch: bool = True, verbose: bool = False) -> OnnxExport:
     """Export ``model`` (in eval mode) to ONNX at ``path`` with torch.onnx's dynamo exporter, then check it.
@@ -272,11 +281,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, op
     axis of every input that shares the first input's batch size is dynamic. The file is written
     atomically and checked with ``onnx.checker``; a graph holding random ops is refused.
     """
-    args, kwargs = _inputs(example_inputs)
     with staged(path) as tmp:
-        started = time.perf_counter()
-        _write_onnx(model, args, kwargs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
-        result = _describe(tmp, time.perf_counter() - started)
+        result = write_onnx(model, example_inputs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
     result.path = str(path)
     return result
 
@@ -413,12 +419,8 @@ def export_verified(model: nn.Module, example_inputs, path: str | os.PathLike, *
     onnxruntime is compared against ``reference`` (default: ``model``), e.g. the injected model
     before folding, so the check covers the fold as well as the export.
     """
-    args, kwargs = _inputs(example_inputs)
     with staged(path) as tmp:
-        started = time.perf_counter()
-        _write_onnx(model, args, kwargs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
-        exported = _describe(tmp, time.perf_counter() - started)
-        checked = verify(reference if reference is not None else model, tmp, (args, kwargs), rtol=rtol, atol=atol)
+        exported = write_onnx(model, example_inputs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+        checked = verify(reference if reference is not None else model, tmp, example_inputs, rtol=rtol, atol=atol)
     exported.path = str(path)
     return exported, checked
-

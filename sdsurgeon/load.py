@@ -186,7 +186,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise UnsafeLoadError(
                 f"{path} holds pickled Python objects ({found.group(1)}); unpickling runs code from the file, "
-                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python) if you trust its source, or save model.state_dict() "
+                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config) if you trust its source, or save model.state_dict() "
                 "and use --arch package.module:factory"
             ) from None
     except Exception as exc:
@@ -268,7 +268,7 @@ def _from_sdsurgeon_file(
         if not trust_pickle:
             raise UnsafeLoadError(
                 f"{path} was made from a pickled model and holds it pickled; unpickling runs code from the file, "
-                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python) if you trust its source"
+                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config) if you trust its source"
             )
         model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
         tag(model, SOURCE_ATTR, ModelSource("pickle"))

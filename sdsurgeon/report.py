@@ -1,0 +1,102 @@
+"""Batch result records -> report.json, JUnit XML and a Markdown summary (what CI systems read)."""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .load import atomic_write
+
+STATUSES = ("ok", "failed", "skipped")
+
+
+@dataclass
+class JobRecord:
+    """The outcome of one batch job."""
+
+    name: str
+    status: str  # ok | failed | skipped
+    error: str | None = None  # one line: what went wrong (failed) or why it was not run (skipped)
+    sites: int | None = None  # gated residual sites
+    folded: int | None = None  # gates folded into weights
+    multiplies: int | None = None  # gates kept as an explicit multiply
+    nodes: int | None = None  # ONNX nodes
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    tolerance_used: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and "total"
+    outputs: list[str] = field(default_factory=list)
+    traceback: str | None = None  # only for an unexpected exception (a bug): what to report
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["traceback"] is None:
+            del d["traceback"]
+        return d
+
+
+def to_json(records: list[JobRecord]) -> str:
+    return json.dumps({"jobs": [r.to_dict() for r in records]}, indent=2)
+
+
+def to_junit(records: list[JobRecord], suite: str = "sdsurgeon") -> str:
+    """One testcase per job; a failed job carries a <failure>, a skipped one a <skipped>."""
+    failures = sum(r.status == "failed" for r in records)
+    skipped = sum(r.status == "skipped" for r in records)
+    total = sum(r.timings.get("total", 0.0) for r in records)
+    root = ET.Element("testsuites", name=suite, tests=str(len(records)), failures=str(failures), errors="0",
+                      skipped=str(skipped), time=f"{total:.3f}")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(records)), failures=str(failures), errors="0",
+                       skipped=str(skipped), time=f"{total:.3f}")
+    for r in records:
+        case = ET.SubElement(ts, "testcase", classname=suite, name=r.name, time=f"{r.timings.get('total', 0.0):.3f}")
+        if r.status == "failed":
+            failure = ET.SubElement(case, "failure", message=r.error or "failed", type="failure")
+            failure.text = r.traceback or r.error or ""
+        elif r.status == "skipped":
+            ET.SubElement(case, "skipped", message=r.error or "skipped")
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.2g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(records: list[JobRecord]) -> str:
+    """A table fit for a CI job summary (e.g. $GITHUB_STEP_SUMMARY)."""
+    counts = {s: sum(r.status == s for r in records) for s in STATUSES}
+    icon = {"ok": "✅", "failed": "❌", "skipped": "⏭️"}
+    lines = [
+        "## sdsurgeon batch",
+        "",
+        f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (up to date or not run)",
+        "",
+        "| job | status | sites | folded | multiplies | ONNX nodes | max abs error | seconds | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        lines.append("| " + " | ".join([
+            _cell(r.name), f"{icon[r.status]} {r.status}", _cell(r.sites), _cell(r.folded), _cell(r.multiplies),
+            _cell(r.nodes), _cell(r.max_abs_error), _cell(round(r.timings.get("total", 0.0), 1)), _cell(r.error),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(records: list[JobRecord], folder: str | os.PathLike) -> dict[str, Path]:
+    """report.json, junit.xml and summary.md in ``folder`` (created if missing), each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, text in (("report.json", to_json(records)), ("junit.xml", to_junit(records)),
+                       ("summary.md", to_markdown(records))):
+        atomic_write(folder / name, lambda f, text=text: f.write(text.encode()))
+        written[name] = folder / name
+    return written
