@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCK = re.compile(r"```(bash|python)\n(.*?)```", re.S)
+BLOCK = re.compile(r"```(bash|python|yaml)\n(.*?)```", re.S)
+FILE_LINE = re.compile(r"# file: (\S+)\n")
 
 
 def blocks():
@@ -35,6 +36,11 @@ def test_readme_commands_run(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     ran = 0
     for language, code in blocks():
+        if language == "yaml":  # a config the next commands read: written where its first line says
+            name = FILE_LINE.match(code)
+            if name:
+                (tmp_path / name.group(1)).write_text(code)
+            continue
         if language == "bash":
             for line in code.splitlines():
                 if line.strip() and not line.startswith("#"):
@@ -47,3 +53,5 @@ def test_readme_commands_run(tmp_path):
             ran += 1
     assert ran >= 6
     assert (tmp_path / "resnet110.sd.pt").exists() and (tmp_path / "custom.sd.pt").exists()
+    assert (tmp_path / "resnet110.onnx").exists() and (tmp_path / "out" / "r110_p08.onnx").exists()
+    assert (tmp_path / "sdsurgeon-report" / "junit.xml").exists()
