@@ -164,6 +164,8 @@ def inject_cmd(
     mode: str = typer.Option("batch", "--mode", help=f"{' | '.join(MODES)}: one draw per step (skips compute) or per sample."),
     scaling: str = typer.Option("paper", "--scaling", help=f"{' | '.join(SCALINGS)}: scale by p at inference, or by 1/p in training."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed the gates' draws for reproducible runs."),
+    per_rank: bool = typer.Option(False, "--per-rank-draws", help="Under torch.distributed, let each rank draw "
+                                  "its own gates (default: all ranks skip the same blocks, so none straggles)."),
     set_: list[str] = SET,
     include: list[str] = INCLUDE,
     exclude: list[str] = EXCLUDE,
@@ -189,7 +191,7 @@ def inject_cmd(
     m = _load(model, arch, arch_kwargs, trust_pickle)
     injected = inject_model(
         m, pL, rule=rule, mode=mode, scaling=scaling, seed=seed, overrides=set_, include=include,
-        exclude=exclude, leaves=leaf, inputs=specs,
+        exclude=exclude, leaves=leaf, inputs=specs, sync_ranks=not per_rank,
         example_inputs=None if specs is None else make_example_inputs(specs),
     )
     save(injected, target)

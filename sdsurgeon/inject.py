@@ -33,6 +33,7 @@ class Recipe:
     leaves: list[str] = field(default_factory=list)
     inputs: list[InputSpec] | None = None
     capture: str = "fx"
+    sync_ranks: bool = True  # under torch.distributed, every rank draws the same gates
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -84,6 +85,7 @@ def inject(
     leaves: Sequence[str] = (),
     example_inputs=None,
     inputs: Sequence[InputSpec] | None = None,
+    sync_ranks: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
@@ -91,6 +93,7 @@ def inject(
     ``result.sdsurgeon_recipe`` so it can be saved weights-only and rebuilt. ``example_inputs`` (a
     tensor, tuple, dict or ``(args, kwargs)``) lets detection check shapes; the input specs (given
     as ``inputs`` or read off ``example_inputs``) are remembered in the recipe for later export.
+    Under torch.distributed the gates draw alike on every rank unless ``sync_ranks=False``.
     Raises NoResidualSitesError if nothing is gated.
     """
     _check_gate_options(mode, scaling)
@@ -108,7 +111,7 @@ def inject(
         )
     recipe = Recipe(
         sites=[(s.id, p) for s, p in chosen], mode=mode, scaling=scaling, seed=seed, p_L=p_L, rule=rule,
-        leaves=list(leaves), inputs=None if inputs is None else list(inputs),
+        leaves=list(leaves), inputs=None if inputs is None else list(inputs), sync_ranks=sync_ranks,
     )
     return _apply(work, cap, chosen, recipe)
 
@@ -139,7 +142,8 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
         items = [(s, p) for s, p in chosen if s.part == part.path]
         if not items:
             continue
-        gate_sites(part.gm, items, mode=recipe.mode, scaling=recipe.scaling, seed=recipe.seed)
+        gate_sites(part.gm, items, mode=recipe.mode, scaling=recipe.scaling, seed=recipe.seed,
+                   sync_ranks=recipe.sync_ranks)
         result = _install(result, part)
     tag(result, RECIPE_ATTR, recipe)
     for name in ("sdsurgeon_source",):
@@ -179,6 +183,7 @@ def gate_sites(
     mode: str = "batch",
     scaling: str = "paper",
     seed: int | None = None,
+    sync_ranks: bool = True,
 ) -> fx.GraphModule:
     """Pass: replace each site's add and branch with a call to a StochasticDepth gate.
 
@@ -211,7 +216,7 @@ def gate_sites(
         name = f"sd_gate_{site.index}"
         gate = StochasticDepth(
             p, branch, mode=mode, scaling=scaling, seed=seed, site_id=site.id, index=site.index,
-            copy_skip=_mutated_in_place(gm, add),
+            copy_skip=_mutated_in_place(gm, add), sync_ranks=sync_ranks,
         )
         gm.add_submodule(name, gate)
         with graph.inserting_before(add):

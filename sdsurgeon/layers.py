@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .errors import ConfigError
@@ -13,17 +14,43 @@ MODES = ("batch", "row")
 SCALINGS = ("paper", "inverted")
 
 
+# One seed per process group, agreed once: every rank's gates then draw the same stream.
+_SHARED_SEEDS: dict[int, int] = {}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shared_seed() -> int:
+    """A seed drawn on rank 0 and broadcast once to every rank of the default process group."""
+    key = id(dist.group.WORLD)
+    if key not in _SHARED_SEEDS:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        if dist.get_backend() == "nccl":  # nccl moves CUDA tensors only
+            seed = seed.cuda()
+        dist.broadcast(seed, src=0)
+        _SHARED_SEEDS[key] = int(seed.item())
+    return _SHARED_SEEDS[key]
+
+
 class StochasticDepth(nn.Module):
     """Gate for one residual block: ``forward(skip, *branch_inputs) = skip + gate * branch(*branch_inputs)``.
 
     Training: ``batch`` mode draws one keep/drop per call; a dropped branch is not run at all
-    (no forward, no backward). ``row`` mode draws one per sample (dim 0). ``paper`` scaling adds
-    the branch unscaled in training and ``p * branch`` in eval; ``inverted`` divides by p in
-    training and adds it unscaled in eval. Eval is deterministic.
+    (no forward, no backward). ``row`` mode draws one per sample (dim 0) and runs the branch on the
+    kept samples only. ``paper`` scaling adds the branch unscaled in training and ``p * branch`` in
+    eval; ``inverted`` divides by p in training and adds it unscaled in eval. Eval is deterministic.
 
     All settings are plain attributes: the gate adds nothing to the model's state_dict. The branch
     is a callable that shares its modules with the model; it is held outside the module tree so its
     parameters keep their original state_dict keys.
+
+    Under ``torch.distributed`` the draws are the same on every rank (``sync_ranks``, the default:
+    one seed is agreed on once), so every rank skips the same blocks; a dropped branch's parameters
+    then get zero gradients rather than none, which DistributedDataParallel's default
+    ``find_unused_parameters=False`` requires. Under ``torch.compile`` the batch-mode choice is a
+    ``torch.cond`` on a tensor draw from torch's global generator: one graph, drawn afresh each call.
     """
 
     def __init__(
@@ -37,6 +64,7 @@ class StochasticDepth(nn.Module):
         site_id: str = "",
         index: int = 0,
         copy_skip: bool = False,
+        sync_ranks: bool = True,
     ) -> None:
         super().__init__()
         if not (0.0 < p <= 1.0):
@@ -54,37 +82,89 @@ class StochasticDepth(nn.Module):
         # A dropped branch returns the skip itself; copy it when the block's output is later
         # modified in place (e.g. ReLU(inplace=True)), which would corrupt the skip's autograd.
         self.copy_skip = copy_skip
+        self.sync_ranks = sync_ranks
         object.__setattr__(self, "branch", branch)  # not a registered submodule: see class doc
         self._generator: torch.Generator | None = None
+        self._last_draw: torch.Tensor | None = None  # replayed when activation checkpointing recomputes
+
+    def __setstate__(self, state):
+        state.setdefault("sync_ranks", True)
+        state.setdefault("_last_draw", None)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         seed = "" if self.seed is None else f", seed={self.seed}"
         return f"{self.site_id!r}, p={self.p:.4g}, mode={self.mode}, scaling={self.scaling}{seed}"
 
-    def _rand(self, *shape: int) -> torch.Tensor:
-        """Uniform draws on the CPU: from this gate's own generator when seeded, else torch's global one."""
-        if self.seed is None:
-            return torch.rand(shape)
+    def _stream(self) -> torch.Generator | None:
+        """This gate's generator: seeded by ``seed``, or by a seed all ranks share; None: torch's global one."""
         if self._generator is None:
+            seed = self.seed
+            if _distributed():
+                if seed is None and self.sync_ranks:
+                    seed = shared_seed()
+                elif seed is not None and not self.sync_ranks:
+                    seed = seed + 7_919 * dist.get_rank()  # independent, still reproducible, per rank
+            if seed is None:
+                return None
             # Distinct, reproducible stream per gate; a large odd multiplier keeps seeds from overlapping.
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index)
-        return torch.rand(shape, generator=self._generator)
+            self._generator = torch.Generator().manual_seed((seed * 1_000_003 + self.index) % 2**63)
+        return self._generator
 
+    def _rand(self, *shape: int) -> torch.Tensor:
+        """Uniform draws on the CPU; activation checkpointing's recompute (run inside backward) replays them."""
+        if torch._C._current_graph_task_id() != -1 and self._last_draw is not None:
+            return self._last_draw
+        generator = self._stream()
+        draw = torch.rand(shape) if generator is None else torch.rand(shape, generator=generator)
+        self._last_draw = draw
+        return draw
+
+    @torch.compiler.disable  # under torch.compile the coin flip stays in Python: drawn afresh, never frozen
     def keep(self) -> bool:
         """One batch-mode draw: True with probability p."""
         return self.p >= 1.0 or bool(self._rand() < self.p)
+
+    def _dropped(self, skip: torch.Tensor) -> torch.Tensor:
+        out = skip.clone() if self.copy_skip else skip
+        if _distributed() and torch.is_grad_enabled():
+            # DDP (find_unused_parameters=False) needs a gradient for every parameter: give zeros.
+            anchor = [p.reshape(-1)[:1] for p in self.branch.parameters() if p.requires_grad]
+            if anchor:
+                out = out + torch.cat(anchor).sum().to(out.dtype) * 0
+        return out
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out / self.p if self.scaling == "inverted" else out
 
     def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor) -> torch.Tensor:
         if not self.training:
             out = self.branch(*branch_inputs)
             return skip + out * self.p if self.scaling == "paper" else skip + out
+        if self.p >= 1.0:
+            return skip + self.branch(*branch_inputs)
         if self.mode == "batch":
             if not self.keep():
-                return skip.clone() if self.copy_skip else skip
-            out = self.branch(*branch_inputs)
-            return skip + out / self.p if self.scaling == "inverted" else skip + out
-        out = self.branch(*branch_inputs)
-        mask = (self._rand(out.shape[0]) < self.p).to(device=out.device, dtype=out.dtype)
-        if self.scaling == "inverted":
-            mask = mask / self.p
-        return skip + out * mask.view((-1,) + (1,) * (out.dim() - 1))
+                return self._dropped(skip)
+            return skip + self._scaled(self.branch(*branch_inputs))
+        return self._row_forward(skip, branch_inputs)
+
+    @torch.compiler.disable  # drawn in Python under torch.compile too
+    def kept_rows(self, n: int) -> torch.Tensor:
+        """One row-mode draw: indices of the samples whose branch runs."""
+        return (self._rand(n) < self.p).nonzero().squeeze(1)
+
+    def _row_forward(self, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
+        """Per-sample draws; the branch runs on the kept samples only, scattered back into the skip."""
+        n = skip.shape[0]
+        kept = self.kept_rows(n)
+        if kept.numel() == 0:
+            return self._dropped(skip)
+        if kept.numel() == n:
+            return skip + self._scaled(self.branch(*branch_inputs))
+        kept = kept.to(skip.device)
+        # Inputs sharing the skip's batch size are per-sample; others (masks, tables) pass whole.
+        sub = [t.index_select(0, kept) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+               for t in branch_inputs]
+        out = self._scaled(self.branch(*sub))
+        return skip.index_add(0, kept, out.to(skip.dtype))

@@ -1,0 +1,161 @@
+"""Training at speed and scale: torch.compile, row mode on kept samples, autocast, checkpointing, DDP."""
+
+import copy
+import os
+import sys
+import textwrap
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import sdsurgeon
+from sdsurgeon import gates, inject
+from sdsurgeon.models import cifar_resnet
+from zoo import PlusBlock, Seq
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_row_mode_runs_the_branch_on_kept_samples_only_and_matches_the_full_computation():
+    model = Seq(PlusBlock(8)).train()
+    injected = inject(model, 0.5, mode="row", seed=3)
+    (gate,) = gates(injected)
+    batch_sizes = []
+    block = model.blocks[0]
+    gate.branch.register_forward_pre_hook(lambda _m, args: batch_sizes.append(args[0].shape[0]))
+    x = torch.randn(64, 8)
+    out = injected(x)
+    with torch.no_grad():
+        full = x + block.f(x)  # every branch computed, by hand
+    kept = [torch.allclose(o, f, atol=1e-6) for o, f in zip(out, full)]
+    dropped = [torch.equal(o, xi) for o, xi in zip(out, x)]
+    assert all(k != d for k, d in zip(kept, dropped)), "each row is either x + f(x) or x"
+    assert 0 < sum(kept) < 64
+    assert batch_sizes == [sum(kept)], "the branch ran on the kept rows only"
+
+
+def test_row_mode_gradients_reach_only_kept_rows():
+    injected = inject(Seq(PlusBlock(8)), 0.5, mode="row", seed=1).train()
+    x = torch.randn(32, 8, requires_grad=True)
+    out = injected(x)
+    out.sum().backward()
+    (gate,) = gates(injected)
+    kept = (gate._last_draw < gate.p)
+    ones = torch.ones(8)
+    assert all(torch.allclose(g, ones) for g in x.grad[~kept])  # d(x)/dx only
+    assert not any(torch.allclose(g, ones) for g in x.grad[kept])
+
+
+def test_compiled_model_draws_afresh_every_call_without_recompiling_per_pattern():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = Seq(*(PlusBlock(8) for _ in range(4)))
+    injected = inject(model, 0.5).train()
+    compiled = torch.compile(injected)
+    x = torch.randn(4, 8)
+    outs = [compiled(x).detach() for _ in range(24)]
+    distinct = {tuple(o.flatten().tolist()) for o in outs}
+    assert len(distinct) > 3, "train-mode outputs must vary across calls with fixed weights and input"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs <= 2 * len(gates(injected)) + 1, graphs  # at most two continuations per gate, not 2**L
+    torch.testing.assert_close(compiled.eval()(x), injected.eval()(x))
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_autocast_bf16_trains(mode):
+    model = cifar_resnet(8, width=4)
+    injected = inject(model, 0.5, mode=mode, seed=0).train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(injected(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None for p in injected.parameters())
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_activation_checkpointing_replays_the_same_draws(mode):
+    model = Seq(*(PlusBlock(8) for _ in range(4)))
+    a = inject(model, 0.5, mode=mode, seed=5).train()
+    b = copy.deepcopy(a)
+    x = torch.randn(16, 8)
+    plain = a(x)
+    plain.sum().backward()
+    checkpointed = checkpoint(b, x, use_reentrant=False)
+    checkpointed.sum().backward()
+    torch.testing.assert_close(checkpointed, plain)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert (pa.grad is None) == (pb.grad is None)
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import sdsurgeon
+    from sdsurgeon.models import cifar_resnet
+
+    rank, world, init, out, sync = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4] == "sync"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # same weights on both ranks
+    model = sdsurgeon.inject(cifar_resnet(8, width=4), 0.5, sync_ranks=sync)
+    torch.manual_seed(100 + rank)  # different data (and global RNG state) per rank
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    draws = []
+    for step in range(6):
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        draws.append([bool(g._last_draw < g.p) for g in sdsurgeon.gates(model)])
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    json.dump({"draws": draws, "params": params.tolist()}, open(out, "w"))
+    dist.destroy_process_group()
+""")
+
+
+def _run_ddp(tmp_path, sync: bool):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / f"r{r}.json"),
+                               "sync" if sync else "free"], env=env, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("DDP run did not finish in 180 s")
+        assert p.returncode == 0, err[-2000:]
+    import json
+
+    return [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+
+
+def test_ddp_two_ranks_skip_the_same_blocks_and_stay_identical(tmp_path):
+    r0, r1 = _run_ddp(tmp_path, sync=True)
+    assert r0["draws"] == r1["draws"]
+    flat = [d for step in r0["draws"] for d in step]
+    assert any(flat) and not all(flat), "some blocks must be dropped for the test to mean anything"
+    torch.testing.assert_close(torch.tensor(r0["params"]), torch.tensor(r1["params"]))
+
+
+def test_ddp_per_rank_draws_differ_and_parameters_still_agree(tmp_path):
+    r0, r1 = _run_ddp(tmp_path, sync=False)
+    assert r0["draws"] != r1["draws"]
+    torch.testing.assert_close(torch.tensor(r0["params"]), torch.tensor(r1["params"]))
