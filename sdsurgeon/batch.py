@@ -88,6 +88,7 @@ class Job:
     sd_path: str | None  # the injected model, when save_injected
     stamp_path: str  # settings hash + outputs, for incremental runs
     import_paths: tuple[str, ...] = ()  # folders the arch may be imported from (the config's)
+    where: str = ""  # config file:line of the entry, for messages
 
     @property
     def outputs(self) -> list[str]:
@@ -95,8 +96,14 @@ class Job:
 
     def settings_hash(self) -> str:
         """Everything that shapes the outputs, so a changed setting re-runs the job."""
-        payload = {"version": __version__, "checkpoint": self.checkpoint, "arch": self.arch,
-                   "arch_kwargs": self.arch_kwargs, "options": asdict(self.options), "outputs": self.outputs}
+        base = self.import_paths[0] if self.import_paths else ""
+
+        def rel(path: str | None) -> str | None:  # relative: moving the project does not redo every job
+            return None if path is None else os.path.relpath(path, base or None)
+
+        payload = {"version": __version__, "checkpoint": rel(self.checkpoint), "arch": self.arch,
+                   "arch_kwargs": self.arch_kwargs, "options": asdict(self.options),
+                   "outputs": [rel(p) for p in self.outputs]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -207,15 +214,18 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         for key, kind in _ENTRY_KINDS.items():
             if entry[key] is not None and not _kind_ok(entry[key], kind):
                 fail(where + (key,), f"{label}.{key}: expected {_KIND_WORDS[kind]}, got {entry[key]!r}")
-        if not entry["checkpoint"] and not entry["arch"]:
-            fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
         if entry["weights"] and not entry["arch"]:
             fail(where + ("weights",), f"{label}: 'weights' needs 'arch' (the factory the state_dict belongs to)")
+        if not entry["checkpoint"] and not entry["arch"]:
+            fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
+        name = entry["name"]
+        if name is not None and (not name or name.startswith(".") or any(c in name for c in "/\\:")):
+            fail(where + ("name",), f"{label}: name {name!r} must be a plain file name (it names the outputs)")
         if entry["weights"] and entry["checkpoint"]:
             fail(where + ("weights",), f"{label}: give 'checkpoint' or 'weights', not both")
         if entry["name"] is None and not (entry["checkpoint"] and glob.has_magic(entry["checkpoint"])):
             fail(where, f"{label}: missing key 'name' (only a glob checkpoint names its jobs by file stem)")
-        _check_option_values(replace(defaults, **opts), where, fail)
+        _check_option_values(_effective(defaults, opts), where, fail)
         entries.append(ModelEntry(entry["name"], entry["checkpoint"], entry["arch"], entry["arch_kwargs"] or {},
                                   entry["weights"], opts, located.line(*where)))
     return BatchConfig(path, defaults, tuple(entries))
@@ -268,20 +278,36 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where + ("timeout",), "timeout: must be a positive number of seconds")
 
 
+def _effective(defaults: JobOptions, overrides: dict[str, Any]) -> JobOptions:
+    """Defaults with an entry's overrides; an entry's input_shape replaces default inputs, and vice versa."""
+    overrides = dict(overrides)
+    if "inputs" in overrides and "input_shape" not in overrides:
+        overrides["input_shape"] = None
+    if "input_shape" in overrides and "inputs" not in overrides:
+        overrides["inputs"] = None
+    return replace(defaults, **overrides)
+
+
+def _job_name(checkpoint: str) -> str:
+    """A glob match's job name: its file name without the extension (or .sd.pt)."""
+    name = Path(checkpoint).name
+    return name.removesuffix(".sd.pt") if name.endswith(".sd.pt") else Path(name).stem
+
+
 def plan_jobs(config: BatchConfig) -> list[Job]:
     """The jobs a config asks for: globs expanded (one job per file, named by its stem), paths made absolute."""
     base = config.path.resolve().parent
     jobs: list[Job] = []
     seen: dict[str, int] = {}
     for entry in config.models:
-        options = replace(config.defaults, **entry.overrides)
+        options = _effective(config.defaults, entry.overrides)
         out_dir = (base / options.output_dir).resolve()
         if entry.checkpoint and glob.has_magic(entry.checkpoint):
-            matches = sorted(glob.glob(str(base / entry.checkpoint)))
+            matches = sorted(glob.glob(os.path.join(glob.escape(str(base)), entry.checkpoint)))
             if not matches:
                 raise ConfigError(f"{config.path}:{entry.line}: checkpoint {entry.checkpoint!r} matches no file "
                                   f"(relative to {base})")
-            named = [(Path(m).name.split(".")[0], m) for m in matches]
+            named = [(_job_name(m), m) for m in matches]
         else:
             source = entry.checkpoint or entry.weights
             named = [(entry.name, str(base / source) if source else None)]
@@ -295,6 +321,7 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
                 options=options, onnx_path=str(out_dir / f"{name}.onnx"),
                 sd_path=str(out_dir / f"{name}.sd.pt") if options.save_injected else None,
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
+                where=f"{config.path}:{entry.line}",
             ))
     return jobs
 
@@ -303,7 +330,7 @@ def check_jobs(jobs: list[Job]) -> None:
     """What can be checked before running: inputs exist."""
     for job in jobs:
         if job.checkpoint and not Path(job.checkpoint).is_file():
-            raise ConfigError(f"job {job.name}: {job.checkpoint}: no such file")
+            raise ConfigError(f"{job.where}: job {job.name}: {job.checkpoint}: no such file")
 
 
 # --- incremental runs ---------------------------------------------------------------------------------------
@@ -408,6 +435,15 @@ def run_job(job: Job) -> JobRecord:
     return record
 
 
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 def _remove_leftovers(job: Job) -> None:
     """What a killed job's process could not clean up: its staged temp files, and its stamp."""
     for output in job.outputs:
@@ -441,9 +477,10 @@ def _worker(conn, threads: int, import_paths: list[str]) -> None:
             return
         if job is None:
             return
+        conn.send(("started", None))  # the timeout counts from here, not from the worker's imports
         with quiet():
             record = run_job(job)
-        conn.send(record)
+        conn.send(("done", record))
 
 
 @dataclass
@@ -536,9 +573,11 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                 record = None
                 if slot.conn in ready:
                     try:
-                        record = slot.conn.recv()
+                        kind, record = slot.conn.recv()
                     except (EOFError, OSError):
-                        record = None
+                        kind, record = "died", None
+                    if kind == "started":
+                        slot.started = time.monotonic()
                 if record is not None:
                     finish(slot, record)
                     failed |= record.status == "failed"
@@ -550,10 +589,10 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                     slot.process.kill()
                     slot.process.join()
                     elapsed = round(time.monotonic() - slot.started, 3)
-                    why = (f"timed out after {timeout:g} s and was stopped" if late and not died else
-                           f"its process died (exit code {slot.process.exitcode}) before reporting")
+                    why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
+                           f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
                     _remove_leftovers(slot.job)
-                    finish(slot, JobRecord(slot.job.name, "failed", error=f"the job {why}", timings={"total": elapsed}))
+                    finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
                     failed = True
                     slots.remove(slot)
     finally:
