@@ -349,11 +349,22 @@ def up_to_date(job: Job) -> bool:
     return oldest_output >= newest_input
 
 
-def _write_stamp(job: Job) -> None:
+def _write_stamp(job: Job, record: JobRecord) -> None:
     from .load import atomic_write
 
-    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__})
+    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__,
+                       "record": record.to_dict()})
     atomic_write(job.stamp_path, lambda f: f.write(text.encode()))
+
+
+def skipped_record(job: Job) -> JobRecord:
+    """An up-to-date job's record: the figures of the run that made its outputs, status skipped."""
+    record = JobRecord(job.name, "skipped", error="up to date; --force redoes it", outputs=job.outputs)
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        previous = json.loads(Path(job.stamp_path).read_text())["record"]
+        for key in ("sites", "folded", "multiplies", "nodes", "max_abs_error", "max_rel_error", "tolerance_used"):
+            setattr(record, key, previous.get(key))
+    return record
 
 
 # --- one job ----------------------------------------------------------------------------------------------
@@ -420,8 +431,8 @@ def run_job(job: Job) -> JobRecord:
         record.max_abs_error, record.max_rel_error = checked.max_abs, checked.max_rel
         record.tolerance_used = checked.tolerance_used
         record.outputs = job.outputs
-        _write_stamp(job)
         record.status = "ok"
+        _write_stamp(job, record)
     except SurgeonError as exc:
         record.error = str(exc)
     except Exception as exc:  # a bug, or something unforeseen in a user's model: keep the traceback
@@ -465,6 +476,9 @@ def _worker(conn, threads: int, import_paths: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    import onnx  # noqa: F401  (imported now, not inside the first job's timings)
+    import onnxruntime  # noqa: F401
+
     for p in import_paths:
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -527,8 +541,7 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
     todo: deque[Job] = deque()
     for job in jobs:
         if not force and up_to_date(job):
-            records[job.name] = JobRecord(job.name, "skipped", error="up to date (use --force to redo)",
-                                          outputs=job.outputs)
+            records[job.name] = skipped_record(job)
             emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
         else:
             todo.append(job)

@@ -86,7 +86,7 @@ def to_markdown(records: list[JobRecord]) -> str:
     for r in records:
         lines.append("| " + " | ".join([
             _cell(r.name), f"{icon[r.status]} {r.status}", _cell(r.sites), _cell(r.folded), _cell(r.multiplies),
-            _cell(r.nodes), _cell(r.max_abs_error), _cell(round(r.timings.get("total", 0.0), 1)), _cell(r.error),
+            _cell(r.nodes), _cell(r.max_abs_error), f"{r.timings.get('total', 0.0):.1f}", _cell(r.error),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

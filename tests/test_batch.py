@@ -669,6 +669,7 @@ def test_incremental_skips_up_to_date_jobs(tmp_path, monkeypatch):
     assert mtimes() == first
     report = report_of(reports)
     assert "up to date" in report["a"]["error"] and report["a"]["outputs"] == [str(out / "a.onnx")]
+    assert report["a"]["folded"] == 2 and report["a"]["nodes"], "a skipped job keeps the figures of its last run"
 
     # 3. a newer checkpoint for a: only a runs again
     save_weights(tmp_path / "a.pt", 3)
