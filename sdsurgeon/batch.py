@@ -88,6 +88,7 @@ class Job:
     sd_path: str | None  # the injected model, when save_injected
     stamp_path: str  # settings hash + outputs, for incremental runs
     import_paths: tuple[str, ...] = ()  # folders the arch may be imported from (the config's)
+    where: str = ""  # config file:line of the entry, for messages
 
     @property
     def outputs(self) -> list[str]:
@@ -95,8 +96,14 @@ class Job:
 
     def settings_hash(self) -> str:
         """Everything that shapes the outputs, so a changed setting re-runs the job."""
-        payload = {"version": __version__, "checkpoint": self.checkpoint, "arch": self.arch,
-                   "arch_kwargs": self.arch_kwargs, "options": asdict(self.options), "outputs": self.outputs}
+        base = self.import_paths[0] if self.import_paths else ""
+
+        def rel(path: str | None) -> str | None:  # relative: moving the project does not redo every job
+            return None if path is None else os.path.relpath(path, base or None)
+
+        payload = {"version": __version__, "checkpoint": rel(self.checkpoint), "arch": self.arch,
+                   "arch_kwargs": self.arch_kwargs, "options": asdict(self.options),
+                   "outputs": [rel(p) for p in self.outputs]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -207,15 +214,18 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         for key, kind in _ENTRY_KINDS.items():
             if entry[key] is not None and not _kind_ok(entry[key], kind):
                 fail(where + (key,), f"{label}.{key}: expected {_KIND_WORDS[kind]}, got {entry[key]!r}")
-        if not entry["checkpoint"] and not entry["arch"]:
-            fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
         if entry["weights"] and not entry["arch"]:
             fail(where + ("weights",), f"{label}: 'weights' needs 'arch' (the factory the state_dict belongs to)")
+        if not entry["checkpoint"] and not entry["arch"]:
+            fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
+        name = entry["name"]
+        if name is not None and (not name or name.startswith(".") or any(c in name for c in "/\\:")):
+            fail(where + ("name",), f"{label}: name {name!r} must be a plain file name (it names the outputs)")
         if entry["weights"] and entry["checkpoint"]:
             fail(where + ("weights",), f"{label}: give 'checkpoint' or 'weights', not both")
         if entry["name"] is None and not (entry["checkpoint"] and glob.has_magic(entry["checkpoint"])):
             fail(where, f"{label}: missing key 'name' (only a glob checkpoint names its jobs by file stem)")
-        _check_option_values(replace(defaults, **opts), where, fail)
+        _check_option_values(_effective(defaults, opts), where, fail)
         entries.append(ModelEntry(entry["name"], entry["checkpoint"], entry["arch"], entry["arch_kwargs"] or {},
                                   entry["weights"], opts, located.line(*where)))
     return BatchConfig(path, defaults, tuple(entries))
@@ -268,20 +278,36 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where + ("timeout",), "timeout: must be a positive number of seconds")
 
 
+def _effective(defaults: JobOptions, overrides: dict[str, Any]) -> JobOptions:
+    """Defaults with an entry's overrides; an entry's input_shape replaces default inputs, and vice versa."""
+    overrides = dict(overrides)
+    if "inputs" in overrides and "input_shape" not in overrides:
+        overrides["input_shape"] = None
+    if "input_shape" in overrides and "inputs" not in overrides:
+        overrides["inputs"] = None
+    return replace(defaults, **overrides)
+
+
+def _job_name(checkpoint: str) -> str:
+    """A glob match's job name: its file name without the extension (or .sd.pt)."""
+    name = Path(checkpoint).name
+    return name.removesuffix(".sd.pt") if name.endswith(".sd.pt") else Path(name).stem
+
+
 def plan_jobs(config: BatchConfig) -> list[Job]:
     """The jobs a config asks for: globs expanded (one job per file, named by its stem), paths made absolute."""
     base = config.path.resolve().parent
     jobs: list[Job] = []
     seen: dict[str, int] = {}
     for entry in config.models:
-        options = replace(config.defaults, **entry.overrides)
+        options = _effective(config.defaults, entry.overrides)
         out_dir = (base / options.output_dir).resolve()
         if entry.checkpoint and glob.has_magic(entry.checkpoint):
-            matches = sorted(glob.glob(str(base / entry.checkpoint)))
+            matches = sorted(glob.glob(os.path.join(glob.escape(str(base)), entry.checkpoint)))
             if not matches:
                 raise ConfigError(f"{config.path}:{entry.line}: checkpoint {entry.checkpoint!r} matches no file "
                                   f"(relative to {base})")
-            named = [(Path(m).name.split(".")[0], m) for m in matches]
+            named = [(_job_name(m), m) for m in matches]
         else:
             source = entry.checkpoint or entry.weights
             named = [(entry.name, str(base / source) if source else None)]
@@ -295,6 +321,7 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
                 options=options, onnx_path=str(out_dir / f"{name}.onnx"),
                 sd_path=str(out_dir / f"{name}.sd.pt") if options.save_injected else None,
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
+                where=f"{config.path}:{entry.line}",
             ))
     return jobs
 
@@ -303,7 +330,7 @@ def check_jobs(jobs: list[Job]) -> None:
     """What can be checked before running: inputs exist."""
     for job in jobs:
         if job.checkpoint and not Path(job.checkpoint).is_file():
-            raise ConfigError(f"job {job.name}: {job.checkpoint}: no such file")
+            raise ConfigError(f"{job.where}: job {job.name}: {job.checkpoint}: no such file")
 
 
 # --- incremental runs ---------------------------------------------------------------------------------------
@@ -322,11 +349,22 @@ def up_to_date(job: Job) -> bool:
     return oldest_output >= newest_input
 
 
-def _write_stamp(job: Job) -> None:
+def _write_stamp(job: Job, record: JobRecord) -> None:
     from .load import atomic_write
 
-    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__})
+    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__,
+                       "record": record.to_dict()})
     atomic_write(job.stamp_path, lambda f: f.write(text.encode()))
+
+
+def skipped_record(job: Job) -> JobRecord:
+    """An up-to-date job's record: the figures of the run that made its outputs, status skipped."""
+    record = JobRecord(job.name, "skipped", error="up to date; --force redoes it", outputs=job.outputs)
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        previous = json.loads(Path(job.stamp_path).read_text())["record"]
+        for key in ("sites", "folded", "multiplies", "nodes", "max_abs_error", "max_rel_error", "tolerance_used"):
+            setattr(record, key, previous.get(key))
+    return record
 
 
 # --- one job ----------------------------------------------------------------------------------------------
@@ -393,8 +431,8 @@ def run_job(job: Job) -> JobRecord:
         record.max_abs_error, record.max_rel_error = checked.max_abs, checked.max_rel
         record.tolerance_used = checked.tolerance_used
         record.outputs = job.outputs
-        _write_stamp(job)
         record.status = "ok"
+        _write_stamp(job, record)
     except SurgeonError as exc:
         record.error = str(exc)
     except Exception as exc:  # a bug, or something unforeseen in a user's model: keep the traceback
@@ -406,6 +444,15 @@ def run_job(job: Job) -> JobRecord:
             os.unlink(job.stamp_path)  # old outputs stay, but no longer count as up to date
     timings["total"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def _remove_leftovers(job: Job) -> None:
@@ -429,6 +476,9 @@ def _worker(conn, threads: int, import_paths: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    import onnx  # noqa: F401  (imported now, not inside the first job's timings)
+    import onnxruntime  # noqa: F401
+
     for p in import_paths:
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -441,9 +491,10 @@ def _worker(conn, threads: int, import_paths: list[str]) -> None:
             return
         if job is None:
             return
+        conn.send(("started", None))  # the timeout counts from here, not from the worker's imports
         with quiet():
             record = run_job(job)
-        conn.send(record)
+        conn.send(("done", record))
 
 
 @dataclass
@@ -490,8 +541,7 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
     todo: deque[Job] = deque()
     for job in jobs:
         if not force and up_to_date(job):
-            records[job.name] = JobRecord(job.name, "skipped", error="up to date (use --force to redo)",
-                                          outputs=job.outputs)
+            records[job.name] = skipped_record(job)
             emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
         else:
             todo.append(job)
@@ -536,9 +586,11 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                 record = None
                 if slot.conn in ready:
                     try:
-                        record = slot.conn.recv()
+                        kind, record = slot.conn.recv()
                     except (EOFError, OSError):
-                        record = None
+                        kind, record = "died", None
+                    if kind == "started":
+                        slot.started = time.monotonic()
                 if record is not None:
                     finish(slot, record)
                     failed |= record.status == "failed"
@@ -550,10 +602,10 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                     slot.process.kill()
                     slot.process.join()
                     elapsed = round(time.monotonic() - slot.started, 3)
-                    why = (f"timed out after {timeout:g} s and was stopped" if late and not died else
-                           f"its process died (exit code {slot.process.exitcode}) before reporting")
+                    why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
+                           f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
                     _remove_leftovers(slot.job)
-                    finish(slot, JobRecord(slot.job.name, "failed", error=f"the job {why}", timings={"total": elapsed}))
+                    finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
                     failed = True
                     slots.remove(slot)
     finally:

@@ -419,6 +419,8 @@ def batch_cmd(
 
     if jobs < 1:
         raise ConfigError("--jobs must be 1 or more")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ConfigError(f"--report-dir {report_dir} is a file; give a folder (it is created if missing)")
     cfg = load_config(config)
     job_list = plan_jobs(cfg)
     check_jobs(job_list)

@@ -182,7 +182,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if not found:
-            raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({_first_line(exc)})") from None
+            # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
+            cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            detail = cause.group(1).strip() if cause else _first_line(exc)
+            raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
         if not trust_pickle:
             raise UnsafeLoadError(
                 f"{path} holds pickled Python objects ({found.group(1)}); unpickling runs code from the file, "

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import WriteError
 from .load import atomic_write
 
 STATUSES = ("ok", "failed", "skipped")
@@ -85,7 +86,7 @@ def to_markdown(records: list[JobRecord]) -> str:
     for r in records:
         lines.append("| " + " | ".join([
             _cell(r.name), f"{icon[r.status]} {r.status}", _cell(r.sites), _cell(r.folded), _cell(r.multiplies),
-            _cell(r.nodes), _cell(r.max_abs_error), _cell(round(r.timings.get("total", 0.0), 1)), _cell(r.error),
+            _cell(r.nodes), _cell(r.max_abs_error), f"{r.timings.get('total', 0.0):.1f}", _cell(r.error),
         ]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -93,7 +94,10 @@ def to_markdown(records: list[JobRecord]) -> str:
 def write_reports(records: list[JobRecord], folder: str | os.PathLike) -> dict[str, Path]:
     """report.json, junit.xml and summary.md in ``folder`` (created if missing), each written atomically."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create the report folder {folder}: {exc.strerror}; choose another --report-dir") from None
     written = {}
     for name, text in (("report.json", to_json(records)), ("junit.xml", to_junit(records)),
                        ("summary.md", to_markdown(records))):

@@ -76,3 +76,58 @@ class DataDependent(nn.Module):
 
 def data_dependent(width: int = 8) -> DataDependent:
     return DataDependent(width)
+
+
+# --- for tests/test_batch.py: models that misbehave inside a batch worker process -----------------
+
+
+def _in_worker() -> bool:
+    """True in a process started by multiprocessing (a batch worker), False in pytest itself."""
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+class KillOnExport(nn.Module):
+    """A linear layer that SIGKILLs its own process while torch.onnx exports it (in a worker only).
+
+    Pass it as a leaf (``leaf: [KillOnExport]``) so torch.fx keeps its forward, and with it the kill.
+    """
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export() and _in_worker():
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.fc(x)
+
+
+class DiesOnExport(nn.Module):
+    """TinyResNet-like (input (N, 8)), whose stem kills the worker mid-export, after the ONNX temp file exists."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = KillOnExport(width)
+        self.blocks = nn.Sequential(Block(width))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def dies_on_export(width: int = 8) -> DiesOnExport:
+    return DiesOnExport(width)
+
+
+def sleepy_resnet(seconds: float = 60.0, width: int = 8) -> TinyResNet:
+    """A TinyResNet that takes ``seconds`` to build in a worker (for batch timeouts); instant elsewhere."""
+    if _in_worker():
+        import time
+
+        time.sleep(seconds)
+    return TinyResNet(width)
