@@ -1,23 +1,30 @@
-"""Train-step time of a CIFAR ResNet: original vs stochastic depth (batch mode, row mode), interleaved.
+"""Train-step time of a CIFAR ResNet: original vs stochastic depth (batch, row, compiled batch), interleaved.
 
 Run: .venv/bin/python benchmarks/train_step.py   (--steps 3 --depth 20 for a quick smoke run; --help for options)
+
+Eager variants are timed against the eager original, the compiled one (torch.compile, inductor) against the
+compiled original. Compilation happens in the warm-up rounds; graphs compiled during the timed rounds are
+counted and reported (0 means no recompilation per drop pattern).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
 import sdsurgeon
 from sdsurgeon.models import cifar_resnet
 
-VARIANTS = ("original", "batch", "row")
+EAGER = ("original", "batch", "row")
+COMPILED = ("compiled original", "compiled batch")
 
 
 def parse_args() -> argparse.Namespace:
@@ -29,6 +36,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pL", type=float, default=0.5, help="survival probability of the last block (default 0.5)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, data and gate draws (default 0)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (compiling takes minutes)")
+    ap.add_argument("--compile-warmup", type=int, default=12,
+                    help="untimed compiled rounds first: each gate compiles a kept and a dropped continuation (default 12)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return ap.parse_args()
 
@@ -45,6 +55,25 @@ def build_variants(depth: int, p_L: float, seed: int) -> dict[str, nn.Module]:
     for m in models.values():
         m.train()
     return models
+
+
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def interleave(steps: dict, names: tuple, warmup: int, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first each round
+        round_times = {name: timed(steps[name]) for name in order}
+        if r >= warmup:
+            for name, t in round_times.items():
+                times[name].append(t)
+    return times
+
+
+def ratios_to(times: dict[str, list[float]], base: str) -> dict[str, float]:
+    return {name: statistics.median(t / t0 for t, t0 in zip(ts, times[base])) for name, ts in times.items()}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -74,25 +103,34 @@ def run(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
     steps = {name: make_step(m, x, y) for name, m in models.items()}
-
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for r in range(args.warmup + args.steps):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]  # rotate who goes first each round
-        round_times = {name: timed(steps[name]) for name in order}
-        if r >= args.warmup:
-            for name, t in round_times.items():
-                times[name].append(t)
-
-    ratios = {
-        name: statistics.median(t / t0 for t, t0 in zip(times[name], times["original"])) for name in VARIANTS
-    }
+    times = interleave(steps, EAGER, args.warmup, args.steps)
+    ratios = ratios_to(times, "original")
+    compiled: dict = {}
+    if not args.no_compile:
+        torch._dynamo.reset()
+        pair = {"compiled original": copy.deepcopy(models["original"]), "compiled batch": copy.deepcopy(models["batch"])}
+        before = _graphs()
+        csteps = {name: make_step(torch.compile(m), x, y) for name, m in pair.items()}
+        for name in COMPILED:  # compile each alone first, to count its graphs
+            start, graphs = time.perf_counter(), _graphs()
+            csteps[name]()
+            compiled[f"{name} first step s"] = round(time.perf_counter() - start, 1)
+            compiled[f"{name} graphs after first step"] = _graphs() - graphs
+        ctimes = interleave(csteps, COMPILED, args.compile_warmup, 0)  # the gates' other continuations compile here
+        warm = _graphs()
+        ctimes = interleave(csteps, COMPILED, 0, args.steps)
+        compiled["graphs compiled during timed rounds"] = _graphs() - warm
+        compiled["graphs total"] = _graphs() - before
+        times.update(ctimes)
+        ratios.update(ratios_to(ctimes, "compiled original"))
     return {
         "depth": args.depth, "batch": args.batch, "rounds": args.steps, "warmup": args.warmup,
         "threads": torch.get_num_threads(), "p_L": args.pL, "torch": torch.__version__,
         "num_sites": plan.num_sites, "expected_depth": round(plan.expected_depth, 2),
         "expected_train_flops_ratio": round(plan.expected_train_flops_ratio, 4),
-        "median_seconds": {name: round(statistics.median(times[name]), 4) for name in VARIANTS},
-        "median_ratio": {name: round(ratios[name], 4) for name in VARIANTS},
+        "median_seconds": {name: round(statistics.median(t), 4) for name, t in times.items()},
+        "median_ratio": {name: round(r, 4) for name, r in ratios.items()},
+        "compile": compiled,
     }
 
 
@@ -102,13 +140,16 @@ def print_table(res: dict) -> None:
     print(f"{res['rounds']} interleaved rounds after {res['warmup']} warm-up; p_L = {res['p_L']} (linear), "
           f"{res['num_sites']} sites, expected depth {res['expected_depth']}")
     print()
-    print(f"{'variant':<10} {'median step (s)':>16} {'median ratio':>13}")
-    for name in VARIANTS:
-        label = name if name == "original" else f"{name} SD"
-        print(f"{label:<10} {res['median_seconds'][name]:>16.3f} {res['median_ratio'][name]:>13.3f}")
+    print(f"{'variant':<18} {'median step (s)':>16} {'median ratio':>13}")
+    for name in res["median_seconds"]:
+        label = name if "original" in name else f"{name} SD"
+        print(f"{label:<18} {res['median_seconds'][name]:>16.3f} {res['median_ratio'][name]:>13.3f}")
     print()
     print(f"expected training-FLOPs ratio (sdsurgeon.plan): {res['expected_train_flops_ratio']:.3f}")
-    print("(batch mode skips dropped blocks; row mode computes every branch, then masks samples)")
+    print("(ratios: eager variants to the eager original, compiled to the compiled original; batch mode skips")
+    print(" dropped blocks, row mode runs each branch on its kept samples only)")
+    for key, value in res["compile"].items():
+        print(f"{key}: {value}")
 
 
 def main() -> None:

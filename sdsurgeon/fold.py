@@ -407,12 +407,24 @@ def fold_gates(gm: fx.GraphModule, sites: Sequence[FoldSite], *, into_weights: b
             total = graph.call_function(operator.add, (skip, value))
         total.meta = {k: v for k, v in gate_node.meta.items() if k == "nn_module_stack"}
         gate_node.replace_all_uses_with(total)
+        decision = gate_node.kwargs.get("decision")
         graph.erase_node(gate_node)
+        _erase_draw(graph, decision)
         gm.delete_submodule(site.gate)
         done.append(record[0])
     graph.lint()
     gm.recompile()
     return gm, done
+
+
+def _erase_draw(graph: fx.Graph, decision) -> None:
+    """Remove the nodes that drew a gate's decision (the draw call and its reference to the gate)."""
+    if isinstance(decision, fx.Node) and not decision.users:
+        refs = [a for a in decision.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        graph.erase_node(decision)
+        for ref in refs:
+            if not ref.users:
+                graph.erase_node(ref)
 
 
 def _inline(graph: fx.Graph, branch: fx.Graph, inputs: Sequence[fx.Node]) -> dict[str, fx.Node]:

@@ -13,7 +13,7 @@ from torch import nn
 from .capture import Capture, CapturedPart, InputSpec, annotate, capture, normalize_inputs, specs_of, tag
 from .detect import ResidualSite, find_residuals
 from .errors import NoResidualSitesError, RecipeMismatchError
-from .layers import StochasticDepth
+from .layers import StochasticDepth, draw
 from .schedule import Override, assign
 
 RECIPE_ATTR = "sdsurgeon_recipe"
@@ -196,13 +196,17 @@ def gate_sites(
     nodes = {n.name: n for n in graph.nodes}
     replaced: dict[str, fx.Node] = {}  # add node name -> gate node that now stands for it
     removed: set[str] = set()  # branch nodes moved into a gate
+    companions: dict[fx.Node, list[fx.Node]] = {}  # gate node -> the nodes that draw its decision
 
     def node(name: str) -> fx.Node:
         return replaced.get(name) or nodes[name]
 
     for site, p in sites:
         add = nodes[site.add]
-        region = [node(n) for n in site.branch_nodes if n not in removed]
+        region = []
+        for n in site.branch_nodes:  # an inner gate moves into the outer branch with its draw
+            if n not in removed:
+                region += companions.get(node(n), []) + [node(n)]
         inputs = [node(n) for n in site.branch_inputs]
         output = node(site.branch_output)
 
@@ -220,7 +224,11 @@ def gate_sites(
         )
         gm.add_submodule(name, gate)
         with graph.inserting_before(add):
-            gate_node = graph.call_module(name, args=(node(site.skip), *inputs))
+            gate_ref = graph.create_node("get_attr", name, name=f"{name}_module")
+            decision = graph.create_node("call_function", draw, (gate_ref, node(site.skip)), name=f"{name}_draw")
+            gate_node = graph.create_node("call_module", name, (node(site.skip), *inputs), {"decision": decision},
+                                          name=name)
+        companions[gate_node] = [gate_ref, decision]
         gate_node.meta = {k: v for k, v in add.meta.items() if k == "nn_module_stack"}
         add.replace_all_uses_with(gate_node)
         graph.erase_node(add)

@@ -34,6 +34,20 @@ def shared_seed() -> int:
     return _SHARED_SEEDS[key]
 
 
+_DRAW = object()  # forward's default: draw here (a gate called directly, outside a rewritten graph)
+
+
+@torch.compiler.disable  # under torch.compile the coin flip stays in Python: drawn afresh, never frozen
+def draw(gate: "StochasticDepth", skip: torch.Tensor):
+    """The gate's decision for its next call, made outside any compiled graph.
+
+    The rewritten graph calls this right before each gate, in the model's own forward: a compiled
+    model then breaks its graph there and resumes on either side of the decision, so each gate
+    costs at most two compiled continuations, whatever the drop pattern.
+    """
+    return gate.draw(skip)
+
+
 class StochasticDepth(nn.Module):
     """Gate for one residual block: ``forward(skip, *branch_inputs) = skip + gate * branch(*branch_inputs)``.
 
@@ -120,7 +134,6 @@ class StochasticDepth(nn.Module):
         self._last_draw = draw
         return draw
 
-    @torch.compiler.disable  # under torch.compile the coin flip stays in Python: drawn afresh, never frozen
     def keep(self) -> bool:
         """One batch-mode draw: True with probability p."""
         return self.p >= 1.0 or bool(self._rand() < self.p)
@@ -137,27 +150,33 @@ class StochasticDepth(nn.Module):
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
         return out / self.p if self.scaling == "inverted" else out
 
-    def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor) -> torch.Tensor:
+    def draw(self, skip: torch.Tensor) -> bool | torch.Tensor | None:
+        """This call's decision: keep or not (batch mode), the kept rows (row mode); None when nothing is drawn."""
+        if not self.training or self.p >= 1.0:
+            return None
+        if self.mode == "batch":
+            return self.keep()
+        return (self._rand(skip.shape[0]) < self.p).nonzero().squeeze(1)
+
+    def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor, decision=_DRAW) -> torch.Tensor:
+        """``decision``: the result of ``draw`` for this call; the rewritten graph draws it just before
+        (see ``draw``, the function), so that under torch.compile the coin flip is made in Python."""
         if not self.training:
             out = self.branch(*branch_inputs)
             return skip + out * self.p if self.scaling == "paper" else skip + out
         if self.p >= 1.0:
             return skip + self.branch(*branch_inputs)
+        if decision is _DRAW:
+            decision = self.draw(skip)
         if self.mode == "batch":
-            if not self.keep():
+            if not decision:
                 return self._dropped(skip)
             return skip + self._scaled(self.branch(*branch_inputs))
-        return self._row_forward(skip, branch_inputs)
+        return self._row_forward(skip, branch_inputs, decision)
 
-    @torch.compiler.disable  # drawn in Python under torch.compile too
-    def kept_rows(self, n: int) -> torch.Tensor:
-        """One row-mode draw: indices of the samples whose branch runs."""
-        return (self._rand(n) < self.p).nonzero().squeeze(1)
-
-    def _row_forward(self, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
+    def _row_forward(self, skip: torch.Tensor, branch_inputs: tuple, kept: torch.Tensor) -> torch.Tensor:
         """Per-sample draws; the branch runs on the kept samples only, scattered back into the skip."""
         n = skip.shape[0]
-        kept = self.kept_rows(n)
         if kept.numel() == 0:
             return self._dropped(skip)
         if kept.numel() == n:

@@ -5,14 +5,12 @@ import os
 import sys
 import textwrap
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import sdsurgeon
 from sdsurgeon import gates, inject
 from sdsurgeon.models import cifar_resnet
 from zoo import PlusBlock, Seq
