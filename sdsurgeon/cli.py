@@ -330,7 +330,8 @@ def export_cmd(
         print(json.dumps(record))
         return
     _render_fold(report, fold)
-    compared = "" if original_nodes is None else f" (the architecture without gates: {original_nodes})"
+    compared = (f" ({exported.scale_nodes} from kept multiplies)" if original_nodes is None
+                else f" (the architecture without gates: {original_nodes})")
     batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
     out.print(f"ONNX: {exported.nodes} nodes{compared}, opset {exported.opset}, {batch}, {_fmt_bytes(exported.file_bytes)}")
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
