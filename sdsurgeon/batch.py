@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from . import __version__
-from .errors import ConfigError, SurgeonError
+from .errors import ConfigError, SurgeonError, first_line
 from .report import JobRecord
 
 # --- configuration ----------------------------------------------------------------------------------------
@@ -436,8 +436,7 @@ def run_job(job: Job) -> JobRecord:
     except SurgeonError as exc:
         record.error = str(exc)
     except Exception as exc:  # a bug, or something unforeseen in a user's model: keep the traceback
-        lines = str(exc).strip().splitlines()
-        record.error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        record.error = first_line(exc)
         record.traceback = traceback.format_exc()
     if record.status == "failed":
         with contextlib.suppress(OSError):

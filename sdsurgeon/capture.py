@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import CaptureError, ConfigError, SurgeonError
+from .errors import CaptureError, ConfigError, SurgeonError, first_line
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
@@ -99,11 +99,6 @@ def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     return _faithful_graph_module(module, graph)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "fx") -> Capture:
     """Capture ``model`` as graphs without modifying it.
 
@@ -125,7 +120,7 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "fx")
                 parts.append(CapturedPart(path, trace(module, leaves)))
                 return
             except Exception as exc:  # any tracing failure: fall back to the children
-                untraced.append(UntracedPart(path, _reason(exc)))
+                untraced.append(UntracedPart(path, first_line(exc)))
         for name, child in module.named_children():
             if _is_default_leaf(child) or type(child) in LEAF_REGISTRY or _class_matches(type(child), leaves):
                 continue
@@ -316,7 +311,7 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
                 raise
             except Exception as exc:
                 raise ConfigError(
-                    f"the model failed on the example inputs ({_reason(exc)}); check --input-shape / --input"
+                    f"the model failed on the example inputs ({first_line(exc)}); check --input-shape / --input"
                 ) from None
     finally:
         for h in handles:

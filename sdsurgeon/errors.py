@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a wrapped exception, colour codes stripped, for one-line errors."""
+    lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
 
 class SurgeonError(Exception):
     """A failure the user can fix. The CLI prints ``str(err)`` on one line and exits 1.

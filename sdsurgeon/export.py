@@ -7,7 +7,6 @@ import inspect
 import io
 import logging
 import os
-import re
 import time
 import warnings
 from collections import Counter
@@ -20,7 +19,7 @@ from torch import nn
 from torch.utils import _pytree
 
 from .capture import DTYPES, InputSpec, normalize_inputs
-from .errors import ConfigError, ExportError, VerificationError
+from .errors import ConfigError, ExportError, VerificationError, first_line
 from .load import staged
 
 # Ops that would make inference random; a correct export of a folded model holds none.
@@ -187,14 +186,6 @@ def _with_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
 # --- export -----------------------------------------------------------------------------------------------
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost exception: the exporter wraps the real failure in step-by-step advice."""
     seen = {id(exc)}
@@ -211,7 +202,7 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
         try:
             model(*args, **kwargs)  # one forward: a wrong input shape is the user's, not the exporter's, error
         except Exception as exc:
-            raise ConfigError(f"the model failed on the example inputs ({_first_line(exc)}); "
+            raise ConfigError(f"the model failed on the example inputs ({first_line(exc)}); "
                               "check --input-shape / --input") from None
     if dynamic_batch:
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
@@ -223,7 +214,7 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)
         except Exception as exc:
-            cause = _first_line(_root_cause(exc))
+            cause = first_line(_root_cause(exc))
             hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in cause else ""
             raise ExportError(f"torch.onnx.export failed: {cause}{hint} (--verbose shows the exporter's log)") from None
         if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:
@@ -242,7 +233,7 @@ def _describe(path: Path, seconds: float) -> OnnxExport:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        raise ExportError(f"onnx.checker rejects the exported model: {_first_line(exc)}") from None
+        raise ExportError(f"onnx.checker rejects the exported model: {first_line(exc)}") from None
     nodes = list(proto.graph.node)
     random_ops = sorted({n.op_type for n in nodes} & RANDOM_OPS)
     if random_ops:
@@ -334,7 +325,7 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
+        raise VerificationError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
     onnx_inputs = session.get_inputs()
     named = _named_inputs(model, args, kwargs)
     first = next((t for t in named.values() if t.dim()), None)

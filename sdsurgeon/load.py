@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .capture import tag
-from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError
+from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError, first_line
 from .inject import RECIPE_ATTR, Recipe, apply_recipe
 
 SOURCE_ATTR = "sdsurgeon_source"
@@ -74,7 +74,7 @@ def build(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
         model = factory(**(arch_kwargs or {}))
     except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
         raise LoadError(
-            f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})} failed: {_first_line(exc)}"
+            f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})} failed: {first_line(exc)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise LoadError(f"--arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -184,7 +184,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if not found:
             # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
             cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            detail = cause.group(1).strip() if cause else _first_line(exc)
+            detail = cause.group(1).strip() if cause else first_line(exc)
             raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
         if not trust_pickle:
             raise UnsafeLoadError(
@@ -193,18 +193,13 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 "and use --arch package.module:factory"
             ) from None
     except Exception as exc:
-        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({_first_line(exc)})") from None
+        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({first_line(exc)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise LoadError(
-            f"{path}: unpickling failed ({_first_line(exc)}); the code that defined the model must be importable"
+            f"{path}: unpickling failed ({first_line(exc)}); the code that defined the model must be importable"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -255,7 +250,7 @@ def _load_weights(model: nn.Module, state: dict, path: Path, what: str,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), _first_line(exc))
+        detail = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), first_line(exc))
         raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
 
 
