@@ -19,12 +19,11 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
 import sdsurgeon
+from cli_helpers import assert_ok, assert_user_error, invoke
 import sdsurgeon.batch
 from sdsurgeon.batch import load_config, plan_jobs, run_batch
-from sdsurgeon.cli import app
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # `arch: archs:...` in the parent; spawned workers inherit sys.path
@@ -32,29 +31,14 @@ if str(TESTS_DIR) not in sys.path:  # `arch: archs:...` in the parent; spawned w
 
 import archs
 
-runner = CliRunner()
 
 TINY_SHAPE = "[1, 8]"  # archs:tiny_resnet takes (N, 8)
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_ok(result) -> None:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, repr(result.exception))
 
 
-def assert_user_error(result) -> str:
-    """Exit 1, exactly one 'error: ' line on stderr, nothing on stdout, no traceback; returns that line."""
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip("\n").splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert result.stdout == "", result.stdout
-    return lines[0]
 
 
 def write_config(folder: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -275,22 +259,7 @@ def test_config_error_names_file_line_and_key(tmp_path, monkeypatch, text, where
     assert files_under(tmp_path) == ["cfg.yaml"]  # --check writes nothing, not even on an error
 
 
-def test_missing_checkpoint_file_is_a_user_error(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_config(tmp_path, """
-        defaults:
-          input_shape: [1, 8]
-        models:
-          - name: a
-            arch: archs:tiny_resnet
-            weights: missing.pt
-        """)
-    message = assert_user_error(invoke("batch", "cfg.yaml", "--check"))
-    assert "missing.pt" in message and "no such file" in message, message
-    assert files_under(tmp_path) == ["cfg.yaml"]
-
-
-def test_missing_checkpoint_file_names_config_line(tmp_path, monkeypatch):
+def test_missing_checkpoint_file_is_a_user_error_at_its_config_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     text = """
         defaults:
@@ -302,7 +271,9 @@ def test_missing_checkpoint_file_names_config_line(tmp_path, monkeypatch):
         """
     write_config(tmp_path, text)
     message = assert_user_error(invoke("batch", "cfg.yaml", "--check"))
-    assert f"cfg.yaml:{line_of(text, 'weights:')}" in message or f"cfg.yaml:{line_of(text, '- name: a')}" in message
+    assert "missing.pt" in message and "no such file" in message, message
+    assert message.startswith(f"error: cfg.yaml:{line_of(text, '- name: a')}: "), message
+    assert files_under(tmp_path) == ["cfg.yaml"]
 
 
 def test_no_config_file_and_bad_jobs_count(tmp_path, monkeypatch):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import sdsurgeon
-from sdsurgeon.cli import app
+from cli_helpers import assert_ok, assert_user_error, invoke
 from sdsurgeon.errors import UnsafeLoadError
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -26,26 +25,12 @@ import archs  # noqa: E402
 TINY = ["--arch", "archs:tiny_resnet"]
 RESNET20 = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 20}']
 
-runner = CliRunner()
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_ok(result) -> None:
-    assert result.exit_code == 0, (result.exit_code, result.stderr, repr(result.exception))
 
 
-def assert_user_error(result) -> str:
-    """Exit 1, exactly one 'error: ' line on stderr, no traceback; returns that line."""
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip("\n").splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    return lines[0]
 
 
 def listing(folder: Path) -> list[str]:

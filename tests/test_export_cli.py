@@ -15,10 +15,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 import sdsurgeon
-from sdsurgeon.cli import app
+from cli_helpers import assert_ok, assert_user_error, invoke
 from sdsurgeon.export import RANDOM_OPS
 from sdsurgeon.models import cifar_resnet
 
@@ -29,27 +28,12 @@ GATES = 3
 MODEL = "resnet8.sd.pt"  # the injected file's name in every work folder
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
-runner = CliRunner()
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_ok(result) -> None:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, repr(result.exception))
 
 
-def assert_user_error(result) -> str:
-    """Exit 1, exactly one 'error: ' line on stderr, nothing on stdout, no traceback; returns that line."""
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip("\n").splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert result.stdout == "", result.stdout
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
