@@ -11,12 +11,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .drop_path import find_drop_paths, leaf_classes, restore_calls
 from .errors import CaptureError, ConfigError, SurgeonError, first_line
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
 
-CAPTURE_METHODS = ("fx",)
+CAPTURE_METHODS = ("auto", "fx", "export")
 
 
 def register_leaf(cls: type) -> type:
@@ -99,23 +100,70 @@ def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     return _faithful_graph_module(module, graph)
 
 
-def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "fx") -> Capture:
+def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto", example_inputs=None) -> Capture:
     """Capture ``model`` as graphs without modifying it.
 
-    The whole model is traced if possible. Otherwise the largest traceable submodules are
-    captured (top-down), and every module whose own forward failed is listed with the reason.
-    The parts share modules with ``model``: copy the model first to change them independently.
+    ``fx``: torch.fx traces the whole model if it can; otherwise the largest traceable submodules
+    are captured (top-down) and every module whose own forward failed is listed with the reason.
+    ``export``: torch.export captures the whole model on ``example_inputs`` at the ATen level (see
+    export_capture). ``auto``: fx if it traces the whole model, else export when example inputs
+    are given and it succeeds, else fx's partial capture. The parts share modules with ``model``:
+    copy the model first to change them independently.
     """
     if method not in CAPTURE_METHODS:
         raise ConfigError(f"unknown capture method {method!r}; use one of: {', '.join(CAPTURE_METHODS)}")
-    leaves = frozenset(leaves)
+    inputs = normalize_inputs(example_inputs)
+    if method == "export":
+        if inputs is None:
+            raise ConfigError("--capture export runs the model: give example inputs with --input-shape or --input")
+        return _export(model, inputs)
+    # Drop paths still dropping (kept by the user) stay modules, deciding train/eval at run time.
+    leaves = frozenset(leaves) | set(leaf_classes([d for d in find_drop_paths(model) if d.rate > 0]))
+    if not isinstance(model, (nn.ModuleList, nn.ModuleDict)):
+        try:
+            return Capture("fx", [CapturedPart("", trace(model, leaves))])
+        except Exception as exc:  # any tracing failure: try torch.export, then the children
+            root_failure = UntracedPart("", first_line(exc))
+    else:
+        root_failure = None
+    export_failure = None
+    if method == "auto" and inputs is not None:
+        try:
+            return _export(model, inputs)
+        except CaptureError as exc:
+            export_failure = str(exc)
+    cap = _partial_fx(model, leaves, root_failure)
+    if export_failure:
+        cap.untraced.insert(1 if root_failure else 0, UntracedPart("", export_failure))
+    if not cap.parts:
+        fx_reason = cap.untraced[0].reason if cap.untraced else "no traceable module"
+        tried = f"torch.fx: {fx_reason}" + (f"; {export_failure}" if export_failure else "")
+        hint = "" if inputs is not None or method == "fx" else ", or give --input so torch.export can capture it"
+        raise CaptureError(
+            f"could not capture any part of {type(model).__name__} ({tried}); mark the module that fails as "
+            f"opaque with --leaf CLASSNAME, try --capture fx|export, or another input spec{hint}"
+        )
+    return cap
+
+
+def _export(model: nn.Module, inputs: "ExampleInputs") -> Capture:
+    from .export_capture import at_least_two, check_train_eval, export_graph
+
+    args, kwargs = at_least_two(inputs)
+    gm = export_graph(model, args, kwargs)
+    restore_calls(gm, model, [d for d in find_drop_paths(model) if d.rate > 0])
+    check_train_eval(model, gm, args, kwargs)
+    return Capture("export", [CapturedPart("", gm)])
+
+
+def _partial_fx(model: nn.Module, leaves: frozenset[str], root_failure: UntracedPart | None) -> Capture:
+    """The largest traceable submodules, top-down, below a root that did not trace."""
     parts: list[CapturedPart] = []
-    untraced: list[UntracedPart] = []
+    untraced: list[UntracedPart] = [root_failure] if root_failure else []
 
     def visit(module: nn.Module, path: str) -> None:
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            pass  # containers have no forward of their own: look inside without reporting a failure
-        else:
+        if path and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            # containers have no forward of their own: look inside without reporting a failure
             try:
                 parts.append(CapturedPart(path, trace(module, leaves)))
                 return
@@ -127,13 +175,7 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "fx")
             visit(child, f"{path}.{name}" if path else name)
 
     visit(model, "")
-    if not parts:
-        first = untraced[0].reason if untraced else "no traceable module"
-        raise CaptureError(
-            f"could not trace any part of {type(model).__name__} ({first}); mark the module that fails "
-            "as opaque with --leaf CLASSNAME, or simplify its forward"
-        )
-    return Capture(method, parts, untraced)
+    return Capture("fx", parts, untraced)
 
 
 # --- example inputs -------------------------------------------------------------------------------
@@ -162,6 +204,7 @@ class InputSpec:
     name: str | None
     shape: tuple[int, ...]
     dtype: str = "float32"
+    high: int | None = None  # integer inputs are drawn from [0, high): token ids below the vocabulary size
 
     @classmethod
     def parse(cls, text: str) -> "InputSpec":
@@ -178,16 +221,17 @@ class InputSpec:
         dtype = DTYPES[self.dtype]
         if dtype.is_floating_point:
             return torch.randn(self.shape, generator=generator).to(dtype)
-        if dtype == torch.bool:
-            return torch.ones(self.shape, dtype=dtype)
-        return torch.randint(0, 2, self.shape, generator=generator, dtype=dtype)
+        if dtype == torch.bool or self.name == "attention_mask":
+            return torch.ones(self.shape, dtype=dtype)  # attend to everything
+        return torch.randint(0, self.high or 2, self.shape, generator=generator, dtype=dtype)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return d if self.high is None else {**d, "high": self.high}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(d.get("name"), tuple(d["shape"]), d.get("dtype", "float32"))
+        return cls(d.get("name"), tuple(d["shape"]), d.get("dtype", "float32"), d.get("high"))
 
 
 ExampleInputs = tuple[tuple, dict]
@@ -225,7 +269,15 @@ def specs_of(inputs: ExampleInputs) -> list[InputSpec]:
     """Input specs describing example tensors (non-tensor arguments are not recorded)."""
     args, kwargs = inputs
     named = [(None, a) for a in args] + list(kwargs.items())
-    return [InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named if isinstance(t, torch.Tensor)]
+    return [InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), _high(t))
+            for n, t in named if isinstance(t, torch.Tensor)]
+
+
+def _high(t: torch.Tensor) -> int | None:
+    """For integer examples, the range to draw again from (token ids must stay below the vocabulary)."""
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex() or not t.numel():
+        return None
+    return max(int(t.max()) + 1, 2)
 
 
 def bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -271,6 +323,7 @@ class _Annotator(fx.Interpreter):
         n.meta["sd_flops"] = self.counter.get_total_flops() - before
         if isinstance(result, torch.Tensor):
             n.meta["sd_shape"] = tuple(result.shape)
+            n.meta["sd_dtype"] = result.dtype
         return result
 
 
@@ -290,12 +343,13 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in (*model.modules(), *(m for p in cap.parts for m in p.gm.modules()))}
     handles = [] if whole_graph else [
         model.get_submodule(p.path).register_forward_pre_hook(recorder(p.path), with_kwargs=True) for p in cap.parts
     ]
     try:
-        model.eval()  # no batch-norm statistics updates, no dropout while counting
+        for m in modes:  # no batch-norm statistics updates, no dropout while counting
+            m.training = False
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             try:
                 if whole_graph:

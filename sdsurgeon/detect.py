@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 _aten = torch.ops.aten
-ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor})
+ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor})
 ADD_METHODS = frozenset({"add", "add_"})
 
 # Ops whose result describes a tensor's shape, not its values: an edge through them is not a data
@@ -214,7 +214,17 @@ def _match(g: _Graph, add: fx.Node) -> dict | None:
     out_shape = add.meta.get("sd_shape")
     if fields and out_shape is not None and g.by_name[fields["skip"]].meta.get("sd_shape", out_shape) != out_shape:
         return None
+    # A residual adds to an activation: a fork that is an index (positions gathered into embedding
+    # tables, e.g. BERT's token types) makes a data dependence, not a block.
+    if fields and not (_floating(g.by_name[fields["skip"]]) and _floating(g.by_name[fields["branch_inputs"][0]])):
+        return None
     return fields
+
+
+def _floating(node: fx.Node) -> bool:
+    """False only when annotations say the value is not a floating-point tensor."""
+    dtype = node.meta.get("sd_dtype")
+    return dtype is None or dtype.is_floating_point or dtype.is_complex
 
 
 def _match_operands(g: _Graph, add: fx.Node, a: fx.Node, b: fx.Node) -> dict | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .drop_path import is_drop_path
 from .inject import RECIPE_ATTR
 from .layers import StochasticDepth
 
@@ -36,6 +37,9 @@ AFFINE_FUNCTIONS: dict[object, tuple[int, int]] = {
     F.layer_norm: (2, 3), F.group_norm: (2, 3), F.batch_norm: (3, 4), F.instance_norm: (3, 4),
     _aten.linear.default: (1, 2), _aten.conv1d.default: (1, 2), _aten.conv2d.default: (1, 2),
     _aten.conv3d.default: (1, 2), _aten.convolution.default: (1, 2),
+    _aten.conv_transpose1d.default: (1, 2), _aten.conv_transpose2d.input: (1, 2), _aten.conv_transpose3d.input: (1, 2),
+    _aten.layer_norm.default: (2, 3), _aten.group_norm.default: (2, 3), _aten.batch_norm.default: (1, 2),
+    _aten.addmm.default: (2, 0),  # addmm(bias, input, weight): GPT-2's Conv1D
 }
 
 # Positively homogeneous ops of one tensor: op(c * x) == c * op(x) for c > 0, so a scale passes through.
@@ -58,13 +62,19 @@ HOMOGENEOUS_FUNCTIONS = frozenset({
     _aten.squeeze.dim, _aten.unsqueeze.default, _aten.clone.default, _aten.alias.default,
     _aten.mean.dim, _aten.dropout.default, _aten.max_pool2d.default, _aten.avg_pool2d.default,
     _aten.adaptive_avg_pool2d.default,
+    # the same at the ATen level of a torch.export capture
+    _aten.contiguous.default, _aten.expand.default, _aten.slice.Tensor, _aten.select.int, _aten.squeeze.dims,
+    _aten.squeeze.default, _aten.unflatten.int, _aten.sum.dim_IntList, _aten.mean.default, _aten.neg.default,
+    _aten.feature_dropout.default, _aten.alpha_dropout.default, _aten.feature_alpha_dropout.default,
+    _aten.max_pool1d.default, _aten.max_pool3d.default, _aten.avg_pool1d.default, _aten.avg_pool3d.default,
+    _aten.adaptive_avg_pool1d.default, _aten.adaptive_avg_pool3d.default, _aten.roll.default,
 })
 HOMOGENEOUS_METHODS = frozenset({
     "relu", "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
     "mean", "sum", "t", "expand", "clone", "neg", "view_as", "reshape_as", "expand_as",
 })
-_MUL = frozenset({operator.mul, torch.mul, _aten.mul.Tensor})
-_DIV = frozenset({operator.truediv, torch.div, _aten.div.Tensor})
+_MUL = frozenset({operator.mul, torch.mul, _aten.mul.Tensor, _aten.mul.Scalar})
+_DIV = frozenset({operator.truediv, torch.div, _aten.div.Tensor, _aten.div.Scalar})
 _ADD = frozenset({operator.add, torch.add, _aten.add.Tensor, operator.sub, torch.sub, _aten.sub.Tensor})
 
 
@@ -263,7 +273,7 @@ class _Walker:
             module = self.root.get_submodule(node.target)
             if isinstance(module, AFFINE_MODULES):
                 return self._module(node, module)
-            if isinstance(module, HOMOGENEOUS_MODULES) and not getattr(module, "return_indices", False):
+            if (isinstance(module, HOMOGENEOUS_MODULES) and not getattr(module, "return_indices", False)) or is_drop_path(module):
                 return self._through(node, node.args[0])
             if isinstance(module, StochasticDepth):
                 return f"the branch ends in the nested residual block {module.site_id}"

@@ -7,10 +7,13 @@ import operator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import Capture, CapturedPart, InputSpec, annotate, capture, normalize_inputs, specs_of, tag
+from .capture import (Capture, CapturedPart, InputSpec, annotate, capture as capture_model, make_example_inputs,
+                      normalize_inputs, specs_of, tag)
+from .drop_path import switch_off
 from .detect import ResidualSite, find_residuals
 from .errors import NoResidualSitesError, RecipeMismatchError
 from .layers import StochasticDepth, draw
@@ -32,8 +35,10 @@ class Recipe:
     rule: str | None = None
     leaves: list[str] = field(default_factory=list)
     inputs: list[InputSpec] | None = None
-    capture: str = "fx"
+    capture: str = "fx"  # the front-end that found the sites ("fx" | "export"): used again to rebuild
     sync_ranks: bool = True  # under torch.distributed, every rank draws the same gates
+    keep_existing: bool = False  # drop-path modules the model had keep their rates (else switched off)
+    replaced: list[list] = field(default_factory=list)  # [module path, rate] of drop paths switched off
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,13 +55,15 @@ class Recipe:
         return cls(**d)
 
 
-def locate(model: nn.Module, leaves: Iterable[str] = (), example_inputs=None) -> tuple[Capture, list[ResidualSite]]:
-    """Capture ``model`` and find its residual sites, numbered in depth order across all parts.
+def locate(
+    model: nn.Module, leaves: Iterable[str] = (), example_inputs=None, method: str = "auto"
+) -> tuple[Capture, list[ResidualSite]]:
+    """Capture ``model`` (see capture.capture) and find its residual sites, numbered in depth order.
 
     With example inputs, nodes are annotated with shapes and FLOPs first, so detection can reject
     broadcasting adds (a dropped gate must return a value of the block's output shape).
     """
-    cap = capture(model, leaves=leaves)
+    cap = capture_model(model, leaves=leaves, method=method, example_inputs=example_inputs)
     inputs = normalize_inputs(example_inputs)
     if inputs is not None:
         annotate(model, cap, *inputs)
@@ -86,6 +93,8 @@ def inject(
     example_inputs=None,
     inputs: Sequence[InputSpec] | None = None,
     sync_ranks: bool = True,
+    capture: str = "auto",
+    keep_existing: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
@@ -94,12 +103,18 @@ def inject(
     tensor, tuple, dict or ``(args, kwargs)``) lets detection check shapes; the input specs (given
     as ``inputs`` or read off ``example_inputs``) are remembered in the recipe for later export.
     Under torch.distributed the gates draw alike on every rank unless ``sync_ranks=False``.
+    ``capture`` picks the front-end (``auto``, ``fx``, ``export``: see capture.capture; export needs
+    example inputs, and the result is then an ATen-level GraphModule). Drop-path modules the model
+    already has are switched off (the gates replace them) unless ``keep_existing``.
     Raises NoResidualSitesError if nothing is gated.
     """
     _check_gate_options(mode, scaling)
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
     work = copy.deepcopy(model)
-    cap, sites = locate(work, leaves, example_inputs)
+    if example_inputs is None and inputs is not None:
+        example_inputs = make_example_inputs(inputs)
+    replaced = [] if keep_existing else switch_off(work)
+    cap, sites = locate(work, leaves, example_inputs, method=capture)
     if inputs is None and example_inputs is not None:
         inputs = specs_of(normalize_inputs(example_inputs))
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
@@ -112,6 +127,7 @@ def inject(
     recipe = Recipe(
         sites=[(s.id, p) for s, p in chosen], mode=mode, scaling=scaling, seed=seed, p_L=p_L, rule=rule,
         leaves=list(leaves), inputs=None if inputs is None else list(inputs), sync_ranks=sync_ranks,
+        capture=cap.method, keep_existing=keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
     )
     return _apply(work, cap, chosen, recipe)
 
@@ -120,7 +136,12 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
     """Redo a recorded surgery on ``model`` (a fresh instance of the same architecture); copies it."""
     _check_gate_options(recipe.mode, recipe.scaling)
     work = copy.deepcopy(model)
-    cap, sites = locate(work, recipe.leaves)
+    if not recipe.keep_existing:
+        switch_off(work)
+    example_inputs = make_example_inputs(recipe.inputs) if recipe.inputs else None
+    if recipe.capture == "fx":
+        example_inputs = None  # as before export capture existed: fx sites never needed inputs to match
+    cap, sites = locate(work, recipe.leaves, example_inputs, method=recipe.capture)
     by_id = {s.id: s for s in sites}
     missing = [sid for sid, _ in recipe.sites if sid not in by_id]
     if missing:
@@ -168,6 +189,8 @@ def _mutated_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
         if u.op == "call_module" and getattr(gm.get_submodule(u.target), "inplace", False):
             return True
         first = u.args[0] if u.args else None
+        if first is node and isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable:
+            return True  # an ATen in-place op (relu_, add_, ...)
         if first is node and (
             (u.op == "call_method" and str(u.target).endswith("_"))
             or (u.op == "call_function" and (u.target in _INPLACE_OPERATORS or u.kwargs.get("inplace")))
@@ -221,6 +244,8 @@ def gate_sites(
         gate = StochasticDepth(
             p, branch, mode=mode, scaling=scaling, seed=seed, site_id=site.id, index=site.index,
             copy_skip=_mutated_in_place(gm, add), sync_ranks=sync_ranks,
+            # model attributes (weights read by an ATen graph, layer-scale gammas) are never per-sample
+            sample_inputs=tuple(i.op != "get_attr" for i in inputs),
         )
         gm.add_submodule(name, gate)
         with graph.inserting_before(add):

@@ -79,6 +79,7 @@ class StochasticDepth(nn.Module):
         index: int = 0,
         copy_skip: bool = False,
         sync_ranks: bool = True,
+        sample_inputs: tuple[bool, ...] | None = None,
     ) -> None:
         super().__init__()
         if not (0.0 < p <= 1.0):
@@ -97,6 +98,8 @@ class StochasticDepth(nn.Module):
         # modified in place (e.g. ReLU(inplace=True)), which would corrupt the skip's autograd.
         self.copy_skip = copy_skip
         self.sync_ranks = sync_ranks
+        # Which branch inputs may be per-sample (row mode subsets them); None: any with the batch size.
+        self.sample_inputs = sample_inputs
         object.__setattr__(self, "branch", branch)  # not a registered submodule: see class doc
         self._generator: torch.Generator | None = None
         self._last_draw: torch.Tensor | None = None  # replayed when activation checkpointing recomputes
@@ -104,6 +107,7 @@ class StochasticDepth(nn.Module):
     def __setstate__(self, state):
         state.setdefault("sync_ranks", True)
         state.setdefault("_last_draw", None)
+        state.setdefault("sample_inputs", None)
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
@@ -138,11 +142,13 @@ class StochasticDepth(nn.Module):
         """One batch-mode draw: True with probability p."""
         return self.p >= 1.0 or bool(self._rand() < self.p)
 
-    def _dropped(self, skip: torch.Tensor) -> torch.Tensor:
+    def _dropped(self, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
         out = skip.clone() if self.copy_skip else skip
         if _distributed() and torch.is_grad_enabled():
             # DDP (find_unused_parameters=False) needs a gradient for every parameter: give zeros.
-            anchor = [p.reshape(-1)[:1] for p in self.branch.parameters() if p.requires_grad]
+            # The branch's own modules hold them, or (ATen graphs) the graph passes them in.
+            params = [*self.branch.parameters(), *(t for t in branch_inputs if isinstance(t, nn.Parameter))]
+            anchor = [p.reshape(-1)[:1] for p in params if p.requires_grad]
             if anchor:
                 out = out + torch.cat(anchor).sum().to(out.dtype) * 0
         return out
@@ -170,7 +176,7 @@ class StochasticDepth(nn.Module):
             decision = self.draw(skip)
         if self.mode == "batch":
             if not decision:
-                return self._dropped(skip)
+                return self._dropped(skip, branch_inputs)
             return skip + self._scaled(self.branch(*branch_inputs))
         return self._row_forward(skip, branch_inputs, decision)
 
@@ -178,12 +184,13 @@ class StochasticDepth(nn.Module):
         """Per-sample draws; the branch runs on the kept samples only, scattered back into the skip."""
         n = skip.shape[0]
         if kept.numel() == 0:
-            return self._dropped(skip)
+            return self._dropped(skip, branch_inputs)
         if kept.numel() == n:
             return skip + self._scaled(self.branch(*branch_inputs))
         kept = kept.to(skip.device)
         # Inputs sharing the skip's batch size are per-sample; others (masks, tables) pass whole.
-        sub = [t.index_select(0, kept) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-               for t in branch_inputs]
+        per_sample = self.sample_inputs or (True,) * len(branch_inputs)
+        sub = [t.index_select(0, kept) if ok and isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+               for t, ok in zip(branch_inputs, per_sample)]
         out = self._scaled(self.branch(*sub))
         return skip.index_add(0, kept, out.to(skip.dtype))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from torch import nn
 
 from .capture import Capture
+from .drop_path import ExistingDropPath, find_drop_paths, switched_off
 from .inject import locate
 from .schedule import Override, assign, expected_depth, expected_flops_ratio
 
@@ -34,6 +37,8 @@ class Plan:
     total_flops: int | None
     capture: str
     untraced: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+    drop_paths: list[ExistingDropPath] = field(default_factory=list)  # drop-path modules the model has
+    keep_existing: bool = False  # they keep their rates (else the gates replace them)
 
     @property
     def num_sites(self) -> int:
@@ -64,6 +69,8 @@ class Plan:
             "total_flops": self.total_flops,
             "capture": self.capture,
             "untraced": [{"module": m or "(root)", "reason": r} for m, r in self.untraced],
+            "existing_drop_paths": [d.to_dict() for d in self.drop_paths],
+            "existing_drop_paths_kept": self.keep_existing,
         }
 
 
@@ -77,14 +84,19 @@ def plan(
     exclude: Sequence[str] = (),
     leaves: Sequence[str] = (),
     example_inputs=None,
+    capture: str = "auto",
+    keep_existing: bool = False,
 ) -> Plan:
     """Find the residual sites of ``model`` and schedule them; never modifies the model's weights.
 
     With ``example_inputs`` (a tensor, a tuple of args, a dict of kwargs, or ``(args, kwargs)``)
-    each branch's FLOPs are counted and the expected training-FLOPs ratio is computed.
+    each branch's FLOPs are counted and the expected training-FLOPs ratio is computed. ``capture``
+    and ``keep_existing`` are inject's: the plan shows what inject with the same options would do.
     """
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
-    cap, sites = locate(model, leaves, example_inputs)
+    drop_paths = find_drop_paths(model)
+    with contextlib.nullcontext() if keep_existing else switched_off(model):
+        cap, sites = locate(model, leaves, example_inputs, method=capture)
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
     total = cap.total_flops
     node_flops = None if total is None else node_flops_of(cap)
@@ -103,7 +115,7 @@ def plan(
     return Plan(
         sites=planned, rule=rule, p_L=p_L, expected_depth=expected_depth(ps),
         expected_train_flops_ratio=ratio, total_flops=total, capture=cap.method,
-        untraced=[(u.path, u.reason) for u in cap.untraced],
+        untraced=[(u.path, u.reason) for u in cap.untraced], drop_paths=drop_paths, keep_existing=keep_existing,
     )
 
 
