@@ -19,6 +19,7 @@ from .capture import InputSpec, make_example_inputs
 from .errors import ConfigError, SurgeonError
 from .export import export_onnx, export_verified
 from .fold import FoldReport, fold_with_report, remove_gates
+from .hf import complete_specs
 from .inject import RECIPE_ATTR, inject as inject_model
 from .layers import MODES, SCALINGS
 from .load import check_output, default_output, load, load_weights, parse_arch_kwargs, save
@@ -62,8 +63,9 @@ def user_errors(command: Callable) -> Callable:
 # Options shared by the commands that read a model.
 MODEL_ARG = typer.Argument(
     None, metavar="MODEL", show_default=False,
-    help="Checkpoint: a state_dict (.pt/.pth/.safetensors, with --arch), a pickled nn.Module "
-    "(with --trust-pickle) or a file written by sdsurgeon. Optional with --arch (fresh weights).",
+    help="Checkpoint: a state_dict (.pt/.pth/.safetensors, with --arch), a folder written by a transformers "
+    "model's save_pretrained, a pickled nn.Module (with --trust-pickle) or a file written by sdsurgeon. "
+    "Optional with --arch (fresh weights).",
 )
 ARCH = typer.Option(None, "--arch", help="Architecture factory, package.module:factory (a class or function).")
 ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch.")
@@ -77,6 +79,12 @@ LEAF = typer.Option([], "--leaf", help="Module class (name or module.Class) that
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Shape of a single float32 input, e.g. 1,3,32,32.")
 INPUT = typer.Option([], "--input", help="Named input NAME:SHAPE[:DTYPE], e.g. ids:1,16:int64 (repeatable).")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
+CAPTURE = typer.Option("auto", "--capture", help="How to read the model's graph: fx (torch.fx, Python level), export "
+                       "(torch.export on the example inputs, ATen level: transformers models), or auto (fx if it "
+                       "traces the whole model, else export).")
+KEEP_EXISTING = typer.Option(False, "--keep-existing", help="Leave drop-path modules the model already has (timm, "
+                             "transformers) dropping at their own rates; by default they are switched off and the "
+                             "gates, at the schedule's rates, replace them.")
 
 
 def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpec] | None:
@@ -89,6 +97,12 @@ def _load(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str]
     return load(model, trust_pickle=trust, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs))
 
 
+def _examples(m, specs: list[InputSpec] | None) -> tuple[list[InputSpec] | None, object]:
+    """Input specs (a transformers model's completed from its config) and example tensors for them."""
+    specs = complete_specs(m, specs)
+    return specs, None if specs is None else make_example_inputs(specs)
+
+
 def _fmt_flops(n: int | None) -> str:
     if n is None:
         return "-"
@@ -98,11 +112,14 @@ def _fmt_flops(n: int | None) -> str:
     return str(n)
 
 
+_CAPTURES = {"fx": "torch.fx (Python-level graph)", "export": "torch.export (ATen-level graph)"}
+
+
 def _render_plan(p: Plan, name: str) -> None:
     table = Table(title=f"residual sites of {name}", title_justify="left")
     for col, justify in (("#", "right"), ("site", "left"), ("p_l", "right"), ("params", "right"),
                          ("FLOPs", "right"), ("share", "right"), ("shortcut", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")  # long site ids wrap, never cut
     for s in p.sites:
         share = "-" if s.flops_share is None else f"{100 * s.flops_share:.1f}%"
         table.add_row(str(s.index), s.id, f"{s.p:.4f}" if s.gated else "1 (no gate)", f"{s.params:,}",
@@ -116,6 +133,12 @@ def _render_plan(p: Plan, name: str) -> None:
     else:
         out.print(f"expected training FLOPs: {p.expected_train_flops_ratio:.3f} of the original "
                   f"({_fmt_flops(p.total_flops)} FLOPs per forward)")
+    out.print(f"capture: {_CAPTURES.get(p.capture, p.capture)}")
+    if p.drop_paths:
+        rates = sorted({d.rate for d in p.drop_paths})
+        what = "kept at their rates (--keep-existing)" if p.keep_existing else "switched off: the gates replace them"
+        out.print(f"existing drop-path modules: {len(p.drop_paths)} ({p.drop_paths[0].cls}, rates "
+                  f"{rates[0]:.4g} to {rates[-1]:.4g}), {what}")
     for module, reason in p.untraced:
         out.print(f"not traced: {module or '(root)'}: {reason}", markup=False)
 
@@ -135,17 +158,22 @@ def plan_cmd(
     leaf: list[str] = LEAF,
     input_shape: Optional[str] = INPUT_SHAPE,
     input_: list[str] = INPUT,
+    capture: str = CAPTURE,
+    keep_existing: bool = KEEP_EXISTING,
     json_: bool = JSON,
 ) -> None:
     """Show the residual sites found and the survival probability each would get.
 
     Example: sdsurgeon plan model.pt --arch mymodels:resnet110 --pL 0.5 --input-shape 1,3,32,32
+
+    Example: sdsurgeon plan ./bert-small --input input_ids:1,16:int64   (a save_pretrained folder)
     """
     specs = _input_specs(input_shape, input_)
     m = _load(model, arch, arch_kwargs, trust_pickle)
+    specs, example = _examples(m, specs)
     p = plan_model(
-        m, pL, rule=rule, overrides=set_, include=include, exclude=exclude, leaves=leaf,
-        example_inputs=None if specs is None else make_example_inputs(specs),
+        m, pL, rule=rule, overrides=set_, include=include, exclude=exclude, leaves=leaf, example_inputs=example,
+        capture=capture, keep_existing=keep_existing,
     )
     name = str(model) if model else str(arch)
     if json_:
@@ -175,6 +203,8 @@ def inject_cmd(
     leaf: list[str] = LEAF,
     input_shape: Optional[str] = INPUT_SHAPE,
     input_: list[str] = INPUT,
+    capture: str = CAPTURE,
+    keep_existing: bool = KEEP_EXISTING,
     json_: bool = JSON,
 ) -> None:
     """Gate every residual block with stochastic depth and write a model to train.
@@ -189,10 +219,11 @@ def inject_cmd(
     target = output or default_output(model, arch=arch)
     check_output(target, model)
     m = _load(model, arch, arch_kwargs, trust_pickle)
+    specs, example = _examples(m, specs)
     injected = inject_model(
         m, pL, rule=rule, mode=mode, scaling=scaling, seed=seed, overrides=set_, include=include,
-        exclude=exclude, leaves=leaf, inputs=specs, sync_ranks=not per_rank,
-        example_inputs=None if specs is None else make_example_inputs(specs),
+        exclude=exclude, leaves=leaf, inputs=specs, sync_ranks=not per_rank, example_inputs=example,
+        capture=capture, keep_existing=keep_existing,
     )
     save(injected, target)
     recipe = injected.sdsurgeon_recipe
@@ -202,7 +233,9 @@ def inject_cmd(
         "num_gated": len(recipe.sites),
         "expected_depth": round(sum(p for _, p in recipe.sites), 4),
         "rule": rule, "p_L": pL, "mode": mode, "scaling": scaling, "seed": seed,
-        "weights_only": injected.sdsurgeon_source.kind == "arch",
+        "weights_only": injected.sdsurgeon_source.kind in ("arch", "hf"),
+        "capture": recipe.capture,
+        "replaced_drop_paths": [{"module": path, "rate": round(rate, 6)} for path, rate in recipe.replaced],
         "sites": [{"id": s, "p": round(p, 4)} for s, p in recipe.sites],
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -211,6 +244,9 @@ def inject_cmd(
         return
     out.print(f"gated {record['num_gated']} residual blocks ({rule} rule, p_L = {pL}, {mode} mode, {scaling} scaling)")
     out.print(f"expected gated blocks active per step: {record['expected_depth']:.2f} of {record['num_gated']}")
+    if recipe.replaced:
+        out.print(f"switched off {len(recipe.replaced)} drop-path modules the model had (the gates replace them; "
+                  "--keep-existing keeps them)")
     trust = "" if record["weights_only"] else " (holds a pickled model: load it with --trust-pickle)"
     out.print(f"wrote {target}{trust}", markup=False)
 
@@ -285,6 +321,7 @@ def export_cmd(
     recipe = getattr(m, RECIPE_ATTR, None)
     if specs is None and recipe is not None and recipe.inputs:
         specs = recipe.inputs
+    specs = complete_specs(m, specs)
     if specs is None:
         raise ConfigError(
             "export needs the model's input shape: give --input-shape 1,3,224,224 for one tensor input, or "

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from . import hf
 from .capture import tag
 from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError, first_line
 from .inject import RECIPE_ATTR, Recipe, apply_recipe
@@ -35,9 +36,9 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 class ModelSource:
     """How to rebuild a model's architecture: an importable factory, or a pickled module."""
 
-    kind: str  # "arch" | "pickle"
-    arch: str | None = None
-    arch_kwargs: dict = field(default_factory=dict)
+    kind: str  # "arch" | "hf" (a transformers class and its config) | "pickle"
+    arch: str | None = None  # the factory, or the transformers class name
+    arch_kwargs: dict = field(default_factory=dict)  # its keyword arguments, or the config
 
 
 # --- architectures ---------------------------------------------------------------------------------
@@ -130,6 +131,7 @@ def load(
 ) -> nn.Module:
     """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
 
+    - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only;
     - a state_dict (``.pt``/``.pth``/``.safetensors``) needs ``arch`` (``package.module:factory``);
     - a full pickled ``nn.Module`` is unpickled only with ``trust_pickle=True`` (unpickling runs code);
     - a file written by sdsurgeon is rebuilt from the factory and recipe it records;
@@ -145,7 +147,12 @@ def load(
     if not path.exists():
         raise LoadError(f"{path}: no such file")
     if path.is_dir():
-        raise LoadError(f"{path} is a folder; give the checkpoint file inside it")
+        if not hf.is_folder(path):
+            raise LoadError(f"{path} is a folder without config.json; give a checkpoint file, or a folder written "
+                            "by a transformers model's save_pretrained")
+        if arch:
+            raise ConfigError(f"{path} is a transformers folder: its config.json names the architecture; drop --arch")
+        return hf.load_folder(path)
     if path.suffix == ".safetensors":
         return _from_state_dict(_read_safetensors(path), path, arch, arch_kwargs)
     obj = _torch_load(path, trust_pickle)
@@ -273,6 +280,9 @@ def _from_sdsurgeon_file(
         return model
     if arch:
         model = build(arch, arch_kwargs)
+    elif source["kind"] == "hf":
+        arch = source["arch"]
+        model = hf.build(arch, source.get("arch_kwargs") or {})
     else:
         arch = source["arch"]
         model = _build_recorded(arch, source.get("arch_kwargs") or {}, path)
@@ -367,8 +377,8 @@ def save(
     payload: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "recipe": recipe.to_dict() if recipe else None,
     }
-    if source is not None and source.kind == "arch":
-        payload["source"] = {"kind": "arch", "arch": source.arch, "arch_kwargs": source.arch_kwargs}
+    if source is not None and source.kind in ("arch", "hf"):
+        payload["source"] = {"kind": source.kind, "arch": source.arch, "arch_kwargs": source.arch_kwargs}
         payload["state_dict"] = model.state_dict()
     else:
         buffer = io.BytesIO()
@@ -384,5 +394,9 @@ def default_output(path: str | os.PathLike | None, suffix: str = ".sd.pt", arch:
         name = (arch or "model").rpartition(":")[2] or "model"
         return Path(f"{name}{suffix}")
     path = Path(path)
+    if path.is_dir():  # a transformers folder: the file goes beside it, named after it
+        folder = Path(os.path.normpath(path))
+        folder = folder.resolve() if folder.name in ("", ".", "..") else folder
+        return folder.with_name(folder.name + suffix)
     stem = path.name.removesuffix(".sd.pt") if path.name.endswith(".sd.pt") else path.stem
     return path.with_name(stem + suffix)

@@ -1,0 +1,132 @@
+"""Hugging Face transformers checkpoints: a save_pretrained folder in, a model and its example inputs out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from .capture import InputSpec
+from .errors import LoadError, UnsafeLoadError, first_line
+
+# Integer inputs and the config field bounding their values (token ids must index the embedding).
+_ID_BOUNDS = {"input_ids": "vocab_size", "decoder_input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}
+_TOKENS = 16  # default sequence length when no input is given
+_PIXELS = 64  # default image side for vision configs without an image_size
+
+
+def is_folder(path: str | Path) -> bool:
+    """A folder written by ``save_pretrained``: it holds a config.json."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise LoadError("reading a Hugging Face folder needs transformers: pip install 'sdsurgeon[hf]'") from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers reports config oddities and loading progress on its own logger; keep the CLI clean."""
+    logging = _transformers().utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
+
+
+def model_class(name: str | None):
+    """The transformers class ``name`` (from ``config.architectures``); AutoModel when unknown."""
+    transformers = _transformers()
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        return transformers.AutoModel
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UnsafeLoadError(f"{name!r} is not a transformers model class; it was not called")
+    return cls
+
+
+def load_folder(path: str | Path) -> nn.Module:
+    """Load a ``save_pretrained`` folder with local files only: nothing is downloaded.
+
+    The class comes from ``config.architectures`` (AutoModel if it names none or an unknown one).
+    Attention runs the eager implementation: its graphs export to ONNX for every architecture
+    (torch 2.13 cannot decompose SDPA inside Swin's windows).
+    """
+    from .load import SOURCE_ATTR, ModelSource
+    from .capture import tag
+
+    path = Path(path)
+    transformers = _transformers()
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{path / 'config.json'} is not readable JSON ({exc})") from None
+    names = config.get("architectures") or []
+    cls = model_class(names[0] if names else None)
+    with _quiet():
+        try:
+            model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a bad folder
+            raise LoadError(f"{path}: transformers could not load it ({first_line(exc)})") from None
+    if cls is transformers.AutoModel:
+        cls = type(model)
+    tag(model, SOURCE_ATTR, ModelSource("hf", cls.__name__, model.config.to_dict()))
+    return model
+
+
+def build(name: str, config: dict) -> nn.Module:
+    """A fresh model of transformers class ``name`` from a recorded config (random weights)."""
+    from .load import SOURCE_ATTR, ModelSource
+    from .capture import tag
+
+    cls = model_class(name)
+    with _quiet():
+        try:
+            model = cls(cls.config_class.from_dict(config), attn_implementation="eager")
+        except TypeError:  # older classes take the config alone
+            model = cls(cls.config_class.from_dict(dict(config, _attn_implementation="eager")))
+        except Exception as exc:
+            raise LoadError(f"cannot rebuild {name} from its recorded config ({first_line(exc)})") from None
+    tag(model, SOURCE_ATTR, ModelSource("hf", name, dict(config)))
+    return model
+
+
+def is_hf(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "to_dict") and hasattr(model, "main_input_name")
+
+
+def complete_specs(model: nn.Module, specs: Sequence[InputSpec] | None) -> list[InputSpec] | None:
+    """Input specs for a transformers model: token ids drawn below its vocabulary; defaults if none given.
+
+    Without specs: ``input_ids`` of shape 1x16, or ``pixel_values`` of 1xCxHxW from the config.
+    """
+    if not is_hf(model):
+        return None if specs is None else list(specs)
+    config = model.config
+    if not specs:
+        name = model.main_input_name
+        if name == "pixel_values":
+            side = getattr(config, "image_size", _PIXELS)
+            side = side[0] if isinstance(side, (list, tuple)) else side
+            specs = [InputSpec(name, (1, getattr(config, "num_channels", 3), side, side))]
+        else:
+            length = min(_TOKENS, getattr(config, "max_position_embeddings", _TOKENS) or _TOKENS)
+            specs = [InputSpec(name, (1, length), "int64")]
+    out = []
+    for s in specs:
+        bound = getattr(config, _ID_BOUNDS.get(s.name or "", ""), None) if s.dtype in ("int64", "long", "int32", "int") else None
+        out.append(InputSpec(s.name, s.shape, s.dtype, s.high or bound) if isinstance(bound, int) else s)
+    return out
