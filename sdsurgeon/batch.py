@@ -48,6 +48,8 @@ class JobOptions:
     trust_pickle: bool = False
     save_injected: bool = False
     timeout: float | None = None  # seconds; a job running longer is killed and reported failed
+    capture: str = "auto"  # auto | fx | export, as for --capture
+    keep_existing: bool = False  # as --keep-existing: leave the model's own drop-path modules on
 
 
 # key -> (kind, choices); kinds: number, int, bool, str, list[str], list[int]; every option may be null
@@ -57,6 +59,7 @@ _OPTION_KINDS: dict[str, str] = {
     "include": "list[str]", "exclude": "list[str]", "leaf": "list[str]", "fold": "bool", "input_shape": "list[int]",
     "inputs": "list[str]", "opset": "int", "static_batch": "bool", "rtol": "number", "atol": "number",
     "output_dir": "str", "trust_pickle": "bool", "save_injected": "bool", "timeout": "number",
+    "capture": "str", "keep_existing": "bool",
 }
 _ENTRY_KINDS: dict[str, str] = {"name": "str", "checkpoint": "str", "arch": "str", "arch_kwargs": "dict",
                                 "weights": "str"}
@@ -253,12 +256,14 @@ def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_key
 def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
     from .capture import InputSpec
+    from .capture import CAPTURE_METHODS
     from .layers import MODES, SCALINGS
     from .schedule import RULES, Override
 
     if not 0 < o.pL <= 1:
         fail(where + ("pL",), f"pL: {o.pL} is outside (0, 1]")
-    for key, value, choices in (("rule", o.rule, RULES), ("mode", o.mode, MODES), ("scaling", o.scaling, SCALINGS)):
+    for key, value, choices in (("rule", o.rule, RULES), ("mode", o.mode, MODES), ("scaling", o.scaling, SCALINGS),
+                                ("capture", o.capture, CAPTURE_METHODS)):
         if value not in choices:
             fail(where + (key,), f"{key}: {value!r} is not one of {', '.join(choices)}")
     if o.input_shape is not None and o.inputs is not None:
@@ -328,8 +333,9 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
 
 def check_jobs(jobs: list[Job]) -> None:
     """What can be checked before running: inputs exist."""
+    from .hf import is_folder
     for job in jobs:
-        if job.checkpoint and not Path(job.checkpoint).is_file():
+        if job.checkpoint and not (Path(job.checkpoint).is_file() or is_folder(job.checkpoint)):
             raise ConfigError(f"{job.where}: job {job.name}: {job.checkpoint}: no such file")
 
 
@@ -345,8 +351,15 @@ def up_to_date(job: Job) -> bool:
         oldest_output = min(Path(p).stat().st_mtime for p in job.outputs)
     except (OSError, ValueError, AttributeError):
         return False
-    newest_input = Path(job.checkpoint).stat().st_mtime if job.checkpoint else 0.0
+    newest_input = _mtime(Path(job.checkpoint)) if job.checkpoint else 0.0
     return oldest_output >= newest_input
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time; a transformers folder's is that of its newest file."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
+    return path.stat().st_mtime
 
 
 def _write_stamp(job: Job, record: JobRecord) -> None:
@@ -384,6 +397,7 @@ def run_job(job: Job) -> JobRecord:
     from .capture import InputSpec, make_example_inputs, parse_shape
     from .export import verify, write_onnx
     from .fold import fold_with_report
+    from .hf import complete_specs
     from .inject import RECIPE_ATTR, inject
     from .load import load, save, staged
 
@@ -402,11 +416,13 @@ def run_job(job: Job) -> JobRecord:
             specs = [InputSpec.parse(text) for text in o.inputs]
         recipe = getattr(model, RECIPE_ATTR, None)
         if recipe is None:  # a plain model: gate it; an sdsurgeon file is already gated
+            specs = complete_specs(model, specs)
             with _stage(timings, "inject"):
                 model = inject(
                     model, o.pL, rule=o.rule, mode=o.mode, scaling=o.scaling, seed=o.seed, overrides=o.set,
                     include=o.include, exclude=o.exclude, leaves=o.leaf, inputs=specs,
                     example_inputs=None if specs is None else make_example_inputs(specs),
+                    capture=o.capture, keep_existing=o.keep_existing,
                 )
             recipe = getattr(model, RECIPE_ATTR)
         specs = specs or recipe.inputs
