@@ -55,3 +55,4 @@ def test_readme_commands_run(tmp_path):
     assert (tmp_path / "resnet110.sd.pt").exists() and (tmp_path / "custom.sd.pt").exists()
     assert (tmp_path / "resnet110.onnx").exists() and (tmp_path / "out" / "r110_p08.onnx").exists()
     assert (tmp_path / "sdsurgeon-report" / "junit.xml").exists()
+    assert (tmp_path / "bert-tiny.sd.pt").exists() and (tmp_path / "bert-tiny.onnx").exists()
