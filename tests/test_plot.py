@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -16,10 +17,10 @@ from cli_helpers import assert_ok, assert_user_error, invoke
 from sdsurgeon.errors import MissingDependencyError, SurgeonError
 from sdsurgeon.models import cifar_resnet
 
-matplotlib = pytest.importorskip("matplotlib")  # the `plot` extra; `make test` installs it (the `test` extra has it)
-from matplotlib.image import imread  # noqa: E402
+from sdsurgeon.plot import plot_schedule, schedule_figure
 
-from sdsurgeon.plot import plot_schedule, schedule_figure  # noqa: E402
+# Drawing needs the `plot` extra (`make test` installs it: the `test` extra has it); the tests of its absence do not.
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 
 RESNET20 = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 20}']
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -67,6 +68,8 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def coloured_pixels(path: Path) -> tuple[int, int]:
     """(blue-ish, orange-ish) pixel counts: the p_l line is blue, the FLOPs bars are orange."""
+    from matplotlib.image import imread
+
     rgb = torch.from_numpy(imread(path)[..., :3].copy()) * 255
     r, b = rgb[..., 0], rgb[..., 2]
     return int(((b - r) > 80).sum()), int(((r - b) > 80).sum())
@@ -75,6 +78,7 @@ def coloured_pixels(path: Path) -> tuple[int, int]:
 # --- the library function: the figure's data is the plan's -------------------------------------------
 
 
+@needs_matplotlib
 def test_figure_shows_p_per_site_and_flops_shares(tmp_path):
     torch.manual_seed(0)
     plan = sdsurgeon.plan(Uneven(WIDTH, HIDDEN, CLASSES), 0.5, example_inputs=torch.randn(2, WIDTH))
@@ -95,6 +99,7 @@ def test_figure_shows_p_per_site_and_flops_shares(tmp_path):
     assert png_size(tmp_path / "s.png") == tuple(round(v) for v in fig.get_size_inches() * fig.dpi)
 
 
+@needs_matplotlib
 def test_figure_marks_ungated_sites_and_says_when_flops_are_missing():
     torch.manual_seed(0)
     plan = sdsurgeon.plan(Uneven(WIDTH, HIDDEN, CLASSES), 0.6, rule="uniform", exclude=[r"blocks\.1"])
@@ -125,6 +130,7 @@ def hide_matplotlib(monkeypatch) -> None:
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
+@needs_matplotlib
 def test_plan_plot_writes_a_png_with_line_and_bars(work):
     result = invoke("plan", *RESNET20, "--input-shape", "1,3,32,32", "--plot", "schedule.png")
     assert_ok(result)
@@ -134,11 +140,14 @@ def test_plan_plot_writes_a_png_with_line_and_bars(work):
     assert sorted(p.name for p in work.iterdir()) == ["schedule.png"]  # no temp file left behind
     width, height = png_size(work / "schedule.png")
     assert 500 <= width <= 2000 and 300 <= height <= 1000
+    from matplotlib.image import imread
+
     assert imread(work / "schedule.png").shape[:2] == (height, width)
     blue, orange = coloured_pixels(work / "schedule.png")
     assert blue > 500 and orange > 5000  # a drawn line and nine drawn bars, not a blank canvas
 
 
+@needs_matplotlib
 def test_plan_plot_without_input_shape_draws_p_only(work):
     result = invoke("plan", *RESNET20, "--plot", "schedule.png")
     assert_ok(result)
@@ -147,6 +156,7 @@ def test_plan_plot_without_input_shape_draws_p_only(work):
     assert blue > 500 and orange < 50  # the line, and no FLOPs bars
 
 
+@needs_matplotlib
 def test_plan_plot_json_names_the_file(work):
     result = invoke("plan", *RESNET20, "--json", "--plot", "s.svg")
     assert_ok(result)
@@ -166,6 +176,7 @@ def test_plan_plot_without_matplotlib_is_one_line_and_no_file(work, monkeypatch)
     assert_ok(invoke("plan", *RESNET20))  # plan without --plot needs no matplotlib
 
 
+@needs_matplotlib
 @pytest.mark.parametrize(
     "target, message",
     [
@@ -181,6 +192,7 @@ def test_plan_plot_bad_target_is_one_line_and_no_file(work, target, message):
     assert list(work.iterdir()) == []
 
 
+@needs_matplotlib
 def test_plan_plot_never_overwrites_the_input(work):
     checkpoint = work / "model.png"  # a state_dict with an unlucky name
     torch.save(cifar_resnet(20).state_dict(), checkpoint)
