@@ -163,7 +163,8 @@ def summary(plan: dict, ratio: float, export: dict, workdir: Path, kept: bool) -
     print(f"residual sites gated:       {plan['num_gated']} of {plan['num_sites']}")
     print(f"expected depth (training):  {plan['expected_depth']:.2f} blocks")
     print(f"expected train FLOPs ratio: {plan['expected_train_flops_ratio']:.3f}")
-    print(f"measured step-time ratio:   {ratio:.2f}")
+    saving = f"{100 * (1 - ratio):.0f}% of each training step saved" if ratio <= 1 else "no saving this time (a busy machine?)"
+    print(f"measured step-time ratio:   {ratio:.2f}: {saving}")
     print(f"injected model:             {workdir / INJECTED}{where}")
     print(f"ONNX (folded, verified):    {workdir / ONNX}, max abs error {export['max_abs_error']:.2g}")
 

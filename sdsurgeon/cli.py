@@ -161,14 +161,22 @@ def plan_cmd(
     capture: str = CAPTURE,
     keep_existing: bool = KEEP_EXISTING,
     json_: bool = JSON,
+    plot: Optional[Path] = typer.Option(  # `\\[plot]`: rich markup would swallow a bare [plot]
+        None, "--plot", help="Also draw the schedule to this image (.png, .svg or .pdf): p_l per site as a line "
+        "and, with --input-shape, each site's share of the FLOPs as bars. Needs matplotlib: "
+        "pip install 'sdsurgeon\\[plot]'. Example: --plot schedule.png"),
 ) -> None:
-    """Show the residual sites found and the survival probability each would get.
+    """Show the residual sites found and the survival probability each would get; --plot draws it.
 
-    Example: sdsurgeon plan model.pt --arch mymodels:resnet110 --pL 0.5 --input-shape 1,3,32,32
+    Example: sdsurgeon plan model.pt --arch mymodels:resnet110 --pL 0.5 --input-shape 1,3,32,32 --plot schedule.png
 
     Example: sdsurgeon plan ./bert-small --input input_ids:1,16:int64   (a save_pretrained folder)
     """
+    from .plot import image_format, plot_schedule
+
     specs = _input_specs(input_shape, input_)
+    if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
+        image_format(check_output(plot, model))
     m = _load(model, arch, arch_kwargs, trust_pickle)
     specs, example = _examples(m, specs)
     p = plan_model(
@@ -176,10 +184,14 @@ def plan_cmd(
         capture=capture, keep_existing=keep_existing,
     )
     name = str(model) if model else str(arch)
+    if plot is not None:  # before any output, so a failed write leaves stdout empty
+        plot_schedule(p, plot, title=name)
     if json_:
-        print(json.dumps({"model": name, **p.to_dict()}))
+        print(json.dumps({"model": name, **p.to_dict(), **({"plot": str(plot)} if plot else {})}))
     else:
         _render_plan(p, name)
+        if plot is not None:
+            out.print(f"wrote {plot}", markup=False)
 
 
 @app.command("inject")

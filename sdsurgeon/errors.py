@@ -52,6 +52,10 @@ class WriteError(SurgeonError):
     """An output could not be written."""
 
 
+class MissingDependencyError(SurgeonError):
+    """An optional package a feature needs is not installed; the message says what to pip install."""
+
+
 class ExportError(SurgeonError):
     """The model could not be exported to ONNX, or the ONNX file is not what it must be."""
 

@@ -41,16 +41,7 @@ def loaded_gates(path) -> list[tuple[str, float]]:
     return [(g.site_id, g.p) for g in sdsurgeon.gates(sdsurgeon.load(path))]
 
 
-# --- fixtures: a work folder holding one file of every kind ---------------------------------------
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch) -> Path:
-    """An empty folder that is also the current directory (where a default output would land)."""
-    folder = tmp_path / "work"
-    folder.mkdir()
-    monkeypatch.chdir(folder)
-    return folder
+# --- fixtures: a work folder (conftest.py) holding one file of every kind ---------------------------
 
 
 @pytest.fixture

@@ -56,3 +56,5 @@ def test_readme_commands_run(tmp_path):
     assert (tmp_path / "resnet110.onnx").exists() and (tmp_path / "out" / "r110_p08.onnx").exists()
     assert (tmp_path / "sdsurgeon-report" / "junit.xml").exists()
     assert (tmp_path / "bert-tiny.sd.pt").exists() and (tmp_path / "bert-tiny.onnx").exists()
+    assert (tmp_path / "schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plan --plot
+    assert "<svg" in (tmp_path / "schedule.svg").read_text()  # the Python API's plot_schedule
