@@ -55,6 +55,13 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     # Its pre-hook checks inputs against the example's ranges (batch >= 2 after the raise above);
     # the graph itself is generic, and a wrong input still fails in the op that cannot take it.
     gm.validate_inputs = False
+    # module() also hooks in input checks and a context for nn.Module inputs (there are none); the
+    # hooks are local lambdas, which would make the model impossible to pickle.
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks, gm._forward_pre_hooks_with_kwargs,
+                  gm._forward_hooks_with_kwargs, gm._forward_hooks_always_called):
+        hooks.clear()
+    # Unpickling re-traces the generated code with this tracer; export's own needs arguments it lacks.
+    gm._tracer_cls, gm._tracer_extras = None, {}
     follow_train_eval(gm)
     gm.train(model.training)
     return gm

@@ -381,6 +381,13 @@ def save(
         payload["source"] = {"kind": source.kind, "arch": source.arch, "arch_kwargs": source.arch_kwargs}
         payload["state_dict"] = model.state_dict()
     else:
+        if recipe is not None and recipe.capture == "export":
+            # Unpickling a GraphModule re-traces its code, which would freeze its train/eval switch.
+            raise WriteError(
+                f"cannot write {path}: the model was captured with torch.export and came from a pickled checkpoint, "
+                "so it could only be saved pickled, which loses its train/eval switch; give its state_dict with "
+                "--arch package.module:factory instead"
+            )
         buffer = io.BytesIO()
         torch.save(model, buffer)
         payload["source"] = {"kind": "pickle"}
