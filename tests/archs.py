@@ -131,3 +131,33 @@ def sleepy_resnet(seconds: float = 60.0, width: int = 8) -> TinyResNet:
 
         time.sleep(seconds)
     return TinyResNet(width)
+
+
+# --- for tests/test_hf.py: a model neither capture front-end can read -----------------------------------
+
+
+class SignGatedBlock(Block):
+    """Block, but only where the batch sums positive: Python control flow on tensor values."""
+
+    def forward(self, x):
+        if x.sum() > 0:  # a data-dependent branch: torch.fx cannot trace it, torch.export cannot capture it
+            return super().forward(x)
+        return x
+
+
+class Uncapturable(nn.Module):
+    """Residual blocks with data-dependent control flow in the root and in every block: no front-end can capture it."""
+
+    def __init__(self, width: int = 8, blocks: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[SignGatedBlock(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = -x
+        return self.head(self.blocks(x))
+
+
+def uncapturable(width: int = 8, blocks: int = 2) -> Uncapturable:
+    return Uncapturable(width, blocks)
