@@ -131,7 +131,7 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto
         try:
             return _export(model, inputs)
         except CaptureError as exc:
-            export_failure = str(exc)
+            export_failure = str(exc).split("; try --capture fx")[0]  # the combined message below advises
     cap = _partial_fx(model, leaves, root_failure)
     if export_failure:
         cap.untraced.insert(1 if root_failure else 0, UntracedPart("", export_failure))
@@ -170,7 +170,10 @@ def _partial_fx(model: nn.Module, leaves: frozenset[str], root_failure: Untraced
             except Exception as exc:  # any tracing failure: fall back to the children
                 untraced.append(UntracedPart(path, first_line(exc)))
         for name, child in module.named_children():
-            if _is_default_leaf(child) or type(child) in LEAF_REGISTRY or _class_matches(type(child), leaves):
+            container = isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
+            if (_is_default_leaf(child) and not container) or type(child) in LEAF_REGISTRY or _class_matches(
+                type(child), leaves
+            ):
                 continue
             visit(child, f"{path}.{name}" if path else name)
 
@@ -358,15 +361,26 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
                 else:
                     model(*args, **kwargs)
                     total = counter.get_total_flops()
-                    for part in cap.parts:
-                        if part.path in calls:  # a part that did not run on this input keeps no annotations
-                            _Annotator(part.gm, counter).run(*bind_placeholders(part.gm, *calls[part.path]))
             except SurgeonError:
                 raise
             except Exception as exc:
                 raise ConfigError(
                     f"the model failed on the example inputs ({first_line(exc)}); check --input-shape / --input"
                 ) from None
+            if not whole_graph:
+                for part in cap.parts:
+                    if part.path not in calls:
+                        continue  # a part that did not run on this input keeps no annotations
+                    try:
+                        _Annotator(part.gm, counter).run(*bind_placeholders(part.gm, *calls[part.path]))
+                    except SurgeonError:
+                        raise
+                    except Exception as exc:  # the trace specialised on something the real call differs in
+                        raise CaptureError(
+                            f"the torch.fx capture of {part.path} ({type(model.get_submodule(part.path)).__name__}) "
+                            f"does not run on the inputs the model gives it ({first_line(exc)}); try --capture "
+                            "export, or --leaf with its class"
+                        ) from None
     finally:
         for h in handles:
             h.remove()

@@ -47,7 +47,8 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
             raise CaptureError(f"torch.export could not capture {type(model).__name__}{_where(exc)}: "
-                               f"{first_line(exc)}") from None
+                               f"{_short(first_line(exc))}; try --capture fx (with --leaf CLASS for the module "
+                               "that fails) or another input spec") from None
     gm = program.module(check_guards=False)
     # module() binds train()/eval() to methods that refuse: drop them so nn.Module's own apply.
     gm.__dict__.pop("train", None)
@@ -237,6 +238,11 @@ def at_least_two(inputs):
         return t
 
     return pytree.tree_map(grow, inputs)
+
+
+def _short(text: str, limit: int = 240) -> str:
+    """torch's messages run to paragraphs; the first sentence or so says what failed."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _where(exc: BaseException) -> str:

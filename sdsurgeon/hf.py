@@ -128,5 +128,5 @@ def complete_specs(model: nn.Module, specs: Sequence[InputSpec] | None) -> list[
     out = []
     for s in specs:
         bound = getattr(config, _ID_BOUNDS.get(s.name or "", ""), None) if s.dtype in ("int64", "long", "int32", "int") else None
-        out.append(InputSpec(s.name, s.shape, s.dtype, s.high or bound) if isinstance(bound, int) else s)
+        out.append(InputSpec(s.name, s.shape, s.dtype, bound) if isinstance(bound, int) else s)
     return out

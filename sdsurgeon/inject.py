@@ -14,6 +14,7 @@ from torch import nn
 from .capture import (Capture, CapturedPart, InputSpec, annotate, capture as capture_model, make_example_inputs,
                       normalize_inputs, specs_of, tag)
 from .drop_path import switch_off
+from .hf import complete_specs
 from .detect import ResidualSite, find_residuals
 from .errors import NoResidualSitesError, RecipeMismatchError
 from .layers import StochasticDepth, draw
@@ -116,7 +117,7 @@ def inject(
     replaced = [] if keep_existing else switch_off(work)
     cap, sites = locate(work, leaves, example_inputs, method=capture)
     if inputs is None and example_inputs is not None:
-        inputs = specs_of(normalize_inputs(example_inputs))
+        inputs = complete_specs(model, specs_of(normalize_inputs(example_inputs)))
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
     chosen = [(s, p) for s, p in zip(sites, ps) if p is not None]
     if not chosen:

@@ -606,11 +606,16 @@ def test_cli_inject_then_export_a_folder_remembers_the_inputs(zoo, work):
     np.testing.assert_allclose(run_onnx(work / "x.onnx", x), logits(reference, x).numpy(), **TOL)
 
 
-def test_cli_capture_fx_on_a_vit_folder_is_a_one_line_capture_error(zoo, work):
+def test_cli_capture_fx_on_a_vit_folder_captures_parts_and_says_which_layers_did_not_trace(zoo, work):
+    """fx traces some of ViT's submodules (not its layers): a partial capture, 0 sites, each layer's reason listed."""
     saved = zoo(CASES["vit"])
-    line = assert_user_error(invoke("plan", saved.folder, "--input", "pixel_values:2,3,16,16", "--capture", "fx"))
-    assert "ViTForImageClassification" in line and "torch.fx" in line
-    assert "--leaf" in line and "--capture" in line
+    image = ("--input", "pixel_values:2,3,16,16")
+    d = one_json(invoke("plan", saved.folder, *image, "--capture", "fx", "--json"))
+    assert d["capture"] == "fx" and d["num_sites"] == 0
+    untraced = {u["module"]: u["reason"] for u in d["untraced"]}
+    assert "(root)" in untraced and {"vit.layers.0", "vit.layers.1"} <= set(untraced)
+    line = assert_user_error(invoke("inject", saved.folder, *image, "--capture", "fx", "-o", "v.sd.pt"))
+    assert "ViTForImageClassification" in line and "sdsurgeon plan" in line
     assert not list(work.iterdir())
 
 
@@ -626,11 +631,6 @@ def test_cli_capture_fx_on_a_llama_folder_is_a_partial_capture_that_finds_nothin
     assert not list(work.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `plan BERT_FOLDER --capture fx` blames the inputs ('the model failed on the example inputs (TypeError: "
-    "embedding(): argument 'indices' ... NoneType); check --input-shape / --input'): the partial torch.fx capture "
-    "of bert.embeddings traced token_type_ids=None as a tensor and cannot run the real call; the error should name "
-    "the capture (the module, --capture/--leaf), not the inputs, which are right"))
 def test_cli_capture_fx_on_a_bert_folder_names_the_capture_not_the_inputs(zoo, work):
     saved = zoo(CASES["bert"])
     line = assert_user_error(invoke("plan", saved.folder, *TOKENS, "--capture", "fx"))
@@ -638,10 +638,6 @@ def test_cli_capture_fx_on_a_bert_folder_names_the_capture_not_the_inputs(zoo, w
     assert "check --input" not in line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: capture._partial_fx never looks inside nn.ModuleList/ModuleDict: its child loop skips every child for "
-    "which fx's default is_leaf_module is true, and that is true for ModuleList (module torch.nn, not Sequential). "
-    "HF ResNet's stages sit in a ModuleList, so --capture fx finds 0 sites although each ResNetBasicLayer traces"))
 def test_partial_fx_capture_reaches_blocks_inside_module_lists(zoo):
     case = CASES["resnet"]
     saved = zoo(case)
@@ -688,9 +684,7 @@ UNCAPTURABLE = ["--arch", "archs:uncapturable", "--input-shape", "2,8"]
 @pytest.mark.parametrize("capture", [
     "auto",
     "fx",
-    pytest.param("export", marks=pytest.mark.xfail(strict=True, reason=(
-        "--capture export on a model torch.export cannot capture says what failed (the file and line) but not "
-        "what to try: no --leaf / --capture / input-spec hint, which issue 5 (requirement 6) asks for"))),
+    "export",
 ])
 def test_a_model_neither_front_end_captures_fails_in_one_line_naming_what_to_try(work, capture):
     line = assert_user_error(invoke("plan", *UNCAPTURABLE, "--capture", capture))
