@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> dict:
     compiled: dict = {}
     if not args.no_compile:
         torch._dynamo.reset()
-        pair = {"compiled original": copy.deepcopy(models["original"]), "compiled batch": copy.deepcopy(models["batch"])}
+        # Unseeded (torch's global generator, seeded above): a seeded gate draws from its own generator
+        # in Python, which breaks the graph; an unseeded one decides inside it with torch.cond.
+        unseeded = sdsurgeon.inject(models["original"], args.pL, rule="linear", mode="batch").train()
+        pair = {"compiled original": copy.deepcopy(models["original"]), "compiled batch": unseeded}
         before = _graphs()
         csteps = {name: make_step(torch.compile(m), x, y) for name, m in pair.items()}
         for name in COMPILED:  # compile each alone first, to count its graphs

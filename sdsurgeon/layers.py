@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -37,15 +38,37 @@ def shared_seed() -> int:
 _DRAW = object()  # forward's default: draw here (a gate called directly, outside a rewritten graph)
 
 
-@torch.compiler.disable  # under torch.compile the coin flip stays in Python: drawn afresh, never frozen
-def draw(gate: "StochasticDepth", skip: torch.Tensor):
-    """The gate's decision for its next call, made outside any compiled graph.
+_IN_GRAPH = object()  # draw's answer under torch.compile when the gate decides inside the graph (torch.cond)
 
-    The rewritten graph calls this right before each gate, in the model's own forward: a compiled
-    model then breaks its graph there and resumes on either side of the decision, so each gate
-    costs at most two compiled continuations, whatever the drop pattern.
+
+def draw(gate: "StochasticDepth", skip: torch.Tensor):
+    """The gate's decision for its next call.
+
+    The rewritten graph calls this right before each gate. Under torch.compile a batch-mode gate
+    whose branch torch.cond can take decides inside the compiled graph (a traced ``torch.rand``,
+    fresh every call: one graph for the whole model). Any other gate decides in Python, outside
+    the graph: the compiled model breaks there and resumes on either side of the decision, so each
+    such gate costs at most two compiled continuations, whatever the drop pattern.
     """
+    if torch.compiler.is_compiling() and gate.decides_in_graph():
+        return _IN_GRAPH
+    return _draw_in_python(gate, skip)
+
+
+@torch.compiler.disable  # the coin flip stays in Python: drawn afresh, never frozen into a graph
+def _draw_in_python(gate: "StochasticDepth", skip: torch.Tensor):
     return gate.draw(skip)
+
+
+def batch_norm_with_stats(bn: nn.Module, x: torch.Tensor):
+    """Train-mode batch norm that returns its batch statistics instead of updating the running ones.
+
+    torch.cond refuses branches that mutate buffers; the gate applies the update outside the cond.
+    """
+    dims = [0, *range(2, x.dim())]
+    mean = x.detach().mean(dims)
+    var = x.detach().var(dims, correction=1)  # running_var tracks the unbiased variance, as nn.BatchNorm
+    return torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps), mean, var
 
 
 class StochasticDepth(nn.Module):
@@ -63,8 +86,12 @@ class StochasticDepth(nn.Module):
     Under ``torch.distributed`` the draws are the same on every rank (``sync_ranks``, the default:
     one seed is agreed on once), so every rank skips the same blocks; a dropped branch's parameters
     then get zero gradients rather than none, which DistributedDataParallel's default
-    ``find_unused_parameters=False`` requires. Under ``torch.compile`` the batch-mode choice is a
-    ``torch.cond`` on a tensor draw from torch's global generator: one graph, drawn afresh each call.
+    ``find_unused_parameters=False`` requires. Under ``torch.compile`` a batch-mode gate over a
+    torch.fx branch is a ``torch.cond`` on a ``torch.rand`` traced into the graph: one graph for the
+    model, drawn afresh each call; its batch norms return their batch statistics and the running
+    ones are updated outside the cond, only when the branch ran. Other gates (row mode, seeded,
+    under torch.distributed, ATen branches, branches with dropout or other buffers) decide in
+    Python and break the graph there (see ``draw``).
     """
 
     def __init__(
@@ -101,6 +128,8 @@ class StochasticDepth(nn.Module):
         # Which branch inputs may be per-sample (row mode subsets them); None: any with the batch size.
         self.sample_inputs = sample_inputs
         object.__setattr__(self, "branch", branch)  # not a registered submodule: see class doc
+        # The branch as torch.cond runs it under torch.compile (built here, never while compiling).
+        object.__setattr__(self, "_cond_branch", _stats_branch(branch))
         self._generator: torch.Generator | None = None
         self._last_draw: torch.Tensor | None = None  # replayed when activation checkpointing recomputes
 
@@ -108,6 +137,8 @@ class StochasticDepth(nn.Module):
         state.setdefault("sync_ranks", True)
         state.setdefault("_last_draw", None)
         state.setdefault("sample_inputs", None)
+        if "_cond_branch" not in state:
+            state["_cond_branch"] = _stats_branch(state.get("branch"))
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
@@ -164,6 +195,37 @@ class StochasticDepth(nn.Module):
             return self.keep()
         return (self._rand(skip.shape[0]) < self.p).nonzero().squeeze(1)
 
+    def decides_in_graph(self) -> bool:
+        """Whether a compiled model can decide this gate with torch.cond: batch mode, training, p < 1,
+        unseeded, single process, and a torch.fx branch whose only buffers are batch norms' with a momentum."""
+        # A seeded gate draws from its own generator, and distributed ranks must agree: both stay in Python.
+        if self.mode != "batch" or not self.training or self.p >= 1.0 or self.seed is not None or _distributed():
+            return False
+        return self._cond_branch is not None
+
+    def _decide_in_graph(self, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
+        branch, norms = self._cond_branch
+        keep = torch.rand((), device=skip.device) < self.p
+
+        def kept(skip, *inputs):
+            out, *stats = branch(*inputs)
+            return (skip + self._scaled(out).to(skip.dtype), *stats)
+
+        def dropped(skip, *inputs):
+            # fresh tensors (cond refuses aliased outputs), not made from the buffers updated below
+            means = [skip.new_zeros(bn.num_features) for bn in norms]
+            variances = [skip.new_zeros(bn.num_features) for bn in norms]
+            return (skip.clone(), *means, *variances)
+
+        out, *stats = torch.cond(keep, kept, dropped, (skip, *branch_inputs))
+        with torch.no_grad():  # the running statistics move only when the branch ran, as in eager
+            weight = keep.to(skip.dtype)
+            for bn, mean, var in zip(norms, stats[:len(norms)], stats[len(norms):]):
+                bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), weight * bn.momentum)
+                bn.running_var.lerp_(var.to(bn.running_var.dtype), weight * bn.momentum)
+                bn.num_batches_tracked.add_(keep.to(bn.num_batches_tracked.dtype))
+        return out
+
     def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor, decision=_DRAW) -> torch.Tensor:
         """``decision``: the result of ``draw`` for this call; the rewritten graph draws it just before
         (see ``draw``, the function), so that under torch.compile the coin flip is made in Python."""
@@ -172,6 +234,8 @@ class StochasticDepth(nn.Module):
             return skip + out * self.p if self.scaling == "paper" else skip + out
         if self.p >= 1.0:
             return skip + self.branch(*branch_inputs)
+        if decision is _IN_GRAPH:
+            return self._decide_in_graph(skip, branch_inputs)
         if decision is _DRAW:
             decision = self.draw(skip)
         if self.mode == "batch":
@@ -194,3 +258,47 @@ class StochasticDepth(nn.Module):
                for t, ok in zip(branch_inputs, per_sample)]
         out = self._scaled(self.branch(*sub))
         return skip.index_add(0, kept, out.to(skip.dtype))
+
+
+def _stats_branch(branch) -> tuple[torch.fx.GraphModule, list[nn.Module]] | None:
+    """A copy of a torch.fx branch whose batch norms return their batch statistics (see
+    batch_norm_with_stats), returning ``(out, *means, *vars)``; None if torch.cond cannot take it."""
+    import torch.fx as fx
+
+    if not isinstance(branch, fx.GraphModule):
+        return None
+    graph = fx.Graph()
+    env: dict = {}
+    norms: list[nn.Module] = []
+    stats: list[tuple] = []
+    for n in branch.graph.nodes:
+        if n.op == "output":
+            break
+        module = branch.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if module.momentum is None:
+                return None
+            ref = graph.get_attr(n.target)
+            both = graph.call_function(batch_norm_with_stats, (ref, env[n.args[0]]))
+            env[n] = graph.call_function(operator.getitem, (both, 0))
+            stats.append((graph.call_function(operator.getitem, (both, 1)),
+                          graph.call_function(operator.getitem, (both, 2))))
+            norms.append(module)
+        elif module is not None and (any(True for _ in module.buffers()) or _random(module)):
+            return None  # other state or randomness inside a cond: keep the graph break
+        elif n.op == "call_function" and n.target in _RANDOM_FUNCTIONS:
+            return None
+        else:
+            env[n] = graph.node_copy(n, env.__getitem__)
+    out = next(n for n in branch.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node):
+        return None
+    graph.output((env[out], *(m for m, _ in stats), *(v for _, v in stats)))
+    return fx.GraphModule(branch, graph, class_name="CondBranch"), norms
+
+
+def _random(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and module.p > 0
+
+
+_RANDOM_FUNCTIONS = frozenset({torch.nn.functional.dropout, torch.dropout, torch.rand, torch.randn, torch.bernoulli})

@@ -55,6 +55,7 @@ def test_compiled_model_draws_afresh_every_call_without_recompiling_per_pattern(
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters
     model = Seq(*(PlusBlock(8) for _ in range(4)))
     injected = inject(model, 0.5).train()
     compiled = torch.compile(injected)
@@ -63,8 +64,60 @@ def test_compiled_model_draws_afresh_every_call_without_recompiling_per_pattern(
     distinct = {tuple(o.flatten().tolist()) for o in outs}
     assert len(distinct) > 3, "train-mode outputs must vary across calls with fixed weights and input"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs <= 2 * len(gates(injected)) + 1, graphs  # at most two continuations per gate, not 2**L
+    assert graphs == 1, graphs  # batch mode decides inside the graph (torch.cond): one graph, no breaks
     torch.testing.assert_close(compiled.eval()(x), injected.eval()(x))
+
+
+def test_compiled_row_mode_still_draws_afresh_with_a_bounded_number_of_graphs():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters
+    injected = inject(Seq(*(PlusBlock(8) for _ in range(3))), 0.5, mode="row").train()
+    compiled = torch.compile(injected)
+    x = torch.randn(6, 8)
+    outs = {tuple(compiled(x).detach().flatten().tolist()) for _ in range(16)}
+    assert len(outs) > 3
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs <= 2 * 3 + 1, graphs  # row mode decides in Python: at most two continuations per gate
+
+
+def _compiled_resnet_step(p_L: float):
+    """One compiled train step of an injected ResNet-20 and the same step of the original, eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters
+    original = cifar_resnet(20).train()
+    reference = copy.deepcopy(original)
+    injected = inject(original, p_L, rule="uniform").train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    compiled = torch.compile(injected)
+    F.cross_entropy(compiled(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    return injected, reference, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_gate_that_always_keeps_matches_the_eager_original_with_batch_norm_statistics():
+    injected, reference, graphs = _compiled_resnet_step(1 - 1e-7)  # p < 1 takes the torch.cond path; keeps
+    assert graphs == 1
+    got, want = injected.state_dict(), reference.state_dict()
+    for key in want:  # running means/vars and num_batches_tracked moved as in the eager original
+        torch.testing.assert_close(got[key].float(), want[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+    grads = dict(reference.named_parameters())
+    for name, p in injected.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_gate_that_always_drops_leaves_the_branch_statistics_and_gives_zero_gradients():
+    injected, reference, graphs = _compiled_resnet_step(1e-7)
+    assert graphs == 1
+    fresh = cifar_resnet(20).state_dict()
+    for key, value in injected.state_dict().items():
+        if key.startswith("layers.") and ".bn" in key and ("running" in key or "num_batches" in key):
+            torch.testing.assert_close(value, fresh[key], msg=key)  # a dropped branch's BN never saw the batch
+    branch_params = [p for g in gates(injected) for p in g.branch.parameters()]
+    assert branch_params and all(p.grad is None or not p.grad.any() for p in branch_params)
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
