@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -508,7 +509,10 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
 
 def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True) -> tuple[nn.Module, FoldReport]:
     """``fold`` that also says, per gate, which parameters took p or why a multiply stayed."""
-    work = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        # torch's own deprecation, raised when a torch.export capture's input spec is copied
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
+        work = copy.deepcopy(model)
     sites = find_folds(work)
     report = FoldReport()
     result = work
