@@ -147,12 +147,13 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto
 
 
 def _export(model: nn.Module, inputs: "ExampleInputs") -> Capture:
-    from .export_capture import at_least_two, check_train_eval, export_graph
+    from .export_capture import at_least_two, cache_off, check_train_eval, export_graph
 
     args, kwargs = at_least_two(inputs)
-    gm = export_graph(model, args, kwargs)
-    restore_calls(gm, model, [d for d in find_drop_paths(model) if d.rate > 0])
-    check_train_eval(model, gm, args, kwargs)
+    with cache_off(model):
+        gm = export_graph(model, args, kwargs)
+        restore_calls(gm, model, [d for d in find_drop_paths(model) if d.rate > 0])
+        check_train_eval(model, gm, args, kwargs)
     return Capture("export", [CapturedPart("", gm)])
 
 

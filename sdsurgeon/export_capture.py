@@ -34,12 +34,9 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     every input dimension dynamic where the model allows it (raise a batch of 1 to 2 first, see
     ``at_least_two``: torch.export fixes size-1 dimensions). Then ``follow_train_eval`` makes those ops read the GraphModule's
     ``training`` flag, so ``.train()``/``.eval()`` work as on the original. The result shares
-    parameters and buffers with ``model`` and has its state_dict keys. Models with a transformers-
-    style ``config.use_cache`` are captured with the cache off (a cache is not a training input).
+    parameters and buffers with ``model`` and has its state_dict keys. Capture transformers models
+    inside ``cache_off`` (a cache is not a training input).
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False):
-        config.use_cache = False
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     dynamic = {name: pytree.tree_map(_any_size, value) for name, value in bound.items()}
     with _train_mode(model), _quiet_export():
@@ -118,6 +115,20 @@ def follow_train_eval(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def cache_off(model: nn.Module) -> Iterator[None]:
+    """A transformers-style ``config.use_cache`` off for the block, then as it was (plan never changes a model)."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = cached
 
 
 def train_only(training: bool, value: float) -> float:

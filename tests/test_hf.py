@@ -230,6 +230,21 @@ def by_name(cases):
     return pytest.mark.parametrize("case", cases, ids=lambda c: c.name)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "convnext"])
+def test_plan_leaves_the_model_as_it_was(zoo, name):
+    """plan captures with the cache off and drop paths switched off, then puts both back; weights untouched."""
+    saved = zoo(CASES[name])
+    model = sdsurgeon.load(saved.folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = getattr(model.config, "use_cache", None)
+    rates = [(d.path, d.rate) for d in sdsurgeon.drop_path.find_drop_paths(model)]
+    sdsurgeon.plan(model, P_L, example_inputs=saved.example)
+    assert getattr(model.config, "use_cache", None) == cache
+    assert [(d.path, d.rate) for d in sdsurgeon.drop_path.find_drop_paths(model)] == rates
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert name != "convnext" or rates  # the convnext config has drop paths to put back
+
+
 # --- 1. counts: the residual adds of each layer, nothing else ---------------------------------------------------
 
 
