@@ -93,11 +93,9 @@ def build(name: str, config: dict) -> nn.Module:
 
     cls = model_class(name)
     with _quiet():
-        try:
-            model = cls(cls.config_class.from_dict(config), attn_implementation="eager")
-        except TypeError:  # older classes take the config alone
+        try:  # eager attention, as load_folder chooses it (the config carries the choice)
             model = cls(cls.config_class.from_dict(dict(config, _attn_implementation="eager")))
-        except Exception as exc:
+        except Exception as exc:  # a config this transformers version cannot read
             raise LoadError(f"cannot rebuild {name} from its recorded config ({first_line(exc)})") from None
     tag(model, SOURCE_ATTR, ModelSource("hf", name, dict(config)))
     return model

@@ -245,6 +245,14 @@ def test_plan_leaves_the_model_as_it_was(zoo, name):
     assert name != "convnext" or rates  # the convnext config has drop paths to put back
 
 
+def test_a_recorded_config_rebuilds_with_eager_attention_as_the_folder_loaded(zoo):
+    """An .sd.pt file rebuilds from class + config; it must get the attention load_folder chose (SDPA Swin
+    cannot be exported to ONNX by torch 2.13)."""
+    model = sdsurgeon.hf.build("SwinForImageClassification", zoo(CASES["swin"]).loaded.config.to_dict())
+    assert model.config._attn_implementation == "eager"
+    assert sdsurgeon.load(zoo(CASES["swin"]).folder).config._attn_implementation == "eager"
+
+
 # --- 1. counts: the residual adds of each layer, nothing else ---------------------------------------------------
 
 
