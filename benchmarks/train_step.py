@@ -4,7 +4,9 @@ Run: .venv/bin/python benchmarks/train_step.py   (--steps 3 --depth 20 for a qui
 
 Eager variants are timed against the eager original, the compiled one (torch.compile, inductor) against the
 compiled original. Compilation happens in the warm-up rounds; graphs compiled during the timed rounds are
-counted and reported (0 means no recompilation per drop pattern).
+counted and reported (0 means no recompilation per drop pattern). "compiled batch, torch cond bw" is the
+same injected model compiled with sdsurgeon.cond_backward switched off: torch's own torch.cond backward,
+which runs every kept branch's forward a second time.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdsurgeon
+from sdsurgeon import cond_backward
 from sdsurgeon.models import cifar_resnet
 
 EAGER = ("original", "batch", "row")
-COMPILED = ("compiled original", "compiled batch")
+COMPILED = ("compiled original", "compiled batch", "compiled batch, torch cond bw")
 
 
 def parse_args() -> argparse.Namespace:
@@ -111,12 +114,15 @@ def run(args: argparse.Namespace) -> dict:
         # Unseeded (torch's global generator, seeded above): a seeded gate draws from its own generator
         # in Python, which breaks the graph; an unseeded one decides inside it with torch.cond.
         unseeded = sdsurgeon.inject(models["original"], args.pL, rule="linear", mode="batch").train()
-        pair = {"compiled original": copy.deepcopy(models["original"]), "compiled batch": unseeded}
+        trio = {"compiled original": copy.deepcopy(models["original"]), "compiled batch": unseeded,
+                "compiled batch, torch cond bw": copy.deepcopy(unseeded)}
         before = _graphs()
-        csteps = {name: make_step(torch.compile(m), x, y) for name, m in pair.items()}
+        csteps = {name: make_step(torch.compile(m), x, y) for name, m in trio.items()}
         for name in COMPILED:  # compile each alone first, to count its graphs
             start, graphs = time.perf_counter(), _graphs()
+            cond_backward.enabled = "torch cond bw" not in name  # read while compiling only
             csteps[name]()
+            cond_backward.enabled = True
             compiled[f"{name} first step s"] = round(time.perf_counter() - start, 1)
             compiled[f"{name} graphs after first step"] = _graphs() - graphs
         ctimes = interleave(csteps, COMPILED, args.compile_warmup, 0)  # the gates' other continuations compile here
@@ -143,10 +149,10 @@ def print_table(res: dict) -> None:
     print(f"{res['rounds']} interleaved rounds after {res['warmup']} warm-up; p_L = {res['p_L']} (linear), "
           f"{res['num_sites']} sites, expected depth {res['expected_depth']}")
     print()
-    print(f"{'variant':<18} {'median step (s)':>16} {'median ratio':>13}")
+    print(f"{'variant':<32} {'median step (s)':>16} {'median ratio':>13}")
     for name in res["median_seconds"]:
         label = name if "original" in name else f"{name} SD"
-        print(f"{label:<18} {res['median_seconds'][name]:>16.3f} {res['median_ratio'][name]:>13.3f}")
+        print(f"{label:<32} {res['median_seconds'][name]:>16.3f} {res['median_ratio'][name]:>13.3f}")
     print()
     print(f"expected training-FLOPs ratio (sdsurgeon.plan): {res['expected_train_flops_ratio']:.3f}")
     print("(ratios: eager variants to the eager original, compiled to the compiled original; batch mode skips")

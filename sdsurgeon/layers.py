@@ -9,7 +9,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import cond_backward
 from .errors import ConfigError
+
+cond_backward.install()  # compiled gates save their kept branch's activations instead of recomputing them
 
 MODES = ("batch", "row")
 SCALINGS = ("paper", "inverted")
@@ -63,12 +66,14 @@ def _draw_in_python(gate: "StochasticDepth", skip: torch.Tensor):
 def batch_norm_with_stats(bn: nn.Module, x: torch.Tensor):
     """Train-mode batch norm that returns its batch statistics instead of updating the running ones.
 
-    torch.cond refuses branches that mutate buffers; the gate applies the update outside the cond.
+    torch.cond refuses branches that mutate buffers; the gate applies the update outside the cond. The
+    statistics are the normalisation's own (one reduction): the variance comes back from its inverse
+    standard deviation, made unbiased as ``nn.BatchNorm``'s running_var is.
     """
-    dims = [0, *range(2, x.dim())]
-    mean = x.detach().mean(dims)
-    var = x.detach().var(dims, correction=1)  # running_var tracks the unbiased variance, as nn.BatchNorm
-    return torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps), mean, var
+    out, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(x, bn.weight, bn.bias, True, 0.0, bn.eps)
+    n = x.numel() // x.shape[1]
+    var = (invstd.detach().pow(-2) - bn.eps) * (n / max(n - 1, 1))
+    return out, mean.detach(), var
 
 
 class StochasticDepth(nn.Module):
@@ -89,7 +94,8 @@ class StochasticDepth(nn.Module):
     ``find_unused_parameters=False`` requires. Under ``torch.compile`` a batch-mode gate over a
     torch.fx branch is a ``torch.cond`` on a ``torch.rand`` traced into the graph: one graph for the
     model, drawn afresh each call; its batch norms return their batch statistics and the running
-    ones are updated outside the cond, only when the branch ran. Other gates (row mode, seeded,
+    ones are updated outside the cond, only when the branch ran. The cond's backward uses the
+    activations its forward saved (``cond_backward``) rather than running the branch again. Other gates (row mode, seeded,
     under torch.distributed, ATen branches, branches with dropout or other buffers) decide in
     Python and break the graph there (see ``draw``).
     """

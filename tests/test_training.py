@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sdsurgeon import gates, inject
+from sdsurgeon import cond_backward, gates, inject
 from sdsurgeon.models import cifar_resnet
 from zoo import PlusBlock, Seq
 
@@ -98,9 +98,16 @@ def _compiled_resnet_step(p_L: float):
     return injected, reference, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_compiled_gate_that_always_keeps_matches_the_eager_original_with_batch_norm_statistics():
+@pytest.mark.parametrize("path", ["saved-activations", "torch-recompute", "partition-fails"])
+def test_compiled_gate_that_always_keeps_matches_the_eager_original_with_batch_norm_statistics(path, monkeypatch):
+    saved = path == "saved-activations"
+    monkeypatch.setattr(cond_backward, "enabled", path != "torch-recompute")
+    if path == "partition-fails":  # whatever goes wrong in the partition, torch's own backward takes over
+        monkeypatch.setattr(cond_backward._Plan, "build", staticmethod(lambda *a: 1 / 0))
+    built = cond_backward.plans_built
     injected, reference, graphs = _compiled_resnet_step(1 - 1e-7)  # p < 1 takes the torch.cond path; keeps
     assert graphs == 1
+    assert (cond_backward.plans_built > built) == saved  # the gates' conds were (not) partitioned
     got, want = injected.state_dict(), reference.state_dict()
     for key in want:  # running means/vars and num_batches_tracked moved as in the eager original
         torch.testing.assert_close(got[key].float(), want[key].float(), rtol=1e-4, atol=1e-5, msg=key)
@@ -118,6 +125,71 @@ def test_compiled_gate_that_always_drops_leaves_the_branch_statistics_and_gives_
             torch.testing.assert_close(value, fresh[key], msg=key)  # a dropped branch's BN never saw the batch
     branch_params = [p for g in gates(injected) for p in g.branch.parameters()]
     assert branch_params and all(p.grad is None or not p.grad.any() for p in branch_params)
+
+
+def _convolutions_in_one_compiled_step(saved: bool) -> int:
+    """aten convolutions (forward kernels only) that one compiled train step of an always-kept ResNet-8 runs."""
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    cond_backward.enabled = saved
+    try:
+        injected = inject(cifar_resnet(8, width=4), 1 - 1e-7, rule="uniform").train()
+        compiled = torch.compile(injected)
+        x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+        F.cross_entropy(compiled(x), y).backward()  # compiles forward and backward
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            F.cross_entropy(compiled(x), y).backward()
+    finally:
+        cond_backward.enabled = True
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+
+def test_compiled_gate_backward_does_not_run_the_kept_branch_forward_again():
+    # ResNet-8 has 7 convolutions: the stem and two per block. torch's own cond backward reruns each kept
+    # branch's forward (6 more); the partitioned one saves its activations instead.
+    assert _convolutions_in_one_compiled_step(saved=True) == 7
+    assert _convolutions_in_one_compiled_step(saved=False) == 13
+
+
+def test_compiled_gates_follow_a_new_batch_size_with_the_same_gradients_as_the_original():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    original = cifar_resnet(8, width=4).train()
+    reference = copy.deepcopy(original)
+    injected = inject(original, 1 - 1e-7, rule="uniform").train()
+    compiled = torch.compile(injected)
+    built = cond_backward.plans_built
+    for batch in (8, 6, 5):  # the second size recompiles with a symbolic batch; the third reuses it
+        x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 10, (batch,))
+        for model in (injected, reference):
+            model.zero_grad(set_to_none=True)
+        F.cross_entropy(compiled(x), y).backward()
+        F.cross_entropy(reference(x), y).backward()
+        grads = dict(reference.named_parameters())
+        for name, p in injected.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=f"{batch}: {name}")
+    assert cond_backward.plans_built > built
+
+
+def test_a_cond_outside_any_gate_keeps_torchs_own_backward():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    built = cond_backward.plans_built
+
+    def f(x, w):
+        return torch.cond(x.sum() > 0, lambda x, w: (x * w).sin(), lambda x, w: x.cos() * w, (x, w))
+
+    x, w = torch.randn(5), torch.randn(5, requires_grad=True)
+    torch.compile(f)(x, w).sum().backward()
+    got = w.grad.clone()
+    w.grad = None
+    f(x, w).sum().backward()
+    torch.testing.assert_close(got, w.grad)
+    assert cond_backward.plans_built == built
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
