@@ -115,8 +115,9 @@ class _Plan:
     def __init__(self, kept: _Side, dropped: _Side, operands):
         self.sides = (kept, dropped)
         self.n_operands = len(operands)
-        # Gradient slots: floating tensors only (cond outputs must be tensors, never None).
-        self.grad_mask = [isinstance(o, torch.Tensor) and o.dtype.is_floating_point for o in operands]
+        # Gradient slots: floating tensors that need one (cond outputs must be tensors, never None).
+        self.grad_mask = [isinstance(o, torch.Tensor) and o.dtype.is_floating_point and o.requires_grad
+                          for o in operands]
 
     @staticmethod
     def build(true_fn, false_fn, operands) -> "_Plan":
