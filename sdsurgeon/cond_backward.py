@@ -21,7 +21,7 @@ import torch
 from torch._higher_order_ops.utils import save_values_for_backward, saved_values
 
 _COND = importlib.import_module("torch._higher_order_ops.cond")
-_TORCH_COND_AUTOGRAD = _COND.CondAutogradOp
+_TORCH_COND_AUTOGRAD = getattr(_COND, "CondAutogradOp", None)  # private to torch: absent, nothing is replaced
 
 enabled = True
 plans_built = 0  # conds this module differentiated (tests read it)
@@ -29,7 +29,8 @@ plans_built = 0  # conds this module differentiated (tests read it)
 
 def install() -> None:
     """Route the autograd of torch.cond through ``_Dispatch`` (gates here, everything else to torch)."""
-    _COND.CondAutogradOp = _Dispatch
+    if _TORCH_COND_AUTOGRAD is not None:
+        _COND.CondAutogradOp = _Dispatch
 
 
 def _from_gate(graph_module) -> bool:
