@@ -123,10 +123,11 @@ class _Plan:
     @staticmethod
     def build(true_fn, false_fn, operands) -> "_Plan":
         from torch._higher_order_ops.partitioner import HopGraphMinCutPartitioner
+        from torch._inductor import config as inductor_config
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
         convolves = any("conv" in str(n.target) for n in true_fn.graph.nodes if n.op == "call_function")
-        channels_last = convolves and bool(torch._inductor.config.layout_optimization)
+        channels_last = convolves and bool(inductor_config.layout_optimization)
         with disable_proxy_modes_tracing():
             kept = _Side(HopGraphMinCutPartitioner.create_partitioned_graph(true_fn, operands), channels_last)
             dropped = _Side(HopGraphMinCutPartitioner.create_partitioned_graph(false_fn, operands), channels_last)
