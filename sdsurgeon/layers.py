@@ -95,9 +95,9 @@ class StochasticDepth(nn.Module):
     torch.fx branch is a ``torch.cond`` on a ``torch.rand`` traced into the graph: one graph for the
     model, drawn afresh each call; its batch norms return their batch statistics and the running
     ones are updated outside the cond, only when the branch ran. The cond's backward uses the
-    activations its forward saved (``cond_backward``) rather than running the branch again. Other gates (row mode, seeded,
-    under torch.distributed, ATen branches, branches with dropout or other buffers) decide in
-    Python and break the graph there (see ``draw``).
+    activations its forward saved (``cond_backward``) rather than running the branch again.
+    Other gates (row mode, seeded, under torch.distributed, ATen branches, branches with dropout
+    or other buffers) decide in Python and break the graph there (see ``draw``).
     """
 
     def __init__(
