@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -13,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .drop_path import find_drop_paths, leaf_classes, restore_calls
 from .errors import CaptureError, ConfigError, SurgeonError, first_line
+from .graph_facts import dead_nodes
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
@@ -55,15 +59,17 @@ class Capture:
 
 
 class _LeafTracer(fx.Tracer):
-    """torch.fx tracer whose leaves are torch.nn layers plus registered and named user classes."""
+    """torch.fx tracer whose leaves are torch.nn layers, registered and named user classes, and the
+    modules (by path) that decide something on ``self.training`` (see ``trace``)."""
 
-    def __init__(self, leaf_names: frozenset[str] = frozenset()) -> None:  # no-arg: GraphModule unpickling
-        super().__init__()
+    def __init__(self, leaf_names: frozenset[str] = frozenset(), leaf_paths: frozenset[str] = frozenset()) -> None:
+        super().__init__()  # no arguments needed: GraphModule unpickling builds one bare
         self.leaf_names = leaf_names
+        self.leaf_paths = leaf_paths
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         cls = type(m)
-        if cls in LEAF_REGISTRY or _class_matches(cls, self.leaf_names):
+        if cls in LEAF_REGISTRY or _class_matches(cls, self.leaf_names) or module_qualified_name in self.leaf_paths:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -93,11 +99,139 @@ def _faithful_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
+class ModeDependentForward(Exception):
+    """A module's own forward computes something else in train than in eval mode, which tracing would freeze."""
+
+
+# Rounds of "trace both modes, make the modules that differ leaves": one per nesting level of such modules.
+_MODE_ROUNDS = 4
+
+
 def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
-    """Trace one module with torch.fx (raises whatever tracing raises)."""
-    tracer = _LeafTracer(frozenset(leaves))
-    graph = tracer.trace(module)
-    return _faithful_graph_module(module, graph)
+    """Trace one module with torch.fx so that the graph still switches train/eval; leaves no state on it.
+
+    torch.fx runs the Python of ``forward``, so an ``if self.training`` is decided once, at trace time
+    (timm's BatchNormAct2d picks batch statistics that way). The module is therefore traced in train
+    and in eval mode: every submodule whose own ops differ between the two becomes a leaf, called at
+    run time where it decides for itself, and tracing repeats. If ``module``'s own ops differ there is
+    nothing to isolate: ModeDependentForward (callers then capture its children instead). Raises
+    whatever tracing raises otherwise.
+    """
+    leaf_names, leaf_paths = frozenset(leaves), frozenset()
+    for _ in range(_MODE_ROUNDS):
+        train, eval_ = (_trace_in_mode(module, mode, leaf_names, leaf_paths) for mode in (True, False))
+        differing = _mode_dependent_scopes(train, eval_)
+        if not differing:
+            return _faithful_graph_module(module, train)
+        if "" in differing:
+            break
+        leaf_paths |= differing
+    raise ModeDependentForward(
+        f"{type(module).__name__}.forward computes something else in train than in eval mode (it decides on "
+        "self.training in Python), which torch.fx would freeze"
+    )
+
+
+def trace_eval(module: nn.Module) -> fx.GraphModule:
+    """``module``'s eval-mode function as a graph (no train/eval check: for passes that work in eval, as fold)."""
+    return fx.GraphModule(module, _trace_in_mode(module, False, frozenset(), frozenset()))
+
+
+def _trace_in_mode(module: nn.Module, training: bool, leaf_names: frozenset[str], leaf_paths: frozenset[str]) -> fx.Graph:
+    with untouched(module):
+        for m in module.modules():
+            m.training = training
+        return _LeafTracer(leaf_names, leaf_paths).trace(module)
+
+
+_PROXY_TEXT = re.compile(r"Proxy\(\w+\)")  # node names inside traced strings (assert messages) may differ
+
+
+def _signature(value):
+    """A node argument with the nodes themselves left out: ops and constants, not wiring."""
+    if isinstance(value, fx.Node):
+        return "%"
+    if isinstance(value, (tuple, list)):
+        return type(value)(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    if isinstance(value, str):
+        return _PROXY_TEXT.sub("Proxy()", value)
+    if isinstance(value, (int, float, bool, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return value
+    return repr(type(value))
+
+
+def _scope(node: fx.Node) -> str:
+    """Path of the module whose own code made ``node`` ("" for the traced module itself)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if node.op == "call_module" and stack and stack[-1][0] == node.target:
+        stack = stack[:-1]  # a leaf call belongs to the module calling it
+    return stack[-1][0] if stack else ""
+
+
+def _mode_dependent_scopes(train: fx.Graph, eval_: fx.Graph) -> set[str]:
+    """Modules whose own ops or constants differ between a train-mode and an eval-mode trace.
+
+    Wiring alone differing (``return a if self.training else b``) cannot be pinned on a submodule:
+    it is blamed on the traced module itself ("").
+    """
+    def by_scope(graph: fx.Graph) -> dict[str, list]:
+        ops: dict[str, list] = {}
+        for n in live[graph]:
+            ops.setdefault(_scope(n), []).append((n.op, _target_name(n.target), _signature(n.args), _signature(n.kwargs)))
+        return ops
+
+    # Dead values differ freely: fx records an attribute such as x.device only once something reads it.
+    live = {g: [n for n in g.nodes if n not in dead] for g in (train, eval_) for dead in [dead_nodes(list(g.nodes))]}
+    a, b = by_scope(train), by_scope(eval_)
+    differing = {scope for scope in a.keys() | b.keys() if a.get(scope) != b.get(scope)}
+    if not differing and _wiring(live[train]) != _wiring(live[eval_]):
+        return {""}
+    # The innermost first: once they are leaves, a module around them may well trace the same in both modes.
+    return {s for s in differing if not any(d != s and (not s or d.startswith(f"{s}.")) for d in differing)}
+
+
+def _target_name(target) -> str:
+    return target if isinstance(target, str) else f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+
+
+def _wiring(nodes: list[fx.Node]) -> list:
+    index = {n: i for i, n in enumerate(nodes)}
+    return [[index[i] for i in n.all_input_nodes] for n in nodes]
+
+
+_MODULE_SLOTS = ("_modules", "_parameters", "_buffers")
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Put back whatever a block changed on ``model``'s modules: attributes, the contents of their
+    dicts, lists and sets (caches filled while tracing hold proxies), and buffer values.
+
+    Tracing runs the model's Python on proxies: timm's LeViT, traced in eval mode, stores a Proxy in its
+    own ``attention_bias_cache``, and a forward that counts batches in Python moves a buffer.
+    """
+    modules = list(model.modules())
+    attributes = [(m, dict(m.__dict__)) for m in modules]
+    containers = [(v, copy.copy(v)) for _, d in attributes for v in d.values() if type(v) in (dict, OrderedDict, list, set)]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        for m, d in attributes:
+            m.__dict__.clear()
+            m.__dict__.update(d)
+        for value, saved in containers:
+            if isinstance(value, list):
+                value[:] = saved
+            else:
+                value.clear()
+                value.update(saved)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape and not torch.equal(b, saved):
+                    b.copy_(saved)
 
 
 def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto", example_inputs=None) -> Capture:
@@ -150,7 +284,7 @@ def _export(model: nn.Module, inputs: "ExampleInputs") -> Capture:
     from .export_capture import at_least_two, cache_off, check_train_eval, export_graph
 
     args, kwargs = at_least_two(inputs)
-    with cache_off(model):
+    with untouched(model), cache_off(model):
         gm = export_graph(model, args, kwargs)
         restore_calls(gm, model, [d for d in find_drop_paths(model) if d.rate > 0])
         check_train_eval(model, gm, args, kwargs)

@@ -11,21 +11,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .graph_facts import constant_nodes, dead_nodes, shape_only_nodes
+
 _aten = torch.ops.aten
 ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor})
 ADD_METHODS = frozenset({"add", "add_"})
 
-# Ops whose result describes a tensor's shape, not its values: an edge through them is not a data
-# dependence, so `x + pos_emb(arange(x.size(1)))` is not mistaken for a residual block.
-SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "get_device"})
-SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
-SHAPE_FUNCTIONS = frozenset(
-    {_aten.sym_size.int, _aten.sym_size.default, _aten.sym_numel.default, _aten.sym_stride.int}
-)
-
 # A projection shortcut (conv+bn, avg-pool+conv+bn, slice+pad, ...) is a short single-input chain.
 MAX_SHORTCUT_OPS = 8
-
 
 @dataclass(frozen=True)
 class ResidualSite:
@@ -66,25 +59,6 @@ def is_add(node: fx.Node) -> bool:
     )
 
 
-def _is_shape_op(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in SHAPE_METHODS
-    if node.op == "call_function":
-        if node.target is getattr:
-            return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
-        return node.target in SHAPE_FUNCTIONS
-    return False
-
-
-def _shape_only_nodes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    shape_only: set[fx.Node] = set()
-    for n in nodes:
-        ins = n.all_input_nodes
-        if _is_shape_op(n) or (ins and all(i in shape_only for i in ins)):
-            shape_only.add(n)
-    return shape_only
-
-
 def module_scope(node: fx.Node) -> str:
     """Path of the innermost module whose forward produced ``node`` ("" for the root)."""
     stack = node.meta.get("nn_module_stack")
@@ -105,7 +79,9 @@ class _Graph:
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
-        self.shape_only = _shape_only_nodes(self.nodes)
+        self.shape_only = shape_only_nodes(self.nodes)
+        self.dead = dead_nodes(self.nodes)
+        self.constant = constant_nodes(self.nodes, self.shape_only)
         self._module_params: dict[str, int] = {}
         self.visited = 0  # nodes walked by branch(): the cost of detection, for tests of its scaling
 
@@ -151,7 +127,18 @@ class _Graph:
                 data_dependent.add(n)
         if t not in data_dependent:
             return None
-        return sorted(region, key=self.order.__getitem__)
+        return sorted(region | self._hanging(region), key=self.order.__getitem__)
+
+    def _hanging(self, region: set[fx.Node]) -> set[fx.Node]:
+        """Dead values computed from the region (unused shapes, dropped outputs, checks): they go with it."""
+        hanging: set[fx.Node] = set()
+        stack = [u for n in region for u in n.users if u not in region and u in self.dead]
+        while stack:
+            n = stack.pop()
+            if n not in hanging:
+                hanging.add(n)
+                stack += [u for u in n.users if u not in region]
+        return hanging
 
 
 def _get_attr(gm: nn.Module, target: str):
@@ -166,7 +153,7 @@ def _shortcut_chain(g: _Graph, s: fx.Node, add: fx.Node) -> tuple[fx.Node, list[
     chain: list[fx.Node] = []
     cur, user = s, add
     for _ in range(MAX_SHORTCUT_OPS + 1):
-        ins = [i for i in g.data_inputs(cur) if i.op != "get_attr"]
+        ins = [i for i in g.data_inputs(cur) if i not in g.constant]  # a learnt skip scale is a projection
         if cur.op in ("placeholder", "get_attr") or len(ins) != 1 or set(cur.users) != {user}:
             break
         chain.append(cur)
@@ -182,13 +169,16 @@ def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[f
     if set(t.users) != {add}:
         return None  # f(x) is used elsewhere: gating it would change those uses
     for n in region:
-        if n is not t and not set(n.users) <= region_set:
-            return None  # an intermediate value escapes the branch
+        # An intermediate value escapes the branch; a shape may (the branch then reads its own copy).
+        if n is not t and not set(n.users) <= region_set and n not in g.shape_only:
+            return None
     inputs: list[fx.Node] = []
     for n in region:
         for i in n.all_input_nodes:
             if i not in region_set and i not in inputs:
                 inputs.append(i)
+    if any(g.order[i] > g.order[add] for i in inputs):
+        return None  # a value the branch carries along reads one made after the block
     modules = tuple(n.target for n in region if n.op == "call_module")
     params = sum(g.module_params(m) for m in set(modules))
     params += sum(g.attr_params(i) for i in inputs if set(i.users) <= region_set)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .capture import trace_eval
 from .drop_path import is_drop_path
+from .graph_facts import dead_nodes
 from .inject import RECIPE_ATTR
 from .layers import StochasticDepth
 
@@ -265,6 +267,13 @@ class _Walker:
         self.root = root
         self.usage = usage
         self.outside = outside  # branch placeholder -> the value passed in: a weight may come from outside
+        self._dead: dict[fx.Graph, set[fx.Node]] = {}
+
+    def _used(self, node: fx.Node) -> int:
+        """Users of ``node`` whose value matters (a dead one, e.g. dropped attention weights, may scale too)."""
+        if node.graph not in self._dead:
+            self._dead[node.graph] = dead_nodes(list(node.graph.nodes))
+        return sum(u not in self._dead[node.graph] for u in node.users)
 
     def _resolve(self, value):
         return self.outside.get(value, value) if isinstance(value, fx.Node) else value
@@ -272,13 +281,14 @@ class _Walker:
     def targets(self, node: fx.Node) -> list[ScaleTarget] | str:
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
-            if isinstance(module, AFFINE_MODULES):
+            if _runs_torch_forward(module, AFFINE_MODULES):
                 return self._module(node, module)
-            if (isinstance(module, HOMOGENEOUS_MODULES) and not getattr(module, "return_indices", False)) or is_drop_path(module):
+            if (_runs_torch_forward(module, HOMOGENEOUS_MODULES) and not getattr(module, "return_indices", False)) or is_drop_path(module):
                 return self._through(node, node.args[0])
             if isinstance(module, StochasticDepth):
                 return f"the branch ends in the nested residual block {module.site_id}"
-            return f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous"
+            return self._inside(node, module) or (
+                f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous")
         if node.op == "call_function":
             fn = node.target
             if fn in AFFINE_FUNCTIONS:
@@ -306,6 +316,25 @@ class _Walker:
             return f"the branch ends in the attribute {node.target}"
         return f"the branch output {node.name} is one of its inputs"
 
+    def _inside(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | None:
+        """A module call with no rule here (a leaf kept for its train/eval switch, e.g. a BatchNorm2d
+        subclass followed by an activation), looked into as it runs in eval, the mode folding is for:
+        traced there, and its output walked back to its own weights. None where that finds none."""
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        try:
+            inner = trace_eval(module)
+        except Exception:  # it does not trace: it stays opaque
+            return None
+        out = next(n for n in inner.graph.nodes if n.op == "output").args[0]
+        found = _Walker(inner, _Usage(inner), {}).targets(out) if isinstance(out, fx.Node) else "no tensor"
+        if isinstance(found, str) or any(t.kind != "attr" for t in found):
+            return None
+        params = tuple(f"{node.target}.{t.target}" for t in found)
+        tensors = [_get_attr(inner, t.target) for t in found]
+        shared = self.usage.module_shared(module, tensors) or any(t.shared for t in found)
+        return [ScaleTarget("module", node.name, node.target, params, shared)]
+
     def _opaque(self, node: fx.Node) -> str:
         what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
         return f"the branch ends in {what} ({node.name}), which is not positively homogeneous"
@@ -313,7 +342,7 @@ class _Walker:
     def _through(self, node: fx.Node, source) -> list[ScaleTarget] | str:
         if not isinstance(source, fx.Node):
             return self._opaque(node)
-        if len(source.users) > 1:
+        if self._used(source) > 1:
             return f"{source.name} feeds more than {node.name} in the branch, so its producer cannot be scaled"
         return self.targets(source)
 
@@ -376,6 +405,15 @@ class _Walker:
         if len({t.target for t in found}) != len(found):
             return f"{node.name} adds two values made with the same weights"
         return found
+
+
+def _runs_torch_forward(module: nn.Module, classes: tuple[type, ...]) -> bool:
+    """An instance of one of ``classes`` whose forward is torch's own: a subclass that overrides it
+    (timm's BatchNormAct2d is a BatchNorm2d followed by an activation) may be neither affine nor homogeneous."""
+    if not isinstance(module, classes):
+        return False
+    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
+    return owner.__module__.startswith("torch.nn.")
 
 
 def _zero_pad(node: fx.Node) -> bool:
@@ -477,7 +515,7 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
                 gm.add_submodule(new_name, module)
                 node.target = new_name
                 copied.append(qualified(target.target))
-                names = [f"{new_name}.{p.rpartition('.')[2]}" for p in target.params]
+                names = [f"{new_name}.{p.removeprefix(target.target + '.')}" for p in target.params]
             else:
                 names = list(target.params)
             with torch.no_grad():

@@ -259,9 +259,10 @@ def gate_sites(
         add.replace_all_uses_with(gate_node)
         graph.erase_node(add)
         for n in reversed(region):
-            graph.erase_node(n)
+            if not n.users:  # shapes read outside too stay (detection lets only those escape)
+                graph.erase_node(n)
+                removed.add(n.name)
         replaced[site.add] = gate_node
-        removed.update(n.name for n in region)
     graph.lint()
     gm.recompile()
     return gm

@@ -117,3 +117,23 @@ def test_broadcasting_add_is_no_site_when_shapes_are_known():
 
     assert len(locate(Broadcast())[1]) == 1  # no shapes: the structure alone matches
     assert len(locate(Broadcast(), example_inputs=torch.randn(3, 1))[1]) == 0
+
+
+def test_a_root_that_decides_on_self_training_is_captured_below_it_and_says_why():
+    import torch.nn.functional as F
+    from torch import nn
+    from zoo import PlusBlock
+
+    class TrainOnlyNoise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(PlusBlock(8), PlusBlock(8))
+
+        def forward(self, x):
+            if self.training:  # the root itself decides: nothing to make a leaf of
+                x = x + 0.1
+            return F.relu(self.blocks(x))
+
+    cap, sites = locate(TrainOnlyNoise())
+    assert [p.path for p in cap.parts] == ["blocks"] and len(sites) == 2
+    assert "self.training" in cap.untraced[0].reason and cap.untraced[0].path == ""

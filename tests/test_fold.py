@@ -73,7 +73,14 @@ def test_folded_model_has_no_gate_and_no_random_op(entry, how):
     torch.testing.assert_close(_first(folded(*inputs)), _first(folded(*inputs)))
 
 
-@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", [e for e in POSITIVE if e.kept_multiply], ids=lambda e: e.name)
+def test_a_branch_ending_in_an_opaque_leaf_keeps_a_multiply_and_says_which(entry):
+    folded, report = fold_with_report(inject(entry.build().eval(), 0.5))
+    assert len(report.multiplies) == entry.num_sites
+    assert all(entry.kept_multiply in s.reason for s in report.multiplies), [s.reason for s in report.multiplies]
+
+
+@pytest.mark.parametrize("entry", [e for e in POSITIVE if not e.kept_multiply], ids=lambda e: e.name)
 def test_p_lives_in_the_weights(entry):
     model = entry.build().eval()
     injected = inject(model, 0.5)

@@ -161,3 +161,40 @@ def test_recipe_redoes_the_same_surgery():
     assert summary(again) == summary(injected)
     assert summary(injected)[-1][:2] == ("layers.8:add", 0.9)
     assert len(summary(injected)) == 8
+
+
+@pytest.mark.parametrize("captured_in", ["eval", "train"])
+@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+def test_injected_model_switches_train_eval_like_the_original_whatever_mode_it_was_traced_in(entry, captured_in):
+    # tracing runs forward's Python once: a module deciding on self.training must still decide at run time
+    model = entry.build().train(captured_in == "train")
+    injected = inject(model, 1.0)
+    original = copy.deepcopy(model)
+    inputs = entry.inputs()
+    for training in (True, False, True):
+        injected.train(training)
+        original.train(training)
+        torch.testing.assert_close(_forward(injected, inputs), _forward(original, inputs))
+    for (name, got), (_, expected) in zip(injected.named_buffers(), original.named_buffers()):
+        torch.testing.assert_close(got, expected, msg=name)  # batch statistics moved alike
+
+
+def _module_state(model):
+    return [(dict(vars(m)), {k: copy.copy(v) for k, v in vars(m).items() if isinstance(v, (dict, list, set))})
+            for m in model.modules()]
+
+
+@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+def test_plan_and_inject_leave_no_state_on_the_model(entry):
+    for training in (False, True):
+        model = entry.build().train(training)
+        before = _module_state(model)
+        buffers = [b.clone() for b in model.buffers()]
+        sdsurgeon.plan(model, 0.5, example_inputs=entry.inputs())
+        inject(model, 0.5)
+        after = _module_state(model)
+        assert [set(a) for a, _ in after] == [set(b) for b, _ in before]
+        assert all(a[k] is b[k] for (a, _), (b, _) in zip(after, before) for k in b)
+        assert [c for _, c in after] == [c for _, c in before]  # caches (dicts, lists) hold what they held
+        assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+        inject(model, 0.5)(*entry.inputs())  # a second surgery of the same object works

@@ -216,6 +216,129 @@ class EscapingBranch(nn.Module):
         return x + self.b(F.relu(h)), h
 
 
+class TupleAttention(nn.Module):
+    """Attention that unpacks a shape it half uses and returns weights its caller drops (timm, torchvision)."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape  # C is never used
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1)).softmax(-1)
+        out = (weights @ v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(out), weights.mean(1)  # averaged weights: computed, then dropped by the caller
+
+
+class UnusedValueBlock(Scaled):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = TupleAttention(d)
+
+    def forward(self, x):
+        out, _ = self.attn(self.norm(x))
+        return x + self.s(out)
+
+
+class MultiheadBlock(Scaled):
+    """torch's MultiheadAttention as a tracing leaf: its attention weights come back and are dropped."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        out, _ = self.attn(h, h, h)
+        return x + self.s(out)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm2d + ReLU in one module that checks its input and decides train/eval in Python, as
+    timm's BatchNormAct2d does: tracing it freezes the mode it saw."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)
+        else:
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.relu(x)
+
+
+class PreActBlock(Scaled):
+    """Pre-activation bottleneck (timm's ResNetV2): BN+act modules before each conv, projection on the normed input."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = BatchNormAct(cin)
+        self.downsample = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else None
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm2 = BatchNormAct(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        pre = self.norm1(x)
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        return self.s(self.conv2(self.norm2(self.conv1(pre)))) + shortcut
+
+
+class BNActOutBlock(Scaled):
+    """An inverted residual whose branch ends in a BN+act module (timm's EfficientNet: act is the identity there)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, 2 * c, 1, bias=False)
+        self.bn1 = BatchNormAct(2 * c)
+        self.conv2 = nn.Conv2d(2 * c, c, 1, bias=False)
+        self.bn2 = BatchNormAct(c)
+
+    def forward(self, x):
+        return x + self.s(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+
+
+class LearntSkipScaleBlock(Scaled):
+    """PoolFormerV2: the skip is scaled by a learnt per-channel parameter, the branch by another."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, c)
+        self.mix = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.res_scale = nn.Parameter(torch.full((c,), 0.9))
+        self.layer_scale = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        c = x.shape[1]
+        return x * self.res_scale.view(c, 1, 1) + self.s(self.layer_scale.view(c, 1, 1) * self.mix(self.norm(x)))
+
+
+class CachedBiasBlock(Scaled):
+    """LeViT: in eval the attention bias is computed once and kept in a dict on the module."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.f = mlp(d)
+        self.bias = nn.Parameter(torch.randn(d) * 0.1)
+        self.bias_cache: dict[str, torch.Tensor] = {}
+
+    def attention_bias(self, device) -> torch.Tensor:
+        if self.training:
+            return self.bias * 2
+        key = str(device)
+        if key not in self.bias_cache:
+            self.bias_cache[key] = self.bias * 2
+        return self.bias_cache[key]
+
+    def forward(self, x):
+        return x + self.s(self.f(x + self.attention_bias(x.device)))
+
+
 class Seq(nn.Module):
     def __init__(self, *blocks, stem=None):
         super().__init__()
@@ -235,6 +358,7 @@ class ZooEntry:
     # Apply hand-scaling p_l (depth order) to a model copy; None: the entry has no reference.
     scale: Callable[[nn.Module, list[float]], None] | None = None
     shortcuts: dict[int, str] | None = None  # site index -> expected shortcut kind
+    kept_multiply: str | None = None  # words fold's reason must contain where no weight can take p
 
 
 def _scale_blocks(model: nn.Module, ps: list[float]) -> None:
@@ -287,6 +411,18 @@ ZOO = [
     ZooEntry("layerscale", lambda: Seq(*(LayerScaleBlock(8) for _ in range(2))), lambda: (torch.randn(4, 8),), 2, _scale_blocks),
     ZooEntry("nested", lambda: Seq(NestedBlock(8), NestedBlock(8)), lambda: (torch.randn(4, 8),), 4, _scale_nested),
     ZooEntry("data_dependent_top", DataDependentTop, lambda: (torch.randn(4, 8),), 3, _scale_blocks),
+    ZooEntry("unused_values", lambda: Seq(UnusedValueBlock(8), UnusedValueBlock(8)), lambda: (torch.randn(2, 5, 8),),
+             2, _scale_blocks),
+    ZooEntry("multihead", lambda: Seq(MultiheadBlock(8), MultiheadBlock(8)), lambda: (torch.randn(2, 5, 8),), 2,
+             _scale_blocks, kept_multiply="MultiheadAttention"),  # a leaf fx cannot look into
+    ZooEntry("preact_bn_act", lambda: Seq(PreActBlock(4, 4), PreActBlock(4, 8), stem=nn.Conv2d(3, 4, 1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "identity", 2: "projection"}),
+    ZooEntry("bn_act_out", lambda: Seq(BNActOutBlock(4), BNActOutBlock(4), stem=nn.Conv2d(3, 4, 1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks),
+    ZooEntry("learnt_skip_scale", lambda: Seq(*(LearntSkipScaleBlock(4) for _ in range(2)), stem=nn.Conv2d(3, 4, 1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "projection", 2: "projection"}),
+    ZooEntry("cached_bias", lambda: Seq(CachedBiasBlock(8), CachedBiasBlock(8)), lambda: (torch.randn(4, 8),), 2,
+             _scale_blocks),
     ZooEntry("dense_concat", DenseLike, lambda: (torch.randn(4, 8),), 0),
     ZooEntry("negatives", Negatives, lambda: (torch.randn(4, 8), torch.randn(4, 8)), 0),
     ZooEntry("escaping_branch", EscapingBranch, lambda: (torch.randn(4, 8),), 0),

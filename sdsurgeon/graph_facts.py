@@ -1,0 +1,102 @@
+"""Read-only facts about fx graphs that capture and detection share: effects, dead values, shapes, constants."""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+_aten = torch.ops.aten
+
+# Ops whose result describes a tensor's shape, not its values: an edge through them is not a data
+# dependence, so `x + pos_emb(arange(x.size(1)))` is not mistaken for a residual block.
+SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "get_device"})
+SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+SHAPE_FUNCTIONS = frozenset(
+    {_aten.sym_size.int, _aten.sym_size.default, _aten.sym_numel.default, _aten.sym_stride.int}
+)
+
+# Checks whose only effect is to raise (timm's `_assert(x.ndim == 4)`, export's shape asserts): a
+# branch may carry them along, so they never make a value count as used outside it.
+CHECK_FUNCTIONS = frozenset(
+    f for f in (
+        torch._assert,
+        getattr(_aten, "_assert_async", None) and _aten._assert_async.default,
+        getattr(_aten, "_assert_async", None) and _aten._assert_async.msg,
+        getattr(_aten, "_assert_scalar", None) and _aten._assert_scalar.default,
+        getattr(_aten, "sym_constrain_range", None) and _aten.sym_constrain_range.default,
+        getattr(_aten, "sym_constrain_range_for_size", None) and _aten.sym_constrain_range_for_size.default,
+        getattr(_aten, "_assert_tensor_metadata", None) and _aten._assert_tensor_metadata.default,
+    ) if f
+)
+_INPLACE_OPERATORS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
+def _is_shape_op(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+        return node.target in SHAPE_FUNCTIONS
+    return False
+
+
+def shape_only_nodes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    shape_only: set[fx.Node] = set()
+    for n in nodes:
+        ins = n.all_input_nodes
+        if _is_shape_op(n) or (ins and all(i in shape_only for i in ins)):
+            shape_only.add(n)
+    return shape_only
+
+
+def has_effect(n: fx.Node) -> bool:
+    """Whether ``n`` matters even when nothing reads its value (it writes, or it is the output).
+
+    Module calls count as effects (a module may update its buffers); checks do not (see CHECK_FUNCTIONS).
+    """
+    if n.op in ("placeholder", "output", "call_module"):
+        return True
+    if n.op == "call_method":
+        return str(n.target).endswith("_")  # in-place tensor methods: add_, copy_, ...
+    if n.op != "call_function":
+        return False
+    if n.target in CHECK_FUNCTIONS:
+        return False
+    if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace"):
+        return True
+    if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+        return True
+    try:
+        return n.is_impure()
+    except Exception:  # an fx version whose purity check needs what a bare graph lacks
+        return False
+
+
+def dead_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Values nothing depends on: no path to the output or to an effect (``C`` of ``B, N, C = x.shape``,
+    the weights of ``out, _ = attn(x)``, a check's operands). One reverse pass over the graph."""
+    dead: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if not has_effect(n) and all(u in dead for u in n.users):
+            dead.add(n)
+    return dead
+
+
+def constant_nodes(nodes: list[fx.Node], shape_only: set[fx.Node]) -> set[fx.Node]:
+    """Values made from model attributes and shapes alone (a parameter, ``scale.view(C, 1, 1)`` with C
+    read off the input): not data inputs."""
+    constant: set[fx.Node] = set()
+    for n in nodes:
+        ins = n.all_input_nodes
+        if n.op == "get_attr" or (
+            n.op in ("call_function", "call_method") and any(i in constant for i in ins)
+            and all(i in constant or i in shape_only for i in ins)
+        ):
+            constant.add(n)
+    return constant
+
+
