@@ -76,6 +76,9 @@ def batch_norm_with_stats(bn: nn.Module, x: torch.Tensor):
     return out, mean.detach(), var
 
 
+torch.fx.wrap("batch_norm_with_stats")  # a call in any graph that holds it, never traced through
+
+
 class StochasticDepth(nn.Module):
     """Gate for one residual block: ``forward(skip, *branch_inputs) = skip + gate * branch(*branch_inputs)``.
 
@@ -138,6 +141,14 @@ class StochasticDepth(nn.Module):
         object.__setattr__(self, "_cond_branch", _stats_branch(branch))
         self._generator: torch.Generator | None = None
         self._last_draw: torch.Tensor | None = None  # replayed when activation checkpointing recomputes
+
+    def __getstate__(self):
+        # The cond branch is derived from the branch: rebuilt on unpickling, never pickled (a GraphModule
+        # unpickles by re-tracing its code, and batch_norm_with_stats computes on shapes).
+        state = dict(self.__dict__)
+        state.pop("_cond_branch", None)
+        state["_last_draw"] = None
+        return state
 
     def __setstate__(self, state):
         state.setdefault("sync_ranks", True)

@@ -322,3 +322,24 @@ def test_export_help():
     assert_ok(result)
     for text in ("--no-fold", "--weights", "--static-batch", "Example"):
         assert text in result.stdout, text
+
+
+def test_a_model_saved_whole_injects_and_exports_through_the_cli(work):
+    # the mission's two commands on the most common checkpoint format: torch.save(model)
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=4)
+    torch.save(model, work / "whole.pt")
+    assert_ok(invoke("inject", "whole.pt", "--trust-pickle", "--pL", "0.5", "--input-shape", "1,3,16,16"))
+    result = invoke("export", "whole.sd.pt", "--trust-pickle", "--fold", "-o", "whole.onnx", "--json")
+    assert_ok(result)
+    record = json.loads(result.stdout)
+    assert record["verify"]["ok"] is True
+    injected = sdsurgeon.load(work / "whole.sd.pt", trust_pickle=True)
+    assert len(sdsurgeon.gates(injected)) == GATES
+    x = torch.randn(2, 3, 16, 16)
+    (got,) = ort.InferenceSession(str(work / "whole.onnx")).run(None, {"x": x.numpy()})
+    reference = model.eval()  # by hand: each block's bn2 output scaled by its p_l
+    for block, p in zip([m for m in reference.modules() if type(m).__name__ == "BasicBlock"], (5 / 6, 4 / 6, 3 / 6)):
+        block.bn2.register_forward_hook(lambda _m, _i, out, p=p: out * p)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, reference(x).numpy(), **TOL)
