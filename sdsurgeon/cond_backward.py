@@ -27,6 +27,42 @@ enabled = True
 plans_built = 0  # conds this module differentiated (tests read it)
 
 
+def boundary_layout():
+    """How 4-D values must be laid out where they cross a gate's cond, under the inductor config now in force.
+
+    Inductor's layout optimisation runs convolutions channels-last and hands a cond's subgraphs tensors in
+    that layout, while each subgraph was compiled for the strides it was traced with (contiguous): its input
+    asserts then fail ("expected ... stride 1==256", torchvision's ResNet-18), and two branches may return
+    differently ordered strides (EfficientNet). Pinning every 4-D operand and output to channels-last makes
+    the traced strides the ones inductor uses. Without layout optimisation (or inductor), nothing is pinned.
+    """
+    try:
+        from torch._inductor import config as inductor_config
+
+        channels_last = bool(inductor_config.layout_optimization)
+    except Exception:  # no inductor in this torch: nothing reorders layouts
+        channels_last = False
+    if not channels_last:
+        return as_is
+    return _channels_last
+
+
+def as_is(t):
+    return t
+
+
+def _channels_last(t):
+    """t channels-last with exactly the canonical strides: cond compares the strides of its branches'
+    outputs, and a dim of size 1 lets the same layout carry other strides ((C,1,1,1) vs (C,1,C,C))."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 4):
+        return t
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)  # a fresh tensor, canonical strides
+    n, c, h, w = t.shape
+    canonical = (h * w * c, 1, w * c, c)
+    return t if tuple(t.stride()) == canonical else t.as_strided(t.shape, canonical)
+
+
 def install() -> None:
     """Route the autograd of torch.cond through ``_Dispatch`` (gates here, everything else to torch)."""
     if _TORCH_COND_AUTOGRAD is not None:
@@ -93,9 +129,7 @@ class _Side:
             self.computed_vals.append(val)
 
     def layout(self, t):
-        if self.channels_last and isinstance(t, torch.Tensor) and t.dim() == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        return t
+        return _channels_last(t) if self.channels_last else t
 
     def forward(self, operands):
         results = self.part.fw_gm(*operands)
@@ -157,7 +191,7 @@ class _Plan:
             side = self.sides[which]
             raw = side.backward(operands, computed[which], grads)
             seen = list(args)
-            return [side.layout(_fresh(torch.zeros_like(op) if g is None else g, seen))
+            return [_flat(side.layout(_fresh(torch.zeros_like(op) if g is None else g, seen)), op)
                     for g, op, slot in zip(raw, operands, self.grad_mask) if slot]
 
         return run
@@ -181,4 +215,20 @@ class _SavedCond(torch.autograd.Function):
         grads = [kept.layout(torch.zeros(v.shape, dtype=v.dtype, device=v.device)) if g is None else g
                  for g, v in zip(grads, kept.out_vals)]
         results = iter(_COND.cond_op(pred, plan.backward_graph(0), plan.backward_graph(1), (*saved, *grads)))
-        return (None, None, *(next(results) if slot else None for slot in plan.grad_mask))
+        operands = saved[:plan.n_operands]
+        return (None, None, *(_unflat(next(results), op) if slot else None for slot, op in zip(plan.grad_mask, operands)))
+
+
+def _ambiguous(like) -> bool:
+    """A shape whose size-1 dims let one memory layout carry several strides (a 1x1 conv weight, a pooled map)."""
+    return isinstance(like, torch.Tensor) and like.dim() >= 2 and any(d == 1 for d in like.shape[1:])
+
+
+def _flat(t, like):
+    """Gradients cross the backward cond flat where their strides are ambiguous: inductor compares the two
+    branches' output strides, and lays out each side's size-1 dims its own way ((C,1,1,1) vs (C,1,C,C))."""
+    return t.contiguous().reshape(-1) if _ambiguous(like) else t
+
+
+def _unflat(t, like):
+    return t.view(like.shape) if _ambiguous(like) else t

@@ -223,18 +223,33 @@ class StochasticDepth(nn.Module):
     def _decide_in_graph(self, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
         branch, norms = self._cond_branch
         keep = torch.rand((), device=skip.device) < self.p
+        pin = cond_backward.boundary_layout()
+        # A training graph's convolution weights are re-laid out by inductor too: they cross the boundary as
+        # operands, pinned like the activations (torch.cond would lift them with their traced strides). An
+        # inference graph (no grad) keeps weights as they are, and so do they here.
+        relaid = pin is not cond_backward.as_is and torch.is_grad_enabled()
+        weights = {n: w for n, w in branch.named_parameters() if w.dim() == 4} if relaid else {}
+        names, n_inputs = list(weights), len(branch_inputs)
 
-        def kept(skip, *inputs):
-            out, *stats = branch(*inputs)
-            return (skip + self._scaled(out).to(skip.dtype), *stats)
+        def run(inputs, ws):
+            return torch.func.functional_call(branch, dict(zip(names, ws)), inputs) if names else branch(*inputs)
 
-        def dropped(skip, *inputs):
+        def kept(skip, *rest):
+            out, *stats = run(rest[:n_inputs], rest[n_inputs:])
+            return (pin(skip + self._scaled(out).to(skip.dtype)), *stats)
+
+        def dropped(skip, *rest):
             # fresh tensors (cond refuses aliased outputs), not made from the buffers updated below
             means = [skip.new_zeros(bn.num_features) for bn in norms]
             variances = [skip.new_zeros(bn.num_features) for bn in norms]
-            return (skip.clone(), *means, *variances)
+            return (pin(skip.clone()), *means, *variances)
 
-        out, *stats = torch.cond(keep, kept, dropped, (skip, *branch_inputs))
+        pinned = {}  # one pinned copy per tensor: the skip is often a branch input too (cond refuses aliases)
+        operands = (skip, *branch_inputs, *weights.values())
+        for t in operands:
+            if id(t) not in pinned:
+                pinned[id(t)] = pin(t)
+        out, *stats = torch.cond(keep, kept, dropped, tuple(pinned[id(t)] for t in operands))
         with torch.no_grad():  # the running statistics move only when the branch ran, as in eager
             weight = keep.to(skip.dtype)
             for bn, mean, var in zip(norms, stats[:len(norms)], stats[len(norms):]):

@@ -116,6 +116,58 @@ def test_compiled_gate_that_always_keeps_matches_the_eager_original_with_batch_n
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+class SqueezeBottleneck(torch.nn.Module):
+    """torchvision's Bottleneck with a squeeze-excite: 1x1 convolutions, a (B, C, 1, 1) gate, a conv+BN
+    projection and ``out += identity; return relu(out)``: the layouts inductor's channels-last meets at a cond."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        nn = torch.nn
+        mid = cout // 2
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.se_reduce, self.se_expand = nn.Conv2d(mid, 4, 1), nn.Conv2d(4, mid, 1)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        out = out * torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(out.mean((2, 3), keepdim=True)))))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train-step", "no-grad"])
+def test_compiled_torchvision_style_blocks_train_like_the_eager_original(grad):
+    # inductor lays convolutions (and, in training, their weights) out channels-last; a cond's subgraphs were
+    # compiled for the strides traced: torch 2.13/2.14 crashed here (assert_size_stride, branch strides)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+    original = Seq(SqueezeBottleneck(8, 16, 2), SqueezeBottleneck(16, 16, 1), stem=stem)
+    reference = copy.deepcopy(original).train()
+    injected = inject(original, 1 - 1e-7).train()  # p < 1: every gate goes through torch.cond, and keeps
+    compiled = torch.compile(injected)
+    for step in range(2):
+        x = torch.randn(4, 3, 16, 16)
+        with torch.set_grad_enabled(grad):
+            got, want = compiled(x), reference(x)
+            if grad:
+                got.square().mean().backward()
+                want.square().mean().backward()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(injected.state_dict()[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
+    if grad:
+        grads = dict(reference.named_parameters())
+        for name, p in injected.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_compiled_gate_that_always_drops_leaves_the_branch_statistics_and_gives_zero_gradients():
     injected, reference, graphs = _compiled_resnet_step(1e-7)
     assert graphs == 1
