@@ -16,15 +16,23 @@ from .layers import StochasticDepth
 
 _CLASS = re.compile(r"DropPath|StochasticDepth")
 _RATE_ATTRS = ("drop_prob", "drop_rate", "p")  # timm/HF, some ports, torchvision
+# LayerDrop (Fan et al. 2019) as transformers configs carry it: the encoder's loop draws torch.rand per layer
+# in Python and skips the call; a rate of 0 skips the draw, so the model captures and the gates take over.
+_LAYERDROP = re.compile(r"(^|_)layerdrop$")
+LAYERDROP = "LayerDrop"  # the class name recorded for a config rate
 
 
 @dataclass(frozen=True)
 class ExistingDropPath:
     """A drop-path module found in the model: where, its class, and the rate it drops at."""
 
-    path: str
+    path: str  # a module, or for a LayerDrop rate the config attribute (e.g. "config.layerdrop")
     cls: str
     rate: float
+
+    @property
+    def is_module(self) -> bool:
+        return self.cls != LAYERDROP
 
     def to_dict(self) -> dict:
         return {"module": self.path, "class": self.cls, "rate": round(self.rate, 6)}
@@ -41,18 +49,41 @@ def is_drop_path(module: nn.Module) -> bool:
     return _rate_attr(module) is not None
 
 
+def _layerdrop_rates(model: nn.Module) -> Iterator[tuple[str, object, str]]:
+    """(path, config, attribute) of every LayerDrop rate in the configs the model's modules hold, once per config."""
+    seen: set[int] = set()
+    for path, m in model.named_modules():
+        config = m.__dict__.get("config")
+        if config is None or id(config) in seen or not hasattr(config, "to_dict"):
+            continue
+        seen.add(id(config))
+        for attr, value in sorted(vars(config).items()):
+            if _LAYERDROP.search(attr) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield (f"{path}.config.{attr}" if path else f"config.{attr}"), config, attr
+
+
 def find_drop_paths(model: nn.Module) -> list[ExistingDropPath]:
-    """Every drop-path module of ``model`` in module order (read-only)."""
-    return [ExistingDropPath(path, type(m).__name__, float(getattr(m, _rate_attr(m))))
-            for path, m in model.named_modules() if _rate_attr(m) is not None]
+    """Every drop-path module of ``model`` in module order, then its configs' LayerDrop rates (read-only)."""
+    found = [ExistingDropPath(path, type(m).__name__, float(getattr(m, _rate_attr(m))))
+             for path, m in model.named_modules() if _rate_attr(m) is not None]
+    return found + [ExistingDropPath(path, LAYERDROP, float(getattr(config, attr)))
+                    for path, config, attr in _layerdrop_rates(model)]
+
+
+def _set_rates(model: nn.Module, rates: dict[str, float]) -> None:
+    configs = {path: (config, attr) for path, config, attr in _layerdrop_rates(model)}
+    for path, rate in rates.items():
+        if path in configs:
+            setattr(*configs[path], rate)
+        else:
+            module = model.get_submodule(path)
+            setattr(module, _rate_attr(module), rate)
 
 
 def switch_off(model: nn.Module) -> list[ExistingDropPath]:
-    """Set every drop-path rate to 0 (sdsurgeon's gates take over); returns what was there."""
+    """Set every drop-path and LayerDrop rate to 0 (sdsurgeon's gates take over); returns what was there."""
     found = find_drop_paths(model)
-    for d in found:
-        module = model.get_submodule(d.path)
-        setattr(module, _rate_attr(module), 0.0)
+    _set_rates(model, {d.path: 0.0 for d in found})
     return found
 
 
@@ -63,14 +94,12 @@ def switched_off(model: nn.Module) -> Iterator[list[ExistingDropPath]]:
     try:
         yield found
     finally:
-        for d in found:
-            module = model.get_submodule(d.path)
-            setattr(module, _rate_attr(module), d.rate)
+        _set_rates(model, {d.path: d.rate for d in found})
 
 
 def leaf_classes(found: Sequence[ExistingDropPath]) -> list[str]:
     """Class names torch.fx must keep as leaves so their train/eval switch stays at run time."""
-    return sorted({d.cls for d in found})
+    return sorted({d.cls for d in found if d.is_module})
 
 
 def restore_calls(gm: fx.GraphModule, model: nn.Module, found: Sequence[ExistingDropPath]) -> fx.GraphModule:
@@ -81,6 +110,8 @@ def restore_calls(gm: fx.GraphModule, model: nn.Module, found: Sequence[Existing
     """
     graph = gm.graph
     for d in found:
+        if not d.is_module:
+            continue  # a LayerDrop loop kept by the user never reaches this far: it cannot be captured
         region = [n for n in graph.nodes
                   if n.op == "call_function" and any(v[0] == d.path for v in n.meta.get("nn_module_stack", {}).values())]
         if not region:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .capture import (Capture, CapturedPart, InputSpec, annotate, capture as capture_model, make_example_inputs,
                       normalize_inputs, specs_of, tag)
-from .drop_path import switch_off
+from .drop_path import find_drop_paths, switch_off
 from .hf import complete_specs
 from .detect import ResidualSite, find_residuals
 from .errors import NoResidualSitesError, RecipeMismatchError
@@ -122,8 +122,12 @@ def inject(
     chosen = [(s, p) for s, p in zip(sites, ps) if p is not None]
     if not chosen:
         what = "no residual block" if not sites else f"none of its {len(sites)} residual sites selected"
+        # where parts could not be captured, the reason is what the user needs, not the empty result
+        why = f" in what could be captured ({'; '.join(_failures(cap))})" if cap.untraced and not sites else ""
+        if why and any(not d.is_module and d.rate for d in find_drop_paths(work)):
+            why += "; its own LayerDrop draws in Python, which no capture can follow: leave out --keep-existing"
         raise NoResidualSitesError(
-            f"{type(model).__name__} has {what}: nothing to inject (run `sdsurgeon plan` to see what was found)"
+            f"{type(model).__name__} has {what}{why}: nothing to inject (run `sdsurgeon plan` to see what was found)"
         )
     recipe = Recipe(
         sites=[(s.id, p) for s, p in chosen], mode=mode, scaling=scaling, seed=seed, p_L=p_L, rule=rule,
@@ -131,6 +135,10 @@ def inject(
         capture=cap.method, keep_existing=keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
     )
     return _apply(work, cap, chosen, recipe)
+
+
+def _failures(cap: Capture, most: int = 2) -> list[str]:
+    return [f"{u.path or 'the model'}: {u.reason}" for u in cap.untraced[:most]]
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:

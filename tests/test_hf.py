@@ -756,3 +756,54 @@ def test_token_inputs_are_drawn_below_the_vocabulary_and_defaults_come_from_the_
     # the one run on defaults: no --input at all
     d = one_json(invoke("plan", bert.folder, "--json"))
     assert d["num_sites"] == 4 and d["capture"] == "export" and d["total_flops"] > 0
+
+
+# --- a model with its own LayerDrop (a transformers speech encoder) -------------------------------------
+
+
+def _wav2vec2(layerdrop: float = 0.1):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        layerdrop=layerdrop, vocab_size=32, apply_spec_augment=False)
+    return transformers.Wav2Vec2Model(config)
+
+
+def _encoder_layer_adds(model) -> list[str]:
+    # transformers' own layer list: every encoder layer adds its attention and its feed-forward residual
+    return [f"encoder.layers.{i}:{name}" for i in range(len(model.encoder.layers)) for name in ("add", "add_1")]
+
+
+def test_layerdrop_is_switched_off_like_a_drop_path_and_the_gates_replace_it():
+    model = _wav2vec2()
+    x = {"input_values": torch.randn(2, 1600)}
+    plan = sdsurgeon.plan(model, 0.5, example_inputs=x)
+    assert plan.capture == "export"
+    assert set(_encoder_layer_adds(model)) <= {s.id for s in plan.sites}
+    assert [(d["module"], d["class"], d["rate"]) for d in plan.to_dict()["existing_drop_paths"]] == [
+        ("config.layerdrop", "LayerDrop", 0.1)]
+    assert model.config.layerdrop == 0.1  # plan changed nothing
+    injected = sdsurgeon.inject(model, 1.0, example_inputs=x)
+    assert injected.sdsurgeon_recipe.replaced == [["config.layerdrop", 0.1]]
+    reference = _wav2vec2(layerdrop=0.0)  # the same weights (seed), no LayerDrop
+    for training in (True, False):
+        injected.train(training)
+        reference.train(training)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            got = injected(**x)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            expected = reference(**x)
+        torch.testing.assert_close(got["last_hidden_state"] if isinstance(got, dict) else got[0],
+                                   expected.last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_layerdrop_kept_says_what_stopped_the_capture_in_one_line():
+    with pytest.raises(sdsurgeon.SurgeonError) as raised:
+        sdsurgeon.inject(_wav2vec2(), 0.5, example_inputs={"input_values": torch.randn(2, 1600)}, keep_existing=True)
+    message = str(raised.value)
+    assert "\n" not in message and "torch.export could not capture" in message and "LayerDrop" in message
