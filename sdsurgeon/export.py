@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree
 
 from .capture import DTYPES, InputSpec, normalize_inputs
@@ -209,7 +210,9 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
         if first is not None and first.shape[0] == 1:
             args, kwargs = _with_batch(args, kwargs, 2)
     dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
-    with quiet(verbose), _eval_mode(model):
+    # Attention decomposed by its math kernel: the fused CPU kernel's decomposition ends in a view that a
+    # symbolic batch cannot take (transformers' Swin with SDPA, captured or not: "Cannot view a tensor ...").
+    with quiet(verbose), _eval_mode(model), sdpa_kernel([SDPBackend.MATH]):
         try:
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)

@@ -807,3 +807,22 @@ def test_layerdrop_kept_says_what_stopped_the_capture_in_one_line():
         sdsurgeon.inject(_wav2vec2(), 0.5, example_inputs={"input_values": torch.randn(2, 1600)}, keep_existing=True)
     message = str(raised.value)
     assert "\n" not in message and "torch.export could not capture" in message and "LayerDrop" in message
+
+
+def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
+    # built in Python, transformers picks SDPA; its fused CPU kernel's decomposition failed a symbolic batch
+    from hf_zoo import build
+
+    model = build(CASES["swin"]).eval()
+    assert model.config._attn_implementation == "sdpa"
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    injected = sdsurgeon.inject(model, 0.5, example_inputs=x)
+    onnx_file, verification = export_verified(sdsurgeon.fold(injected), x, tmp_path / "swin.onnx", reference=injected)
+    assert verification.ok and onnx_file.dynamic_inputs == ["pixel_values"]
+    session = ort.InferenceSession(str(tmp_path / "swin.onnx"))
+    batch = torch.randn(5, 3, 32, 32)
+    (got,) = session.run(None, {"pixel_values": batch.numpy()})
+    with torch.no_grad():
+        expected = injected.eval()(pixel_values=batch)
+    expected = expected["logits"] if isinstance(expected, dict) else expected[0]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
