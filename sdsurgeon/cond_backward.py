@@ -9,64 +9,120 @@ backward graph. 4-D values crossing the boundary are kept channels-last when the
 layout inductor gives convolutions, so no copies are made at each gate.
 
 Only conds traced from a ``StochasticDepth`` gate are handled; every other cond, and any gate whose branch
-cannot be partitioned, goes to torch's own implementation unchanged. ``install`` is idempotent; ``enabled``
+cannot be partitioned, goes to torch's own implementation unchanged (logged once). Everything here is
+private to torch: ``install`` first checks that the running torch has each name it uses (``missing``) and
+otherwise leaves torch alone with one warning; gates then train compiled with torch's own backward. Gates
+install it when they are made, not ``import sdsurgeon``; ``uninstall`` puts torch's class back; ``enabled``
 switches the behaviour off (for benchmarks and debugging) without uninstalling.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 
 import torch
-from torch._higher_order_ops.utils import save_values_for_backward, saved_values
 
-_COND = importlib.import_module("torch._higher_order_ops.cond")
-_TORCH_COND_AUTOGRAD = getattr(_COND, "CondAutogradOp", None)  # private to torch: absent, nothing is replaced
+log = logging.getLogger(__name__)
+
+# The private torch names this module relies on, checked at install time on the running torch.
+REQUIRED = {
+    "torch._higher_order_ops.cond": ("CondAutogradOp", "cond_op"),
+    "torch._higher_order_ops.utils": ("save_values_for_backward", "saved_values"),
+    "torch._higher_order_ops.partitioner": ("HopGraphMinCutPartitioner",),
+    "torch.fx.experimental.proxy_tensor": ("disable_proxy_modes_tracing",),
+}
 
 enabled = True
 plans_built = 0  # conds this module differentiated (tests read it)
+_torch_cond_autograd = None  # torch's own CondAutogradOp while ours stands in for it
+_warned = False
+_logged_fallback = False
 
 
-def boundary_layout():
-    """How 4-D values must be laid out where they cross a gate's cond, under the inductor config now in force.
+def missing() -> list[str]:
+    """The names in REQUIRED that the running torch lacks (empty: the saved-activation backward can run)."""
+    absent = []
+    for module_name, names in REQUIRED.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            absent.append(module_name)
+            continue
+        absent += [f"{module_name}.{n}" for n in names if not hasattr(module, n)]
+    return absent
 
-    Inductor's layout optimisation runs convolutions channels-last and hands a cond's subgraphs tensors in
-    that layout, while each subgraph was compiled for the strides it was traced with (contiguous): its input
-    asserts then fail ("expected ... stride 1==256", torchvision's ResNet-18), and two branches may return
-    differently ordered strides (EfficientNet). Pinning every 4-D operand and output to channels-last makes
-    the traced strides the ones inductor uses. Without layout optimisation (or inductor), nothing is pinned.
+
+def install() -> bool:
+    """Route the autograd of torch.cond through ``_Dispatch`` (gates here, everything else to torch).
+
+    Idempotent. Returns whether it is installed; where the running torch lacks a name it needs, nothing
+    is replaced and one warning says compiled gates use torch's own (recomputing) cond backward.
+    """
+    global _torch_cond_autograd, _warned
+    if _torch_cond_autograd is not None:
+        return True
+    absent = missing()
+    if absent:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"sdsurgeon: torch {torch.__version__} lacks {absent[0]}; compiled gates use torch's own "
+                          "cond backward, which runs each kept branch's forward twice", RuntimeWarning, stacklevel=2)
+        return False
+    cond = importlib.import_module("torch._higher_order_ops.cond")
+    _torch_cond_autograd = cond.CondAutogradOp
+    cond.CondAutogradOp = _Dispatch
+    return True
+
+
+def uninstall() -> None:
+    """Give torch its own CondAutogradOp back."""
+    global _torch_cond_autograd
+    if _torch_cond_autograd is not None:
+        importlib.import_module("torch._higher_order_ops.cond").CondAutogradOp = _torch_cond_autograd
+        _torch_cond_autograd = None
+
+
+def installed() -> bool:
+    return _torch_cond_autograd is not None
+
+
+def channels_last_boundary() -> bool:
+    """Whether 4-D values cross a gate's cond channels-last: when inductor's layout optimisation is on.
+
+    It runs convolutions channels-last and hands a cond's subgraphs tensors in that layout, while each
+    subgraph was compiled for the strides it was traced with: its input asserts then fail ("expected ...
+    stride 1==256", torchvision's ResNet-18). Pinning 4-D operands and outputs channels-last makes the traced
+    strides the ones inductor uses.
     """
     try:
         from torch._inductor import config as inductor_config
 
-        channels_last = bool(inductor_config.layout_optimization)
+        return bool(inductor_config.layout_optimization)
     except Exception:  # no inductor in this torch: nothing reorders layouts
-        channels_last = False
-    if not channels_last:
-        return as_is
-    return _channels_last
+        return False
 
 
-def as_is(t):
-    return t
+def canonical(t, channels_last: bool):
+    """``t`` laid out the one way both sides of a cond agree on: dense, channels-last for 4-D values when
+    ``channels_last``, else row-major, with exactly the canonical strides.
 
-
-def _channels_last(t):
-    """t channels-last with exactly the canonical strides: cond compares the strides of its branches'
-    outputs, and a dim of size 1 lets the same layout carry other strides ((C,1,1,1) vs (C,1,C,C))."""
-    if not (isinstance(t, torch.Tensor) and t.dim() == 4):
+    torch.cond compares the strides of its branches' outputs: an attention branch returns a permuted layout
+    where the dropped side returns a copy of the skip (timm's ViT), and a dim of size 1 lets one layout carry
+    other strides ((C,1,1,1) vs (C,1,C,C), EfficientNet).
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        return t.contiguous(memory_format=torch.channels_last)  # a fresh tensor, canonical strides
-    n, c, h, w = t.shape
-    canonical = (h * w * c, 1, w * c, c)
-    return t if tuple(t.stride()) == canonical else t.as_strided(t.shape, canonical)
-
-
-def install() -> None:
-    """Route the autograd of torch.cond through ``_Dispatch`` (gates here, everything else to torch)."""
-    if _TORCH_COND_AUTOGRAD is not None:
-        _COND.CondAutogradOp = _Dispatch
+    fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.contiguous_format
+    if not t.is_contiguous(memory_format=fmt):
+        return t.contiguous(memory_format=fmt)  # a fresh tensor with the canonical strides
+    order = (0, 2, 3, 1) if fmt is torch.channels_last else tuple(range(t.dim()))
+    strides, step = [0] * t.dim(), 1
+    for d in reversed(order):
+        strides[d] = step
+        step = step * t.shape[d]
+    return t if tuple(t.stride()) == tuple(strides) else t.as_strided(t.shape, strides)
 
 
 def _from_gate(graph_module) -> bool:
@@ -90,12 +146,20 @@ class _Dispatch:
         if enabled and isinstance(true_fn, torch.fx.GraphModule) and _from_gate(true_fn):
             try:
                 plan = _Plan.build(true_fn, false_fn, operands)
-            except Exception:  # anything unexpected in the partition: torch's own (recomputing) path
-                plan = None
+            except Exception as exc:  # anything unexpected in the partition: torch's own (recomputing) path
+                _log_fallback(exc)
         if plan is None:
-            return _TORCH_COND_AUTOGRAD.apply(pred, true_fn, false_fn, *operands)
+            return _torch_cond_autograd.apply(pred, true_fn, false_fn, *operands)
         plans_built += 1
         return _SavedCond.apply(plan, pred, *operands)
+
+
+def _log_fallback(exc: Exception) -> None:
+    global _logged_fallback
+    if not _logged_fallback:
+        _logged_fallback = True
+        log.warning("a gate's branch could not be partitioned (%s: %s); torch's own cond backward runs it, "
+                    "recomputing its forward", type(exc).__name__, exc)
 
 
 def _fresh(t, seen: list):
@@ -129,7 +193,7 @@ class _Side:
             self.computed_vals.append(val)
 
     def layout(self, t):
-        return _channels_last(t) if self.channels_last else t
+        return canonical(t, self.channels_last)
 
     def forward(self, operands):
         results = self.part.fw_gm(*operands)
@@ -157,11 +221,9 @@ class _Plan:
     @staticmethod
     def build(true_fn, false_fn, operands) -> "_Plan":
         from torch._higher_order_ops.partitioner import HopGraphMinCutPartitioner
-        from torch._inductor import config as inductor_config
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
-        convolves = any("conv" in str(n.target) for n in true_fn.graph.nodes if n.op == "call_function")
-        channels_last = convolves and bool(inductor_config.layout_optimization)
+        channels_last = channels_last_boundary()  # as the gate's forward pinned its operands
         with disable_proxy_modes_tracing():
             kept = _Side(HopGraphMinCutPartitioner.create_partitioned_graph(true_fn, operands), channels_last)
             dropped = _Side(HopGraphMinCutPartitioner.create_partitioned_graph(false_fn, operands), channels_last)
@@ -197,24 +259,29 @@ class _Plan:
         return run
 
 
+def _cond_op(*args):
+    return importlib.import_module("torch._higher_order_ops.cond").cond_op(*args)
+
+
 class _SavedCond(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, pred, *operands):
         with torch._C._AutoDispatchBelowAutograd():
-            results = _COND.cond_op(pred, plan.forward_graph(0), plan.forward_graph(1), operands)
+            results = _cond_op(pred, plan.forward_graph(0), plan.forward_graph(1), operands)
         n_out = plan.sides[0].n_out
         ctx.plan = plan
-        save_values_for_backward(ctx, (pred, *operands, *results[n_out:]))  # operands may hold SymInts
+        utils = importlib.import_module("torch._higher_order_ops.utils")
+        utils.save_values_for_backward(ctx, (pred, *operands, *results[n_out:]))  # operands may hold SymInts
         return tuple(results[:n_out])
 
     @staticmethod
     def backward(ctx, *grads):
         plan = ctx.plan
-        pred, *saved = saved_values(ctx)
+        pred, *saved = importlib.import_module("torch._higher_order_ops.utils").saved_values(ctx)
         kept = plan.sides[0]
         grads = [kept.layout(torch.zeros(v.shape, dtype=v.dtype, device=v.device)) if g is None else g
                  for g, v in zip(grads, kept.out_vals)]
-        results = iter(_COND.cond_op(pred, plan.backward_graph(0), plan.backward_graph(1), (*saved, *grads)))
+        results = iter(_cond_op(pred, plan.backward_graph(0), plan.backward_graph(1), (*saved, *grads)))
         operands = saved[:plan.n_operands]
         return (None, None, *(_unflat(next(results), op) if slot else None for slot, op in zip(plan.grad_mask, operands)))
 

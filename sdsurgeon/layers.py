@@ -12,8 +12,6 @@ from torch import nn
 from . import cond_backward
 from .errors import ConfigError
 
-cond_backward.install()  # compiled gates save their kept branch's activations instead of recomputing them
-
 MODES = ("batch", "row")
 SCALINGS = ("paper", "inverted")
 
@@ -137,6 +135,7 @@ class StochasticDepth(nn.Module):
         # Which branch inputs may be per-sample (row mode subsets them); None: any with the batch size.
         self.sample_inputs = sample_inputs
         object.__setattr__(self, "branch", branch)  # not a registered submodule: see class doc
+        cond_backward.install()  # compiled, a kept branch's activations are saved rather than recomputed
         # The branch as torch.cond runs it under torch.compile (built here, never while compiling).
         object.__setattr__(self, "_cond_branch", _stats_branch(branch))
         self._generator: torch.Generator | None = None
@@ -157,6 +156,7 @@ class StochasticDepth(nn.Module):
         if "_cond_branch" not in state:
             state["_cond_branch"] = _stats_branch(state.get("branch"))
         super().__setstate__(state)
+        cond_backward.install()
 
     def extra_repr(self) -> str:
         seed = "" if self.seed is None else f", seed={self.seed}"
@@ -218,16 +218,22 @@ class StochasticDepth(nn.Module):
         # A seeded gate draws from its own generator, and distributed ranks must agree: both stay in Python.
         if self.mode != "batch" or not self.training or self.p >= 1.0 or self.seed is not None or _distributed():
             return False
+        if not hasattr(torch, "cond"):  # an older torch: the Python decision, with its graph break
+            return False
         return self._cond_branch is not None
 
     def _decide_in_graph(self, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
         branch, norms = self._cond_branch
         keep = torch.rand((), device=skip.device) < self.p
-        pin = cond_backward.boundary_layout()
+        channels_last = cond_backward.channels_last_boundary()
+
+        def pin(t):  # both sides of the cond lay every value out the same way (see cond_backward.canonical)
+            return cond_backward.canonical(t, channels_last)
+
         # A training graph's convolution weights are re-laid out by inductor too: they cross the boundary as
         # operands, pinned like the activations (torch.cond would lift them with their traced strides). An
         # inference graph (no grad) keeps weights as they are, and so do they here.
-        relaid = pin is not cond_backward.as_is and torch.is_grad_enabled()
+        relaid = channels_last and torch.is_grad_enabled()
         weights = {n: w for n, w in branch.named_parameters() if w.dim() == 4} if relaid else {}
         names, n_inputs = list(weights), len(branch_inputs)
 

@@ -334,3 +334,34 @@ def test_ddp_per_rank_draws_differ_and_parameters_still_agree(tmp_path):
     r0, r1 = _run_ddp(tmp_path, sync=False)
     assert r0["draws"] != r1["draws"]
     torch.testing.assert_close(torch.tensor(r0["params"]), torch.tensor(r1["params"]))
+
+
+def test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_installed_by_gates_only():
+    # run on both tiers' torch (2.13 and 2.14.1): each must take the fast path
+    assert cond_backward.missing() == []
+    code = ("import importlib, sdsurgeon, sdsurgeon.models; c = importlib.import_module('torch._higher_order_ops.cond'); "
+            "before = c.CondAutogradOp.__module__; sdsurgeon.plan(sdsurgeon.models.cifar_resnet(8), 0.5); "
+            "planned = c.CondAutogradOp.__module__; sdsurgeon.inject(sdsurgeon.models.cifar_resnet(8), 0.5); "
+            "print(before, planned, c.CondAutogradOp.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["torch._higher_order_ops.cond"] * 2 + ["sdsurgeon.cond_backward"]  # import and plan patch nothing
+
+
+def test_a_torch_without_a_name_cond_backward_needs_keeps_its_own_backward_with_one_warning(monkeypatch):
+    built = cond_backward.plans_built
+    cond_backward.uninstall()
+    monkeypatch.setattr(cond_backward, "REQUIRED", {**cond_backward.REQUIRED, "torch": ("no_such_private_name",)})
+    monkeypatch.setattr(cond_backward, "_warned", False)
+    try:
+        with pytest.warns(RuntimeWarning, match="no_such_private_name") as caught:
+            assert cond_backward.install() is False
+            assert cond_backward.install() is False
+        assert len(caught) == 1
+        injected, reference, graphs = _compiled_resnet_step(1 - 1e-7)  # gates made now install nothing either
+        assert graphs == 1 and cond_backward.plans_built == built and not cond_backward.installed()
+        grads = dict(reference.named_parameters())
+        for name, p in injected.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+    finally:
+        monkeypatch.undo()
+        assert cond_backward.install()
