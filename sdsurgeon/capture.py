@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .drop_path import find_drop_paths, leaf_classes, restore_calls
 from .errors import CaptureError, ConfigError, SurgeonError, first_line
+from .export_capture import at_least_two, cache_off, check_train_eval, export_graph
 from .graph_facts import dead_nodes
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
@@ -255,9 +256,13 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto
     leaves = frozenset(leaves) | set(leaf_classes([d for d in find_drop_paths(model) if d.rate > 0]))
     if not isinstance(model, (nn.ModuleList, nn.ModuleDict)):
         try:
-            return Capture("fx", [CapturedPart("", trace(model, leaves))])
+            gm = trace(model, leaves)
+            if inputs is not None:  # what the trace specialised on, seen on the inputs the user gave
+                with untouched(model):
+                    check_train_eval(model, gm, *at_least_two(inputs), front_end="fx")
+            return Capture("fx", [CapturedPart("", gm)])
         except Exception as exc:  # any tracing failure: try torch.export, then the children
-            root_failure = UntracedPart("", first_line(exc))
+            root_failure = UntracedPart("", str(exc) if isinstance(exc, CaptureError) else first_line(exc))
     else:
         root_failure = None
     export_failure = None
@@ -281,7 +286,6 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto
 
 
 def _export(model: nn.Module, inputs: "ExampleInputs") -> Capture:
-    from .export_capture import at_least_two, cache_off, check_train_eval, export_graph
 
     args, kwargs = at_least_two(inputs)
     with untouched(model), cache_off(model):

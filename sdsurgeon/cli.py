@@ -141,6 +141,8 @@ def _render_plan(p: Plan, name: str) -> None:
                   f"{rates[0]:.4g} to {rates[-1]:.4g}), {what}")
     for module, reason in p.untraced:
         out.print(f"not traced: {module or '(root)'}: {reason}", markup=False)
+    for refused in p.refused:
+        out.print(f"not gated: {refused.id}: {refused.reason}", markup=False)
 
 
 @app.command("plan")

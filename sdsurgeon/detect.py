@@ -163,27 +163,31 @@ def _shortcut_chain(g: _Graph, s: fx.Node, add: fx.Node) -> tuple[fx.Node, list[
     return (cur, chain) if chain else None
 
 
-def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[fx.Node]) -> dict | None:
-    """Check that ``region`` is a real block and describe it, else None."""
+def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[fx.Node]) -> dict | str | None:
+    """Describe ``region`` if it is a real block; else why a block with parameters cannot be gated (a str),
+    or None where it is no block at all (e.g. x + relu(x): no parameters)."""
     region_set = set(region)
-    if set(t.users) != {add}:
-        return None  # f(x) is used elsewhere: gating it would change those uses
-    for n in region:
-        # An intermediate value escapes the branch; a shape may (the branch then reads its own copy).
-        if n is not t and not set(n.users) <= region_set and n not in g.shape_only:
-            return None
     inputs: list[fx.Node] = []
     for n in region:
         for i in n.all_input_nodes:
             if i not in region_set and i not in inputs:
                 inputs.append(i)
-    if any(g.order[i] > g.order[add] for i in inputs):
-        return None  # a value the branch carries along reads one made after the block
     modules = tuple(n.target for n in region if n.op == "call_module")
     params = sum(g.module_params(m) for m in set(modules))
     params += sum(g.attr_params(i) for i in inputs if set(i.users) <= region_set)
     if params == 0:
-        return None  # no parameters: not a block (e.g. x + relu(x))
+        return None
+    outside = [u for u in t.users if u is not add]
+    if outside:
+        return f"its branch output {t.name} is also used by {outside[0].name}: gating it would change that use"
+    for n in region:
+        # An intermediate value escapes the branch; a shape may (the branch then reads its own copy).
+        users = [u for u in n.users if u not in region_set]
+        if n is not t and users and n not in g.shape_only:
+            return f"{n.name}, computed inside its branch, is also used by {users[0].name} outside it"
+    later = next((i for i in inputs if g.order[i] > g.order[add]), None)
+    if later is not None:
+        return f"its branch reads {later.name}, which is computed after the add"
     inputs.sort(key=lambda n: (n is not x, g.order[n]))  # x first, then side inputs in order
     return dict(
         branch_output=t.name,
@@ -194,11 +198,14 @@ def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[f
     )
 
 
-def _match(g: _Graph, add: fx.Node) -> dict | None:
+def _match(g: _Graph, add: fx.Node) -> dict | str | None:
+    """The site's fields, why this block cannot be gated (a str), or None: no residual block."""
     operands = add_operands(add)
     if operands is None or any(o in g.shape_only for o in operands):
         return None
     fields = _match_operands(g, add, *operands)
+    if isinstance(fields, str):
+        return fields
     # With shapes known (capture.annotate), a skip that broadcasts is no residual: a dropped gate
     # returns the skip, which must already have the block's output shape.
     out_shape = add.meta.get("sd_shape")
@@ -217,13 +224,13 @@ def _floating(node: fx.Node) -> bool:
     return dtype is None or dtype.is_floating_point or dtype.is_complex
 
 
-def _match_operands(g: _Graph, add: fx.Node, a: fx.Node, b: fx.Node) -> dict | None:
+def _match_operands(g: _Graph, add: fx.Node, a: fx.Node, b: fx.Node) -> dict | str | None:
     for s, t in ((a, b), (b, a)):
         region = g.branch(s, t)
         if region is not None:
             fields = _site_fields(g, add, s, t, region)
-            return fields and dict(fields, skip=s.name, shortcut="identity")
-    best = None
+            return dict(fields, skip=s.name, shortcut="identity") if isinstance(fields, dict) else fields
+    best, refused = None, None
     for s, t in ((a, b), (b, a)):
         found = _shortcut_chain(g, s, add)
         if found is None:
@@ -233,7 +240,8 @@ def _match_operands(g: _Graph, add: fx.Node, a: fx.Node, b: fx.Node) -> dict | N
         if region is None or len(chain) >= len(region):
             continue
         fields = _site_fields(g, add, x, t, region)
-        if fields is None:
+        if not isinstance(fields, dict):
+            refused = refused or fields
             continue
         if best is not None:
             if len(chain) == best[0]:
@@ -241,17 +249,31 @@ def _match_operands(g: _Graph, add: fx.Node, a: fx.Node, b: fx.Node) -> dict | N
             if len(chain) > best[0]:
                 continue
         best = (len(chain), dict(fields, skip=s.name, shortcut="projection"))
-    return best and best[1]
+    return best[1] if best else refused
+
+
+@dataclass(frozen=True)
+class RefusedAdd:
+    """An add shaped like ``x + f(x)`` with parameters in ``f`` that cannot be gated, and why."""
+
+    id: str  # as a site's id would be
+    reason: str
 
 
 def find_residuals(gm: fx.GraphModule, *, part: str = "") -> list[ResidualSite]:
     """Residual sites of ``gm`` in execution order (index from 1). Never modifies ``gm``."""
+    return _find(_Graph(gm), part)[0]
+
+
+def detect(gm: fx.GraphModule, *, part: str = "") -> tuple[list[ResidualSite], list[RefusedAdd]]:
+    """``find_residuals`` and the blocks it had to refuse, each with its reason. Never modifies ``gm``."""
     return _find(_Graph(gm), part)
 
 
-def _find(g: _Graph, part: str) -> list[ResidualSite]:
+def _find(g: _Graph, part: str) -> tuple[list[ResidualSite], list[RefusedAdd]]:
     positions: Counter[str] = Counter()
     sites: list[ResidualSite] = []
+    refused: list[RefusedAdd] = []
     for n in g.nodes:
         if not is_add(n):
             continue
@@ -263,6 +285,9 @@ def _find(g: _Graph, part: str) -> list[ResidualSite]:
             continue
         path = ".".join(p for p in (part, scope) if p)
         name = "add" if position == 0 else f"add_{position}"
+        if isinstance(fields, str):
+            refused.append(RefusedAdd(f"{path}:{name}" if path else name, fields))
+            continue
         sites.append(
             ResidualSite(
                 id=f"{path}:{name}" if path else name,
@@ -272,4 +297,4 @@ def _find(g: _Graph, part: str) -> list[ResidualSite]:
                 **fields,
             )
         )
-    return sites
+    return sites, refused

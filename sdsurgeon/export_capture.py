@@ -171,7 +171,7 @@ def _is_batch_counter(n: fx.Node) -> bool:
             and str(counter.target).endswith("num_batches_tracked") and n.args[1] == 1)
 
 
-def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict, *, front_end: str = "export") -> None:
     """Raise CaptureError unless ``gm`` computes what ``model`` does, in eval and in train mode.
 
     Train mode is compared under one RNG seed (dropout draws the same masks in the same order).
@@ -194,10 +194,11 @@ def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: 
                 e.shape == g.shape and torch.allclose(e, g, rtol=1e-4, atol=1e-5) for e, g in zip(expected, got)
             ):
                 mode = "train" if training else "eval"
+                advice = ("try --capture fx with --leaf for the module that does it" if front_end == "export"
+                          else "mark the module that does it with --leaf, or try --capture export")
                 raise CaptureError(
-                    f"the torch.export capture of {type(model).__name__} differs from the model in {mode} mode "
-                    "(its forward decides something on self.training that the capture froze); try --capture fx "
-                    "with --leaf for the module that does it"
+                    f"the torch.{front_end} capture of {type(model).__name__} differs from the model in {mode} mode "
+                    f"(its forward decides something the capture froze); {advice}"
                 )
     finally:
         for m, training in modes.items():

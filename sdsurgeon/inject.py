@@ -15,7 +15,7 @@ from .capture import (Capture, CapturedPart, InputSpec, annotate, capture as cap
                       normalize_inputs, specs_of, tag)
 from .drop_path import find_drop_paths, switch_off
 from .hf import complete_specs
-from .detect import ResidualSite, find_residuals
+from .detect import RefusedAdd, ResidualSite, detect
 from .errors import NoResidualSitesError, RecipeMismatchError
 from .layers import StochasticDepth, draw
 from .schedule import Override, assign
@@ -57,12 +57,14 @@ class Recipe:
 
 
 def locate(
-    model: nn.Module, leaves: Iterable[str] = (), example_inputs=None, method: str = "auto"
+    model: nn.Module, leaves: Iterable[str] = (), example_inputs=None, method: str = "auto",
+    refused: list[RefusedAdd] | None = None,
 ) -> tuple[Capture, list[ResidualSite]]:
     """Capture ``model`` (see capture.capture) and find its residual sites, numbered in depth order.
 
     With example inputs, nodes are annotated with shapes and FLOPs first, so detection can reject
-    broadcasting adds (a dropped gate must return a value of the block's output shape).
+    broadcasting adds (a dropped gate must return a value of the block's output shape). Blocks that
+    cannot be gated are appended to ``refused`` when it is given.
     """
     cap = capture_model(model, leaves=leaves, method=method, example_inputs=example_inputs)
     inputs = normalize_inputs(example_inputs)
@@ -70,8 +72,10 @@ def locate(
         annotate(model, cap, *inputs)
     sites: list[ResidualSite] = []
     for part in cap.parts:
-        for site in find_residuals(part.gm, part=part.path):
-            sites.append(_renumber(site, len(sites) + 1))
+        found, cannot = detect(part.gm, part=part.path)
+        sites += [_renumber(site, len(sites) + k) for k, site in enumerate(found, 1)]
+        if refused is not None:
+            refused += cannot
     return cap, sites
 
 

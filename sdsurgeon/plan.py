@@ -10,6 +10,7 @@ from typing import Sequence
 from torch import nn
 
 from .capture import Capture
+from .detect import RefusedAdd
 from .drop_path import ExistingDropPath, find_drop_paths, switched_off
 from .inject import locate
 from .schedule import Override, assign, expected_depth, expected_flops_ratio
@@ -39,6 +40,7 @@ class Plan:
     untraced: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
     drop_paths: list[ExistingDropPath] = field(default_factory=list)  # drop-path modules the model has
     keep_existing: bool = False  # they keep their rates (else the gates replace them)
+    refused: list[RefusedAdd] = field(default_factory=list)  # x + f(x) blocks that cannot be gated, and why
 
     @property
     def num_sites(self) -> int:
@@ -71,6 +73,7 @@ class Plan:
             "untraced": [{"module": m or "(root)", "reason": r} for m, r in self.untraced],
             "existing_drop_paths": [d.to_dict() for d in self.drop_paths],
             "existing_drop_paths_kept": self.keep_existing,
+            "refused": [{"id": r.id, "reason": r.reason} for r in self.refused],
         }
 
 
@@ -96,7 +99,8 @@ def plan(
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
     drop_paths = find_drop_paths(model)
     with contextlib.nullcontext() if keep_existing else switched_off(model):
-        cap, sites = locate(model, leaves, example_inputs, method=capture)
+        refused: list[RefusedAdd] = []
+        cap, sites = locate(model, leaves, example_inputs, method=capture, refused=refused)
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
     total = cap.total_flops
     node_flops = None if total is None else node_flops_of(cap)
@@ -116,6 +120,7 @@ def plan(
         sites=planned, rule=rule, p_L=p_L, expected_depth=expected_depth(ps),
         expected_train_flops_ratio=ratio, total_flops=total, capture=cap.method,
         untraced=[(u.path, u.reason) for u in cap.untraced], drop_paths=drop_paths, keep_existing=keep_existing,
+        refused=refused,
     )
 
 

@@ -75,7 +75,7 @@ def test_detection_work_grows_linearly():
 
     def work(depth):
         g = _Graph(capture(cifar_resnet(depth)).parts[0].gm)
-        sites = _find(g, "")
+        sites = _find(g, "")[0]
         return g.visited, len(g.nodes), len(sites)
 
     small, nodes_small, n_small = work(110)
@@ -137,3 +137,52 @@ def test_a_root_that_decides_on_self_training_is_captured_below_it_and_says_why(
     cap, sites = locate(TrainOnlyNoise())
     assert [p.path for p in cap.parts] == ["blocks"] and len(sites) == 2
     assert "self.training" in cap.untraced[0].reason and cap.untraced[0].path == ""
+
+
+def test_a_block_that_cannot_be_gated_is_named_with_its_reason_in_one_line(work):
+    import json
+
+    import torch
+
+    import sdsurgeon
+    from cli_helpers import assert_ok, invoke
+    from zoo import EscapingBranch, Negatives
+
+    plan = sdsurgeon.plan(EscapingBranch(), 0.5)
+    assert plan.num_sites == 0
+    (refused,) = plan.refused
+    assert refused.id == "add" and "also used by output" in refused.reason
+    assert sdsurgeon.plan(Negatives(), 0.5).refused == []  # adds that are no block are not reported at all
+    torch.save(EscapingBranch().state_dict(), work / "escaping.pt")
+    arch = ["--arch", "zoo:EscapingBranch"]
+    text = invoke("plan", "escaping.pt", *arch)
+    assert_ok(text)
+    assert "not gated: add: " in text.stdout
+    record = json.loads(invoke("plan", "escaping.pt", *arch, "--json").stdout)
+    assert record["refused"] == [{"id": "add", "reason": refused.reason}]
+
+
+def test_an_fx_capture_that_froze_something_is_checked_on_the_inputs_and_falls_back():
+    import torch
+    from torch import nn
+    from zoo import PlusBlock
+
+    class ShapeSpecialised(nn.Module):
+        """Decides on a shape in Python: fx freezes the branch it took while tracing (a proxy's len is 1)."""
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(PlusBlock(8), PlusBlock(8))
+            self.scale = 1.0
+
+        def forward(self, x):
+            self.scale = 2.0 if not isinstance(x, torch.Tensor) else 1.0  # a proxy is no tensor
+            return self.blocks(x) * self.scale
+
+    model = ShapeSpecialised()
+    assert locate(model)[0].method == "fx"  # without inputs, nothing can show the trace is wrong
+    cap, sites = locate(model, example_inputs=torch.randn(2, 8))
+    assert cap.method == "export" and len(sites) == 2  # auto: torch.export got it right
+    cap, sites = locate(model, example_inputs=torch.randn(2, 8), method="fx")
+    assert cap.untraced[0].path == "" and "torch.fx capture" in cap.untraced[0].reason
+    assert [p.path for p in cap.parts] == ["blocks"] and len(sites) == 2  # fx: the parts below it
