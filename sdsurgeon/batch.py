@@ -19,6 +19,7 @@ import yaml
 
 from . import __version__
 from .errors import ConfigError, SurgeonError, first_line
+from .files import atomic_write, clean_up_on_signals, on_signal, sweep
 from .report import JobRecord
 
 # --- configuration ----------------------------------------------------------------------------------------
@@ -363,8 +364,6 @@ def _mtime(path: Path) -> float:
 
 
 def _write_stamp(job: Job, record: JobRecord) -> None:
-    from .load import atomic_write
-
     text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__,
                        "record": record.to_dict()})
     atomic_write(job.stamp_path, lambda f: f.write(text.encode()))
@@ -399,7 +398,8 @@ def run_job(job: Job) -> JobRecord:
     from .fold import fold_with_report
     from .hf import complete_specs
     from .inject import RECIPE_ATTR, inject
-    from .load import load, save, staged
+    from .files import staged
+    from .load import load, save
 
     o = job.options
     record = JobRecord(job.name, "failed")
@@ -471,14 +471,9 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _remove_leftovers(job: Job) -> None:
-    """What a killed job's process could not clean up: its staged temp files, and its stamp."""
-    for output in job.outputs:
-        path = Path(output)
-        if path.parent.is_dir():
-            for leftover in path.parent.iterdir():
-                if leftover.name.startswith(".") and f".{path.name}." in leftover.name and leftover.suffix == ".tmp":
-                    with contextlib.suppress(OSError):
-                        leftover.unlink()
+    """What a killed job's process could not clean up: its staged temp files (its owner is gone), and its stamp."""
+    for folder in {str(Path(output).parent) for output in job.outputs}:
+        sweep(folder)
     with contextlib.suppress(OSError):
         os.unlink(job.stamp_path)
 
@@ -488,6 +483,7 @@ def _remove_leftovers(job: Job) -> None:
 
 def _worker(conn, threads: int, import_paths: list[str]) -> None:
     """A worker process: run the jobs it is sent until it gets None."""
+    clean_up_on_signals()  # stopped by the parent (or a CI cancel): its temp files go with it
     import torch
 
     torch.set_num_threads(threads)
@@ -578,57 +574,62 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
         slot.job = None
         emit(BatchEvent("done", record.name, record, len(records), len(jobs)))
 
+    def stop_workers() -> None:  # a SIGTERM to the batch reaches its workers, whose handlers remove their temp files
+        for slot in slots:
+            slot.process.terminate()
+
     failed = False
-    try:
-        while todo or any(s.job for s in slots):
-            if fail_fast and failed:
-                while todo:
-                    job = todo.popleft()
-                    records[job.name] = JobRecord(job.name, "skipped", error="not run: --fail-fast after a failure")
-                    emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
-            while todo and (len(slots) < workers or any(s.job is None for s in slots)):
-                slot = next((s for s in slots if s.job is None), None) or start_slot()
-                if slot not in slots:
-                    slots.append(slot)
-                slot.job, slot.started = todo.popleft(), time.monotonic()
-                slot.conn.send(slot.job)
-                emit(BatchEvent("start", slot.job.name, None, len(records), len(jobs)))
-            busy = [s for s in slots if s.job]
-            if not busy:
-                continue
-            ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
-            for slot in busy:
-                record = None
-                if slot.conn in ready:
-                    try:
-                        kind, record = slot.conn.recv()
-                    except (EOFError, OSError):
-                        kind, record = "died", None
-                    if kind == "started":
-                        slot.started = time.monotonic()
-                if record is not None:
-                    finish(slot, record)
-                    failed |= record.status == "failed"
+    with on_signal(stop_workers):
+        try:
+            while todo or any(s.job for s in slots):
+                if fail_fast and failed:
+                    while todo:
+                        job = todo.popleft()
+                        records[job.name] = JobRecord(job.name, "skipped", error="not run: --fail-fast after a failure")
+                        emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
+                while todo and (len(slots) < workers or any(s.job is None for s in slots)):
+                    slot = next((s for s in slots if s.job is None), None) or start_slot()
+                    if slot not in slots:
+                        slots.append(slot)
+                    slot.job, slot.started = todo.popleft(), time.monotonic()
+                    slot.conn.send(slot.job)
+                    emit(BatchEvent("start", slot.job.name, None, len(records), len(jobs)))
+                busy = [s for s in slots if s.job]
+                if not busy:
                     continue
-                timeout = slot.job.options.timeout
-                died = slot.process.sentinel in ready or not slot.process.is_alive()
-                late = timeout is not None and time.monotonic() - slot.started > timeout
-                if died or late:
+                ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
+                for slot in busy:
+                    record = None
+                    if slot.conn in ready:
+                        try:
+                            kind, record = slot.conn.recv()
+                        except (EOFError, OSError):
+                            kind, record = "died", None
+                        if kind == "started":
+                            slot.started = time.monotonic()
+                    if record is not None:
+                        finish(slot, record)
+                        failed |= record.status == "failed"
+                        continue
+                    timeout = slot.job.options.timeout
+                    died = slot.process.sentinel in ready or not slot.process.is_alive()
+                    late = timeout is not None and time.monotonic() - slot.started > timeout
+                    if died or late:
+                        slot.process.kill()
+                        slot.process.join()
+                        elapsed = round(time.monotonic() - slot.started, 3)
+                        why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
+                               f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
+                        _remove_leftovers(slot.job)
+                        finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
+                        failed = True
+                        slots.remove(slot)
+        finally:
+            for slot in slots:
+                with contextlib.suppress(OSError, BrokenPipeError):
+                    slot.conn.send(None)
+            for slot in slots:
+                slot.process.join(timeout=5)
+                if slot.process.is_alive():
                     slot.process.kill()
-                    slot.process.join()
-                    elapsed = round(time.monotonic() - slot.started, 3)
-                    why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
-                           f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
-                    _remove_leftovers(slot.job)
-                    finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
-                    failed = True
-                    slots.remove(slot)
-    finally:
-        for slot in slots:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                slot.conn.send(None)
-        for slot in slots:
-            slot.process.join(timeout=5)
-            if slot.process.is_alive():
-                slot.process.kill()
     return BatchResult([records[j.name] for j in jobs])

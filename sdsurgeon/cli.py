@@ -18,11 +18,12 @@ from . import capture as capture_mod
 from .capture import InputSpec, make_example_inputs
 from .errors import ConfigError, SurgeonError
 from .export import export_onnx, export_verified
+from .files import check_output, clean_up_on_signals
 from .fold import FoldReport, fold_with_report, remove_gates
 from .hf import complete_specs
 from .inject import RECIPE_ATTR, inject as inject_model
 from .layers import MODES, SCALINGS
-from .load import check_output, default_output, load, load_weights, parse_arch_kwargs, save
+from .load import default_output, load, load_weights, parse_arch_kwargs, save
 from .plan import Plan, plan as plan_model
 from .schedule import RULES
 
@@ -508,4 +509,5 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
+    clean_up_on_signals()  # SIGTERM (a CI cancel) leaves no temp file behind
     app()

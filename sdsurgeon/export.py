@@ -20,7 +20,7 @@ from torch.utils import _pytree
 
 from .capture import DTYPES, InputSpec, normalize_inputs
 from .errors import ConfigError, ExportError, VerificationError, first_line
-from .load import staged
+from .files import staged
 
 # Ops that would make inference random; a correct export of a folded model holds none.
 RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",

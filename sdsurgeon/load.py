@@ -1,4 +1,4 @@
-"""Read and write checkpoints safely: formats, trust, architecture factories, atomic writes."""
+"""Read and write checkpoints safely: formats, trust, architecture factories (writes: files.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import typing
 import zipfile
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 from . import hf
 from .capture import tag
 from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError, first_line
+from .files import atomic_write
 from .inject import RECIPE_ATTR, Recipe, apply_recipe
 
 SOURCE_ATTR = "sdsurgeon_source"
@@ -318,48 +318,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 # --- writing ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staged(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds.
-
-    Readers never see a partial file, and a failure (a write error, a failed check) leaves none.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
-    if not path.parent.is_dir():
-        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write via a temp file in the destination folder and rename (see ``staged``)."""
-    with staged(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
-def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse an output path that is one of the inputs."""
-    output = Path(output)
-    for i in inputs:
-        if i is not None and Path(i).exists() and output.exists() and os.path.samefile(output, i):
-            raise WriteError(f"output {output} is the input file; sdsurgeon never overwrites its input: choose another -o")
-    return output
 
 
 def save(
