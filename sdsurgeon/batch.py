@@ -7,7 +7,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 import traceback
 from collections import deque
@@ -21,6 +20,7 @@ from . import __version__
 from .errors import ConfigError, SurgeonError, first_line
 from .files import atomic_write, clean_up_on_signals, on_signal, sweep
 from .report import JobRecord
+from .trust import trust
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -408,7 +408,8 @@ def run_job(job: Job) -> JobRecord:
     try:
         Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
         with _stage(timings, "load"):
-            model = load(job.checkpoint, trust_pickle=o.trust_pickle, arch=job.arch, arch_kwargs=job.arch_kwargs)
+            model = load(job.checkpoint, trust_pickle=o.trust_pickle, arch=job.arch, arch_kwargs=job.arch_kwargs,
+                         arch_folders=job.import_paths)
         specs = None
         if o.input_shape is not None:
             specs = [InputSpec(None, parse_shape(",".join(map(str, o.input_shape)), "input_shape"))]
@@ -481,7 +482,7 @@ def _remove_leftovers(job: Job) -> None:
 # --- many jobs ----------------------------------------------------------------------------------------------
 
 
-def _worker(conn, threads: int, import_paths: list[str]) -> None:
+def _worker(conn, threads: int) -> None:
     """A worker process: run the jobs it is sent until it gets None."""
     clean_up_on_signals()  # stopped by the parent (or a CI cancel): its temp files go with it
     import torch
@@ -490,9 +491,6 @@ def _worker(conn, threads: int, import_paths: list[str]) -> None:
     import onnx  # noqa: F401  (imported now, not inside the first job's timings)
     import onnxruntime  # noqa: F401
 
-    for p in import_paths:
-        if p not in sys.path:
-            sys.path.insert(0, p)
     from .export import quiet
 
     while True:
@@ -558,13 +556,16 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
             todo.append(job)
     workers = max(1, min(workers, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    import_paths = sorted({p for j in jobs for p in j.import_paths})
+    for job in todo:  # the config's architectures are the user's: trusted once here, not by racing workers
+        if job.arch:
+            with contextlib.suppress(SurgeonError):  # not findable: the job's own load says why
+                trust(job.arch, folder=job.import_paths[0] if job.import_paths else None)
     ctx = mp.get_context("spawn")  # not fork: torch's thread pools do not survive a fork safely
     slots: list[_Slot] = []
 
     def start_slot() -> _Slot:
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker, args=(child, threads, import_paths), daemon=True)
+        process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
         process.start()
         child.close()
         return _Slot(process, parent)

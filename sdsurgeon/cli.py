@@ -26,6 +26,7 @@ from .layers import MODES, SCALINGS
 from .load import default_output, load, load_weights, parse_arch_kwargs, save
 from .plan import Plan, plan as plan_model
 from .schedule import RULES
+from .trust import drop_current_folder
 
 app = typer.Typer(
     name="sdsurgeon",
@@ -509,5 +510,6 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
+    drop_current_folder()  # a console script's own folder, or what `python -m` added: never ahead of packages
     clean_up_on_signals()  # SIGTERM (a CI cancel) leaves no temp file behind
     app()

@@ -1,29 +1,26 @@
-"""Read and write checkpoints safely: formats, trust, architecture factories (writes: files.py)."""
+"""Read and write checkpoints: formats, the sdsurgeon file, architecture factories (trust decisions: trust.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import os
-import pickle
 import re
-import sys
-import typing
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import hf
 from .capture import tag
-from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError, first_line
-from .files import atomic_write
+from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError, WriteError, first_line
+from .files import atomic_write, not_regular
 from .inject import RECIPE_ATTR, Recipe, apply_recipe
+from .trust import import_factory, trust, unsafe_globals
 
 SOURCE_ATTR = "sdsurgeon_source"
 FORMAT = "sdsurgeon"
@@ -44,42 +41,30 @@ class ModelSource:
 # --- architectures ---------------------------------------------------------------------------------
 
 
-def import_factory(spec: str) -> Callable[..., Any]:
-    """Resolve ``package.module:factory`` (the current folder is importable, as for `python -m`)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"--arch {spec!r}: expected package.module:factory, e.g. mymodels.resnet:resnet110")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise LoadError(
-            f"--arch {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
-            "install the package or run from the folder that contains it"
-        ) from None
-    obj = module
-    for atom in attr.split("."):
-        if not hasattr(obj, atom):
-            raise LoadError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, atom)
-    if not callable(obj):
-        raise LoadError(f"--arch {spec!r}: {attr!r} is not callable; point at a class or function that builds the model")
-    return obj
+def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.PathLike | None = None,
+          folders: Iterable[str | os.PathLike] | None = None) -> nn.Module:
+    """Call an architecture factory and check that it gives an nn.Module.
 
-
-def build(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
-    """Call an architecture factory and check that it gives an nn.Module."""
-    factory = import_factory(arch)
+    ``recorded_in``: the file that names the factory (then it must be one the user trusts, see
+    ``trust.import_factory``); None when the user named it, found on the installed packages and then
+    in ``folders`` (default: the current folder).
+    """
+    kwargs = dict(arch_kwargs or {})
+    if recorded_in is None:
+        label, given = f"--arch {arch!r}", "--arch-kwargs"
+        folders = [os.getcwd()] if folders is None else folders
+    else:
+        label, given = f"the architecture {arch!r} recorded in {recorded_in}", "its recorded arguments"
+    factory = import_factory(arch, recorded_in=recorded_in, folders=folders or ())
     try:
-        model = factory(**(arch_kwargs or {}))
+        model = factory(**kwargs)
     except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
-        raise LoadError(
-            f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})} failed: {first_line(exc)}"
-        ) from None
+        shown = json.dumps(kwargs, default=repr)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise LoadError(f"{label} with {given} {shown} failed: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise LoadError(f"--arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
-    tag(model, SOURCE_ATTR, ModelSource("arch", arch, dict(arch_kwargs or {})))
+        raise LoadError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
+    tag(model, SOURCE_ATTR, ModelSource("arch", arch, kwargs))
     return model
 
 
@@ -95,30 +80,6 @@ def parse_arch_kwargs(text: str | None) -> dict:
     return value
 
 
-def _builds_a_module(factory: Callable[..., Any]) -> bool:
-    """True for an nn.Module class, or a function whose return annotation is an nn.Module class."""
-    if isinstance(factory, type):
-        return issubclass(factory, nn.Module)
-    try:
-        returns = typing.get_type_hints(factory).get("return")
-    except Exception:
-        return False
-    return isinstance(returns, type) and issubclass(returns, nn.Module)
-
-
-def _build_recorded(arch: str, arch_kwargs: dict, path: Path) -> nn.Module:
-    # A file names the factory that load() will call. It may only name something that declares it
-    # builds a model (a Module class, or a function annotated to return one); anything else (e.g.
-    # subprocess:run or a third-party writer) is never called, so a weights-only file cannot run code.
-    if not _builds_a_module(import_factory(arch)):
-        raise UnsafeLoadError(
-            f"{path} names {arch!r} as its architecture, which is not declared to build an nn.Module "
-            "(a Module class, or a function annotated '-> SomeModule'); it was not called. "
-            f"If you trust it, pass --arch {arch} yourself"
-        )
-    return build(arch, arch_kwargs)
-
-
 # --- loading ---------------------------------------------------------------------------------------
 
 
@@ -128,21 +89,31 @@ def load(
     trust_pickle: bool = False,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
+    arch_folders: Iterable[str | os.PathLike] | None = None,
 ) -> nn.Module:
     """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
 
-    - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only;
+    - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only,
+      never running code of its own (``trust_remote_code`` stays off);
     - a state_dict (``.pt``/``.pth``/``.safetensors``) needs ``arch`` (``package.module:factory``);
     - a full pickled ``nn.Module`` is unpickled only with ``trust_pickle=True`` (unpickling runs code);
-    - a file written by sdsurgeon is rebuilt from the factory and recipe it records;
+    - a file written by sdsurgeon is rebuilt from the factory and recipe it records, if that factory
+      is one you trust (built in, named with ``arch`` before, or ``sdsurgeon.trust``d);
     - no path: a fresh model from ``arch``.
+
+    ``arch`` is trusted from then on (remembered in the user's trust store). It is imported from the
+    installed packages, else from ``arch_folders`` (default: the current folder).
     """
     if arch_kwargs and not arch:
         raise ConfigError("--arch-kwargs needs --arch package.module:factory")
+
+    def named() -> nn.Module:
+        return build(arch, arch_kwargs, folders=arch_folders)
+
     if path is None:
         if not arch:
             raise ConfigError("give a checkpoint file, or an architecture with --arch package.module:factory")
-        return build(arch, arch_kwargs)
+        return named()
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file")
@@ -153,17 +124,25 @@ def load(
         if arch:
             raise ConfigError(f"{path} is a transformers folder: its config.json names the architecture; drop --arch")
         return hf.load_folder(path)
+    _check_regular(path)
     if path.suffix == ".safetensors":
-        return _from_state_dict(_read_safetensors(path), path, arch, arch_kwargs)
+        return _from_state_dict(_read_safetensors(path), path, arch, named)
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_sdsurgeon_file(obj, path, trust_pickle, arch, arch_kwargs)
+        return _from_sdsurgeon_file(obj, path, trust_pickle, named if arch else None)
     if isinstance(obj, nn.Module):
         if arch:
             raise ConfigError(f"{path} holds a whole model; --arch is only for files that hold weights alone")
         tag(obj, SOURCE_ATTR, ModelSource("pickle"))
         return obj
-    return _from_state_dict(_state_dict_of(obj, path), path, arch, arch_kwargs)
+    return _from_state_dict(_state_dict_of(obj, path), path, arch, named)
+
+
+def _check_regular(path: Path) -> None:
+    # A FIFO or a device (/dev/zero) would block or never end.
+    kind = not_regular(path)
+    if kind:
+        raise LoadError(f"{path} is {kind}, not a checkpoint file")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -186,27 +165,31 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if not found:
-            # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
-            cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            detail = cause.group(1).strip() if cause else first_line(exc)
-            raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
-        if not trust_pickle:
-            raise UnsafeLoadError(
-                f"{path} holds pickled Python objects ({found.group(1)}); unpickling runs code from the file, "
-                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config) if you trust its source, or save model.state_dict() "
-                "and use --arch package.module:factory"
-            ) from None
     except Exception as exc:
-        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({first_line(exc)})") from None
+        failure = exc
+    # What the file would import decides, read without unpickling; torch's message (which advises
+    # weights_only=False) does not.
+    unsafe = unsafe_globals(path)
+    if not unsafe:
+        # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
+        cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(failure))
+        detail = cause.group(1).strip() if cause else first_line(failure)
+        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
+    if not trust_pickle:
+        shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+        raise UnsafeLoadError(
+            f"{path} holds pickled Python objects ({shown}); unpickling runs code from the file, so it is refused. "
+            f"{_TRUST_PICKLE} if you trust its source, or save model.state_dict() and use --arch package.module:factory"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise LoadError(
             f"{path}: unpickling failed ({first_line(exc)}); the code that defined the model must be importable"
         ) from None
+
+
+_TRUST_PICKLE = "Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config)"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -229,14 +212,14 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_state_dict(
-    state: dict[str, torch.Tensor], path: Path, arch: str | None, arch_kwargs: dict | None
+    state: dict[str, torch.Tensor], path: Path, arch: str | None, named: Callable[[], nn.Module]
 ) -> nn.Module:
     if not arch:
         raise LoadError(
             f"{path} holds weights only (a state_dict); say which architecture they belong to with "
             "--arch package.module:factory (and --arch-kwargs JSON if the factory takes arguments)"
         )
-    model = build(arch, arch_kwargs)
+    model = named()
     expected = set(model.state_dict())
     if not set(state) & expected and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
@@ -262,33 +245,32 @@ def _load_weights(model: nn.Module, state: dict, path: Path, what: str,
 
 
 def _from_sdsurgeon_file(
-    payload: dict, path: Path, trust_pickle: bool, arch: str | None, arch_kwargs: dict | None
+    payload: dict, path: Path, trust_pickle: bool, named: Callable[[], nn.Module] | None
 ) -> nn.Module:
     version = payload.get("version")
     if version != FORMAT_VERSION:
         raise LoadError(f"{path} is sdsurgeon format version {version}; this sdsurgeon reads version {FORMAT_VERSION}")
-    source = payload["source"]
     recipe = Recipe.from_dict(payload["recipe"]) if payload.get("recipe") else None
+    source = payload["source"]
     if source["kind"] == "pickle":
         if not trust_pickle:
             raise UnsafeLoadError(
                 f"{path} was made from a pickled model and holds it pickled; unpickling runs code from the file, "
-                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config) if you trust its source"
+                f"so it is refused. {_TRUST_PICKLE} if you trust its source"
             )
         model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
         tag(model, SOURCE_ATTR, ModelSource("pickle"))
         return model
-    if arch:
-        model = build(arch, arch_kwargs)
+    arch, what = source["arch"], f"the architecture it records ({source['arch']})"
+    if named is not None:
+        model, what = named(), "--arch"
     elif source["kind"] == "hf":
-        arch = source["arch"]
         model = hf.build(arch, source.get("arch_kwargs") or {})
     else:
-        arch = source["arch"]
-        model = _build_recorded(arch, source.get("arch_kwargs") or {}, path)
+        model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path)
     if recipe is not None:
         model = apply_recipe(model, recipe)
-    _load_weights(model, payload["state_dict"], path, f"the architecture it records ({arch})")
+    _load_weights(model, payload["state_dict"], path, what)
     return model
 
 
@@ -299,8 +281,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     an sdsurgeon file. An injected model has its original's keys, so either one's weights fit.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LoadError(f"--weights {path}: no such file")
+    _check_regular(path)
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:
@@ -327,9 +310,13 @@ def save(
 
     A model whose architecture factory is known (it came from ``load``/``--arch``, or ``arch`` names
     it here) is saved weights-only: the factory, the surgery recipe and the state_dict; it loads
-    without trusting pickles. Any other model is pickled whole and, like its source, needs
+    without trusting pickles wherever that factory is trusted (``arch`` given here is trusted, as
+    ``load(arch=...)`` trusts it). Any other model is pickled whole and, like its source, needs
     ``trust_pickle`` to load.
     """
+    if arch:
+        with contextlib.suppress(SurgeonError):  # not importable here: a later load names it with --arch
+            trust(arch)
     source = ModelSource("arch", arch, dict(arch_kwargs or {})) if arch else getattr(model, SOURCE_ATTR, None)
     recipe = getattr(model, RECIPE_ATTR, None)
     payload: dict[str, Any] = {

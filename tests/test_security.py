@@ -111,6 +111,138 @@ def hostile_folder(folder: Path, name: str = "evilmod") -> Path:
     return canary
 
 
+# --- 1. a weights-only file imports and calls only what the user trusts -------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["plan"], ["export", "--input-shape", "1,8"]])
+def test_item1_recorded_factory_in_the_current_folder_is_never_imported(tmp_path, command):
+    canary = hostile_folder(tmp_path)
+    sd_file(tmp_path / "evil.sd.pt", "evilmod:Net", {"fc.weight": torch.zeros(8, 8), "fc.bias": torch.zeros(8)})
+    line = assert_one_error_line(cli(command[0], "evil.sd.pt", *command[1:], cwd=tmp_path))
+    assert "'evilmod:Net'" in line and "--arch evilmod:Net" in line and "not trusted" in line, line
+    assert not canary.exists() and not Path(f"{canary}.init").exists()
+
+
+@pytest.mark.slow
+def test_item1_recorded_factory_in_the_batch_configs_folder_is_never_imported(tmp_path):
+    canary = hostile_folder(tmp_path)
+    sd_file(tmp_path / "evil.sd.pt", "evilmod:Net", {"fc.weight": torch.zeros(8, 8), "fc.bias": torch.zeros(8)})
+    (tmp_path / "cfg.yaml").write_text("defaults: {input_shape: [1, 8]}\nmodels:\n  - {name: evil, checkpoint: evil.sd.pt}\n")
+    result = invoke("batch", tmp_path / "cfg.yaml", "--report-dir", tmp_path / "reports")
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    (job,) = json.loads((tmp_path / "reports" / "report.json").read_text())["jobs"]
+    assert job["status"] == "failed" and "not trusted" in job["error"] and "evilmod:Net" in job["error"], job
+    assert not canary.exists() and not Path(f"{canary}.init").exists()
+
+
+def test_item1_recorded_this_module_is_not_imported(tmp_path, capfd):
+    if "this" in sys.modules:
+        pytest.skip("the 'this' module was imported by something else in this process")
+    path = sd_file(tmp_path / "zen.sd.pt", "this:s")
+    with pytest.raises(UnsafeLoadError, match=r"'this:s'.*--arch this:s"):
+        sdsurgeon.load(path)
+    assert "this" not in sys.modules
+    assert "Zen" not in capfd.readouterr().out
+
+
+def test_item1_recorded_torch_factory_is_not_constructed(tmp_path, own_imports):
+    layer = torch.nn.Linear(2, 2)
+    path = sd_file(tmp_path / "linear.sd.pt", "torch.nn:Linear", layer.state_dict(),
+                   {"in_features": 2, "out_features": 2})  # weights that fit: loading it would succeed
+    with pytest.raises(UnsafeLoadError, match="torch.nn:Linear"):
+        sdsurgeon.load(path)
+    sdsurgeon.trust("torch.nn:Linear")  # the user's word, not the file's
+    assert isinstance(sdsurgeon.load(path), torch.nn.Linear)
+
+
+def test_item1_trust_is_kept_in_the_users_store_not_in_the_file(tmp_path, trust_store, monkeypatch, own_imports):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mymodels.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path / "pkg")
+    model = sdsurgeon.load(arch="mymodels:net")  # named by the user: found in the current folder
+    path = tmp_path / "m.sd.pt"
+    sdsurgeon.save(sdsurgeon.inject(model, 0.5), path)
+    store = json.loads(trust_store.read_text())
+    assert store["factories"]["mymodels:net"] == {"root": str((tmp_path / "pkg").resolve())}
+    assert len(sdsurgeon.gates(sdsurgeon.load(path))) == 2
+    monkeypatch.setenv("SDSURGEON_HOME", str(tmp_path / "another-user"))  # the same file, someone else's store
+    with pytest.raises(UnsafeLoadError, match="--arch mymodels:net"):
+        sdsurgeon.load(path)
+
+
+def test_item1_a_trusted_factory_found_elsewhere_now_is_refused(tmp_path, monkeypatch, own_imports):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "shadowed_models.py").write_text(USER_MODULE)
+    model = sdsurgeon.load(arch="shadowed_models:net", arch_folders=[mine])
+    path = tmp_path / "m.sd.pt"
+    sdsurgeon.save(model, path)
+    # Later a folder ahead on sys.path holds a module of the same name.
+    canary = hostile_folder(tmp_path / "ahead", "shadowed_models")
+    monkeypatch.delitem(sys.modules, "shadowed_models")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "ahead")] + [p for p in sys.path if p != str(mine)])
+    with pytest.raises(UnsafeLoadError, match="now found in"):
+        sdsurgeon.load(path)
+    assert not canary.exists()
+
+
+@pytest.mark.slow
+def test_item1_the_tour_needs_no_arch_again_on_the_same_machine(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymodels.py").write_text(USER_MODULE)
+    torch.save(_user_net(project).state_dict(), project / "m.pt")
+    proc = cli("inject", "m.pt", "--arch", "mymodels:net", "--input-shape", "1,8", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("export", "m.sd.pt", "--json", cwd=project)  # naming no architecture again
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gates"] == 2 and (project / "m.onnx").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = cli("plan", project / "m.sd.pt", "--json", cwd=elsewhere)  # imported from where it was trusted
+    assert proc.returncode == 0, proc.stderr
+
+
+def _user_net(folder: Path) -> torch.nn.Module:
+    namespace: dict = {}
+    exec(compile(USER_MODULE, str(folder / "mymodels.py"), "exec"), namespace)
+    return namespace["net"]()
+
+
+# --- 2. a transformers folder's own code never runs, and nothing asks on stdin ------------------------
+
+@pytest.mark.slow
+def test_item2_custom_code_in_a_transformers_folder_never_runs(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    canary = tmp_path / "remote-code.ran"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "sdsurgeon-evil", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"},
+    }))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(canary)!r}).write_text('ran')\n")
+    line = assert_one_error_line(cli("plan", folder, "--json", cwd=tmp_path, stdin="y\ny\n"))
+    assert "trust_remote_code" in line and "auto_map" in line, line
+    assert not canary.exists()
+
+
+# --- 3. the current folder never shadows an installed package -----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
+def test_item3_current_folder_does_not_shadow_the_tools_imports(tmp_path, script):
+    canaries = [tmp_path / f"{name}.ran" for name in ("onnxruntime", "rich")]
+    for canary in canaries:
+        (tmp_path / f"{canary.stem}.py").write_text(
+            f"import pathlib\npathlib.Path({str(canary)!r}).write_text('shadowed')\nraise SystemExit(3)\n")
+    (tmp_path / "mymodels.py").write_text(USER_MODULE)  # the user's own module there stays usable
+    proc = cli("export", "--arch", "mymodels:net", "--input-shape", "1,8", "-o", "m.onnx", "--json",
+               cwd=tmp_path, script=script)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert json.loads(proc.stdout)["output"] == "m.onnx" and (tmp_path / "m.onnx").is_file()
+    assert [c for c in canaries if c.exists()] == []
+
+
 # --- 6. outputs are regular files only -------------------------------------------------------------------
 
 def test_item6_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
@@ -186,3 +318,29 @@ def test_item8_temp_file_of_a_killed_run_is_swept_by_the_next(tmp_path, monkeypa
     assert_ok(invoke("inject", *RESNET8, "-o", out / "m.sd.pt"))
     assert not temp.exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([live.name, foreign.name, "m.sd.pt"])
+
+
+# --- 9. messages that say what is wrong -----------------------------------------------------------------
+
+class _RunsAShell:
+    def __reduce__(self):
+        return (os.system, ("touch pickle.ran",))
+
+
+def test_item9_pickle_with_a_blocked_global_names_trust_pickle(work):
+    torch.save({"weights": torch.zeros(2), "payload": _RunsAShell()}, work / "evil.pt")
+    line = assert_user_error(invoke("plan", work / "evil.pt", *RESNET8))
+    assert "--trust-pickle" in line and "system" in line, line
+    assert "damaged" not in line and "weights_only" not in line, line
+    with pytest.raises(UnsafeLoadError):
+        sdsurgeon.load(work / "evil.pt")
+    assert not (work / "pickle.ran").exists()
+
+
+def test_item9_recorded_factory_error_does_not_speak_of_arch_options(tmp_path):
+    path = sd_file(tmp_path / "m.sd.pt", "sdsurgeon.models:cifar_resnet", arch_kwargs={"depth": 7})
+    with pytest.raises(LoadError) as info:
+        sdsurgeon.load(path)
+    message = str(info.value)
+    assert "recorded in" in message and "m.sd.pt" in message, message
+    assert "--arch" not in message, message
