@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import hf
-from .capture import tag
+from .capture import DTYPES, tag
 from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError, WriteError, first_line
 from .files import atomic_write, not_regular
 from .inject import RECIPE_ATTR, Recipe, apply_recipe
@@ -128,7 +128,7 @@ def load(
     if path.suffix == ".safetensors":
         return _from_state_dict(_read_safetensors(path), path, arch, named)
     obj = _torch_load(path, trust_pickle)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+    if _is_sdsurgeon_file(obj):
         return _from_sdsurgeon_file(obj, path, trust_pickle, named if arch else None)
     if isinstance(obj, nn.Module):
         if arch:
@@ -155,14 +155,21 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    if zipfile.is_zipfile(path):
+def _zip_names(path: Path) -> list[str]:
+    """The member names of a zip file; none for anything else, or a zip damaged in any way zipfile can fail."""
+    try:
         with zipfile.ZipFile(path) as zf:
-            if any(n.endswith("constants.pkl") for n in zf.namelist()):
-                raise LoadError(
-                    f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
-                    "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
-                )
+            return zf.namelist()
+    except Exception:  # BadZipFile, NotImplementedError (an odd version), struct.error, ...: torch.load says more
+        return []
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    if any(n.endswith("constants.pkl") for n in _zip_names(path)):
+        raise LoadError(
+            f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
+            "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -244,13 +251,97 @@ def _load_weights(model: nn.Module, state: dict, path: Path, what: str,
         raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
 
 
+# --- sdsurgeon files --------------------------------------------------------------------------------
+
+# Recipe key -> what its value must be. A file is data from anywhere: every part is checked before use.
+_RECIPE_KINDS: dict[str, tuple[type, ...]] = {
+    "sites": (list,), "mode": (str,), "scaling": (str,), "seed": (int, type(None)), "p_L": (int, float, type(None)),
+    "rule": (str, type(None)), "leaves": (list,), "inputs": (list, type(None)), "capture": (str,),
+    "sync_ranks": (bool,), "keep_existing": (bool,), "replaced": (list,),
+}
+
+
+def _is_sdsurgeon_file(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT
+
+
+def _shown(value: Any) -> str:
+    """A value read from a file, for a message: short, whatever it is."""
+    text = repr(value) if isinstance(value, (str, int, float, type(None))) else f"of type {type(value).__name__}"
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+class _Damaged(Exception):
+    """Internal: what is wrong with an sdsurgeon file's contents."""
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Damaged(what)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_recipe(d) -> None:
+    _need(isinstance(d, dict), "its recipe is not a mapping")
+    unknown = sorted(str(k) for k in d if k not in _RECIPE_KINDS)
+    _need(not unknown, f"unknown recipe key {unknown[0]!r}" if unknown else "")
+    _need("sites" in d, "its recipe has no 'sites'")
+    for key, value in d.items():
+        kinds = _RECIPE_KINDS[key]
+        _need(isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds),
+              f"recipe key {key!r} holds {type(value).__name__}")
+    for site in d["sites"]:
+        _need(isinstance(site, (list, tuple)) and len(site) == 2 and isinstance(site[0], str) and _is_number(site[1]),
+              "a recipe site is not [site id, p]")
+    _need(all(isinstance(x, str) for x in d.get("leaves", [])), "recipe leaves are not strings")
+    for spec in d.get("inputs") or []:
+        _need(isinstance(spec, dict) and isinstance(spec.get("shape"), list), "a recipe input has no shape")
+        _need(spec.get("dtype", "float32") in DTYPES, f"a recipe input has an unknown dtype {spec.get('dtype')!r}")
+        name, high = spec.get("name"), spec.get("high")
+        _need(name is None or (isinstance(name, str) and name.isidentifier()), "a recipe input's name is not a name")
+        _need(high is None or (isinstance(high, int) and not isinstance(high, bool) and 0 < high < 2**62),
+              "a recipe input's value range is not a positive integer")
+    for entry in d.get("replaced", []):
+        _need(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+              and _is_number(entry[1]), "a replaced drop path is not [module path, rate]")
+
+
+def _check_payload(payload: dict) -> None:
+    source = payload.get("source")
+    _need(isinstance(source, dict), "it has no 'source' (how to rebuild the architecture)")
+    kind = source.get("kind")
+    _need(isinstance(kind, str) and kind in ("arch", "hf", "pickle"), f"unknown source kind {_shown(kind)}")
+    if kind == "pickle":
+        _need(isinstance(payload.get("module"), (bytes, bytearray)), "its pickled model is missing")
+    else:
+        _need(isinstance(source.get("arch"), str) and bool(source["arch"]), "its source names no architecture")
+        kwargs = source.get("arch_kwargs")
+        _need(kwargs is None or (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)),
+              "its architecture arguments are not a mapping of names")
+        state = payload.get("state_dict")
+        _need(_is_state_dict(state) or (isinstance(state, dict) and not state),
+              "its state_dict is not a mapping of names to tensors")
+    if payload.get("recipe") is not None:
+        _check_recipe(payload["recipe"])
+
+
 def _from_sdsurgeon_file(
     payload: dict, path: Path, trust_pickle: bool, named: Callable[[], nn.Module] | None
 ) -> nn.Module:
     version = payload.get("version")
-    if version != FORMAT_VERSION:
-        raise LoadError(f"{path} is sdsurgeon format version {version}; this sdsurgeon reads version {FORMAT_VERSION}")
-    recipe = Recipe.from_dict(payload["recipe"]) if payload.get("recipe") else None
+    if not (type(version) is int and version == FORMAT_VERSION):  # noqa: E721  (not a bool, a tensor, ...)
+        raise LoadError(f"{path} is sdsurgeon format version {_shown(version)}; this sdsurgeon reads version "
+                        f"{FORMAT_VERSION}")
+    try:
+        _check_payload(payload)
+        recipe = Recipe.from_dict(payload["recipe"]) if payload.get("recipe") else None
+    except SurgeonError as exc:  # a recorded input shape out of bounds, ...
+        raise LoadError(f"{path}: its recipe is not usable: {exc}") from None
+    except (_Damaged, TypeError, ValueError, KeyError) as exc:
+        raise LoadError(f"{path} is a damaged sdsurgeon file: {exc}") from None
     source = payload["source"]
     if source["kind"] == "pickle":
         if not trust_pickle:
@@ -258,7 +349,10 @@ def _from_sdsurgeon_file(
                 f"{path} was made from a pickled model and holds it pickled; unpickling runs code from the file, "
                 f"so it is refused. {_TRUST_PICKLE} if you trust its source"
             )
-        model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
+        try:
+            model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise LoadError(f"{path}: unpickling its model failed ({first_line(exc)})") from None
         tag(model, SOURCE_ATTR, ModelSource("pickle"))
         return model
     arch, what = source["arch"], f"the architecture it records ({source['arch']})"
@@ -288,9 +382,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         state = _read_safetensors(path)
     else:
         obj = _torch_load(path, trust_pickle=False)
-        if isinstance(obj, dict) and obj.get("format") == FORMAT and "state_dict" in obj:
+        if _is_sdsurgeon_file(obj) and "state_dict" in obj:
             obj = obj["state_dict"]
-        elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+        elif _is_sdsurgeon_file(obj):
             raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead")
         state = _state_dict_of(obj, path)
     expected = set(model.state_dict())

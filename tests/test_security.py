@@ -258,6 +258,34 @@ def test_item6_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
     assert fifo.is_fifo() and device.is_symlink() and Path(os.devnull).is_char_device()
 
 
+# --- 7. one error line, never a traceback; bounded shapes ----------------------------------------------
+
+def test_item7_sdsurgeon_file_without_source_is_one_line(work):
+    torch.save({"format": "sdsurgeon", "version": 1, "recipe": None, "state_dict": {}}, work / "m.sd.pt")
+    assert "source" in assert_user_error(invoke("plan", work / "m.sd.pt"))
+
+
+def test_item7_sdsurgeon_file_with_an_unknown_recipe_key_is_one_line(work):
+    sd_file(work / "m.sd.pt", "sdsurgeon.models:cifar_resnet", recipe={"sites": [], "colour": "red"})
+    assert "'colour'" in assert_user_error(invoke("plan", work / "m.sd.pt"))
+
+
+def test_item7_huge_input_shape_is_refused_before_allocating(work):
+    line = assert_user_error(invoke("plan", *RESNET8, "--input-shape", "100000,3,1024,1024"))
+    assert "elements" in line and "100000,3,1024,1024" in line, line
+
+
+def test_item7_huge_input_shape_recorded_in_a_file_is_refused(work):
+    from sdsurgeon.models import cifar_resnet
+
+    model = cifar_resnet(8, width=4)
+    recipe = sdsurgeon.inject(model, 0.5).sdsurgeon_recipe.to_dict()
+    recipe["inputs"] = [{"name": None, "shape": [100000, 3, 1024, 1024], "dtype": "float32"}]
+    sd_file(work / "m.sd.pt", "sdsurgeon.models:cifar_resnet", model.state_dict(), {"depth": 8, "width": 4}, recipe)
+    line = assert_user_error(invoke("export", work / "m.sd.pt"))
+    assert "m.sd.pt" in line and "elements" in line, line
+
+
 # --- 8. no temp file outlives a run ---------------------------------------------------------------------
 
 TEMP = re.compile(r"^\.m\.onnx\..*\.tmp$")
