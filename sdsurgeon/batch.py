@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from . import __version__
+from .capture import InputSpec
 from .errors import ConfigError, SurgeonError, first_line
-from .files import atomic_write, clean_up_on_signals, on_signal, sweep
+from .files import atomic_write, clean_up_on_signals, on_signal, output_problem, sweep
 from .report import JobRecord
-from .trust import trust
+from .trust import load_yaml, trust
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -121,8 +122,8 @@ class BatchConfig:
 class _Located:
     """Line numbers of a YAML document's keys and list items, by path."""
 
-    def __init__(self, text: str) -> None:
-        self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+    def __init__(self, root) -> None:
+        self.root = root
 
     def line(self, *path) -> int:
         node, line = self.root, 1
@@ -181,8 +182,8 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read it ({exc})") from None
     try:
-        data = yaml.safe_load(text)
-        located = _Located(text)
+        data, root = load_yaml(text, str(path))  # aliases bounded before anything is built
+        located = _Located(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -223,8 +224,11 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         if not entry["checkpoint"] and not entry["arch"]:
             fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
         name = entry["name"]
-        if name is not None and (not name or name.startswith(".") or any(c in name for c in "/\\:")):
-            fail(where + ("name",), f"{label}: name {name!r} must be a plain file name (it names the outputs)")
+        if name is not None and _bad_name(name):
+            fail(where + ("name",), f"{label}: name {name!r} {_bad_name(name)}")
+        for key in ("checkpoint", "weights"):
+            if entry[key] is not None and _bad_path(entry[key]):
+                fail(where + (key,), f"{label}.{key}: {entry[key]!r} {_bad_path(entry[key])}")
         if entry["weights"] and entry["checkpoint"]:
             fail(where + ("weights",), f"{label}: give 'checkpoint' or 'weights', not both")
         if entry["name"] is None and not (entry["checkpoint"] and glob.has_magic(entry["checkpoint"])):
@@ -233,6 +237,24 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         entries.append(ModelEntry(entry["name"], entry["checkpoint"], entry["arch"], entry["arch_kwargs"] or {},
                                   entry["weights"], opts, located.line(*where)))
     return BatchConfig(path, defaults, tuple(entries))
+
+
+MAX_NAME_BYTES = 128  # a job name names files: <name>.sdsurgeon.json and its temp file must fit a file name
+
+
+def _bad_name(name: str) -> str | None:
+    """Why a job name cannot name output files, or None."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\:"):
+        return "must be a plain file name (it names the outputs)"
+    if not name.isprintable():
+        return "holds a control character (a NUL byte, a newline, ...); it names the outputs"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes; it names the outputs"
+    return None
+
+
+def _bad_path(text: str) -> str | None:
+    return "holds a NUL byte, which no path can" if "\0" in text else None
 
 
 def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_keys: bool) -> dict[str, Any]:
@@ -256,7 +278,6 @@ def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_key
 
 def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
-    from .capture import InputSpec
     from .capture import CAPTURE_METHODS
     from .layers import MODES, SCALINGS
     from .schedule import RULES, Override
@@ -282,6 +303,13 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where, "rtol and atol must be zero or positive")
     if o.timeout is not None and o.timeout <= 0:
         fail(where + ("timeout",), "timeout: must be a positive number of seconds")
+    if _bad_path(o.output_dir):
+        fail(where + ("output_dir",), f"output_dir: {o.output_dir!r} {_bad_path(o.output_dir)}")
+    if o.input_shape is not None:
+        try:
+            InputSpec(None, o.input_shape)  # bounded: refused now, not when a worker allocates it
+        except SurgeonError as exc:
+            fail(where + ("input_shape",), f"input_shape: {exc}")
 
 
 def _effective(defaults: JobOptions, overrides: dict[str, Any]) -> JobOptions:
@@ -318,6 +346,8 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
             source = entry.checkpoint or entry.weights
             named = [(entry.name, str(base / source) if source else None)]
         for name, checkpoint in named:
+            if _bad_name(name):
+                raise ConfigError(f"{config.path}:{entry.line}: job name {name!r} (from {checkpoint}) {_bad_name(name)}")
             if name in seen:
                 raise ConfigError(f"{config.path}:{entry.line}: two jobs are named {name!r} (the other at line "
                                   f"{seen[name]}); job names must be unique, they name the outputs")
@@ -329,6 +359,12 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
                 where=f"{config.path}:{entry.line}",
             ))
+    inputs = [config.path] + [j.checkpoint for j in jobs]
+    for job in jobs:  # any job's output against every job's input: a batch never destroys what it reads
+        for output in job.outputs + [job.stamp_path]:
+            problem = output_problem(output, inputs)
+            if problem:
+                raise ConfigError(f"{job.where}: job {job.name}: output {problem}; change output_dir or the name")
     return jobs
 
 
@@ -393,12 +429,12 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
 
 def run_job(job: Job) -> JobRecord:
     """load -> inject -> (save) -> fold -> export -> verify. Never raises: failures become the record's error."""
-    from .capture import InputSpec, make_example_inputs, parse_shape
+    from .capture import make_example_inputs, parse_shape
     from .export import verify, write_onnx
+    from .files import staged
     from .fold import fold_with_report
     from .hf import complete_specs
     from .inject import RECIPE_ATTR, inject
-    from .files import staged
     from .load import load, save
 
     o = job.options

@@ -467,7 +467,7 @@ def batch_cmd(
     Example: sdsurgeon batch examples/ci/sdsurgeon.yaml --jobs 2
     """
     from .batch import check_jobs, load_config, plan_jobs, run_batch
-    from .report import to_json, write_reports
+    from .report import REPORT_FILES, to_json, write_reports
 
     if jobs < 1:
         raise ConfigError("--jobs must be 1 or more")
@@ -476,6 +476,8 @@ def batch_cmd(
     cfg = load_config(config)
     job_list = plan_jobs(cfg)
     check_jobs(job_list)
+    for name in REPORT_FILES:
+        check_output(report_dir / name, config, *(j.checkpoint for j in job_list))
     if check:
         if json_:
             print(json.dumps({"config": str(config), "jobs": [{"name": j.name, "checkpoint": j.checkpoint,

@@ -1,4 +1,4 @@
-"""Who is trusted: what a file may import or call, the user's trusted factories, pickles, sys.path."""
+"""Who is trusted: what a file may import or call, the user's trusted factories, pickles, bounded YAML, sys.path."""
 
 # A file never vouches for itself. What a weights-only file may import or call is what the *user*
 # trusts: factories named with --arch / arch= (remembered in the user's trust store, never in the
@@ -28,6 +28,8 @@ from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError
 BUILTIN_MODULES = ("sdsurgeon.models",)  # factories trusted without being named
 REMOTE_CODE = False  # transformers' trust_remote_code: never on, so a folder's own .py files never run
 STORE_FILE = "trusted.json"
+MAX_YAML_BYTES = 2**20  # a batch config is small; more is refused unread
+MAX_YAML_SIZE = 2**21  # nodes plus scalar characters of the document with every alias expanded
 MAX_PICKLE_BYTES = 2**28  # a data.pkl larger than this is not scanned for globals
 
 # Trust given in this process, by store path: kept even where the store cannot be written.
@@ -307,3 +309,65 @@ def _global_name(module: str, attr: str) -> str:
     elif module in IMPORT_MAPPING:
         module = IMPORT_MAPPING[module]
     return f"{module}.{attr}"
+
+
+# --- YAML --------------------------------------------------------------------------------------------
+
+
+def load_yaml(text: str, where: str):
+    """(data, root node) of a YAML document, read with the safe loader and bounded before it is built.
+
+    Aliases share nodes, so a few lines can stand for billions of values (an alias bomb) that later
+    code would expand; the document's expanded size is counted on the node graph first.
+    """
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters, more than a batch config may hold ({MAX_YAML_BYTES})")
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deeply to read") from None
+        if root is None:
+            return None, None
+        _check_expanded_size(root, where)
+        return loader.construct_document(root), root
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root, where: str) -> None:
+    import yaml
+
+    def children(node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative post-order over the node graph, each shared node counted once per use
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            own = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
+            sizes[key] = size = own + sum(sizes[id(c)] for c in children(node))
+            open_.discard(key)
+            if size > MAX_YAML_SIZE:
+                raise ConfigError(
+                    f"{where}:{node.start_mark.line + 1}: the document's aliases expand to more than "
+                    f"{MAX_YAML_SIZE} values and characters; a batch config needs no alias bomb"
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in open_:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: an alias refers to its own anchor (a recursive document)")
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in sizes)

@@ -243,6 +243,74 @@ def test_item3_current_folder_does_not_shadow_the_tools_imports(tmp_path, script
     assert [c for c in canaries if c.exists()] == []
 
 
+# --- 4. outputs never coincide with inputs, batch included ---------------------------------------------
+
+def _checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    from sdsurgeon.models import cifar_resnet
+
+    torch.save(cifar_resnet(8, width=4).state_dict(), path)
+    return path
+
+
+def test_item4_batch_never_overwrites_its_input(tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.sd.pt")
+    before = ckpt.read_bytes()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        defaults: {output_dir: ".", save_injected: true, input_shape: [1, 3, 16, 16]}
+        models:
+          - {name: m, checkpoint: m.sd.pt, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
+        """))
+    for args in (["--check"], ["--report-dir", tmp_path / "reports"]):
+        line = assert_user_error(invoke("batch", cfg, *args))
+        assert "never overwrites an input" in line and "cfg.yaml:3" in line, line
+    assert ckpt.read_bytes() == before
+
+
+def test_item4_batch_output_of_one_job_is_never_the_input_of_another(tmp_path):
+    (tmp_path / "out").mkdir()
+    _checkpoint(tmp_path / "out" / "b.onnx")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        defaults: {input_shape: [1, 3, 16, 16]}
+        models:
+          - {name: a, checkpoint: out/b.onnx, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
+          - {name: b, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
+        """))
+    line = assert_user_error(invoke("batch", cfg, "--check"))
+    assert "b.onnx" in line and "never overwrites an input" in line, line
+
+
+def test_item4_a_hard_link_to_the_input_is_the_input(tmp_path):
+    model = _checkpoint(tmp_path / "m.pt")
+    os.link(model, tmp_path / "same.sd.pt")
+    line = assert_user_error(invoke("inject", model, *RESNET8, "-o", tmp_path / "same.sd.pt"))
+    assert "never overwrites an input" in line
+    with pytest.raises(WriteError):
+        check_output(tmp_path / "same.sd.pt", tmp_path / "m.pt")
+
+
+# --- 5. YAML alias bombs ---------------------------------------------------------------------------------
+
+def test_item5_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 strings
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("defaults: {input_shape: [1, 8]}\nmodels:\n  - name: a\n    arch: 'sdsurgeon.models:cifar_resnet'\n"
+                   "    arch_kwargs:\n" + "".join(f"      {line}\n" for line in levels))
+    started = time.monotonic()
+    line = assert_user_error(invoke("batch", cfg, "--check"))
+    assert "alias" in line and "bomb.yaml" in line, line
+    assert time.monotonic() - started < 10
+
+
+def test_item5_recursive_alias_is_refused(tmp_path):
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text("models: &m\n  - {name: a, arch: 'x:y', arch_kwargs: {again: *m}}\n")
+    assert "alias" in assert_user_error(invoke("batch", cfg, "--check"))
+
+
 # --- 6. outputs are regular files only -------------------------------------------------------------------
 
 def test_item6_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
@@ -256,6 +324,16 @@ def test_item6_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
         with pytest.raises(WriteError, match=kind):
             atomic_write(target, lambda f: f.write(b"x"))
     assert fifo.is_fifo() and device.is_symlink() and Path(os.devnull).is_char_device()
+
+
+def test_item6_batch_output_that_is_a_fifo_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "a.onnx")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("defaults: {input_shape: [1, 3, 16, 16]}\nmodels:\n"
+                   "  - {name: a, arch: 'sdsurgeon.models:cifar_resnet', arch_kwargs: {depth: 8, width: 4}}\n")
+    assert "FIFO" in assert_user_error(invoke("batch", cfg, "--check"))
+    assert (tmp_path / "out" / "a.onnx").is_fifo()
 
 
 # --- 7. one error line, never a traceback; bounded shapes ----------------------------------------------
@@ -372,3 +450,10 @@ def test_item9_recorded_factory_error_does_not_speak_of_arch_options(tmp_path):
     message = str(info.value)
     assert "recorded in" in message and "m.sd.pt" in message, message
     assert "--arch" not in message, message
+
+
+@pytest.mark.parametrize("name, why", [("a\0b", "control character"), ("x" * 300, "longer than")])
+def test_item9_check_refuses_job_names_no_file_can_have(tmp_path, name, why):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("models:\n  - {name: " + json.dumps(name) + ", arch: 'sdsurgeon.models:cifar_resnet'}\n")
+    assert why in assert_user_error(invoke("batch", cfg, "--check"))
