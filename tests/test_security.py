@@ -113,6 +113,7 @@ def hostile_folder(folder: Path, name: str = "evilmod") -> Path:
 
 # --- 1. a weights-only file imports and calls only what the user trusts -------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["plan"], ["export", "--input-shape", "1,8"]])
 def test_item1_recorded_factory_in_the_current_folder_is_never_imported(tmp_path, command):
@@ -211,6 +212,7 @@ def _user_net(folder: Path) -> torch.nn.Module:
 
 # --- 2. a transformers folder's own code never runs, and nothing asks on stdin ------------------------
 
+
 @pytest.mark.slow
 def test_item2_custom_code_in_a_transformers_folder_never_runs(tmp_path):
     folder = tmp_path / "remote"
@@ -228,6 +230,7 @@ def test_item2_custom_code_in_a_transformers_folder_never_runs(tmp_path):
 
 # --- 3. the current folder never shadows an installed package -----------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
 def test_item3_current_folder_does_not_shadow_the_tools_imports(tmp_path, script):
@@ -244,6 +247,7 @@ def test_item3_current_folder_does_not_shadow_the_tools_imports(tmp_path, script
 
 
 # --- 4. outputs never coincide with inputs, batch included ---------------------------------------------
+
 
 def _checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
@@ -293,6 +297,7 @@ def test_item4_a_hard_link_to_the_input_is_the_input(tmp_path):
 
 # --- 5. YAML alias bombs ---------------------------------------------------------------------------------
 
+
 def test_item5_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path):
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 strings
@@ -312,6 +317,7 @@ def test_item5_recursive_alias_is_refused(tmp_path):
 
 
 # --- 6. outputs are regular files only -------------------------------------------------------------------
+
 
 def test_item6_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
     fifo = tmp_path / "fifo"
@@ -337,6 +343,7 @@ def test_item6_batch_output_that_is_a_fifo_is_refused(tmp_path):
 
 
 # --- 7. one error line, never a traceback; bounded shapes ----------------------------------------------
+
 
 def test_item7_sdsurgeon_file_without_source_is_one_line(work):
     torch.save({"format": "sdsurgeon", "version": 1, "recipe": None, "state_dict": {}}, work / "m.sd.pt")
@@ -428,6 +435,7 @@ def test_item8_temp_file_of_a_killed_run_is_swept_by_the_next(tmp_path, monkeypa
 
 # --- 9. messages that say what is wrong -----------------------------------------------------------------
 
+
 class _RunsAShell:
     def __reduce__(self):
         return (os.system, ("touch pickle.ran",))
@@ -441,6 +449,20 @@ def test_item9_pickle_with_a_blocked_global_names_trust_pickle(work):
     with pytest.raises(UnsafeLoadError):
         sdsurgeon.load(work / "evil.pt")
     assert not (work / "pickle.ran").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_item9_non_finite_weights_are_named_not_reported_as_error_zero(work, value):
+    from sdsurgeon.models import cifar_resnet
+
+    model = cifar_resnet(8, width=4)
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = value
+    torch.save(model.state_dict(), work / "m.pt")
+    line = assert_user_error(invoke("export", work / "m.pt", *RESNET8, "--input-shape", "1,3,16,16"))
+    assert "NaN or Inf" in line and "conv1.weight" in line, line
+    assert "max abs error 0" not in line
+    assert not (work / "m.onnx").exists()
 
 
 def test_item9_recorded_factory_error_does_not_speak_of_arch_options(tmp_path):
