@@ -178,7 +178,7 @@ def plan_cmd(
 
     specs = _input_specs(input_shape, input_)
     if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
-        image_format(check_output(plot, model))
+        image_format(check_output(plot, model, option="--plot"))
     m = _load(model, arch, arch_kwargs, trust_pickle)
     specs, example = _examples(m, specs)
     p = plan_model(
@@ -477,7 +477,7 @@ def batch_cmd(
     job_list = plan_jobs(cfg)
     check_jobs(job_list)
     for name in REPORT_FILES:
-        check_output(report_dir / name, config, *(j.checkpoint for j in job_list))
+        check_output(report_dir / name, config, *(j.checkpoint for j in job_list), option="--report-dir")
     if check:
         if json_:
             print(json.dumps({"config": str(config), "jobs": [{"name": j.name, "checkpoint": j.checkpoint,

@@ -80,26 +80,26 @@ def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike
     inputs = [i for i in inputs if i is not None]
     kind = not_regular(output)
     if kind == "a folder":
-        return f"{output} is a folder; give a file name"
+        return f"{output}: it is a folder; give a file name"
     if kind:
-        return f"{output} is {kind}, not a regular file; sdsurgeon writes regular files only"
+        return f"{output}: it is {kind}, not a regular file; sdsurgeon writes regular files only"
     real = os.path.realpath(output)
     for i in inputs:
         if os.path.realpath(i) == real:
-            return f"{output} is the input {i}; sdsurgeon never overwrites an input"
+            return f"{output} is the input {i}; sdsurgeon never overwrites its input"
     st = _stat(output)
     if st is not None:
         same = _input_identities(inputs).get((st.st_dev, st.st_ino))
         if same is not None:
-            return f"{output} is the input {same} (the same file); sdsurgeon never overwrites an input"
+            return f"{output} is the input {same} (the same file); sdsurgeon never overwrites its input"
     return None
 
 
-def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "-o") -> Path:
     """Refuse an output path that is one of the inputs or not a regular file; returns it as a Path."""
     problem = output_problem(output, inputs)
     if problem:
-        raise WriteError(f"output {problem}: choose another -o")
+        raise WriteError(f"output {problem}; choose another {option}")
     return Path(output)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError
+from .files import atomic_write
 
 BUILTIN_MODULES = ("sdsurgeon.models",)  # factories trusted without being named
 REMOTE_CODE = False  # transformers' trust_remote_code: never on, so a folder's own .py files never run
@@ -108,8 +109,6 @@ def _remember(spec: str, root: str | None) -> None:
         return
     stored[spec] = root
     text = json.dumps({"version": 1, "factories": {s: {"root": r} for s, r in sorted(stored.items())}}, indent=1)
-    from .files import atomic_write
-
     # A store that cannot be written (read-only home) only costs the user an --arch later.
     with contextlib.suppress(OSError, SurgeonError):
         path.parent.mkdir(parents=True, exist_ok=True)

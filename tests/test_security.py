@@ -268,7 +268,7 @@ def test_item4_batch_never_overwrites_its_input(tmp_path):
         """))
     for args in (["--check"], ["--report-dir", tmp_path / "reports"]):
         line = assert_user_error(invoke("batch", cfg, *args))
-        assert "never overwrites an input" in line and "cfg.yaml:3" in line, line
+        assert "never overwrites its input" in line and "cfg.yaml:3" in line, line
     assert ckpt.read_bytes() == before
 
 
@@ -283,14 +283,14 @@ def test_item4_batch_output_of_one_job_is_never_the_input_of_another(tmp_path):
           - {name: b, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
         """))
     line = assert_user_error(invoke("batch", cfg, "--check"))
-    assert "b.onnx" in line and "never overwrites an input" in line, line
+    assert "b.onnx" in line and "never overwrites its input" in line, line
 
 
 def test_item4_a_hard_link_to_the_input_is_the_input(tmp_path):
     model = _checkpoint(tmp_path / "m.pt")
     os.link(model, tmp_path / "same.sd.pt")
     line = assert_user_error(invoke("inject", model, *RESNET8, "-o", tmp_path / "same.sd.pt"))
-    assert "never overwrites an input" in line
+    assert "never overwrites its input" in line
     with pytest.raises(WriteError):
         check_output(tmp_path / "same.sd.pt", tmp_path / "m.pt")
 
