@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"  # first: submodules read it
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # `python -m sdsurgeon`: runpy put the current folder first; drop it before torch loads
+    from .trust import drop_current_folder as _drop_current_folder
+
+    _drop_current_folder()
+
 from .capture import InputSpec, register_leaf
 from .detect import ResidualSite, find_residuals
 from .errors import SurgeonError
@@ -11,6 +18,7 @@ from .inject import Recipe, apply_recipe, gates, inject
 from .layers import StochasticDepth
 from .load import load, load_weights, save
 from .plan import Plan, plan
+from .trust import trust
 
 __all__ = [
     "InputSpec",
@@ -33,5 +41,6 @@ __all__ = [
     "register_leaf",
     "remove_gates",
     "save",
+    "trust",
     "verify",
 ]

@@ -7,7 +7,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 import traceback
 from collections import deque
@@ -18,8 +17,11 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from . import __version__
+from .capture import InputSpec
 from .errors import ConfigError, SurgeonError, first_line
+from .files import atomic_write, clean_up_on_signals, on_signal, output_problem, sweep
 from .report import JobRecord
+from .trust import load_yaml, trust
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -120,8 +122,8 @@ class BatchConfig:
 class _Located:
     """Line numbers of a YAML document's keys and list items, by path."""
 
-    def __init__(self, text: str) -> None:
-        self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+    def __init__(self, root) -> None:
+        self.root = root
 
     def line(self, *path) -> int:
         node, line = self.root, 1
@@ -180,8 +182,8 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read it ({exc})") from None
     try:
-        data = yaml.safe_load(text)
-        located = _Located(text)
+        data, root = load_yaml(text, str(path))  # aliases bounded before anything is built
+        located = _Located(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -222,8 +224,11 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         if not entry["checkpoint"] and not entry["arch"]:
             fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
         name = entry["name"]
-        if name is not None and (not name or name.startswith(".") or any(c in name for c in "/\\:")):
-            fail(where + ("name",), f"{label}: name {name!r} must be a plain file name (it names the outputs)")
+        if name is not None and _bad_name(name):
+            fail(where + ("name",), f"{label}: name {name!r} {_bad_name(name)}")
+        for key in ("checkpoint", "weights"):
+            if entry[key] is not None and _bad_path(entry[key]):
+                fail(where + (key,), f"{label}.{key}: {entry[key]!r} {_bad_path(entry[key])}")
         if entry["weights"] and entry["checkpoint"]:
             fail(where + ("weights",), f"{label}: give 'checkpoint' or 'weights', not both")
         if entry["name"] is None and not (entry["checkpoint"] and glob.has_magic(entry["checkpoint"])):
@@ -232,6 +237,24 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         entries.append(ModelEntry(entry["name"], entry["checkpoint"], entry["arch"], entry["arch_kwargs"] or {},
                                   entry["weights"], opts, located.line(*where)))
     return BatchConfig(path, defaults, tuple(entries))
+
+
+MAX_NAME_BYTES = 128  # a job name names files: <name>.sdsurgeon.json and its temp file must fit a file name
+
+
+def _bad_name(name: str) -> str | None:
+    """Why a job name cannot name output files, or None."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\:"):
+        return "must be a plain file name (it names the outputs)"
+    if not name.isprintable():
+        return "holds a control character (a NUL byte, a newline, ...); it names the outputs"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes; it names the outputs"
+    return None
+
+
+def _bad_path(text: str) -> str | None:
+    return "holds a NUL byte, which no path can" if "\0" in text else None
 
 
 def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_keys: bool) -> dict[str, Any]:
@@ -255,7 +278,6 @@ def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_key
 
 def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
-    from .capture import InputSpec
     from .capture import CAPTURE_METHODS
     from .layers import MODES, SCALINGS
     from .schedule import RULES, Override
@@ -281,6 +303,13 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where, "rtol and atol must be zero or positive")
     if o.timeout is not None and o.timeout <= 0:
         fail(where + ("timeout",), "timeout: must be a positive number of seconds")
+    if _bad_path(o.output_dir):
+        fail(where + ("output_dir",), f"output_dir: {o.output_dir!r} {_bad_path(o.output_dir)}")
+    if o.input_shape is not None:
+        try:
+            InputSpec(None, o.input_shape)  # bounded: refused now, not when a worker allocates it
+        except SurgeonError as exc:
+            fail(where + ("input_shape",), f"input_shape: {exc}")
 
 
 def _effective(defaults: JobOptions, overrides: dict[str, Any]) -> JobOptions:
@@ -317,6 +346,8 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
             source = entry.checkpoint or entry.weights
             named = [(entry.name, str(base / source) if source else None)]
         for name, checkpoint in named:
+            if _bad_name(name):
+                raise ConfigError(f"{config.path}:{entry.line}: job name {name!r} (from {checkpoint}) {_bad_name(name)}")
             if name in seen:
                 raise ConfigError(f"{config.path}:{entry.line}: two jobs are named {name!r} (the other at line "
                                   f"{seen[name]}); job names must be unique, they name the outputs")
@@ -328,6 +359,12 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
                 where=f"{config.path}:{entry.line}",
             ))
+    inputs = [config.path] + [j.checkpoint for j in jobs]
+    for job in jobs:  # any job's output against every job's input: a batch never destroys what it reads
+        for output in job.outputs + [job.stamp_path]:
+            problem = output_problem(output, inputs)
+            if problem:
+                raise ConfigError(f"{job.where}: job {job.name}: output {problem}; change output_dir or the name")
     return jobs
 
 
@@ -363,8 +400,6 @@ def _mtime(path: Path) -> float:
 
 
 def _write_stamp(job: Job, record: JobRecord) -> None:
-    from .load import atomic_write
-
     text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__,
                        "record": record.to_dict()})
     atomic_write(job.stamp_path, lambda f: f.write(text.encode()))
@@ -394,12 +429,13 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
 
 def run_job(job: Job) -> JobRecord:
     """load -> inject -> (save) -> fold -> export -> verify. Never raises: failures become the record's error."""
-    from .capture import InputSpec, make_example_inputs, parse_shape
+    from .capture import make_example_inputs, parse_shape
     from .export import verify, write_onnx
+    from .files import staged
     from .fold import fold_with_report
     from .hf import complete_specs
     from .inject import RECIPE_ATTR, inject
-    from .load import load, save, staged
+    from .load import load, save
 
     o = job.options
     record = JobRecord(job.name, "failed")
@@ -408,7 +444,8 @@ def run_job(job: Job) -> JobRecord:
     try:
         Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
         with _stage(timings, "load"):
-            model = load(job.checkpoint, trust_pickle=o.trust_pickle, arch=job.arch, arch_kwargs=job.arch_kwargs)
+            model = load(job.checkpoint, trust_pickle=o.trust_pickle, arch=job.arch, arch_kwargs=job.arch_kwargs,
+                         arch_folders=job.import_paths)
         specs = None
         if o.input_shape is not None:
             specs = [InputSpec(None, parse_shape(",".join(map(str, o.input_shape)), "input_shape"))]
@@ -471,14 +508,9 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _remove_leftovers(job: Job) -> None:
-    """What a killed job's process could not clean up: its staged temp files, and its stamp."""
-    for output in job.outputs:
-        path = Path(output)
-        if path.parent.is_dir():
-            for leftover in path.parent.iterdir():
-                if leftover.name.startswith(".") and f".{path.name}." in leftover.name and leftover.suffix == ".tmp":
-                    with contextlib.suppress(OSError):
-                        leftover.unlink()
+    """What a killed job's process could not clean up: its staged temp files (its owner is gone), and its stamp."""
+    for folder in {str(Path(output).parent) for output in job.outputs}:
+        sweep(folder)
     with contextlib.suppress(OSError):
         os.unlink(job.stamp_path)
 
@@ -486,17 +518,15 @@ def _remove_leftovers(job: Job) -> None:
 # --- many jobs ----------------------------------------------------------------------------------------------
 
 
-def _worker(conn, threads: int, import_paths: list[str]) -> None:
+def _worker(conn, threads: int) -> None:
     """A worker process: run the jobs it is sent until it gets None."""
+    clean_up_on_signals()  # stopped by the parent (or a CI cancel): its temp files go with it
     import torch
 
     torch.set_num_threads(threads)
     import onnx  # noqa: F401  (imported now, not inside the first job's timings)
     import onnxruntime  # noqa: F401
 
-    for p in import_paths:
-        if p not in sys.path:
-            sys.path.insert(0, p)
     from .export import quiet
 
     while True:
@@ -562,13 +592,16 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
             todo.append(job)
     workers = max(1, min(workers, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    import_paths = sorted({p for j in jobs for p in j.import_paths})
+    for job in todo:  # the config's architectures are the user's: trusted once here, not by racing workers
+        if job.arch:
+            with contextlib.suppress(SurgeonError):  # not findable: the job's own load says why
+                trust(job.arch, folder=job.import_paths[0] if job.import_paths else None)
     ctx = mp.get_context("spawn")  # not fork: torch's thread pools do not survive a fork safely
     slots: list[_Slot] = []
 
     def start_slot() -> _Slot:
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker, args=(child, threads, import_paths), daemon=True)
+        process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
         process.start()
         child.close()
         return _Slot(process, parent)
@@ -578,57 +611,62 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
         slot.job = None
         emit(BatchEvent("done", record.name, record, len(records), len(jobs)))
 
+    def stop_workers() -> None:  # a SIGTERM to the batch reaches its workers, whose handlers remove their temp files
+        for slot in slots:
+            slot.process.terminate()
+
     failed = False
-    try:
-        while todo or any(s.job for s in slots):
-            if fail_fast and failed:
-                while todo:
-                    job = todo.popleft()
-                    records[job.name] = JobRecord(job.name, "skipped", error="not run: --fail-fast after a failure")
-                    emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
-            while todo and (len(slots) < workers or any(s.job is None for s in slots)):
-                slot = next((s for s in slots if s.job is None), None) or start_slot()
-                if slot not in slots:
-                    slots.append(slot)
-                slot.job, slot.started = todo.popleft(), time.monotonic()
-                slot.conn.send(slot.job)
-                emit(BatchEvent("start", slot.job.name, None, len(records), len(jobs)))
-            busy = [s for s in slots if s.job]
-            if not busy:
-                continue
-            ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
-            for slot in busy:
-                record = None
-                if slot.conn in ready:
-                    try:
-                        kind, record = slot.conn.recv()
-                    except (EOFError, OSError):
-                        kind, record = "died", None
-                    if kind == "started":
-                        slot.started = time.monotonic()
-                if record is not None:
-                    finish(slot, record)
-                    failed |= record.status == "failed"
+    with on_signal(stop_workers):
+        try:
+            while todo or any(s.job for s in slots):
+                if fail_fast and failed:
+                    while todo:
+                        job = todo.popleft()
+                        records[job.name] = JobRecord(job.name, "skipped", error="not run: --fail-fast after a failure")
+                        emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
+                while todo and (len(slots) < workers or any(s.job is None for s in slots)):
+                    slot = next((s for s in slots if s.job is None), None) or start_slot()
+                    if slot not in slots:
+                        slots.append(slot)
+                    slot.job, slot.started = todo.popleft(), time.monotonic()
+                    slot.conn.send(slot.job)
+                    emit(BatchEvent("start", slot.job.name, None, len(records), len(jobs)))
+                busy = [s for s in slots if s.job]
+                if not busy:
                     continue
-                timeout = slot.job.options.timeout
-                died = slot.process.sentinel in ready or not slot.process.is_alive()
-                late = timeout is not None and time.monotonic() - slot.started > timeout
-                if died or late:
+                ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
+                for slot in busy:
+                    record = None
+                    if slot.conn in ready:
+                        try:
+                            kind, record = slot.conn.recv()
+                        except (EOFError, OSError):
+                            kind, record = "died", None
+                        if kind == "started":
+                            slot.started = time.monotonic()
+                    if record is not None:
+                        finish(slot, record)
+                        failed |= record.status == "failed"
+                        continue
+                    timeout = slot.job.options.timeout
+                    died = slot.process.sentinel in ready or not slot.process.is_alive()
+                    late = timeout is not None and time.monotonic() - slot.started > timeout
+                    if died or late:
+                        slot.process.kill()
+                        slot.process.join()
+                        elapsed = round(time.monotonic() - slot.started, 3)
+                        why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
+                               f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
+                        _remove_leftovers(slot.job)
+                        finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
+                        failed = True
+                        slots.remove(slot)
+        finally:
+            for slot in slots:
+                with contextlib.suppress(OSError, BrokenPipeError):
+                    slot.conn.send(None)
+            for slot in slots:
+                slot.process.join(timeout=5)
+                if slot.process.is_alive():
                     slot.process.kill()
-                    slot.process.join()
-                    elapsed = round(time.monotonic() - slot.started, 3)
-                    why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
-                           f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
-                    _remove_leftovers(slot.job)
-                    finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
-                    failed = True
-                    slots.remove(slot)
-    finally:
-        for slot in slots:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                slot.conn.send(None)
-        for slot in slots:
-            slot.process.join(timeout=5)
-            if slot.process.is_alive():
-                slot.process.kill()
     return BatchResult([records[j.name] for j in jobs])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .graph_facts import dead_nodes
 LEAF_REGISTRY: set[type] = set()
 
 CAPTURE_METHODS = ("auto", "fx", "export")
+MAX_INPUT_ELEMENTS = 2**28  # per example input (1 GiB of float32)
 
 
 def register_leaf(cls: type) -> type:
@@ -347,6 +349,19 @@ class InputSpec:
     shape: tuple[int, ...]
     dtype: str = "float32"
     high: int | None = None  # integer inputs are drawn from [0, high): token ids below the vocabulary size
+
+    def __post_init__(self) -> None:
+        # Every spec (command line, config, a file's recipe, a transformers config) passes here before a
+        # tensor is made: an absurd shape is a clear error, not an allocation that takes the machine.
+        shape = self.shape
+        if not (isinstance(shape, tuple) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                 for d in shape)):
+            raise ConfigError(f"input shape {shape!r}: expected whole numbers, e.g. 1,3,32,32")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ConfigError(
+                f"input shape {','.join(map(str, shape))} has {math.prod(shape):,} elements, more than the "
+                f"{MAX_INPUT_ELEMENTS:,} an example input may have; a small example (batch 1) is enough"
+            )
 
     @classmethod
     def parse(cls, text: str) -> "InputSpec":

@@ -18,13 +18,15 @@ from . import capture as capture_mod
 from .capture import InputSpec, make_example_inputs
 from .errors import ConfigError, SurgeonError
 from .export import export_onnx, export_verified
+from .files import check_output, clean_up_on_signals
 from .fold import FoldReport, fold_with_report, remove_gates
 from .hf import complete_specs
 from .inject import RECIPE_ATTR, inject as inject_model
 from .layers import MODES, SCALINGS
-from .load import check_output, default_output, load, load_weights, parse_arch_kwargs, save
+from .load import default_output, load, load_weights, parse_arch_kwargs, save
 from .plan import Plan, plan as plan_model
 from .schedule import RULES
+from .trust import drop_current_folder
 
 app = typer.Typer(
     name="sdsurgeon",
@@ -178,7 +180,7 @@ def plan_cmd(
 
     specs = _input_specs(input_shape, input_)
     if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
-        image_format(check_output(plot, model))
+        image_format(check_output(plot, model, option="--plot"))
     m = _load(model, arch, arch_kwargs, trust_pickle)
     specs, example = _examples(m, specs)
     p = plan_model(
@@ -467,7 +469,7 @@ def batch_cmd(
     Example: sdsurgeon batch examples/ci/sdsurgeon.yaml --jobs 2
     """
     from .batch import check_jobs, load_config, plan_jobs, run_batch
-    from .report import to_json, write_reports
+    from .report import REPORT_FILES, to_json, write_reports
 
     if jobs < 1:
         raise ConfigError("--jobs must be 1 or more")
@@ -476,6 +478,8 @@ def batch_cmd(
     cfg = load_config(config)
     job_list = plan_jobs(cfg)
     check_jobs(job_list)
+    for name in REPORT_FILES:
+        check_output(report_dir / name, config, *(j.checkpoint for j in job_list), option="--report-dir")
     if check:
         if json_:
             print(json.dumps({"config": str(config), "jobs": [{"name": j.name, "checkpoint": j.checkpoint,
@@ -510,4 +514,6 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
+    drop_current_folder()  # a console script's own folder, or what `python -m` added: never ahead of packages
+    clean_up_on_signals()  # SIGTERM (a CI cancel) leaves no temp file behind
     app()

@@ -21,7 +21,7 @@ from torch.utils import _pytree
 
 from .capture import DTYPES, InputSpec, normalize_inputs
 from .errors import ConfigError, ExportError, VerificationError, first_line
-from .load import staged
+from .files import staged
 
 # Ops that would make inference random; a correct export of a folded model holds none.
 RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
@@ -357,7 +357,11 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
                 if tuple(g64.shape) != tuple(e64.shape):
                     raise VerificationError(f"output {names[k]}: onnxruntime gives shape {tuple(g64.shape)}, "
                                             f"PyTorch {tuple(e64.shape)} (batch {batch})")
-                diff = (g64 - e64).abs()
+                if not bool(torch.isfinite(e64).all()):
+                    raise VerificationError(f"PyTorch's own output {names[k]} holds NaN or Inf (batch {batch}), so "
+                                            f"there is nothing to check the ONNX file against: {_non_finite(model)}; "
+                                            "no ONNX file was kept")
+                diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))  # NaN from onnxruntime alone: a miss
                 allowed = atol + rtol * e64.abs()
                 scale = float(e64.abs().max()) if e64.numel() else 0.0
                 max_abs = float(diff.max()) if diff.numel() else 0.0
@@ -382,6 +386,17 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
             result,
         )
     return result
+
+
+def _non_finite(model: nn.Module) -> str:
+    """Where a model's NaN or Inf comes from: its weights (named), or an overflow on the inputs."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if not bad:
+        return "its weights are finite, so it overflows on random inputs"
+    first = next(iter(bad))
+    return (f"its weights hold {sum(bad.values())} NaN or Inf values in {len(bad)} tensors (first: {first}); "
+            "check the checkpoint (a diverged training run?)")
 
 
 def _rebind(model: nn.Module, fresh: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .capture import InputSpec
 from .errors import LoadError, UnsafeLoadError, first_line
+from .trust import REMOTE_CODE, transformers_class
 
 # Integer inputs and the config field bounding their values (token ids must index the embedding).
 _ID_BOUNDS = {"input_ids": "vocab_size", "decoder_input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}
@@ -49,12 +50,7 @@ def _quiet() -> Iterator[None]:
 def model_class(name: str | None):
     """The transformers class ``name`` (from ``config.architectures``); AutoModel when unknown."""
     transformers = _transformers()
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None:
-        return transformers.AutoModel
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise UnsafeLoadError(f"{name!r} is not a transformers model class; it was not called")
-    return cls
+    return transformers_class(transformers, name) or transformers.AutoModel
 
 
 def load_folder(path: str | Path) -> nn.Module:
@@ -71,13 +67,22 @@ def load_folder(path: str | Path) -> nn.Module:
     transformers = _transformers()
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise LoadError(f"{path / 'config.json'} is not readable JSON ({exc})") from None
-    names = config.get("architectures") or []
-    cls = model_class(names[0] if names else None)
+    if not isinstance(config, dict):
+        raise LoadError(f"{path / 'config.json'} is not a JSON object")
+    names = config.get("architectures")
+    cls = model_class(names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None)
+    if cls is transformers.AutoModel and config.get("auto_map"):
+        raise UnsafeLoadError(
+            f"{path / 'config.json'} maps its model to Python code in the folder (auto_map); sdsurgeon never runs "
+            "a folder's own code (transformers' trust_remote_code stays off). Save the model with a transformers "
+            "class, or its state_dict and use --arch package.module:factory"
+        )
     with _quiet():
         try:
-            model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+            model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager",
+                                        trust_remote_code=REMOTE_CODE)
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for a bad folder
             raise LoadError(f"{path}: transformers could not load it ({first_line(exc)})") from None
     if cls is transformers.AutoModel:

@@ -1,29 +1,26 @@
-"""Read and write checkpoints safely: formats, trust, architecture factories, atomic writes."""
+"""Read and write checkpoints: formats, the sdsurgeon file, architecture factories (trust decisions: trust.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import os
-import pickle
 import re
-import sys
-import tempfile
-import typing
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import hf
-from .capture import tag
-from .errors import ConfigError, LoadError, UnsafeLoadError, WriteError, first_line
+from .capture import DTYPES, tag
+from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError, WriteError, first_line
+from .files import atomic_write, not_regular
 from .inject import RECIPE_ATTR, Recipe, apply_recipe
+from .trust import import_factory, trust, unsafe_globals
 
 SOURCE_ATTR = "sdsurgeon_source"
 FORMAT = "sdsurgeon"
@@ -44,42 +41,30 @@ class ModelSource:
 # --- architectures ---------------------------------------------------------------------------------
 
 
-def import_factory(spec: str) -> Callable[..., Any]:
-    """Resolve ``package.module:factory`` (the current folder is importable, as for `python -m`)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"--arch {spec!r}: expected package.module:factory, e.g. mymodels.resnet:resnet110")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise LoadError(
-            f"--arch {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
-            "install the package or run from the folder that contains it"
-        ) from None
-    obj = module
-    for atom in attr.split("."):
-        if not hasattr(obj, atom):
-            raise LoadError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, atom)
-    if not callable(obj):
-        raise LoadError(f"--arch {spec!r}: {attr!r} is not callable; point at a class or function that builds the model")
-    return obj
+def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.PathLike | None = None,
+          folders: Iterable[str | os.PathLike] | None = None) -> nn.Module:
+    """Call an architecture factory and check that it gives an nn.Module.
 
-
-def build(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
-    """Call an architecture factory and check that it gives an nn.Module."""
-    factory = import_factory(arch)
+    ``recorded_in``: the file that names the factory (then it must be one the user trusts, see
+    ``trust.import_factory``); None when the user named it, found on the installed packages and then
+    in ``folders`` (default: the current folder).
+    """
+    kwargs = dict(arch_kwargs or {})
+    if recorded_in is None:
+        label, given = f"--arch {arch!r}", "--arch-kwargs"
+        folders = [os.getcwd()] if folders is None else folders
+    else:
+        label, given = f"the architecture {arch!r} recorded in {recorded_in}", "its recorded arguments"
+    factory = import_factory(arch, recorded_in=recorded_in, folders=folders or ())
     try:
-        model = factory(**(arch_kwargs or {}))
+        model = factory(**kwargs)
     except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
-        raise LoadError(
-            f"--arch {arch!r} with --arch-kwargs {json.dumps(arch_kwargs or {})} failed: {first_line(exc)}"
-        ) from None
+        shown = json.dumps(kwargs, default=repr)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise LoadError(f"{label} with {given} {shown} failed: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise LoadError(f"--arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
-    tag(model, SOURCE_ATTR, ModelSource("arch", arch, dict(arch_kwargs or {})))
+        raise LoadError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
+    tag(model, SOURCE_ATTR, ModelSource("arch", arch, kwargs))
     return model
 
 
@@ -95,30 +80,6 @@ def parse_arch_kwargs(text: str | None) -> dict:
     return value
 
 
-def _builds_a_module(factory: Callable[..., Any]) -> bool:
-    """True for an nn.Module class, or a function whose return annotation is an nn.Module class."""
-    if isinstance(factory, type):
-        return issubclass(factory, nn.Module)
-    try:
-        returns = typing.get_type_hints(factory).get("return")
-    except Exception:
-        return False
-    return isinstance(returns, type) and issubclass(returns, nn.Module)
-
-
-def _build_recorded(arch: str, arch_kwargs: dict, path: Path) -> nn.Module:
-    # A file names the factory that load() will call. It may only name something that declares it
-    # builds a model (a Module class, or a function annotated to return one); anything else (e.g.
-    # subprocess:run or a third-party writer) is never called, so a weights-only file cannot run code.
-    if not _builds_a_module(import_factory(arch)):
-        raise UnsafeLoadError(
-            f"{path} names {arch!r} as its architecture, which is not declared to build an nn.Module "
-            "(a Module class, or a function annotated '-> SomeModule'); it was not called. "
-            f"If you trust it, pass --arch {arch} yourself"
-        )
-    return build(arch, arch_kwargs)
-
-
 # --- loading ---------------------------------------------------------------------------------------
 
 
@@ -128,21 +89,31 @@ def load(
     trust_pickle: bool = False,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
+    arch_folders: Iterable[str | os.PathLike] | None = None,
 ) -> nn.Module:
     """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
 
-    - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only;
+    - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only,
+      never running code of its own (``trust_remote_code`` stays off);
     - a state_dict (``.pt``/``.pth``/``.safetensors``) needs ``arch`` (``package.module:factory``);
     - a full pickled ``nn.Module`` is unpickled only with ``trust_pickle=True`` (unpickling runs code);
-    - a file written by sdsurgeon is rebuilt from the factory and recipe it records;
+    - a file written by sdsurgeon is rebuilt from the factory and recipe it records, if that factory
+      is one you trust (built in, named with ``arch`` before, or ``sdsurgeon.trust``d);
     - no path: a fresh model from ``arch``.
+
+    ``arch`` is trusted from then on (remembered in the user's trust store). It is imported from the
+    installed packages, else from ``arch_folders`` (default: the current folder).
     """
     if arch_kwargs and not arch:
         raise ConfigError("--arch-kwargs needs --arch package.module:factory")
+
+    def named() -> nn.Module:
+        return build(arch, arch_kwargs, folders=arch_folders)
+
     if path is None:
         if not arch:
             raise ConfigError("give a checkpoint file, or an architecture with --arch package.module:factory")
-        return build(arch, arch_kwargs)
+        return named()
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file")
@@ -153,17 +124,25 @@ def load(
         if arch:
             raise ConfigError(f"{path} is a transformers folder: its config.json names the architecture; drop --arch")
         return hf.load_folder(path)
+    _check_regular(path)
     if path.suffix == ".safetensors":
-        return _from_state_dict(_read_safetensors(path), path, arch, arch_kwargs)
+        return _from_state_dict(_read_safetensors(path), path, arch, named)
     obj = _torch_load(path, trust_pickle)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_sdsurgeon_file(obj, path, trust_pickle, arch, arch_kwargs)
+    if _is_sdsurgeon_file(obj):
+        return _from_sdsurgeon_file(obj, path, trust_pickle, named if arch else None)
     if isinstance(obj, nn.Module):
         if arch:
             raise ConfigError(f"{path} holds a whole model; --arch is only for files that hold weights alone")
         tag(obj, SOURCE_ATTR, ModelSource("pickle"))
         return obj
-    return _from_state_dict(_state_dict_of(obj, path), path, arch, arch_kwargs)
+    return _from_state_dict(_state_dict_of(obj, path), path, arch, named)
+
+
+def _check_regular(path: Path) -> None:
+    # A FIFO or a device (/dev/zero) would block or never end.
+    kind = not_regular(path)
+    if kind:
+        raise LoadError(f"{path} is {kind}, not a checkpoint file")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -176,37 +155,48 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    if zipfile.is_zipfile(path):
+def _zip_names(path: Path) -> list[str]:
+    """The member names of a zip file; none for anything else, or a zip damaged in any way zipfile can fail."""
+    try:
         with zipfile.ZipFile(path) as zf:
-            if any(n.endswith("constants.pkl") for n in zf.namelist()):
-                raise LoadError(
-                    f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
-                    "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
-                )
+            return zf.namelist()
+    except Exception:  # BadZipFile, NotImplementedError (an odd version), struct.error, ...: torch.load says more
+        return []
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    if any(n.endswith("constants.pkl") for n in _zip_names(path)):
+        raise LoadError(
+            f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
+            "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if not found:
-            # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
-            cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            detail = cause.group(1).strip() if cause else first_line(exc)
-            raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
-        if not trust_pickle:
-            raise UnsafeLoadError(
-                f"{path} holds pickled Python objects ({found.group(1)}); unpickling runs code from the file, "
-                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config) if you trust its source, or save model.state_dict() "
-                "and use --arch package.module:factory"
-            ) from None
     except Exception as exc:
-        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({first_line(exc)})") from None
+        failure = exc
+    # What the file would import decides, read without unpickling; torch's message (which advises
+    # weights_only=False) does not.
+    unsafe = unsafe_globals(path)
+    if not unsafe:
+        # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
+        cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(failure))
+        detail = cause.group(1).strip() if cause else first_line(failure)
+        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
+    if not trust_pickle:
+        shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+        raise UnsafeLoadError(
+            f"{path} holds pickled Python objects ({shown}); unpickling runs code from the file, so it is refused. "
+            f"{_TRUST_PICKLE} if you trust its source, or save model.state_dict() and use --arch package.module:factory"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise LoadError(
             f"{path}: unpickling failed ({first_line(exc)}); the code that defined the model must be importable"
         ) from None
+
+
+_TRUST_PICKLE = "Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config)"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -229,14 +219,14 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_state_dict(
-    state: dict[str, torch.Tensor], path: Path, arch: str | None, arch_kwargs: dict | None
+    state: dict[str, torch.Tensor], path: Path, arch: str | None, named: Callable[[], nn.Module]
 ) -> nn.Module:
     if not arch:
         raise LoadError(
             f"{path} holds weights only (a state_dict); say which architecture they belong to with "
             "--arch package.module:factory (and --arch-kwargs JSON if the factory takes arguments)"
         )
-    model = build(arch, arch_kwargs)
+    model = named()
     expected = set(model.state_dict())
     if not set(state) & expected and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
@@ -261,34 +251,120 @@ def _load_weights(model: nn.Module, state: dict, path: Path, what: str,
         raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
 
 
+# --- sdsurgeon files --------------------------------------------------------------------------------
+
+# Recipe key -> what its value must be. A file is data from anywhere: every part is checked before use.
+_RECIPE_KINDS: dict[str, tuple[type, ...]] = {
+    "sites": (list,), "mode": (str,), "scaling": (str,), "seed": (int, type(None)), "p_L": (int, float, type(None)),
+    "rule": (str, type(None)), "leaves": (list,), "inputs": (list, type(None)), "capture": (str,),
+    "sync_ranks": (bool,), "keep_existing": (bool,), "replaced": (list,),
+}
+
+
+def _is_sdsurgeon_file(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT
+
+
+def _shown(value: Any) -> str:
+    """A value read from a file, for a message: short, whatever it is."""
+    text = repr(value) if isinstance(value, (str, int, float, type(None))) else f"of type {type(value).__name__}"
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+class _Damaged(Exception):
+    """Internal: what is wrong with an sdsurgeon file's contents."""
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Damaged(what)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_recipe(d) -> None:
+    _need(isinstance(d, dict), "its recipe is not a mapping")
+    unknown = sorted(str(k) for k in d if k not in _RECIPE_KINDS)
+    _need(not unknown, f"unknown recipe key {unknown[0]!r}" if unknown else "")
+    _need("sites" in d, "its recipe has no 'sites'")
+    for key, value in d.items():
+        kinds = _RECIPE_KINDS[key]
+        _need(isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds),
+              f"recipe key {key!r} holds {type(value).__name__}")
+    for site in d["sites"]:
+        _need(isinstance(site, (list, tuple)) and len(site) == 2 and isinstance(site[0], str) and _is_number(site[1]),
+              "a recipe site is not [site id, p]")
+    _need(all(isinstance(x, str) for x in d.get("leaves", [])), "recipe leaves are not strings")
+    for spec in d.get("inputs") or []:
+        _need(isinstance(spec, dict) and isinstance(spec.get("shape"), list), "a recipe input has no shape")
+        _need(spec.get("dtype", "float32") in DTYPES, f"a recipe input has an unknown dtype {spec.get('dtype')!r}")
+        name, high = spec.get("name"), spec.get("high")
+        _need(name is None or (isinstance(name, str) and name.isidentifier()), "a recipe input's name is not a name")
+        _need(high is None or (isinstance(high, int) and not isinstance(high, bool) and 0 < high < 2**62),
+              "a recipe input's value range is not a positive integer")
+    for entry in d.get("replaced", []):
+        _need(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+              and _is_number(entry[1]), "a replaced drop path is not [module path, rate]")
+
+
+def _check_payload(payload: dict) -> None:
+    source = payload.get("source")
+    _need(isinstance(source, dict), "it has no 'source' (how to rebuild the architecture)")
+    kind = source.get("kind")
+    _need(isinstance(kind, str) and kind in ("arch", "hf", "pickle"), f"unknown source kind {_shown(kind)}")
+    if kind == "pickle":
+        _need(isinstance(payload.get("module"), (bytes, bytearray)), "its pickled model is missing")
+    else:
+        _need(isinstance(source.get("arch"), str) and bool(source["arch"]), "its source names no architecture")
+        kwargs = source.get("arch_kwargs")
+        _need(kwargs is None or (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)),
+              "its architecture arguments are not a mapping of names")
+        state = payload.get("state_dict")
+        _need(_is_state_dict(state) or (isinstance(state, dict) and not state),
+              "its state_dict is not a mapping of names to tensors")
+    if payload.get("recipe") is not None:
+        _check_recipe(payload["recipe"])
+
+
 def _from_sdsurgeon_file(
-    payload: dict, path: Path, trust_pickle: bool, arch: str | None, arch_kwargs: dict | None
+    payload: dict, path: Path, trust_pickle: bool, named: Callable[[], nn.Module] | None
 ) -> nn.Module:
     version = payload.get("version")
-    if version != FORMAT_VERSION:
-        raise LoadError(f"{path} is sdsurgeon format version {version}; this sdsurgeon reads version {FORMAT_VERSION}")
+    if not (type(version) is int and version == FORMAT_VERSION):  # noqa: E721  (not a bool, a tensor, ...)
+        raise LoadError(f"{path} is sdsurgeon format version {_shown(version)}; this sdsurgeon reads version "
+                        f"{FORMAT_VERSION}")
+    try:
+        _check_payload(payload)
+        recipe = Recipe.from_dict(payload["recipe"]) if payload.get("recipe") else None
+    except SurgeonError as exc:  # a recorded input shape out of bounds, ...
+        raise LoadError(f"{path}: its recipe is not usable: {exc}") from None
+    except (_Damaged, TypeError, ValueError, KeyError) as exc:
+        raise LoadError(f"{path} is a damaged sdsurgeon file: {exc}") from None
     source = payload["source"]
-    recipe = Recipe.from_dict(payload["recipe"]) if payload.get("recipe") else None
     if source["kind"] == "pickle":
         if not trust_pickle:
             raise UnsafeLoadError(
                 f"{path} was made from a pickled model and holds it pickled; unpickling runs code from the file, "
-                "so it is refused. Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config) if you trust its source"
+                f"so it is refused. {_TRUST_PICKLE} if you trust its source"
             )
-        model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
+        try:
+            model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise LoadError(f"{path}: unpickling its model failed ({first_line(exc)})") from None
         tag(model, SOURCE_ATTR, ModelSource("pickle"))
         return model
-    if arch:
-        model = build(arch, arch_kwargs)
+    arch, what = source["arch"], f"the architecture it records ({source['arch']})"
+    if named is not None:
+        model, what = named(), "--arch"
     elif source["kind"] == "hf":
-        arch = source["arch"]
         model = hf.build(arch, source.get("arch_kwargs") or {})
     else:
-        arch = source["arch"]
-        model = _build_recorded(arch, source.get("arch_kwargs") or {}, path)
+        model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path)
     if recipe is not None:
         model = apply_recipe(model, recipe)
-    _load_weights(model, payload["state_dict"], path, f"the architecture it records ({arch})")
+    _load_weights(model, payload["state_dict"], path, what)
     return model
 
 
@@ -299,15 +375,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     an sdsurgeon file. An injected model has its original's keys, so either one's weights fit.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LoadError(f"--weights {path}: no such file")
+    _check_regular(path)
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:
         obj = _torch_load(path, trust_pickle=False)
-        if isinstance(obj, dict) and obj.get("format") == FORMAT and "state_dict" in obj:
+        if _is_sdsurgeon_file(obj) and "state_dict" in obj:
             obj = obj["state_dict"]
-        elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+        elif _is_sdsurgeon_file(obj):
             raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead")
         state = _state_dict_of(obj, path)
     expected = set(model.state_dict())
@@ -320,48 +397,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def staged(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds.
-
-    Readers never see a partial file, and a failure (a write error, a failed check) leaves none.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
-    if not path.parent.is_dir():
-        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write via a temp file in the destination folder and rename (see ``staged``)."""
-    with staged(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
-def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse an output path that is one of the inputs."""
-    output = Path(output)
-    for i in inputs:
-        if i is not None and Path(i).exists() and output.exists() and os.path.samefile(output, i):
-            raise WriteError(f"output {output} is the input file; sdsurgeon never overwrites its input: choose another -o")
-    return output
-
-
 def save(
     model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None
 ) -> None:
@@ -369,9 +404,13 @@ def save(
 
     A model whose architecture factory is known (it came from ``load``/``--arch``, or ``arch`` names
     it here) is saved weights-only: the factory, the surgery recipe and the state_dict; it loads
-    without trusting pickles. Any other model is pickled whole and, like its source, needs
+    without trusting pickles wherever that factory is trusted (``arch`` given here is trusted, as
+    ``load(arch=...)`` trusts it). Any other model is pickled whole and, like its source, needs
     ``trust_pickle`` to load.
     """
+    if arch:
+        with contextlib.suppress(SurgeonError):  # not importable here: a later load names it with --arch
+            trust(arch)
     source = ModelSource("arch", arch, dict(arch_kwargs or {})) if arch else getattr(model, SOURCE_ATTR, None)
     recipe = getattr(model, RECIPE_ATTR, None)
     payload: dict[str, Any] = {

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError, MissingDependencyError, WriteError
-from .load import staged
+from .files import staged
 from .plan import Plan
 
 INSTALL_HINT = "pip install 'sdsurgeon[plot]'"

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import WriteError
-from .load import atomic_write
+from .files import atomic_write
 
 STATUSES = ("ok", "failed", "skipped")
 
@@ -91,6 +91,9 @@ def to_markdown(records: list[JobRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("report.json", "junit.xml", "summary.md")
+
+
 def write_reports(records: list[JobRecord], folder: str | os.PathLike) -> dict[str, Path]:
     """report.json, junit.xml and summary.md in ``folder`` (created if missing), each written atomically."""
     folder = Path(folder)
@@ -99,8 +102,7 @@ def write_reports(records: list[JobRecord], folder: str | os.PathLike) -> dict[s
     except OSError as exc:
         raise WriteError(f"cannot create the report folder {folder}: {exc.strerror}; choose another --report-dir") from None
     written = {}
-    for name, text in (("report.json", to_json(records)), ("junit.xml", to_junit(records)),
-                       ("summary.md", to_markdown(records))):
+    for name, text in zip(REPORT_FILES, (to_json(records), to_junit(records), to_markdown(records))):
         atomic_write(folder / name, lambda f, text=text: f.write(text.encode()))
         written[name] = folder / name
     return written

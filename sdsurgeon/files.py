@@ -1,0 +1,221 @@
+"""Output files: staged (temp + rename) writes, output checks (regular files, never an input), temp-file cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .errors import WriteError
+
+# Temp files are named .<output>.sdsurgeon-<host>-<pid>-<random>.tmp: recognisably ours, with the owner
+# process, so a later run can remove those whose owner died (SIGKILL) and never another's.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMP = re.compile(r"^\..+\.sdsurgeon-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})-[a-z0-9_]{8}\.tmp$")
+_live: set[str] = set()  # this process's temp files, removed on SIGTERM
+_on_signal_hooks: list[Callable[[], None]] = []
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+# --- output checks -----------------------------------------------------------------------------------
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)  # follows links: what a write through this path would reach
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # a NUL byte in the name
+        raise WriteError(f"cannot write {str(path)!r}: the name holds a NUL byte") from None
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists and is not a regular file ("a FIFO", ...); None otherwise."""
+    st = _stat(Path(path))
+    if st is None or stat.S_ISREG(st.st_mode):
+        return None
+    return next((what for test, what in _KINDS if test(st.st_mode)), "not a regular file")
+
+
+def _input_identities(inputs: Iterable[str | os.PathLike | None]) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> input path of every input file, a folder's files included."""
+    ids: dict[tuple[int, int], Path] = {}
+    for i in inputs:
+        if i is None:
+            continue
+        path = Path(i)
+        st = _stat(path)
+        if st is None:
+            continue
+        ids[(st.st_dev, st.st_ino)] = path
+        if stat.S_ISDIR(st.st_mode):  # a transformers folder: every file in it is an input
+            for n, inner in enumerate(path.rglob("*")):
+                if n > 10_000:
+                    break
+                with contextlib.suppress(OSError):
+                    s = inner.stat()
+                    ids[(s.st_dev, s.st_ino)] = inner
+    return ids
+
+
+def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> str | None:
+    """Why ``output`` may not be written, or None: it exists and is not a regular file, or it is an input.
+
+    An input is matched by path and by inode, so another spelling, a symbolic or a hard link of an
+    input, or a file inside an input folder, all count.
+    """
+    output = Path(output)
+    inputs = [i for i in inputs if i is not None]
+    kind = not_regular(output)
+    if kind == "a folder":
+        return f"{output}: it is a folder; give a file name"
+    if kind:
+        return f"{output}: it is {kind}, not a regular file; sdsurgeon writes regular files only"
+    real = os.path.realpath(output)
+    for i in inputs:
+        if os.path.realpath(i) == real:
+            return f"{output} is the input {i}; sdsurgeon never overwrites its input"
+    st = _stat(output)
+    if st is not None:
+        same = _input_identities(inputs).get((st.st_dev, st.st_ino))
+        if same is not None:
+            return f"{output} is the input {same} (the same file); sdsurgeon never overwrites its input"
+    return None
+
+
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "-o") -> Path:
+    """Refuse an output path that is one of the inputs or not a regular file; returns it as a Path."""
+    problem = output_problem(output, inputs)
+    if problem:
+        raise WriteError(f"output {problem}; choose another {option}")
+    return Path(output)
+
+
+# --- staged writes -----------------------------------------------------------------------------------
+
+
+def _check_destination(path: Path) -> None:
+    kind = not_regular(path)
+    if kind == "a folder":
+        raise WriteError(f"cannot write {path}: it is a folder; give a file name with -o")
+    if kind:
+        raise WriteError(f"cannot write {path}: it is {kind}, not a regular file; sdsurgeon replaces regular "
+                         "files only: choose another output with -o")
+    if not path.parent.is_dir():
+        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds.
+
+    Readers never see a partial file, and a failure (a write error, a failed check, SIGTERM) leaves
+    none. Stale temp files of earlier runs killed outright are swept from the folder first.
+    """
+    path = Path(path)
+    _check_destination(path)
+    sweep(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.sdsurgeon-{_HOST}-{os.getpid()}-",
+                                   suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
+    os.close(fd)
+    _live.add(tmp)
+    try:
+        yield Path(tmp)
+        _check_destination(path)  # a FIFO or a folder may have appeared there meanwhile
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        _live.discard(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write via a temp file in the destination folder and rename (see ``staged``)."""
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+# --- leftovers ---------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return pid > 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or one we cannot ask about: leave its files
+        return True
+    return True
+
+
+def sweep(folder: str | os.PathLike) -> list[Path]:
+    """Remove sdsurgeon's temp files in ``folder`` whose owner process (on this host, this user's) is gone."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        found = _TEMP.match(name)
+        if not found or found["host"] != _HOST or _alive(int(found["pid"])):
+            continue
+        leftover = Path(folder) / name
+        with contextlib.suppress(OSError):
+            st = os.lstat(leftover)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                os.unlink(leftover)
+                removed.append(leftover)
+    return removed
+
+
+def _on_signal(signum, _frame) -> None:
+    for hook in list(_on_signal_hooks):
+        with contextlib.suppress(Exception):
+            hook()
+    for tmp in list(_live):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # die of the same signal, so the caller sees what happened
+
+
+def clean_up_on_signals() -> None:
+    """On SIGTERM or SIGHUP (a CI cancel, a closed terminal) remove this process's temp files, then die of it.
+
+    For the command line and batch workers only; a handler someone else installed is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _on_signal)
+
+
+@contextlib.contextmanager
+def on_signal(hook: Callable[[], None]) -> Iterator[None]:
+    """Run ``hook`` (e.g. stop worker processes) if a signal ``clean_up_on_signals`` handles arrives meanwhile."""
+    _on_signal_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _on_signal_hooks.remove(hook)

@@ -1,0 +1,481 @@
+"""Issue 14: a hostile file, folder or config runs no code and destroys nothing; every failure is one line.
+
+Where the behaviour depends on the process (sys.path, stdin, signals) the command runs in a subprocess;
+elsewhere through typer's CliRunner or the library. Canary files are written by code that must never run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdsurgeon
+from cli_helpers import assert_ok, assert_user_error, invoke
+from sdsurgeon.errors import LoadError, UnsafeLoadError, WriteError
+from sdsurgeon.files import atomic_write, check_output
+
+RESNET8 = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 8, "width": 4}']
+SCRIPT = Path(sys.executable).with_name("sdsurgeon")  # the console script of this venv
+
+# A module that must never be imported: it leaves <canary> at import and <canary>.init when its Net is built.
+HOSTILE_MODULE = """
+import pathlib
+pathlib.Path({canary!r}).write_text("imported")
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        pathlib.Path({canary!r} + ".init").write_text("constructed")
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x)
+"""
+
+# The user's own architecture module, in the folder they work in.
+USER_MODULE = """
+import torch
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 8)
+        self.fc2 = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(Block(), Block())
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+def net():
+    return Net()
+"""
+
+
+def cli(*args, cwd: Path, script: bool = False, stdin: str | None = None, timeout: float = 300):
+    """The real command in a subprocess (environment inherited: this test's trust store)."""
+    command = [str(SCRIPT)] if script else [sys.executable, "-m", "sdsurgeon"]
+    return subprocess.run(command + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
+                          input=stdin if stdin is not None else "", timeout=timeout)
+
+
+def assert_one_error_line(proc) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == "", proc.stdout
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def sd_file(path: Path, arch: str, state: dict | None = None, arch_kwargs: dict | None = None,
+            recipe: dict | None = None, **payload) -> Path:
+    """An sdsurgeon file as anyone could write it."""
+    torch.save({"format": "sdsurgeon", "version": 1, "recipe": recipe, "state_dict": state or {},
+                "source": {"kind": "arch", "arch": arch, "arch_kwargs": arch_kwargs or {}}, **payload}, path)
+    return path
+
+
+@pytest.fixture
+def own_imports(monkeypatch):
+    """sys.path and sys.modules as they were, after a test that imports modules from its own folders."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def hostile_folder(folder: Path, name: str = "evilmod") -> Path:
+    """``folder`` holding a hostile ``name``.py and the canary path it would write."""
+    folder.mkdir(parents=True, exist_ok=True)
+    canary = folder / f"{name}.ran"
+    (folder / f"{name}.py").write_text(HOSTILE_MODULE.format(canary=str(canary)))
+    return canary
+
+
+# --- 1. a weights-only file imports and calls only what the user trusts -------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["plan"], ["export", "--input-shape", "1,8"]])
+def test_item1_recorded_factory_in_the_current_folder_is_never_imported(tmp_path, command):
+    canary = hostile_folder(tmp_path)
+    sd_file(tmp_path / "evil.sd.pt", "evilmod:Net", {"fc.weight": torch.zeros(8, 8), "fc.bias": torch.zeros(8)})
+    line = assert_one_error_line(cli(command[0], "evil.sd.pt", *command[1:], cwd=tmp_path))
+    assert "'evilmod:Net'" in line and "--arch evilmod:Net" in line and "not trusted" in line, line
+    assert not canary.exists() and not Path(f"{canary}.init").exists()
+
+
+@pytest.mark.slow
+def test_item1_recorded_factory_in_the_batch_configs_folder_is_never_imported(tmp_path):
+    canary = hostile_folder(tmp_path)
+    sd_file(tmp_path / "evil.sd.pt", "evilmod:Net", {"fc.weight": torch.zeros(8, 8), "fc.bias": torch.zeros(8)})
+    (tmp_path / "cfg.yaml").write_text("defaults: {input_shape: [1, 8]}\nmodels:\n  - {name: evil, checkpoint: evil.sd.pt}\n")
+    result = invoke("batch", tmp_path / "cfg.yaml", "--report-dir", tmp_path / "reports")
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    (job,) = json.loads((tmp_path / "reports" / "report.json").read_text())["jobs"]
+    assert job["status"] == "failed" and "not trusted" in job["error"] and "evilmod:Net" in job["error"], job
+    assert not canary.exists() and not Path(f"{canary}.init").exists()
+
+
+def test_item1_recorded_this_module_is_not_imported(tmp_path, capfd):
+    if "this" in sys.modules:
+        pytest.skip("the 'this' module was imported by something else in this process")
+    path = sd_file(tmp_path / "zen.sd.pt", "this:s")
+    with pytest.raises(UnsafeLoadError, match=r"'this:s'.*--arch this:s"):
+        sdsurgeon.load(path)
+    assert "this" not in sys.modules
+    assert "Zen" not in capfd.readouterr().out
+
+
+def test_item1_recorded_torch_factory_is_not_constructed(tmp_path, own_imports):
+    layer = torch.nn.Linear(2, 2)
+    path = sd_file(tmp_path / "linear.sd.pt", "torch.nn:Linear", layer.state_dict(),
+                   {"in_features": 2, "out_features": 2})  # weights that fit: loading it would succeed
+    with pytest.raises(UnsafeLoadError, match="torch.nn:Linear"):
+        sdsurgeon.load(path)
+    sdsurgeon.trust("torch.nn:Linear")  # the user's word, not the file's
+    assert isinstance(sdsurgeon.load(path), torch.nn.Linear)
+
+
+def test_item1_trust_is_kept_in_the_users_store_not_in_the_file(tmp_path, trust_store, monkeypatch, own_imports):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mymodels.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path / "pkg")
+    model = sdsurgeon.load(arch="mymodels:net")  # named by the user: found in the current folder
+    path = tmp_path / "m.sd.pt"
+    sdsurgeon.save(sdsurgeon.inject(model, 0.5), path)
+    store = json.loads(trust_store.read_text())
+    assert store["factories"]["mymodels:net"] == {"root": str((tmp_path / "pkg").resolve())}
+    assert len(sdsurgeon.gates(sdsurgeon.load(path))) == 2
+    monkeypatch.setenv("SDSURGEON_HOME", str(tmp_path / "another-user"))  # the same file, someone else's store
+    with pytest.raises(UnsafeLoadError, match="--arch mymodels:net"):
+        sdsurgeon.load(path)
+
+
+def test_item1_a_trusted_factory_found_elsewhere_now_is_refused(tmp_path, monkeypatch, own_imports):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "shadowed_models.py").write_text(USER_MODULE)
+    model = sdsurgeon.load(arch="shadowed_models:net", arch_folders=[mine])
+    path = tmp_path / "m.sd.pt"
+    sdsurgeon.save(model, path)
+    # Later a folder ahead on sys.path holds a module of the same name.
+    canary = hostile_folder(tmp_path / "ahead", "shadowed_models")
+    monkeypatch.delitem(sys.modules, "shadowed_models")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "ahead")] + [p for p in sys.path if p != str(mine)])
+    with pytest.raises(UnsafeLoadError, match="now found in"):
+        sdsurgeon.load(path)
+    assert not canary.exists()
+
+
+@pytest.mark.slow
+def test_item1_the_tour_needs_no_arch_again_on_the_same_machine(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymodels.py").write_text(USER_MODULE)
+    torch.save(_user_net(project).state_dict(), project / "m.pt")
+    proc = cli("inject", "m.pt", "--arch", "mymodels:net", "--input-shape", "1,8", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("export", "m.sd.pt", "--json", cwd=project)  # naming no architecture again
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gates"] == 2 and (project / "m.onnx").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = cli("plan", project / "m.sd.pt", "--json", cwd=elsewhere)  # imported from where it was trusted
+    assert proc.returncode == 0, proc.stderr
+
+
+def _user_net(folder: Path) -> torch.nn.Module:
+    namespace: dict = {}
+    exec(compile(USER_MODULE, str(folder / "mymodels.py"), "exec"), namespace)
+    return namespace["net"]()
+
+
+# --- 2. a transformers folder's own code never runs, and nothing asks on stdin ------------------------
+
+
+@pytest.mark.slow
+def test_item2_custom_code_in_a_transformers_folder_never_runs(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    canary = tmp_path / "remote-code.ran"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "sdsurgeon-evil", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"},
+    }))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(canary)!r}).write_text('ran')\n")
+    line = assert_one_error_line(cli("plan", folder, "--json", cwd=tmp_path, stdin="y\ny\n"))
+    assert "trust_remote_code" in line and "auto_map" in line, line
+    assert not canary.exists()
+
+
+# --- 3. the current folder never shadows an installed package -----------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
+def test_item3_current_folder_does_not_shadow_the_tools_imports(tmp_path, script):
+    canaries = [tmp_path / f"{name}.ran" for name in ("onnxruntime", "rich")]
+    for canary in canaries:
+        (tmp_path / f"{canary.stem}.py").write_text(
+            f"import pathlib\npathlib.Path({str(canary)!r}).write_text('shadowed')\nraise SystemExit(3)\n")
+    (tmp_path / "mymodels.py").write_text(USER_MODULE)  # the user's own module there stays usable
+    proc = cli("export", "--arch", "mymodels:net", "--input-shape", "1,8", "-o", "m.onnx", "--json",
+               cwd=tmp_path, script=script)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert json.loads(proc.stdout)["output"] == "m.onnx" and (tmp_path / "m.onnx").is_file()
+    assert [c for c in canaries if c.exists()] == []
+
+
+# --- 4. outputs never coincide with inputs, batch included ---------------------------------------------
+
+
+def _checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    from sdsurgeon.models import cifar_resnet
+
+    torch.save(cifar_resnet(8, width=4).state_dict(), path)
+    return path
+
+
+def test_item4_batch_never_overwrites_its_input(tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.sd.pt")
+    before = ckpt.read_bytes()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        defaults: {output_dir: ".", save_injected: true, input_shape: [1, 3, 16, 16]}
+        models:
+          - {name: m, checkpoint: m.sd.pt, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
+        """))
+    for args in (["--check"], ["--report-dir", tmp_path / "reports"]):
+        line = assert_user_error(invoke("batch", cfg, *args))
+        assert "never overwrites its input" in line and "cfg.yaml:3" in line, line
+    assert ckpt.read_bytes() == before
+
+
+def test_item4_batch_output_of_one_job_is_never_the_input_of_another(tmp_path):
+    (tmp_path / "out").mkdir()
+    _checkpoint(tmp_path / "out" / "b.onnx")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        defaults: {input_shape: [1, 3, 16, 16]}
+        models:
+          - {name: a, checkpoint: out/b.onnx, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
+          - {name: b, arch: "sdsurgeon.models:cifar_resnet", arch_kwargs: {depth: 8, width: 4}}
+        """))
+    line = assert_user_error(invoke("batch", cfg, "--check"))
+    assert "b.onnx" in line and "never overwrites its input" in line, line
+
+
+def test_item4_a_hard_link_to_the_input_is_the_input(tmp_path):
+    model = _checkpoint(tmp_path / "m.pt")
+    os.link(model, tmp_path / "same.sd.pt")
+    line = assert_user_error(invoke("inject", model, *RESNET8, "-o", tmp_path / "same.sd.pt"))
+    assert "never overwrites its input" in line
+    with pytest.raises(WriteError):
+        check_output(tmp_path / "same.sd.pt", tmp_path / "m.pt")
+
+
+# --- 5. YAML alias bombs ---------------------------------------------------------------------------------
+
+
+def test_item5_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 strings
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("defaults: {input_shape: [1, 8]}\nmodels:\n  - name: a\n    arch: 'sdsurgeon.models:cifar_resnet'\n"
+                   "    arch_kwargs:\n" + "".join(f"      {line}\n" for line in levels))
+    started = time.monotonic()
+    line = assert_user_error(invoke("batch", cfg, "--check"))
+    assert "alias" in line and "bomb.yaml" in line, line
+    assert time.monotonic() - started < 10
+
+
+def test_item5_recursive_alias_is_refused(tmp_path):
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text("models: &m\n  - {name: a, arch: 'x:y', arch_kwargs: {again: *m}}\n")
+    assert "alias" in assert_user_error(invoke("batch", cfg, "--check"))
+
+
+# --- 6. outputs are regular files only -------------------------------------------------------------------
+
+
+def test_item6_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    device = tmp_path / "null"
+    device.symlink_to(os.devnull)  # what -o /dev/null would reach, without risking the real one
+    for target, kind in ((fifo, "FIFO"), (device, "character device")):
+        line = assert_user_error(invoke("inject", *RESNET8, "-o", target))
+        assert kind in line and "regular file" in line, line
+        with pytest.raises(WriteError, match=kind):
+            atomic_write(target, lambda f: f.write(b"x"))
+    assert fifo.is_fifo() and device.is_symlink() and Path(os.devnull).is_char_device()
+
+
+def test_item6_batch_output_that_is_a_fifo_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "a.onnx")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("defaults: {input_shape: [1, 3, 16, 16]}\nmodels:\n"
+                   "  - {name: a, arch: 'sdsurgeon.models:cifar_resnet', arch_kwargs: {depth: 8, width: 4}}\n")
+    assert "FIFO" in assert_user_error(invoke("batch", cfg, "--check"))
+    assert (tmp_path / "out" / "a.onnx").is_fifo()
+
+
+# --- 7. one error line, never a traceback; bounded shapes ----------------------------------------------
+
+
+def test_item7_sdsurgeon_file_without_source_is_one_line(work):
+    torch.save({"format": "sdsurgeon", "version": 1, "recipe": None, "state_dict": {}}, work / "m.sd.pt")
+    assert "source" in assert_user_error(invoke("plan", work / "m.sd.pt"))
+
+
+def test_item7_sdsurgeon_file_with_an_unknown_recipe_key_is_one_line(work):
+    sd_file(work / "m.sd.pt", "sdsurgeon.models:cifar_resnet", recipe={"sites": [], "colour": "red"})
+    assert "'colour'" in assert_user_error(invoke("plan", work / "m.sd.pt"))
+
+
+def test_item7_huge_input_shape_is_refused_before_allocating(work):
+    line = assert_user_error(invoke("plan", *RESNET8, "--input-shape", "100000,3,1024,1024"))
+    assert "elements" in line and "100000,3,1024,1024" in line, line
+
+
+def test_item7_huge_input_shape_recorded_in_a_file_is_refused(work):
+    from sdsurgeon.models import cifar_resnet
+
+    model = cifar_resnet(8, width=4)
+    recipe = sdsurgeon.inject(model, 0.5).sdsurgeon_recipe.to_dict()
+    recipe["inputs"] = [{"name": None, "shape": [100000, 3, 1024, 1024], "dtype": "float32"}]
+    sd_file(work / "m.sd.pt", "sdsurgeon.models:cifar_resnet", model.state_dict(), {"depth": 8, "width": 4}, recipe)
+    line = assert_user_error(invoke("export", work / "m.sd.pt"))
+    assert "m.sd.pt" in line and "elements" in line, line
+
+
+# --- 8. no temp file outlives a run ---------------------------------------------------------------------
+
+TEMP = re.compile(r"^\.m\.onnx\..*\.tmp$")
+
+
+BIG = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 56, "width": 8}']  # seconds to export
+
+
+def _export_until_its_temp_file_exists(folder: Path, command: list | None = None):
+    out = folder / "out"
+    out.mkdir()
+    command = command or ["export", *BIG, "--input-shape", "1,3,32,32", "-o", out / "m.onnx"]
+    proc = subprocess.Popen([sys.executable, "-m", "sdsurgeon", *command], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = [p for p in out.iterdir() if TEMP.match(p.name)]
+        if temps:
+            return proc, out, temps[0]
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no temp file appeared (rc {proc.poll()}): {proc.communicate()}")
+
+
+@pytest.mark.slow
+def test_item8_sigterm_during_export_leaves_no_temp_file(tmp_path):
+    proc, out, _temp = _export_until_its_temp_file_exists(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_item8_sigterm_to_a_batch_stops_its_workers_and_leaves_no_temp_file(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("defaults: {input_shape: [1, 3, 32, 32]}\nmodels:\n"
+                                       "  - {name: m, arch: 'sdsurgeon.models:cifar_resnet', arch_kwargs: {depth: 56, width: 8}}\n")
+    proc, out, _temp = _export_until_its_temp_file_exists(tmp_path, ["batch", "cfg.yaml", "--report-dir", "reports"])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    deadline = time.monotonic() + 60  # the worker removes its own temp file as it stops
+    while time.monotonic() < deadline and list(out.iterdir()):
+        time.sleep(0.1)
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_item8_temp_file_of_a_killed_run_is_swept_by_the_next(tmp_path, monkeypatch):
+    proc, out, temp = _export_until_its_temp_file_exists(tmp_path)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert temp.exists()  # SIGKILL: nothing could clean up
+    assert f"-{proc.pid}-" in temp.name  # its name says whose it is
+    live = out / temp.name.replace(f"-{proc.pid}-", f"-{os.getpid()}-")  # the same name, owned by a live process
+    live.write_bytes(b"")
+    foreign = out / ".m.onnx.not-ours.tmp"
+    foreign.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert_ok(invoke("inject", *RESNET8, "-o", out / "m.sd.pt"))
+    assert not temp.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, foreign.name, "m.sd.pt"])
+
+
+# --- 9. messages that say what is wrong -----------------------------------------------------------------
+
+
+class _RunsAShell:
+    def __reduce__(self):
+        return (os.system, ("touch pickle.ran",))
+
+
+def test_item9_pickle_with_a_blocked_global_names_trust_pickle(work):
+    torch.save({"weights": torch.zeros(2), "payload": _RunsAShell()}, work / "evil.pt")
+    line = assert_user_error(invoke("plan", work / "evil.pt", *RESNET8))
+    assert "--trust-pickle" in line and "system" in line, line
+    assert "damaged" not in line and "weights_only" not in line, line
+    with pytest.raises(UnsafeLoadError):
+        sdsurgeon.load(work / "evil.pt")
+    assert not (work / "pickle.ran").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_item9_non_finite_weights_are_named_not_reported_as_error_zero(work, value):
+    from sdsurgeon.models import cifar_resnet
+
+    model = cifar_resnet(8, width=4)
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = value
+    torch.save(model.state_dict(), work / "m.pt")
+    line = assert_user_error(invoke("export", work / "m.pt", *RESNET8, "--input-shape", "1,3,16,16"))
+    assert "NaN or Inf" in line and "conv1.weight" in line, line
+    assert "max abs error 0" not in line
+    assert not (work / "m.onnx").exists()
+
+
+def test_item9_recorded_factory_error_does_not_speak_of_arch_options(tmp_path):
+    path = sd_file(tmp_path / "m.sd.pt", "sdsurgeon.models:cifar_resnet", arch_kwargs={"depth": 7})
+    with pytest.raises(LoadError) as info:
+        sdsurgeon.load(path)
+    message = str(info.value)
+    assert "recorded in" in message and "m.sd.pt" in message, message
+    assert "--arch" not in message, message
+
+
+@pytest.mark.parametrize("name, why", [("a\0b", "control character"), ("x" * 300, "longer than")])
+def test_item9_check_refuses_job_names_no_file_can_have(tmp_path, name, why):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("models:\n  - {name: " + json.dumps(name) + ", arch: 'sdsurgeon.models:cifar_resnet'}\n")
+    assert why in assert_user_error(invoke("batch", cfg, "--check"))
