@@ -1,10 +1,15 @@
 # `make demo` and `make test` each set everything up first (venv, pinned torch, the package).
+# `make test` runs the default tier (.venv, torch 2.13.0 CPU) and then the zoo tier (.venv-zoo: torch
+# 2.14.1, torchvision, timm); the first run installs the zoo venv (~5.5 GB of CUDA wheels, run on the CPU).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+ZOO_VENV := .venv-zoo
+ZOO_BIN := $(ZOO_VENV)/bin
+ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-default test-zoo zoo-venv bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +17,30 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# torch first, alone: installing it with timm in one resolve could pick another build.
+$(ZOO_STAMP): pyproject.toml constraints-zoo.txt
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_BIN)/python -m pip install --quiet --upgrade pip
+	$(ZOO_BIN)/python -m pip install --quiet -c constraints-zoo.txt torch torchvision
+	$(ZOO_BIN)/python -m pip install --quiet -c constraints-zoo.txt timm -e '.[test]'
+	touch $(ZOO_STAMP)
+
+zoo-venv: $(ZOO_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-test: $(STAMP)
+test: test-default
+	$(MAKE) --no-print-directory test-zoo
+
+test-default: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-zoo: $(ZOO_STAMP)
+	$(ZOO_BIN)/python -m pytest -q tests_zoo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) build *.egg-info
