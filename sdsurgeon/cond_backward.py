@@ -8,6 +8,12 @@ gates always keep, that cost 1.24x the compiled original. Here the branch is par
 backward graph. 4-D values crossing the boundary are kept channels-last when the branch convolves, the
 layout inductor gives convolutions, so no copies are made at each gate.
 
+Inductor compiles each cond subgraph for the strides its operands were traced with, but hands it the
+operands laid out as its own lowering chose (channels-last convolutions, a permuted norm's output: timm's
+ConvNeXt crashed in ``assert_size_stride``). So, while a model compiles, the inductor lowering of every
+``torch.cond`` is wrapped to require those traced strides of each operand (a copy only where they differ,
+where the subgraph would otherwise fail its input check).
+
 Only conds traced from a ``StochasticDepth`` gate are handled; every other cond, and any gate whose branch
 cannot be partitioned, goes to torch's own implementation unchanged (logged once). Everything here is
 private to torch: ``install`` first checks that the running torch has each name it uses (``missing``) and
@@ -34,17 +40,27 @@ REQUIRED = {
     "torch.fx.experimental.proxy_tensor": ("disable_proxy_modes_tracing",),
 }
 
+# Checked while a model compiles (importing inductor costs seconds; only a compile needs it).
+REQUIRED_WHILE_COMPILING = {
+    "torch._inductor.lowering": ("lowerings",),
+    "torch._inductor.ir": ("ExternKernel", "TensorBox"),
+    "torch._inductor.virtualized": ("V",),
+}
+
 enabled = True
 plans_built = 0  # conds this module differentiated (tests read it)
 _torch_cond_autograd = None  # torch's own CondAutogradOp while ours stands in for it
+_torch_cond_lowering = None  # inductor's own cond lowering while ours wraps it
+_compile_callback = None  # registered with dynamo: wraps the lowering when a compile starts
 _warned = False
 _logged_fallback = False
 
 
-def missing() -> list[str]:
-    """The names in REQUIRED that the running torch lacks (empty: the saved-activation backward can run)."""
+def missing(required: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """The names in ``required`` (default REQUIRED) that the running torch lacks (empty: the saved-activation
+    backward can run)."""
     absent = []
-    for module_name, names in REQUIRED.items():
+    for module_name, names in (REQUIRED if required is None else required).items():
         try:
             module = importlib.import_module(module_name)
         except Exception:
@@ -60,28 +76,102 @@ def install() -> bool:
     Idempotent. Returns whether it is installed; where the running torch lacks a name it needs, nothing
     is replaced and one warning says compiled gates use torch's own (recomputing) cond backward.
     """
-    global _torch_cond_autograd, _warned
+    global _torch_cond_autograd
     if _torch_cond_autograd is not None:
         return True
     absent = missing()
     if absent:
-        if not _warned:
-            _warned = True
-            warnings.warn(f"sdsurgeon: torch {torch.__version__} lacks {absent[0]}; compiled gates use torch's own "
-                          "cond backward, which runs each kept branch's forward twice", RuntimeWarning, stacklevel=2)
+        _warn_once(f"sdsurgeon: torch {torch.__version__} lacks {absent[0]}; compiled gates use torch's own "
+                   "cond backward, which runs each kept branch's forward twice")
         return False
     cond = importlib.import_module("torch._higher_order_ops.cond")
     _torch_cond_autograd = cond.CondAutogradOp
     cond.CondAutogradOp = _Dispatch
+    _register_compile_callback()
     return True
 
 
 def uninstall() -> None:
-    """Give torch its own CondAutogradOp back."""
-    global _torch_cond_autograd
+    """Give torch its own CondAutogradOp and inductor its own cond lowering back."""
+    global _torch_cond_autograd, _torch_cond_lowering, _compile_callback
     if _torch_cond_autograd is not None:
         importlib.import_module("torch._higher_order_ops.cond").CondAutogradOp = _torch_cond_autograd
         _torch_cond_autograd = None
+    if _compile_callback is not None:
+        try:
+            importlib.import_module("torch._dynamo.callback").callback_handler.remove_start_callback(_compile_callback)
+        except Exception:  # a torch without the removal API: the callback finds nothing installed and does nothing
+            pass
+        _compile_callback = None
+    if _torch_cond_lowering is not None:
+        lowering = importlib.import_module("torch._inductor.lowering")
+        lowering.lowerings[torch.ops.higher_order.cond] = _torch_cond_lowering
+        _torch_cond_lowering = None
+
+
+def _register_compile_callback() -> None:
+    """Ask dynamo to call ``_wrap_cond_lowering`` when a compile starts (inductor is loaded by then)."""
+    global _compile_callback
+    if _compile_callback is not None:
+        return
+    try:
+        handler = importlib.import_module("torch._dynamo.callback").callback_handler
+        _compile_callback = handler.register_start_callback(lambda *_args: _wrap_cond_lowering())
+    except Exception as exc:  # a torch without dynamo's callbacks: compiled conds keep inductor's lowering
+        _warn_once(f"sdsurgeon: torch {torch.__version__} has no compile-start callback ({type(exc).__name__}); "
+                   "compiled gates keep inductor's own cond lowering")
+
+
+def _wrap_cond_lowering() -> None:
+    """Make inductor's cond lowering give each operand the strides its subgraphs were traced with."""
+    global _torch_cond_lowering
+    if _torch_cond_lowering is not None or _torch_cond_autograd is None:
+        return
+    absent = missing(REQUIRED_WHILE_COMPILING)
+    if absent:
+        _warn_once(f"sdsurgeon: torch {torch.__version__} lacks {absent[0]}; compiled gates keep inductor's own "
+                   "cond lowering")
+        return
+    lowering = importlib.import_module("torch._inductor.lowering")
+    original = lowering.lowerings.get(torch.ops.higher_order.cond)
+    if original is None:
+        return
+    _torch_cond_lowering = original
+
+    def cond(pred, true_fn, false_fn, operands, *rest):
+        # The subgraphs are lowered in here. Without layout optimisation of their own, their convolutions
+        # keep the layouts they were traced with, so views inside them stay valid (timm's PoolFormerV2
+        # GroupNorm: "Cannot view a tensor with shape ..."); the model outside keeps its own.
+        with inductor_config().patch(layout_optimization=False):
+            return original(pred, true_fn, false_fn, _as_traced(operands), *rest)
+
+    lowering.lowerings[torch.ops.higher_order.cond] = cond
+
+
+def inductor_config():
+    return importlib.import_module("torch._inductor.config")
+
+
+def _as_traced(operands):
+    """Each tensor operand of the cond being lowered, required to have the strides it was traced with."""
+    ir = importlib.import_module("torch._inductor.ir")
+    graph = importlib.import_module("torch._inductor.virtualized").V.graph
+    traced = graph.current_node.args[-1]
+    out = []
+    for x, node in zip(operands, traced):
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if isinstance(x, ir.TensorBox) and isinstance(val, torch.Tensor) and val.dim():
+            strides = [s.node.expr if isinstance(s, torch.SymInt) else s for s in val.stride()]
+            x = ir.ExternKernel.require_exact_strides(x, strides, allow_padding=False)
+        out.append(x)
+    return out
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def installed() -> bool:
@@ -279,7 +369,9 @@ class _SavedCond(torch.autograd.Function):
         plan = ctx.plan
         pred, *saved = importlib.import_module("torch._higher_order_ops.utils").saved_values(ctx)
         kept = plan.sides[0]
-        grads = [kept.layout(torch.zeros(v.shape, dtype=v.dtype, device=v.device)) if g is None else g
+        # Incoming gradients are laid out by whatever ran after the gate, differently when traced and when
+        # run under inductor's layout optimisation: each crosses the cond in the canonical layout too.
+        grads = [kept.layout(torch.zeros(v.shape, dtype=v.dtype, device=v.device) if g is None else g)
                  for g, v in zip(grads, kept.out_vals)]
         results = iter(_cond_op(pred, plan.backward_graph(0), plan.backward_graph(1), (*saved, *grads)))
         operands = saved[:plan.n_operands]

@@ -168,6 +168,53 @@ def test_compiled_torchvision_style_blocks_train_like_the_eager_original(grad):
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+class LayerNorm2d(torch.nn.LayerNorm):
+    """timm's channels-first LayerNorm: permute to NHWC, normalise, permute back."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtStyleBlock(torch.nn.Module):
+    """Depthwise conv, a permuting LayerNorm, 1x1 MLP and a layer scale: the values crossing the gate's cond
+    are laid out by inductor otherwise than traced (timm's ConvNeXt crashed in ``assert_size_stride``)."""
+
+    def __init__(self, c):
+        super().__init__()
+        nn = torch.nn
+        self.conv_dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), LayerNorm2d(c)
+        self.fc1, self.act, self.fc2 = nn.Conv2d(c, 4 * c, 1), nn.GELU(), nn.Conv2d(4 * c, c, 1)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        out = self.fc2(self.act(self.fc1(self.norm(self.conv_dw(x)))))
+        return x + out.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+def test_compiled_convnext_style_blocks_train_like_the_eager_original():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    nn = torch.nn
+    original = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), ConvNeXtStyleBlock(16), LayerNorm2d(16),
+                             nn.Conv2d(16, 32, 2, stride=2), ConvNeXtStyleBlock(32), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(32, 10))
+    reference = copy.deepcopy(original).train()
+    injected = inject(original, 1 - 1e-7, example_inputs=torch.randn(2, 3, 32, 32)).train()  # every gate keeps
+    assert len(gates(injected)) == 2
+    compiled = torch.compile(injected)
+    for _ in range(2):
+        x = torch.randn(2, 3, 32, 32)
+        got, want = compiled(x), reference(x)
+        got.square().mean().backward()
+        want.square().mean().backward()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    grads = dict(reference.named_parameters())
+    for name, p in injected.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_compiled_gate_that_always_drops_leaves_the_branch_statistics_and_gives_zero_gradients():
     injected, reference, graphs = _compiled_resnet_step(1e-7)
     assert graphs == 1
