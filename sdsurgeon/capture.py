@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from .drop_path import find_drop_paths, leaf_classes, restore_calls
@@ -467,6 +468,18 @@ def tag(module: nn.Module, name: str, value) -> None:
 # --- shapes and FLOPs on an example input -----------------------------------------------------------
 
 
+def _cpu_flash_attention_flops(query, key, value, *_args, out_shape=None, **_kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """torch's FLOP counter, taught the CPU's fused attention kernel: without it the attention of every
+    SDPA model on the CPU counts zero and branch shares leave it out."""
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {} if kernel is None or kernel in flop_counter.flop_registry else {kernel: _cpu_flash_attention_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 class _Annotator(fx.Interpreter):
     """Runs a part and records each node's output shape (``sd_shape``) and FLOPs (``sd_flops``)."""
 
@@ -485,7 +498,7 @@ class _Annotator(fx.Interpreter):
 
 
 def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Capture:
-    """Run ``model`` once on example inputs (eval mode, no grad) and annotate every captured node.
+    """Run ``model`` once on example inputs (eval mode, grad on) and annotate every captured node.
 
     A whole-model capture is annotated by interpreting its graph: one forward. For a partial
     capture the model runs first, hooks record each part's real inputs, and each part is then
@@ -507,7 +520,10 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
     try:
         for m in modes:  # no batch-norm statistics updates, no dropout while counting
             m.training = False
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # Grad on, as in training: without it attention may take inference-only kernels (nn.MultiheadAttention's
+        # fast path; SDPA's fused kernel where training would take the math path with a mask, timm's BEiT:
+        # 0.73 planned, 0.68 run) and the plan's shares would not be those of a training step.
+        with torch.enable_grad(), flop_counter_mode() as counter:
             try:
                 if whole_graph:
                     _Annotator(cap.parts[0].gm, counter).run(*bind_placeholders(cap.parts[0].gm, args, kwargs))

@@ -186,3 +186,31 @@ def test_an_fx_capture_that_froze_something_is_checked_on_the_inputs_and_falls_b
     cap, sites = locate(model, example_inputs=torch.randn(2, 8), method="fx")
     assert cap.untraced[0].path == "" and "torch.fx capture" in cap.untraced[0].reason
     assert [p.path for p in cap.parts] == ["blocks"] and len(sites) == 2  # fx: the parts below it
+
+
+class TorchAttentionBlock(torch.nn.Module):
+    """Pre-norm ``nn.MultiheadAttention`` (batch first): in eval under no_grad it takes a fused fast path."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        out, _ = self.attn(h, h, h, need_weights=False)
+        return x + out
+
+
+def test_branch_flops_count_the_attention_a_training_step_computes():
+    """Counted as training runs (grad on): a no-grad count took fused attention kernels (nn.MultiheadAttention's
+    fast path, CPU flash SDPA) whose FLOPs torch's counter does not see, and left attention out of the plan
+    (timm's BEiT planned 0.73 of the training FLOPs, ran 0.68)."""
+    import sdsurgeon
+    from zoo import Seq
+
+    b, n, c = 2, 8, 16
+    plan = sdsurgeon.plan(Seq(TorchAttentionBlock(c, 2)).eval(), 0.5, example_inputs=torch.randn(b, n, c))
+    linears = 2 * b * n * c * (3 * c) + 2 * b * n * c * c  # in and out projections (2 FLOPs per multiply-add)
+    attention = 2 * (2 * b * n * n * c)  # q @ k^T and weights @ v, over all heads
+    assert [s.flops for s in plan.sites] == [linears + attention]
