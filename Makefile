@@ -9,7 +9,7 @@ ZOO_VENV := .venv-zoo
 ZOO_BIN := $(ZOO_VENV)/bin
 ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test test-default test-zoo zoo-venv bench clean
+.PHONY: demo test test-default test-zoo test-zoo-all zoo-venv bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,20 @@ test: test-default
 	$(MAKE) --no-print-directory test-zoo
 
 test-default: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# The zoo tier also runs the default tier's checks of the private torch names compiled gates rely on,
+# and its compiled layout tests, on its own torch: both versions are checked. Compiled training of the
+# zoo models marked slow (minutes each; see tests_zoo/test_real_models.py) runs in test-zoo-all.
+ZOO_TRAINING := tests/test_training.py::test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_installed_by_gates_only \
+	tests/test_training.py::test_compiled_torchvision_style_blocks_train_like_the_eager_original \
+	tests/test_training.py::test_compiled_convnext_style_blocks_train_like_the_eager_original
 
 test-zoo: $(ZOO_STAMP)
-	$(ZOO_BIN)/python -m pytest -q tests_zoo
+	$(ZOO_BIN)/python -m pytest -q --durations=25 -m "not slow" tests_zoo $(ZOO_TRAINING)
+
+test-zoo-all: $(ZOO_STAMP)
+	$(ZOO_BIN)/python -m pytest -q --durations=25 tests_zoo $(ZOO_TRAINING)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

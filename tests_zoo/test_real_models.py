@@ -22,14 +22,28 @@ from oracle import ScaledCalls, parent, reference
 
 P_L = 0.5
 FLOPS_TOLERANCE = 0.05
-SIGMAS = 5  # K forwards make the tolerance at least 5 standard errors of the measured ratio
-K_MIN, K_MAX = 20, 400
+SIGMAS = 4  # K forwards make the tolerance at least 4 standard errors of the measured ratio
+K_MIN, K_MAX = 20, 250
 COMPILE_STEPS = 4
 LIVE = 2e-3  # a branch halved must move the output by 20x the 1e-4 relative tolerance
 
 # (model id, test) -> why it fails on today's sdsurgeon. strict: a fix turns the entry into a failure
 # (XPASS), so it is deleted with the fix. Failure classes are explained in the README's zoo section.
-KNOWN: dict[tuple[str, str], str] = {}
+KNOWN: dict[tuple[str, str], str] = {
+    # Inductor's forward lays a saved convolution output out as it likes (here N, W, H, C); the backward
+    # cond's subgraph was traced for the layout the trace saw, and its views (GroupNorm's, a permuted
+    # Linear's) fail inductor's fake propagation of the backward graph ("Cannot view a tensor ...").
+    ("timm_poolformerv2_s12", "compile"): "backward cond: a saved conv output laid out otherwise than traced",
+    ("tv_convnext_tiny", "compile"): "backward cond: a saved conv output laid out otherwise than traced",
+}
+
+
+# Compiling takes 35 s to 6 min a model here. `make test` (and so CI) compiles one model of each kind of
+# value that meets a gate's torch.cond: BN convolutions (the first crash reported), squeeze-excite's
+# (B, C, 1, 1) values, a permuting LayerNorm with layer scale, GroupNorm views with a learnt skip scale,
+# and attention tokens. The others are marked slow: `make test-zoo-all` compiles every model.
+COMPILED_IN_MAKE_TEST = {"tv_resnet18", "timm_efficientnet_b0", "timm_convnext_atto", "timm_poolformerv2_s12",
+                         "timm_vit_tiny"}
 
 
 def cases(test: str):
@@ -37,6 +51,8 @@ def cases(test: str):
     for z in ZOO:
         reason = KNOWN.get((z.id, test))
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        if test == "compile" and z.id not in COMPILED_IN_MAKE_TEST:
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(z, id=z.id, marks=marks))
     return out
 
@@ -210,6 +226,17 @@ def _sampling_k(plan) -> tuple[int, float]:
     return min(K_MAX, max(K_MIN, k)), math.sqrt(var)
 
 
+def _cpu_flash_attention_flops(q, k, v, *_args, out_shape=None, **_kwargs) -> int:
+    """q @ k^T and weights @ v, 2 FLOPs a multiply-add: torch's counter has no formula for this CPU kernel."""
+    (b, h, n, d), m, dv = q, k[-2], v[-1]
+    return 2 * b * h * n * m * d + 2 * b * h * n * m * dv
+
+
+def counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops})
+
+
 @pytest.mark.parametrize("z", cases("flops"))
 def test_train_flops_follow_the_plan(z: ZooModel):
     plan = sdsurgeon.plan(copy.deepcopy(original(z)), p_L=P_L, example_inputs=z.inputs())
@@ -218,12 +245,15 @@ def test_train_flops_follow_the_plan(z: ZooModel):
     x = z.inputs()
     gated = copy.deepcopy(injected(z, P_L)).train()
     torch.manual_seed(0)
-    with torch.no_grad(), FlopCounterMode(display=False) as train_counter:
+    # Grad on (nothing is run backward), as in training: under no_grad or inference mode a parameter, or a
+    # view of one, handed to a module (a gate's layer-scale input) trips the counter's module tracker
+    # (torch's "Expected gradient function to be set").
+    with torch.enable_grad(), counter() as train_counter:
         for _ in range(k):
             gated(x)
-    # Eval is deterministic: one forward stands for K. Grad stays on (nothing is run backward) because
-    # without it nn.MultiheadAttention takes a fused eval kernel whose FLOPs the counter does not see.
-    with torch.enable_grad(), FlopCounterMode(display=False) as eval_counter:
+    # Eval is deterministic: one forward stands for K. Grad on, as in training: without it
+    # nn.MultiheadAttention takes its fused eval fast path, whose FLOPs the counter does not see.
+    with torch.enable_grad(), counter() as eval_counter:
         plain_reference(z)(x)
     ratio = train_counter.get_total_flops() / (k * eval_counter.get_total_flops())
     assert abs(ratio - plan.expected_train_flops_ratio) <= FLOPS_TOLERANCE, (
@@ -232,7 +262,6 @@ def test_train_flops_follow_the_plan(z: ZooModel):
     )
 
 
-@pytest.mark.slow
 @pytest.mark.compile
 @pytest.mark.parametrize("z", cases("compile"))
 def test_compiled_training_steps(z: ZooModel):
