@@ -139,17 +139,9 @@ def _wrap_cond_lowering() -> None:
     _torch_cond_lowering = original
 
     def cond(pred, true_fn, false_fn, operands, *rest):
-        # The subgraphs are lowered in here. Without layout optimisation of their own, their convolutions
-        # keep the layouts they were traced with, so views inside them stay valid (timm's PoolFormerV2
-        # GroupNorm: "Cannot view a tensor with shape ..."); the model outside keeps its own.
-        with inductor_config().patch(layout_optimization=False):
-            return original(pred, true_fn, false_fn, _as_traced(operands), *rest)
+        return original(pred, true_fn, false_fn, _as_traced(operands), *rest)
 
     lowering.lowerings[torch.ops.higher_order.cond] = cond
-
-
-def inductor_config():
-    return importlib.import_module("torch._inductor.config")
 
 
 def _as_traced(operands):
