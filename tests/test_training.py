@@ -389,9 +389,10 @@ def test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_inst
     code = ("import importlib, sdsurgeon, sdsurgeon.models; c = importlib.import_module('torch._higher_order_ops.cond'); "
             "before = c.CondAutogradOp.__module__; sdsurgeon.plan(sdsurgeon.models.cifar_resnet(8), 0.5); "
             "planned = c.CondAutogradOp.__module__; sdsurgeon.inject(sdsurgeon.models.cifar_resnet(8), 0.5); "
-            "print(before, planned, c.CondAutogradOp.__module__)")
+            "import sys; print(before, planned, c.CondAutogradOp.__module__, 'torch._inductor.lowering' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["torch._higher_order_ops.cond"] * 2 + ["sdsurgeon.cond_backward"]  # import and plan patch nothing
+    # import and plan patch nothing; inject patches the autograd of cond; nothing loads inductor before a compile
+    assert out == ["torch._higher_order_ops.cond"] * 2 + ["sdsurgeon.cond_backward", "False"]
 
 
 def test_a_torch_without_a_name_cond_backward_needs_keeps_its_own_backward_with_one_warning(monkeypatch):
