@@ -78,6 +78,7 @@ def install() -> bool:
     """
     global _torch_cond_autograd
     if _torch_cond_autograd is not None:
+        _register_compile_callback()
         return True
     absent = missing()
     if absent:
@@ -110,12 +111,16 @@ def uninstall() -> None:
 
 
 def _register_compile_callback() -> None:
-    """Ask dynamo to call ``_wrap_cond_lowering`` when a compile starts (inductor is loaded by then)."""
+    """Ask dynamo to call ``_wrap_cond_lowering`` when a compile starts (inductor is loaded by then).
+
+    Checked at every gate made: ``torch._dynamo.reset()`` clears dynamo's callbacks. A training compile
+    also wraps the lowering from ``_Dispatch.apply``, whatever was reset in between.
+    """
     global _compile_callback
-    if _compile_callback is not None:
-        return
     try:
         handler = importlib.import_module("torch._dynamo.callback").callback_handler
+        if _compile_callback is not None and _compile_callback in handler.start_callbacks:
+            return
         _compile_callback = handler.register_start_callback(lambda *_args: _wrap_cond_lowering())
     except Exception as exc:  # a torch without dynamo's callbacks: compiled conds keep inductor's lowering
         _warn_once(f"sdsurgeon: torch {torch.__version__} has no compile-start callback ({type(exc).__name__}); "
@@ -224,6 +229,7 @@ class _Dispatch:
     @staticmethod
     def apply(pred, true_fn, false_fn, *operands):
         global plans_built
+        _wrap_cond_lowering()  # compiling now: inductor lowers this cond later
         plan = None
         if enabled and isinstance(true_fn, torch.fx.GraphModule) and _from_gate(true_fn):
             try:

@@ -195,7 +195,7 @@ class ConvNeXtStyleBlock(torch.nn.Module):
 def test_compiled_convnext_style_blocks_train_like_the_eager_original():
     import torch._dynamo
 
-    torch._dynamo.reset()
+    cond_backward.uninstall()  # inductor's own cond lowering: this test's compile must wrap it again
     nn = torch.nn
     original = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), ConvNeXtStyleBlock(16), LayerNorm2d(16),
                              nn.Conv2d(16, 32, 2, stride=2), ConvNeXtStyleBlock(32), nn.AdaptiveAvgPool2d(1),
@@ -203,6 +203,7 @@ def test_compiled_convnext_style_blocks_train_like_the_eager_original():
     reference = copy.deepcopy(original).train()
     injected = inject(original, 1 - 1e-7, example_inputs=torch.randn(2, 3, 32, 32)).train()  # every gate keeps
     assert len(gates(injected)) == 2
+    torch._dynamo.reset()  # clears dynamo's callbacks too (it once left the lowering unwrapped)
     compiled = torch.compile(injected)
     for _ in range(2):
         x = torch.randn(2, 3, 32, 32)
