@@ -231,7 +231,7 @@ def gate_sites(
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     replaced: dict[str, fx.Node] = {}  # add node name -> gate node that now stands for it
-    removed: set[str] = set()  # branch nodes moved into a gate
+    removed: set[fx.Node] = set()  # nodes moved into a gate's branch (an inner gate too: three levels deep)
     companions: dict[fx.Node, list[fx.Node]] = {}  # gate node -> the nodes that draw its decision
 
     def node(name: str) -> fx.Node:
@@ -241,7 +241,7 @@ def gate_sites(
         add = nodes[site.add]
         region = []
         for n in site.branch_nodes:  # an inner gate moves into the outer branch with its draw
-            if n not in removed:
+            if node(n) not in removed:
                 region += companions.get(node(n), []) + [node(n)]
         inputs = [node(n) for n in site.branch_inputs]
         output = node(site.branch_output)
@@ -273,7 +273,7 @@ def gate_sites(
         for n in reversed(region):
             if not n.users:  # shapes read outside too stay (detection lets only those escape)
                 graph.erase_node(n)
-                removed.add(n.name)
+                removed.add(n)
         replaced[site.add] = gate_node
     graph.lint()
     gm.recompile()

@@ -160,6 +160,19 @@ class NestedBlock(Scaled):
         return x + self.s(self.post(self.inner(torch.tanh(self.pre(x)))))
 
 
+class ThreeLevelBlock(Scaled):
+    """A residual around a nested block: three residuals, each inside the branch of the next (FastViT's
+    reparameterisable blocks nest this way)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.inner = NestedBlock(d)
+        self.post = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.s(self.post(self.inner(x)))
+
+
 class DataDependentTop(nn.Module):
     """Top-level forward branches on data, so only the submodules can be traced."""
 
@@ -382,6 +395,14 @@ def _scale_nested(model: nn.Module, ps: list[float]) -> None:
         outer.inner.scale, outer.scale = ps[2 * i], ps[2 * i + 1]
 
 
+def _scale_innermost_first(model: nn.Module, ps: list[float]) -> None:
+    # Depth order is execution order: within each top-level block, the innermost add runs first.
+    order = [m for top in model.blocks for m in reversed([m for m in top.modules() if isinstance(m, Scaled)])]
+    assert len(order) == len(ps)
+    for block, p in zip(order, ps):
+        block.scale = p
+
+
 def _scale_cifar(model: nn.Module, ps: list[float]) -> None:
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == len(ps)
@@ -410,6 +431,8 @@ ZOO = [
     ZooEntry("postnorm", lambda: Transformer(PostNormLayer), _tokens, 4, _scale_transformer),
     ZooEntry("layerscale", lambda: Seq(*(LayerScaleBlock(8) for _ in range(2))), lambda: (torch.randn(4, 8),), 2, _scale_blocks),
     ZooEntry("nested", lambda: Seq(NestedBlock(8), NestedBlock(8)), lambda: (torch.randn(4, 8),), 4, _scale_nested),
+    ZooEntry("three_levels", lambda: Seq(ThreeLevelBlock(8), ThreeLevelBlock(8)), lambda: (torch.randn(4, 8),), 6,
+             _scale_innermost_first),
     ZooEntry("data_dependent_top", DataDependentTop, lambda: (torch.randn(4, 8),), 3, _scale_blocks),
     ZooEntry("unused_values", lambda: Seq(UnusedValueBlock(8), UnusedValueBlock(8)), lambda: (torch.randn(2, 5, 8),),
              2, _scale_blocks),
