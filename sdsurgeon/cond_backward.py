@@ -12,7 +12,8 @@ Inductor compiles each cond subgraph for the strides its operands were traced wi
 operands laid out as its own lowering chose (channels-last convolutions, a permuted norm's output: timm's
 ConvNeXt crashed in ``assert_size_stride``). So, while a model compiles, the inductor lowering of every
 ``torch.cond`` is wrapped to require those traced strides of each operand (a copy only where they differ,
-where the subgraph would otherwise fail its input check).
+where the subgraph would otherwise fail its input check). inductor's ``view_to_reshape`` is wrapped too: it
+rewrites cond subgraphs' graphs but not their code, which the cond's fake propagation then runs.
 
 Only conds traced from a ``StochasticDepth`` gate are handled; every other cond, and any gate whose branch
 cannot be partitioned, goes to torch's own implementation unchanged (logged once). Everything here is
@@ -45,12 +46,14 @@ REQUIRED_WHILE_COMPILING = {
     "torch._inductor.lowering": ("lowerings",),
     "torch._inductor.ir": ("ExternKernel", "TensorBox"),
     "torch._inductor.virtualized": ("V",),
+    "torch._inductor.compile_fx": ("view_to_reshape",),
 }
 
 enabled = True
 plans_built = 0  # conds this module differentiated (tests read it)
 _torch_cond_autograd = None  # torch's own CondAutogradOp while ours stands in for it
 _torch_cond_lowering = None  # inductor's own cond lowering while ours wraps it
+_torch_view_to_reshape = None  # inductor's own view_to_reshape while ours wraps it
 _compile_callback = None  # registered with dynamo: wraps the lowering when a compile starts
 _warned = False
 _logged_fallback = False
@@ -94,7 +97,7 @@ def install() -> bool:
 
 def uninstall() -> None:
     """Give torch its own CondAutogradOp and inductor its own cond lowering back."""
-    global _torch_cond_autograd, _torch_cond_lowering, _compile_callback
+    global _torch_cond_autograd, _torch_cond_lowering, _torch_view_to_reshape, _compile_callback
     if _torch_cond_autograd is not None:
         importlib.import_module("torch._higher_order_ops.cond").CondAutogradOp = _torch_cond_autograd
         _torch_cond_autograd = None
@@ -108,6 +111,9 @@ def uninstall() -> None:
         lowering = importlib.import_module("torch._inductor.lowering")
         lowering.lowerings[torch.ops.higher_order.cond] = _torch_cond_lowering
         _torch_cond_lowering = None
+    if _torch_view_to_reshape is not None:
+        importlib.import_module("torch._inductor.compile_fx").view_to_reshape = _torch_view_to_reshape
+        _torch_view_to_reshape = None
 
 
 def _register_compile_callback() -> None:
@@ -128,8 +134,9 @@ def _register_compile_callback() -> None:
 
 
 def _wrap_cond_lowering() -> None:
-    """Make inductor's cond lowering give each operand the strides its subgraphs were traced with."""
-    global _torch_cond_lowering
+    """Make inductor's cond lowering give each operand the strides its subgraphs were traced with, and its
+    views of cond subgraphs run as reshapes (``_recompiling_view_to_reshape``)."""
+    global _torch_cond_lowering, _torch_view_to_reshape
     if _torch_cond_lowering is not None or _torch_cond_autograd is None:
         return
     absent = missing(REQUIRED_WHILE_COMPILING)
@@ -147,6 +154,25 @@ def _wrap_cond_lowering() -> None:
         return original(pred, true_fn, false_fn, _as_traced(operands), *rest)
 
     lowering.lowerings[torch.ops.higher_order.cond] = cond
+
+    compile_fx = importlib.import_module("torch._inductor.compile_fx")
+    _torch_view_to_reshape = compile_fx.view_to_reshape
+    compile_fx.view_to_reshape = _recompiling_view_to_reshape
+
+
+def _recompiling_view_to_reshape(gm) -> None:
+    """inductor's ``view_to_reshape``, then every subgraph recompiled.
+
+    inductor turns views into reshapes because its layouts (a channels-last convolution output) can differ
+    from the traced ones, and it does so in cond subgraphs too, but edits only their graphs: the cond's
+    fake-tensor rule then runs the subgraphs' stale code, whose views fail on those layouts ("Cannot view a
+    tensor with shape [2, 32, 8, 8] and strides (2048, 1, 32, 256)": a GroupNorm backward in timm's
+    PoolFormerV2 and torchvision's ConvNeXt).
+    """
+    _torch_view_to_reshape(gm)
+    for module in gm.modules():
+        if module is not gm and isinstance(module, torch.fx.GraphModule):
+            module.recompile()
 
 
 def _as_traced(operands):

@@ -216,6 +216,25 @@ def test_compiled_convnext_style_blocks_train_like_the_eager_original():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_cond_subgraph_views_become_reshapes_that_run_on_inductors_layouts():
+    # inductor rewrites views as reshapes (its layouts may differ from the traced ones) in cond subgraphs
+    # too, but only in their graphs: the cond's fake propagation ran the stale code, whose view failed on a
+    # channels-last saved convolution output (timm's PoolFormerV2, torchvision's ConvNeXt, backward cond).
+    from torch._inductor import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def branchy(pred, x):
+        return torch.cond(pred, lambda x: (x * 2).view(2, 36).sum(1), lambda x: x.view(2, 36).sum(1), (x,))
+
+    gm = make_fx(branchy)(torch.tensor(True), torch.randn(2, 4, 3, 3))
+    assert cond_backward.install()
+    cond_backward._wrap_cond_lowering()
+    compile_fx.view_to_reshape(gm)
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)  # C and H cannot be merged by a view
+    torch.testing.assert_close(gm.true_graph_0(x)[0], (x * 2).reshape(2, 36).sum(1))
+    torch.testing.assert_close(gm.false_graph_0(x)[0], x.reshape(2, 36).sum(1))
+
+
 def test_compiled_gate_that_always_drops_leaves_the_branch_statistics_and_gives_zero_gradients():
     injected, reference, graphs = _compiled_resnet_step(1e-7)
     assert graphs == 1

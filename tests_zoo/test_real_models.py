@@ -29,13 +29,7 @@ LIVE = 2e-3  # a branch halved must move the output by 20x the 1e-4 relative tol
 
 # (model id, test) -> why it fails on today's sdsurgeon. strict: a fix turns the entry into a failure
 # (XPASS), so it is deleted with the fix. Failure classes are explained in the README's zoo section.
-KNOWN: dict[tuple[str, str], str] = {
-    # Inductor's forward lays a saved convolution output out as it likes (here N, W, H, C); the backward
-    # cond's subgraph was traced for the layout the trace saw, and its views (GroupNorm's, a permuted
-    # Linear's) fail inductor's fake propagation of the backward graph ("Cannot view a tensor ...").
-    ("timm_poolformerv2_s12", "compile"): "backward cond: a saved conv output laid out otherwise than traced",
-    ("tv_convnext_tiny", "compile"): "backward cond: a saved conv output laid out otherwise than traced",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 # Compiling takes 12 s to 3.3 min a model here (34 min for all 28). `make test` (and so CI) compiles one model of each kind of
