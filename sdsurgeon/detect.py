@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph_facts import constant_nodes, dead_nodes, shape_only_nodes
+from .graph_facts import constant_nodes, dead_nodes, shape_only_nodes, write_edges
 
 _aten = torch.ops.aten
 ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor})
@@ -82,11 +82,16 @@ class _Graph:
         self.shape_only = shape_only_nodes(self.nodes)
         self.dead = dead_nodes(self.nodes)
         self.constant = constant_nodes(self.nodes, self.shape_only)
+        self.writes = write_edges(self.nodes)  # a read after an in-place write depends on what was written
         self._module_params: dict[str, int] = {}
         self.visited = 0  # nodes walked by branch(): the cost of detection, for tests of its scaling
 
+    def inputs(self, n: fx.Node) -> list[fx.Node]:
+        """What ``n``'s value depends on: its arguments and the in-place writes to them before it."""
+        return n.all_input_nodes + self.writes.get(n, [])
+
     def data_inputs(self, n: fx.Node) -> list[fx.Node]:
-        return [i for i in n.all_input_nodes if i not in self.shape_only]
+        return [i for i in self.inputs(n) if i not in self.shape_only]
 
     def module_params(self, target: str) -> int:
         if target not in self._module_params:
@@ -112,7 +117,7 @@ class _Graph:
         seen = {t}
         stack = [t]
         while stack:
-            for i in stack.pop().all_input_nodes:
+            for i in self.inputs(stack.pop()):
                 if self.order[i] > lo and i not in seen:
                     seen.add(i)
                     stack.append(i)
@@ -120,8 +125,7 @@ class _Graph:
         region: set[fx.Node] = set()
         data_dependent: set[fx.Node] = set()
         for n in sorted(seen, key=self.order.__getitem__):
-            ins = n.all_input_nodes
-            if any(i is x or i in region for i in ins):
+            if any(i is x or i in region for i in self.inputs(n)):
                 region.add(n)
             if any(i is x or i in data_dependent for i in self.data_inputs(n)) and n not in self.shape_only:
                 data_dependent.add(n)

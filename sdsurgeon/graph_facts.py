@@ -1,4 +1,5 @@
-"""Read-only facts about fx graphs that capture and detection share: effects, dead values, shapes, constants."""
+"""Read-only facts about fx graphs that capture and detection share: effects, dead values, shapes, constants,
+in-place writes."""
 
 from __future__ import annotations
 
@@ -100,3 +101,68 @@ def constant_nodes(nodes: list[fx.Node], shape_only: set[fx.Node]) -> set[fx.Nod
     return constant
 
 
+
+
+# Results that share their input's memory: an in-place write to one is a write to its base.
+VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "unsqueeze", "squeeze",
+                          "expand", "expand_as", "narrow", "flatten", "unflatten", "t", "select", "split", "chunk",
+                          "unbind", "movedim", "__getitem__"})
+VIEW_FUNCTIONS = frozenset({operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze,
+                            torch.squeeze, torch.narrow, torch.flatten, torch.select, torch.split, torch.chunk,
+                            torch.unbind, torch.movedim})
+
+
+def writes_in_place(n: fx.Node) -> bool:
+    """Whether ``n`` overwrites its first argument (``copy_``, ``add_``, ``x[i] = v``, ``+=``)."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_method":
+        return str(n.target).endswith("_") and not str(n.target).startswith("__")
+    if n.op != "call_function":
+        return False
+    if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace"):
+        return True
+    if isinstance(n.target, torch._ops.OpOverload):
+        mutated = n.target._schema.arguments[:1]
+        return bool(mutated) and mutated[0].alias_info is not None and mutated[0].alias_info.is_write
+    return False
+
+
+def _is_view(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in VIEW_METHODS
+    if n.op != "call_function":
+        return False
+    if isinstance(n.target, torch._ops.OpOverload):
+        schema = n.target._schema
+        return (bool(schema.returns) and schema.returns[0].alias_info is not None
+                and not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments))
+    return n.target in VIEW_FUNCTIONS
+
+
+def _base(n: fx.Node) -> fx.Node:
+    while _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def write_edges(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """Reads that depend on an earlier in-place write: reader -> the writes it sees.
+
+    ``attn[:, :, 1:, 1:] = attn_view + rel_pos`` (MViTv2: a ``copy_`` into a slice of ``attn``) leaves no edge
+    from the written value to ``softmax(attn)``; without one, that value looks computed for nothing, or used
+    outside the branch. A later read of the written tensor, or of any view of it, sees the write.
+    """
+    order = {n: i for i, n in enumerate(nodes)}
+    views: dict[fx.Node, list[fx.Node]] = {}  # base -> the base and its views
+    for n in nodes:
+        views.setdefault(_base(n), []).append(n)
+    edges: dict[fx.Node, list[fx.Node]] = {}
+    for w in nodes:
+        if not writes_in_place(w):
+            continue
+        for alias in views.get(_base(w.args[0]), ()):
+            for reader in alias.users:
+                if order.get(reader, -1) > order[w] and reader is not w:
+                    edges.setdefault(reader, []).append(w)
+    return edges

@@ -173,6 +173,23 @@ class ThreeLevelBlock(Scaled):
         return x + self.s(self.post(self.inner(x)))
 
 
+class SliceWriteAttention(Scaled):
+    """Attention that adds a relative-position term into a slice of its scores in place (MViTv2 assigns to
+    ``attn[:, :, 1:, 1:]``, which torch.export records as a ``copy_``): the term reaches the output only
+    through the write."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.rel, self.out = nn.Linear(d, 1), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        attn = q @ k.transpose(-2, -1)
+        attn[:, 1:, 1:].add_(self.rel(q[:, 1:]))
+        return x + self.s(self.out(attn.softmax(-1) @ v))
+
+
 class DataDependentTop(nn.Module):
     """Top-level forward branches on data, so only the submodules can be traced."""
 
@@ -433,6 +450,8 @@ ZOO = [
     ZooEntry("nested", lambda: Seq(NestedBlock(8), NestedBlock(8)), lambda: (torch.randn(4, 8),), 4, _scale_nested),
     ZooEntry("three_levels", lambda: Seq(ThreeLevelBlock(8), ThreeLevelBlock(8)), lambda: (torch.randn(4, 8),), 6,
              _scale_innermost_first),
+    ZooEntry("slice_write", lambda: Seq(SliceWriteAttention(8), SliceWriteAttention(8)), lambda: (torch.randn(2, 5, 8),),
+             2, _scale_blocks),
     ZooEntry("data_dependent_top", DataDependentTop, lambda: (torch.randn(4, 8),), 3, _scale_blocks),
     ZooEntry("unused_values", lambda: Seq(UnusedValueBlock(8), UnusedValueBlock(8)), lambda: (torch.randn(2, 5, 8),),
              2, _scale_blocks),
