@@ -151,7 +151,12 @@ def _wrap_cond_lowering() -> None:
     _torch_cond_lowering = original
 
     def cond(pred, true_fn, false_fn, operands, *rest):
-        return original(pred, true_fn, false_fn, _as_traced(operands), *rest)
+        try:
+            operands = _as_traced(operands)
+        except Exception as exc:  # an inductor that changed underneath: lower the cond as inductor would
+            _warn_once(f"sdsurgeon: could not give a cond's operands their traced strides ({type(exc).__name__}: "
+                       f"{exc}); inductor lowers it unchanged")
+        return original(pred, true_fn, false_fn, operands, *rest)
 
     lowering.lowerings[torch.ops.higher_order.cond] = cond
 
@@ -170,9 +175,12 @@ def _recompiling_view_to_reshape(gm) -> None:
     PoolFormerV2 and torchvision's ConvNeXt).
     """
     _torch_view_to_reshape(gm)
-    for module in gm.modules():
-        if module is not gm and isinstance(module, torch.fx.GraphModule):
-            module.recompile()
+    try:
+        for module in gm.modules():
+            if module is not gm and isinstance(module, torch.fx.GraphModule):
+                module.recompile()
+    except Exception as exc:  # a subgraph that cannot regenerate its code: it keeps the code it had
+        _warn_once(f"sdsurgeon: could not recompile a cond subgraph ({type(exc).__name__}: {exc})")
 
 
 def _as_traced(operands):
