@@ -105,6 +105,17 @@ class _Graph:
         value = _get_attr(self.gm, n.target)
         return value.numel() if isinstance(value, nn.Parameter) else 0
 
+    def own_attr_params(self, inputs: list[fx.Node], region: set[fx.Node]) -> int:
+        """Parameters the region alone reads, directly or through a view (``gamma.view(1, C, 1, 1)``)."""
+        made: set[fx.Node] = set()  # the inputs made from model attributes, and what they are made from
+        stack = [i for i in inputs if i in self.constant]
+        while stack:
+            n = stack.pop()
+            if n not in made:
+                made.add(n)
+                stack += [i for i in n.all_input_nodes if i in self.constant]
+        return sum(self.attr_params(n) for n in made if n.op == "get_attr" and all(u in region or u in made for u in n.users))
+
     def branch(self, x: fx.Node, t: fx.Node) -> list[fx.Node] | None:
         """Nodes computing ``t`` from ``x`` (graph order), or None if t does not depend on x's values.
 
@@ -178,7 +189,7 @@ def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[f
                 inputs.append(i)
     modules = tuple(n.target for n in region if n.op == "call_module")
     params = sum(g.module_params(m) for m in set(modules))
-    params += sum(g.attr_params(i) for i in inputs if set(i.users) <= region_set)
+    params += g.own_attr_params(inputs, region_set)
     if params == 0:
         return None
     outside = [u for u in t.users if u is not add]

@@ -17,7 +17,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .capture import trace_eval
 from .drop_path import is_drop_path
-from .graph_facts import dead_nodes
+from .graph_facts import dead_nodes, is_view
 from .inject import RECIPE_ATTR
 from .layers import StochasticDepth
 
@@ -367,6 +367,17 @@ class _Walker:
         return (isinstance(value, fx.Node) and value.op == "get_attr"
                 and isinstance(_get_attr(self.root, value.target), torch.Tensor))
 
+    def _attr_behind_views(self, value) -> fx.Node | None:
+        """The tensor attribute ``value`` is a view of, each step read once (``gamma.view(1, -1, 1, 1)``)."""
+        value = self._resolve(value)
+        if not isinstance(value, fx.Node) or not is_view(value):
+            return None
+        while isinstance(value, fx.Node) and is_view(value) and len(value.users) == 1:
+            value = value.args[0]
+        if self._is_tensor_attr(value) and len(value.users) == 1:
+            return value
+        return None
+
     def _functional(self, node: fx.Node, w_pos: int, b_pos: int) -> list[ScaleTarget] | str:
         def arg(pos: int, name: str):
             return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
@@ -381,6 +392,11 @@ class _Walker:
         for gamma, value in ((a, b), (b, a)):
             if self._is_tensor_attr(gamma) and isinstance(value, fx.Node):
                 return [self._attr(gamma, node)]  # layer scale: gamma * f(x)
+            viewed = self._attr_behind_views(gamma)
+            if viewed is not None and isinstance(value, fx.Node):
+                target = self._attr(viewed, node)
+                if not target.shared:  # gamma.view(1, C, 1, 1) * f(x): scaling gamma scales its view
+                    return [target]
         for const, value in ((a, b), (b, a)):
             if isinstance(const, (int, float)) and isinstance(value, fx.Node):
                 return self._through(node, value)
@@ -506,8 +522,8 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
         return FoldedSite(site.id, site.index, site.p, "multiply", reason=reason), graph.call_module(name, (out,))
     scaled, copied = [], []
     for k, target in enumerate(site.targets):
-        node = env[target.node]
         if target.kind == "module":
+            node = env[target.node]
             module = gm.get_submodule(target.target)
             if target.shared:
                 module = copy.deepcopy(module)

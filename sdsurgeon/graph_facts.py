@@ -128,7 +128,8 @@ def writes_in_place(n: fx.Node) -> bool:
     return False
 
 
-def _is_view(n: fx.Node) -> bool:
+def is_view(n: fx.Node) -> bool:
+    """Whether ``n``'s result shares its first argument's memory (``view``, ``permute``, ``x[i]``, ATen views)."""
     if n.op == "call_method":
         return n.target in VIEW_METHODS
     if n.op != "call_function":
@@ -141,7 +142,7 @@ def _is_view(n: fx.Node) -> bool:
 
 
 def _base(n: fx.Node) -> fx.Node:
-    while _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
+    while is_view(n) and n.args and isinstance(n.args[0], fx.Node):
         n = n.args[0]
     return n
 

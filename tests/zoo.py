@@ -190,6 +190,19 @@ class SliceWriteAttention(Scaled):
         return x + self.s(self.out(attn.softmax(-1) @ v))
 
 
+class PoolMixerBlock(Scaled):
+    """A branch whose only parameter is its layer scale, read through a view (EfficientFormer's and
+    PoolFormer's pooling mixer without a norm: ``x + gamma.view(1, C, 1, 1) * (pool(x) - x)``)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        return x + self.s(self.gamma.view(1, -1, 1, 1) * (self.pool(x) - x))
+
+
 class DataDependentTop(nn.Module):
     """Top-level forward branches on data, so only the submodules can be traced."""
 
@@ -452,6 +465,8 @@ ZOO = [
              _scale_innermost_first),
     ZooEntry("slice_write", lambda: Seq(SliceWriteAttention(8), SliceWriteAttention(8)), lambda: (torch.randn(2, 5, 8),),
              2, _scale_blocks),
+    ZooEntry("pool_mixer", lambda: Seq(PoolMixerBlock(4), PoolMixerBlock(4), stem=nn.Conv2d(3, 4, 1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks),
     ZooEntry("data_dependent_top", DataDependentTop, lambda: (torch.randn(4, 8),), 3, _scale_blocks),
     ZooEntry("unused_values", lambda: Seq(UnusedValueBlock(8), UnusedValueBlock(8)), lambda: (torch.randn(2, 5, 8),),
              2, _scale_blocks),
