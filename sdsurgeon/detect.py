@@ -93,6 +93,11 @@ class _Graph:
     def data_inputs(self, n: fx.Node) -> list[fx.Node]:
         return [i for i in self.inputs(n) if i not in self.shape_only]
 
+    def value_users(self, n: fx.Node) -> set[fx.Node]:
+        """The users of ``n`` that read its values: not its shape, not for nothing (Hiera's branch reshapes
+        to its pooled skip's shape; the skip is still a projection)."""
+        return {u for u in n.users if u not in self.shape_only and u not in self.dead}
+
     def module_params(self, target: str) -> int:
         if target not in self._module_params:
             mod = self.gm.get_submodule(target)
@@ -128,7 +133,10 @@ class _Graph:
         seen = {t}
         stack = [t]
         while stack:
-            for i in self.inputs(stack.pop()):
+            n = stack.pop()
+            for i in self.inputs(n):
+                if n in self.shape_only and i not in self.shape_only:
+                    continue  # a shape read pulls in no values: Hiera's branch reshapes to its skip's shape
                 if self.order[i] > lo and i not in seen:
                     seen.add(i)
                     stack.append(i)
@@ -169,7 +177,7 @@ def _shortcut_chain(g: _Graph, s: fx.Node, add: fx.Node) -> tuple[fx.Node, list[
     cur, user = s, add
     for _ in range(MAX_SHORTCUT_OPS + 1):
         ins = [i for i in g.data_inputs(cur) if i not in g.constant]  # a learnt skip scale is a projection
-        if cur.op in ("placeholder", "get_attr") or len(ins) != 1 or set(cur.users) != {user}:
+        if cur.op in ("placeholder", "get_attr") or len(ins) != 1 or g.value_users(cur) != {user}:
             break
         chain.append(cur)
         cur, user = ins[0], cur

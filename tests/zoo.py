@@ -203,6 +203,20 @@ class PoolMixerBlock(Scaled):
         return x + self.s(self.gamma.view(1, -1, 1, 1) * (self.pool(x) - x))
 
 
+class ShapeReadProjectionBlock(Scaled):
+    """A projection shortcut whose shape the branch reads (Hiera's stage transitions: the skip is pooled,
+    the attention output reshaped to the skip's size)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, cout, 1, stride=2)
+        self.f = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1))
+
+    def forward(self, x):
+        shortcut = self.proj(x)
+        return shortcut + self.s(self.f(x).reshape(shortcut.shape))
+
+
 class DataDependentTop(nn.Module):
     """Top-level forward branches on data, so only the submodules can be traced."""
 
@@ -467,6 +481,9 @@ ZOO = [
              2, _scale_blocks),
     ZooEntry("pool_mixer", lambda: Seq(PoolMixerBlock(4), PoolMixerBlock(4), stem=nn.Conv2d(3, 4, 1)),
              lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks),
+    ZooEntry("shape_read_projection", lambda: Seq(ShapeReadProjectionBlock(4, 8), ShapeReadProjectionBlock(8, 8),
+                                                  stem=nn.Conv2d(3, 4, 1)),
+             lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "projection", 2: "projection"}),
     ZooEntry("data_dependent_top", DataDependentTop, lambda: (torch.randn(4, 8),), 3, _scale_blocks),
     ZooEntry("unused_values", lambda: Seq(UnusedValueBlock(8), UnusedValueBlock(8)), lambda: (torch.randn(2, 5, 8),),
              2, _scale_blocks),
