@@ -23,6 +23,7 @@ DROPOUT_OPS = frozenset({
     _aten.alpha_dropout.default, _aten.feature_alpha_dropout.default,
 })
 _BATCH_NORM_TRAINING_ARG = 5  # aten.batch_norm(input, weight, bias, mean, var, training, momentum, eps, cudnn)
+_BATCH_NORM_RUNNING_MEAN_ARG = 3  # aten.batch_norm(input, weight, bias, running_mean, ...)
 _SDPA_DROPOUT_ARG = 4  # aten.scaled_dot_product_attention(q, k, v, mask, dropout_p, ...)
 TRAINING = "training"  # the get_attr node that reads the GraphModule's own train/eval flag
 
@@ -83,7 +84,9 @@ def follow_train_eval(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if n.target in DROPOUT_OPS and len(n.args) > 2 and n.args[2] is True:
             n.update_arg(2, training)
-        elif n.target is _aten.batch_norm.default and n.args[_BATCH_NORM_TRAINING_ARG] is True:
+        elif (n.target is _aten.batch_norm.default and n.args[_BATCH_NORM_TRAINING_ARG] is True
+              and n.args[_BATCH_NORM_RUNNING_MEAN_ARG] is not None):
+            # Without running statistics a batch norm uses the batch's in eval too (nn.BatchNorm's rule).
             n.update_arg(_BATCH_NORM_TRAINING_ARG, training)
         elif n.target is _aten.scaled_dot_product_attention.default and _sdpa_dropout(n):
             with graph.inserting_before(n):

@@ -198,3 +198,27 @@ def test_plan_and_inject_leave_no_state_on_the_model(entry):
         assert [c for _, c in after] == [c for _, c in before]  # caches (dicts, lists) hold what they held
         assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
         inject(model, 0.5)(*entry.inputs())  # a second surgery of the same object works
+
+
+def test_export_capture_keeps_batch_norm_without_running_statistics_on_batch_statistics():
+    # BatchNorm2d(track_running_stats=False) has no running mean: it normalises with the batch's statistics in
+    # eval too (timm's hybrid ViT backbones). The export capture made its train flag follow the model's mode,
+    # and eval then failed: "running_mean must be defined in evaluation mode".
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.norm = nn.BatchNorm2d(4, track_running_stats=False)
+
+        def forward(self, x):
+            return x + self.norm(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Block(), Block()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    injected = inject(copy.deepcopy(model), 1.0, example_inputs=x, capture="export")
+    assert len(gates(injected)) == 2
+    for training in (False, True):
+        with torch.no_grad():
+            torch.testing.assert_close(injected.train(training)(x), model.train(training)(x))
