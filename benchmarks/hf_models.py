@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sdsurgeon  # noqa: E402
-from sdsurgeon.capture import InputSpec, make_example_inputs  # noqa: E402
-from sdsurgeon.export import export_verified, quiet  # noqa: E402
-from sdsurgeon.fold import fold_with_report  # noqa: E402
-from sdsurgeon.hf import complete_specs  # noqa: E402
+from sdsurgeon.capture.inputs import InputSpec, make_example_inputs  # noqa: E402
+from sdsurgeon.deploy.verify import export_verified
+from sdsurgeon.io.quiet import quiet  # noqa: E402
+from sdsurgeon.surgery.fold import fold_with_report  # noqa: E402
+from sdsurgeon.capture.hf_inputs import complete_specs  # noqa: E402
 from tests.hf_zoo import HF_ZOO, save  # noqa: E402
 
 

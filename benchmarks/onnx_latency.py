@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 import sdsurgeon
-from sdsurgeon.export import export_onnx
+from sdsurgeon.deploy.export import export_onnx
 from sdsurgeon.models import cifar_resnet, vit
 
 # A plain user's export of the same ResNet-110, with the same dynamic batch axis sdsurgeon gives.

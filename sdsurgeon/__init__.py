@@ -1,24 +1,28 @@
 """sdsurgeon: stochastic depth for any PyTorch checkpoint — find residual blocks, gate them, fold them."""
 
-__version__ = "0.1.0"  # first: submodules read it
-
 import sys as _sys
 
+from ._version import __version__
+
 if _sys.argv[:1] == ["-m"]:  # `python -m sdsurgeon`: runpy put the current folder first; drop it before torch loads
-    from .trust import drop_current_folder as _drop_current_folder
+    from .io.trust import drop_current_folder as _drop_current_folder
 
     _drop_current_folder()
 
-from .capture import InputSpec, register_leaf
-from .detect import ResidualSite, find_residuals
+from .analysis.detect import ResidualSite, find_residuals
+from .analysis.plan import Plan, plan
+from .capture.fx import register_leaf
+from .capture.inputs import InputSpec
+from .deploy.export import export_onnx
+from .deploy.verify import verify
 from .errors import SurgeonError
-from .export import export_onnx, verify
-from .fold import find_folds, fold, fold_with_report, remove_gates
-from .inject import Recipe, apply_recipe, gates, inject
+from .io.checkpoint import load_weights
+from .io.trust import trust
 from .layers import StochasticDepth
-from .load import load, load_weights, save
-from .plan import Plan, plan
-from .trust import trust
+from .sdfile import load, save
+from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
+from .surgery.inject import apply_recipe, gates, inject
+from .surgery.recipe import Recipe
 
 __all__ = [
     "InputSpec",

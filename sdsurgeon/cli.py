@@ -14,19 +14,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import capture as capture_mod
-from .capture import InputSpec, make_example_inputs
+from .analysis.plan import Plan
+from .analysis.plan import plan as plan_model
+from .analysis.schedule import RULES
+from .capture.hf_inputs import complete_specs
+from .capture.inputs import InputSpec, make_example_inputs, parse_shape
+from .deploy.export import export_onnx
+from .deploy.verify import export_verified
 from .errors import ConfigError, SurgeonError
-from .export import export_onnx, export_verified
-from .files import check_output, clean_up_on_signals
-from .fold import FoldReport, fold_with_report, remove_gates
-from .hf import complete_specs
-from .inject import RECIPE_ATTR, inject as inject_model
+from .io.checkpoint import load_weights, parse_arch_kwargs
+from .io.files import check_output, clean_up_on_signals
+from .io.trust import drop_current_folder
 from .layers import MODES, SCALINGS
-from .load import default_output, load, load_weights, parse_arch_kwargs, save
-from .plan import Plan, plan as plan_model
-from .schedule import RULES
-from .trust import drop_current_folder
+from .sdfile import default_output, load, save
+from .surgery.fold import FoldReport, fold_with_report, remove_gates
+from .surgery.inject import inject as inject_model
+from .surgery.recipe import RECIPE_ATTR
 
 app = typer.Typer(
     name="sdsurgeon",
@@ -90,7 +93,7 @@ KEEP_EXISTING = typer.Option(False, "--keep-existing", help="Leave drop-path mod
 
 
 def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpec] | None:
-    specs = [InputSpec(None, capture_mod.parse_shape(input_shape))] if input_shape else []
+    specs = [InputSpec(None, parse_shape(input_shape))] if input_shape else []
     specs += [InputSpec.parse(text) for text in inputs]
     return specs or None
 
@@ -468,7 +471,8 @@ def batch_cmd(
 
     Example: sdsurgeon batch examples/ci/sdsurgeon.yaml --jobs 2
     """
-    from .batch import check_jobs, load_config, plan_jobs, run_batch
+    from .batch.config import check_jobs, load_config, plan_jobs
+    from .batch.runner import run_batch
     from .report import REPORT_FILES, to_json, write_reports
 
     if jobs < 1:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .analysis.plan import Plan
 from .errors import ConfigError, MissingDependencyError, WriteError
-from .files import staged
-from .plan import Plan
+from .io.files import staged
 
 INSTALL_HINT = "pip install 'sdsurgeon[plot]'"
 NO_FLOPS_NOTE = "FLOP shares not counted: give example inputs (--input-shape) to plan"

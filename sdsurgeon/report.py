@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import WriteError
-from .files import atomic_write
+from .io.files import atomic_write
 
 STATUSES = ("ok", "failed", "skipped")
 

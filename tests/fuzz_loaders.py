@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sdsurgeon
 from cli_helpers import invoke
-from sdsurgeon.batch import check_jobs, load_config, plan_jobs
+from sdsurgeon.batch.config import check_jobs, load_config, plan_jobs
 from sdsurgeon.errors import SurgeonError
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -22,8 +22,9 @@ from onnx import numpy_helper
 
 import sdsurgeon
 from cli_helpers import assert_ok, assert_user_error, invoke
-import sdsurgeon.batch
-from sdsurgeon.batch import load_config, plan_jobs, run_batch
+import sdsurgeon.batch.runner
+from sdsurgeon.batch.config import load_config, plan_jobs
+from sdsurgeon.batch.runner import run_batch
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # `arch: archs:...` in the parent; spawned workers inherit sys.path
@@ -710,7 +711,7 @@ def crashes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("crashes")
     cfg = write_config(folder, CRASHES)
     seen_at_cleanup: dict[str, list[str]] = {}
-    real_cleanup = sdsurgeon.batch._remove_leftovers
+    real_cleanup = sdsurgeon.batch.runner._remove_leftovers
 
     def spy(job):
         seen_at_cleanup[job.name] = files_under(folder / "out") if (folder / "out").is_dir() else []
@@ -718,7 +719,7 @@ def crashes(tmp_path_factory):
 
     started = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sdsurgeon.batch, "_remove_leftovers", spy)
+        mp.setattr(sdsurgeon.batch.runner, "_remove_leftovers", spy)
         result = invoke("batch", cfg, "--jobs", 2, "--report-dir", folder / "reports")
     return folder, result, time.monotonic() - started, seen_at_cleanup
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sdsurgeon import find_residuals
-from sdsurgeon.capture import capture
-from sdsurgeon.inject import locate
+from sdsurgeon.capture.fx import capture
+from sdsurgeon.analysis.locate import locate
 from sdsurgeon.models import cifar_resnet
 from zoo import ZOO, DataDependentTop
 
@@ -71,7 +71,7 @@ def test_branch_params_and_modules():
 
 def test_detection_work_grows_linearly():
     """ResNet-1202 has 11x the graph of ResNet-110: the nodes walked must grow about as much, not 120x."""
-    from sdsurgeon.detect import _find, _Graph
+    from sdsurgeon.analysis.detect import _find, _Graph
 
     def work(depth):
         g = _Graph(capture(cifar_resnet(depth)).parts[0].gm)

@@ -11,7 +11,8 @@ import torch
 
 from sdsurgeon import export_onnx, fold, inject, remove_gates, verify
 from sdsurgeon.errors import ExportError, VerificationError
-from sdsurgeon.export import RANDOM_OPS, export_verified
+from sdsurgeon.deploy.export import RANDOM_OPS
+from sdsurgeon.deploy.verify import export_verified
 from sdsurgeon.models import vit
 from zoo import POSITIVE, ZOO, linear_ps
 

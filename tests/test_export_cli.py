@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import sdsurgeon
 from cli_helpers import assert_ok, assert_user_error, invoke
-from sdsurgeon.export import RANDOM_OPS
+from sdsurgeon.deploy.export import RANDOM_OPS
 from sdsurgeon.models import cifar_resnet
 
 # A ResNet-8 of width 4: three residual blocks (one per stage), so three gates; about 3 s per export.

@@ -32,9 +32,10 @@ import archs  # noqa: E402
 import sdsurgeon  # noqa: E402
 from cli_helpers import assert_ok, assert_user_error, invoke  # noqa: E402
 from hf_zoo import CASES, HF_ZOO, HFCase, save  # noqa: E402
-from sdsurgeon.capture import InputSpec  # noqa: E402
-from sdsurgeon.export import RANDOM_OPS, export_verified  # noqa: E402
-from sdsurgeon.hf import complete_specs  # noqa: E402
+from sdsurgeon.capture.inputs import InputSpec  # noqa: E402
+from sdsurgeon.deploy.export import RANDOM_OPS
+from sdsurgeon.deploy.verify import export_verified  # noqa: E402
+from sdsurgeon.capture.hf_inputs import complete_specs  # noqa: E402
 
 SEED = 0
 P_L = 0.5
@@ -237,10 +238,10 @@ def test_plan_leaves_the_model_as_it_was(zoo, name):
     model = sdsurgeon.load(saved.folder)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = getattr(model.config, "use_cache", None)
-    rates = [(d.path, d.rate) for d in sdsurgeon.drop_path.find_drop_paths(model)]
+    rates = [(d.path, d.rate) for d in sdsurgeon.capture.drop_path.find_drop_paths(model)]
     sdsurgeon.plan(model, P_L, example_inputs=saved.example)
     assert getattr(model.config, "use_cache", None) == cache
-    assert [(d.path, d.rate) for d in sdsurgeon.drop_path.find_drop_paths(model)] == rates
+    assert [(d.path, d.rate) for d in sdsurgeon.capture.drop_path.find_drop_paths(model)] == rates
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert name != "convnext" or rates  # the convnext config has drop paths to put back
 
@@ -248,7 +249,7 @@ def test_plan_leaves_the_model_as_it_was(zoo, name):
 def test_a_recorded_config_rebuilds_with_eager_attention_as_the_folder_loaded(zoo):
     """An .sd.pt file rebuilds from class + config; it must get the attention load_folder chose (SDPA Swin
     cannot be exported to ONNX by torch 2.13)."""
-    model = sdsurgeon.hf.build("SwinForImageClassification", zoo(CASES["swin"]).loaded.config.to_dict())
+    model = sdsurgeon.io.hf.build("SwinForImageClassification", zoo(CASES["swin"]).loaded.config.to_dict())
     assert model.config._attn_implementation == "eager"
     assert sdsurgeon.load(zoo(CASES["swin"]).folder).config._attn_implementation == "eager"
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import sdsurgeon
 from sdsurgeon.errors import ConfigError, LoadError, RecipeMismatchError, SurgeonError, UnsafeLoadError, WriteError
-from sdsurgeon.files import atomic_write, check_output
+from sdsurgeon.io.files import atomic_write, check_output
 from sdsurgeon.models import CifarResNet, cifar_resnet
 
 TESTS_DIR = Path(__file__).resolve().parent

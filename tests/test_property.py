@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from sdsurgeon.inject import locate
+from sdsurgeon.analysis.locate import locate
 
 W = 6
 RESIDUAL = ("plus", "iadd", "torch_add", "method_add", "projection", "layerscale", "nested")

@@ -22,7 +22,7 @@ import torch
 import sdsurgeon
 from cli_helpers import assert_ok, assert_user_error, invoke
 from sdsurgeon.errors import LoadError, UnsafeLoadError, WriteError
-from sdsurgeon.files import atomic_write, check_output
+from sdsurgeon.io.files import atomic_write, check_output
 
 RESNET8 = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 8, "width": 4}']
 SCRIPT = Path(sys.executable).with_name("sdsurgeon")  # the console script of this venv

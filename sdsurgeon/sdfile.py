@@ -1,83 +1,41 @@
-"""Read and write checkpoints: formats, the sdsurgeon file, architecture factories (trust decisions: trust.py)."""
+"""Load any model file (folders, weights, pickles, .sd.pt) and write the .sd.pt format: source + recipe + state_dict."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import re
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import hf
-from .capture import DTYPES, tag
+from .capture.inputs import DTYPES
 from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError, WriteError, first_line
-from .files import atomic_write, not_regular
-from .inject import RECIPE_ATTR, Recipe, apply_recipe
-from .trust import import_factory, trust, unsafe_globals
+from .io import hf
+from .io.checkpoint import (
+    FORMAT,
+    TRUST_PICKLE,
+    build,
+    check_regular,
+    is_sdsurgeon_file,
+    is_state_dict,
+    load_state_strictly,
+    read_safetensors,
+    state_dict_of,
+    torch_load,
+)
+from .io.files import atomic_write
+from .io.source import SOURCE_ATTR, ModelSource, tag
+from .io.trust import trust
+from .surgery.inject import apply_recipe
+from .surgery.recipe import RECIPE_ATTR, Recipe
 
-SOURCE_ATTR = "sdsurgeon_source"
-FORMAT = "sdsurgeon"
 FORMAT_VERSION = 1
-# Wrapper keys under which training scripts commonly nest a state_dict.
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """How to rebuild a model's architecture: an importable factory, or a pickled module."""
-
-    kind: str  # "arch" | "hf" (a transformers class and its config) | "pickle"
-    arch: str | None = None  # the factory, or the transformers class name
-    arch_kwargs: dict = field(default_factory=dict)  # its keyword arguments, or the config
 
 
 # --- architectures ---------------------------------------------------------------------------------
-
-
-def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.PathLike | None = None,
-          folders: Iterable[str | os.PathLike] | None = None) -> nn.Module:
-    """Call an architecture factory and check that it gives an nn.Module.
-
-    ``recorded_in``: the file that names the factory (then it must be one the user trusts, see
-    ``trust.import_factory``); None when the user named it, found on the installed packages and then
-    in ``folders`` (default: the current folder).
-    """
-    kwargs = dict(arch_kwargs or {})
-    if recorded_in is None:
-        label, given = f"--arch {arch!r}", "--arch-kwargs"
-        folders = [os.getcwd()] if folders is None else folders
-    else:
-        label, given = f"the architecture {arch!r} recorded in {recorded_in}", "its recorded arguments"
-    factory = import_factory(arch, recorded_in=recorded_in, folders=folders or ())
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
-        shown = json.dumps(kwargs, default=repr)
-        shown = shown if len(shown) <= 200 else shown[:200] + "..."
-        raise LoadError(f"{label} with {given} {shown} failed: {first_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise LoadError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
-    tag(model, SOURCE_ATTR, ModelSource("arch", arch, kwargs))
-    return model
-
-
-def parse_arch_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--arch-kwargs is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--arch-kwargs must be a JSON object like '{{\"depth\": 110}}', got {text!r}")
-    return value
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -124,98 +82,18 @@ def load(
         if arch:
             raise ConfigError(f"{path} is a transformers folder: its config.json names the architecture; drop --arch")
         return hf.load_folder(path)
-    _check_regular(path)
+    check_regular(path)
     if path.suffix == ".safetensors":
-        return _from_state_dict(_read_safetensors(path), path, arch, named)
-    obj = _torch_load(path, trust_pickle)
-    if _is_sdsurgeon_file(obj):
+        return _from_state_dict(read_safetensors(path), path, arch, named)
+    obj = torch_load(path, trust_pickle)
+    if is_sdsurgeon_file(obj):
         return _from_sdsurgeon_file(obj, path, trust_pickle, named if arch else None)
     if isinstance(obj, nn.Module):
         if arch:
             raise ConfigError(f"{path} holds a whole model; --arch is only for files that hold weights alone")
         tag(obj, SOURCE_ATTR, ModelSource("pickle"))
         return obj
-    return _from_state_dict(_state_dict_of(obj, path), path, arch, named)
-
-
-def _check_regular(path: Path) -> None:
-    # A FIFO or a device (/dev/zero) would block or never end.
-    kind = not_regular(path)
-    if kind:
-        raise LoadError(f"{path} is {kind}, not a checkpoint file")
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def _zip_names(path: Path) -> list[str]:
-    """The member names of a zip file; none for anything else, or a zip damaged in any way zipfile can fail."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.namelist()
-    except Exception:  # BadZipFile, NotImplementedError (an odd version), struct.error, ...: torch.load says more
-        return []
-
-
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    if any(n.endswith("constants.pkl") for n in _zip_names(path)):
-        raise LoadError(
-            f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
-            "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        failure = exc
-    # What the file would import decides, read without unpickling; torch's message (which advises
-    # weights_only=False) does not.
-    unsafe = unsafe_globals(path)
-    if not unsafe:
-        # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
-        cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(failure))
-        detail = cause.group(1).strip() if cause else first_line(failure)
-        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
-    if not trust_pickle:
-        shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
-        raise UnsafeLoadError(
-            f"{path} holds pickled Python objects ({shown}); unpickling runs code from the file, so it is refused. "
-            f"{_TRUST_PICKLE} if you trust its source, or save model.state_dict() and use --arch package.module:factory"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LoadError(
-            f"{path}: unpickling failed ({first_line(exc)}); the code that defined the model must be importable"
-        ) from None
-
-
-_TRUST_PICKLE = "Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config)"
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
-def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if _is_state_dict(obj):
-        return obj
-    if isinstance(obj, dict):
-        for key in _STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
-                return obj[key]
-    raise LoadError(
-        f"{path} holds a {type(obj).__name__}, not a model or a state_dict "
-        f"(looked for tensors at the top level and under {', '.join(_STATE_DICT_KEYS)})"
-    )
+    return _from_state_dict(state_dict_of(obj, path), path, arch, named)
 
 
 def _from_state_dict(
@@ -230,25 +108,8 @@ def _from_state_dict(
     expected = set(model.state_dict())
     if not set(state) & expected and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
-    _load_weights(model, state, path, f"--arch {arch}")
+    load_state_strictly(model, state, path, f"--arch {arch}")
     return model
-
-
-def _load_weights(model: nn.Module, state: dict, path: Path, what: str,
-                  hint: str = "check --arch and --arch-kwargs") -> None:
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise LoadError(
-            f"the weights in {path} do not fit {what}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"keys (e.g. {example!r}); {hint}"
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), first_line(exc))
-        raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
 
 
 # --- sdsurgeon files --------------------------------------------------------------------------------
@@ -259,10 +120,6 @@ _RECIPE_KINDS: dict[str, tuple[type, ...]] = {
     "rule": (str, type(None)), "leaves": (list,), "inputs": (list, type(None)), "capture": (str,),
     "sync_ranks": (bool,), "keep_existing": (bool,), "replaced": (list,),
 }
-
-
-def _is_sdsurgeon_file(obj: Any) -> bool:
-    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT
 
 
 def _shown(value: Any) -> str:
@@ -322,7 +179,7 @@ def _check_payload(payload: dict) -> None:
         _need(kwargs is None or (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)),
               "its architecture arguments are not a mapping of names")
         state = payload.get("state_dict")
-        _need(_is_state_dict(state) or (isinstance(state, dict) and not state),
+        _need(is_state_dict(state) or (isinstance(state, dict) and not state),
               "its state_dict is not a mapping of names to tensors")
     if payload.get("recipe") is not None:
         _check_recipe(payload["recipe"])
@@ -347,7 +204,7 @@ def _from_sdsurgeon_file(
         if not trust_pickle:
             raise UnsafeLoadError(
                 f"{path} was made from a pickled model and holds it pickled; unpickling runs code from the file, "
-                f"so it is refused. {_TRUST_PICKLE} if you trust its source"
+                f"so it is refused. {TRUST_PICKLE} if you trust its source"
             )
         try:
             model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
@@ -364,33 +221,7 @@ def _from_sdsurgeon_file(
         model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path)
     if recipe is not None:
         model = apply_recipe(model, recipe)
-    _load_weights(model, payload["state_dict"], path, what)
-    return model
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a weights file into ``model`` (strictly) and return it; reads no pickled code.
-
-    Accepts a state_dict (``.pt``/``.pth``, also nested or ``module.``-prefixed), ``.safetensors``, or
-    an sdsurgeon file. An injected model has its original's keys, so either one's weights fit.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise LoadError(f"--weights {path}: no such file")
-    _check_regular(path)
-    if path.suffix == ".safetensors":
-        state = _read_safetensors(path)
-    else:
-        obj = _torch_load(path, trust_pickle=False)
-        if _is_sdsurgeon_file(obj) and "state_dict" in obj:
-            obj = obj["state_dict"]
-        elif _is_sdsurgeon_file(obj):
-            raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead")
-        state = _state_dict_of(obj, path)
-    expected = set(model.state_dict())
-    if not set(state) & expected and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    _load_weights(model, state, path, "the model", "give the state_dict saved from this model or its original")
+    load_state_strictly(model, payload["state_dict"], path, what)
     return model
 
 

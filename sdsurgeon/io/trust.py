@@ -23,8 +23,8 @@ from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError
-from .files import atomic_write
+from ..errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError
+from ..io.files import atomic_write
 
 BUILTIN_MODULES = ("sdsurgeon.models",)  # factories trusted without being named
 REMOTE_CODE = False  # transformers' trust_remote_code: never on, so a folder's own .py files never run

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from torch import nn
 
-from .capture import Capture
-from .detect import RefusedAdd
-from .drop_path import ExistingDropPath, find_drop_paths, switched_off
-from .inject import locate
-from .schedule import Override, assign, expected_depth, expected_flops_ratio
+from ..analysis.detect import RefusedAdd
+from ..analysis.locate import locate
+from ..analysis.schedule import Override, assign, expected_depth, expected_flops_ratio
+from ..capture.drop_path import ExistingDropPath, find_drop_paths, switched_off
+from ..capture.fx import Capture
 
 
 @dataclass(frozen=True)

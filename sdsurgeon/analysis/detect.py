@@ -5,13 +5,12 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph_facts import constant_nodes, dead_nodes, shape_only_nodes, write_edges
+from ..capture.graph_facts import constant_nodes, dead_nodes, shape_only_nodes, write_edges
 
 _aten = torch.ops.aten
 ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor})

@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import WriteError
+from ..errors import WriteError
 
 # Temp files are named .<output>.sdsurgeon-<host>-<pid>-<random>.tmp: recognisably ours, with the owner
 # process, so a later run can remove those whose owner died (SIGKILL) and never another's.

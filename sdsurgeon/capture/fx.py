@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -13,19 +12,17 @@ from typing import Iterable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
-from .drop_path import find_drop_paths, leaf_classes, restore_calls
-from .errors import CaptureError, ConfigError, SurgeonError, first_line
-from .export_capture import at_least_two, cache_off, check_train_eval, export_graph
-from .graph_facts import dead_nodes
+from ..capture.drop_path import find_drop_paths, leaf_classes, restore_calls
+from ..capture.graph_facts import dead_nodes
+from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph
+from ..errors import CaptureError, ConfigError, first_line
+from .inputs import ExampleInputs, normalize_inputs
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
 
 CAPTURE_METHODS = ("auto", "fx", "export")
-MAX_INPUT_ELEMENTS = 2**28  # per example input (1 GiB of float32)
 
 
 def register_leaf(cls: type) -> type:
@@ -325,236 +322,7 @@ def _partial_fx(model: nn.Module, leaves: frozenset[str], root_failure: Untraced
 
 # --- example inputs -------------------------------------------------------------------------------
 
-DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
-    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool,
-}
-
-
-def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise ConfigError(f"{option} {text!r}: expected positive integers separated by commas, e.g. 1,3,32,32")
-    return shape
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One example input: forward argument ``name`` (None = next positional), its shape and dtype."""
-
-    name: str | None
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    high: int | None = None  # integer inputs are drawn from [0, high): token ids below the vocabulary size
-
-    def __post_init__(self) -> None:
-        # Every spec (command line, config, a file's recipe, a transformers config) passes here before a
-        # tensor is made: an absurd shape is a clear error, not an allocation that takes the machine.
-        shape = self.shape
-        if not (isinstance(shape, tuple) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                 for d in shape)):
-            raise ConfigError(f"input shape {shape!r}: expected whole numbers, e.g. 1,3,32,32")
-        if math.prod(shape) > MAX_INPUT_ELEMENTS:
-            raise ConfigError(
-                f"input shape {','.join(map(str, shape))} has {math.prod(shape):,} elements, more than the "
-                f"{MAX_INPUT_ELEMENTS:,} an example input may have; a small example (batch 1) is enough"
-            )
-
-    @classmethod
-    def parse(cls, text: str) -> "InputSpec":
-        """``NAME:SHAPE[:DTYPE]``, e.g. ``input_ids:1,16:int64``."""
-        fields = text.split(":")
-        if len(fields) not in (2, 3) or not fields[0].isidentifier():
-            raise ConfigError(f"--input {text!r}: expected NAME:SHAPE[:DTYPE], e.g. x:1,3,32,32 or ids:1,16:int64")
-        dtype = fields[2] if len(fields) == 3 else "float32"
-        if dtype not in DTYPES:
-            raise ConfigError(f"--input {text!r}: unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
-        return cls(fields[0], parse_shape(fields[1], "--input"), dtype)
-
-    def make(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        dtype = DTYPES[self.dtype]
-        if dtype.is_floating_point:
-            return torch.randn(self.shape, generator=generator).to(dtype)
-        if dtype == torch.bool or self.name == "attention_mask":
-            return torch.ones(self.shape, dtype=dtype)  # attend to everything
-        return torch.randint(0, self.high or 2, self.shape, generator=generator, dtype=dtype)
-
-    def to_dict(self) -> dict:
-        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-        return d if self.high is None else {**d, "high": self.high}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(d.get("name"), tuple(d["shape"]), d.get("dtype", "float32"), d.get("high"))
-
-
-ExampleInputs = tuple[tuple, dict]
-
-
-def make_example_inputs(specs: Iterable[InputSpec], seed: int = 0) -> ExampleInputs:
-    """Positional and keyword example tensors for ``model(*args, **kwargs)``."""
-    g = torch.Generator().manual_seed(seed)
-    args, kwargs = [], {}
-    for spec in specs:
-        if spec.name is None:
-            args.append(spec.make(g))
-        else:
-            kwargs[spec.name] = spec.make(g)
-    return tuple(args), kwargs
-
-
-def normalize_inputs(example_inputs) -> ExampleInputs | None:
-    """Accept a tensor, a tuple of positional tensors, a dict of keyword tensors, or (args, kwargs)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if (
-        isinstance(example_inputs, tuple) and len(example_inputs) == 2
-        and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)
-    ):
-        return example_inputs
-    return tuple(example_inputs), {}
-
-
-def specs_of(inputs: ExampleInputs) -> list[InputSpec]:
-    """Input specs describing example tensors (non-tensor arguments are not recorded)."""
-    args, kwargs = inputs
-    named = [(None, a) for a in args] + list(kwargs.items())
-    return [InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), _high(t))
-            for n, t in named if isinstance(t, torch.Tensor)]
-
-
-def _high(t: torch.Tensor) -> int | None:
-    """For integer examples, the range to draw again from (token ids must stay below the vocabulary)."""
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex() or not t.numel():
-        return None
-    return max(int(t.max()) + 1, 2)
-
-
-def bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """Positional values for gm's placeholders from a call's args and kwargs (defaults filled in)."""
-    values, pending = [], list(args)
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        name = n.target.lstrip("*")
-        if name in kwargs:
-            values.append(kwargs[name])
-        elif pending:
-            values.append(pending.pop(0))
-        elif n.args:
-            values.append(n.args[0])
-        else:
-            raise ConfigError(f"no example value for input {name!r}; give it with --input {name}:SHAPE")
-    return values
-
-
-def tag(module: nn.Module, name: str, value) -> None:
-    """Attach a plain attribute that survives copy.deepcopy, also on a GraphModule (which drops others)."""
-    setattr(module, name, value)
-    if isinstance(module, fx.GraphModule):
-        from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
-
-        module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
-
 
 # --- shapes and FLOPs on an example input -----------------------------------------------------------
 
 
-def _cpu_flash_attention_flops(query, key, value, *_args, out_shape=None, **_kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def flop_counter_mode() -> FlopCounterMode:
-    """torch's FLOP counter, taught the CPU's fused attention kernel: without it the attention of every
-    SDPA model on the CPU counts zero and branch shares leave it out."""
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    mapping = {} if kernel is None or kernel in flop_counter.flop_registry else {kernel: _cpu_flash_attention_flops}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-class _Annotator(fx.Interpreter):
-    """Runs a part and records each node's output shape (``sd_shape``) and FLOPs (``sd_flops``)."""
-
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
-        super().__init__(gm)
-        self.counter = counter
-
-    def run_node(self, n: fx.Node):
-        before = self.counter.get_total_flops()
-        result = super().run_node(n)
-        n.meta["sd_flops"] = self.counter.get_total_flops() - before
-        if isinstance(result, torch.Tensor):
-            n.meta["sd_shape"] = tuple(result.shape)
-            n.meta["sd_dtype"] = result.dtype
-        return result
-
-
-def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Capture:
-    """Run ``model`` once on example inputs (eval mode, grad on) and annotate every captured node.
-
-    A whole-model capture is annotated by interpreting its graph: one forward. For a partial
-    capture the model runs first, hooks record each part's real inputs, and each part is then
-    interpreted on them. Sets ``cap.total_flops``; restores the modules' train/eval modes.
-    """
-    whole_graph = [p.path for p in cap.parts] == [""]
-    calls: dict[str, tuple[tuple, dict]] = {}
-
-    def recorder(path: str):
-        def hook(_module, a, kw):
-            calls.setdefault(path, (a, kw))
-
-        return hook
-
-    modes = {m: m.training for m in (*model.modules(), *(m for p in cap.parts for m in p.gm.modules()))}
-    handles = [] if whole_graph else [
-        model.get_submodule(p.path).register_forward_pre_hook(recorder(p.path), with_kwargs=True) for p in cap.parts
-    ]
-    try:
-        for m in modes:  # no batch-norm statistics updates, no dropout while counting
-            m.training = False
-        # Grad on, as in training: without it attention may take inference-only kernels (nn.MultiheadAttention's
-        # fast path; SDPA's fused kernel where training would take the math path with a mask, timm's BEiT:
-        # 0.73 planned, 0.68 run) and the plan's shares would not be those of a training step.
-        with torch.enable_grad(), flop_counter_mode() as counter:
-            try:
-                if whole_graph:
-                    _Annotator(cap.parts[0].gm, counter).run(*bind_placeholders(cap.parts[0].gm, args, kwargs))
-                    total = counter.get_total_flops()
-                else:
-                    model(*args, **kwargs)
-                    total = counter.get_total_flops()
-            except SurgeonError:
-                raise
-            except Exception as exc:
-                raise ConfigError(
-                    f"the model failed on the example inputs ({first_line(exc)}); check --input-shape / --input"
-                ) from None
-            if not whole_graph:
-                for part in cap.parts:
-                    if part.path not in calls:
-                        continue  # a part that did not run on this input keeps no annotations
-                    try:
-                        _Annotator(part.gm, counter).run(*bind_placeholders(part.gm, *calls[part.path]))
-                    except SurgeonError:
-                        raise
-                    except Exception as exc:  # the trace specialised on something the real call differs in
-                        raise CaptureError(
-                            f"the torch.fx capture of {part.path} ({type(model.get_submodule(part.path)).__name__}) "
-                            f"does not run on the inputs the model gives it ({first_line(exc)}); try --capture "
-                            "export, or --leaf with its class"
-                        ) from None
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    cap.total_flops = total
-    return cap

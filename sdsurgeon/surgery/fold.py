@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .capture import trace_eval
-from .drop_path import is_drop_path
-from .graph_facts import dead_nodes, is_view
-from .inject import RECIPE_ATTR
-from .layers import StochasticDepth
+from ..capture.drop_path import is_drop_path
+from ..capture.fx import trace_eval
+from ..capture.graph_facts import dead_nodes, is_view
+from ..layers import StochasticDepth
+from ..surgery.recipe import RECIPE_ATTR
 
 _aten = torch.ops.aten
 

@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import CaptureError
-from .layers import StochasticDepth
+from ..errors import CaptureError
+from ..layers import StochasticDepth
 
 _CLASS = re.compile(r"DropPath|StochasticDepth")
 _RATE_ATTRS = ("drop_prob", "drop_rate", "p")  # timm/HF, some ports, torchvision

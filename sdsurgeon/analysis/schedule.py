@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def linear_decay(L: int, p_L: float) -> list[float]:

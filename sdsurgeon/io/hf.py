@@ -1,22 +1,16 @@
-"""Hugging Face transformers checkpoints: a save_pretrained folder in, a model and its example inputs out."""
+"""Hugging Face transformers folders: a save_pretrained folder in, a model out (never trust_remote_code)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from torch import nn
 
-from .capture import InputSpec
-from .errors import LoadError, UnsafeLoadError, first_line
-from .trust import REMOTE_CODE, transformers_class
-
-# Integer inputs and the config field bounding their values (token ids must index the embedding).
-_ID_BOUNDS = {"input_ids": "vocab_size", "decoder_input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}
-_TOKENS = 16  # default sequence length when no input is given
-_PIXELS = 64  # default image side for vision configs without an image_size
+from ..errors import LoadError, UnsafeLoadError, first_line
+from ..io.trust import REMOTE_CODE, transformers_class
 
 
 def is_folder(path: str | Path) -> bool:
@@ -60,8 +54,7 @@ def load_folder(path: str | Path) -> nn.Module:
     Attention runs the eager implementation: its graphs export to ONNX for every architecture
     (torch 2.13 cannot decompose SDPA inside Swin's windows).
     """
-    from .load import SOURCE_ATTR, ModelSource
-    from .capture import tag
+    from ..io.source import SOURCE_ATTR, ModelSource, tag
 
     path = Path(path)
     transformers = _transformers()
@@ -93,8 +86,7 @@ def load_folder(path: str | Path) -> nn.Module:
 
 def build(name: str, config: dict) -> nn.Module:
     """A fresh model of transformers class ``name`` from a recorded config (random weights)."""
-    from .load import SOURCE_ATTR, ModelSource
-    from .capture import tag
+    from ..io.source import SOURCE_ATTR, ModelSource, tag
 
     cls = model_class(name)
     with _quiet():
@@ -111,25 +103,3 @@ def is_hf(model: nn.Module) -> bool:
     return config is not None and hasattr(config, "to_dict") and hasattr(model, "main_input_name")
 
 
-def complete_specs(model: nn.Module, specs: Sequence[InputSpec] | None) -> list[InputSpec] | None:
-    """Input specs for a transformers model: token ids drawn below its vocabulary; defaults if none given.
-
-    Without specs: ``input_ids`` of shape 1x16, or ``pixel_values`` of 1xCxHxW from the config.
-    """
-    if not is_hf(model):
-        return None if specs is None else list(specs)
-    config = model.config
-    if not specs:
-        name = model.main_input_name
-        if name == "pixel_values":
-            side = getattr(config, "image_size", _PIXELS)
-            side = side[0] if isinstance(side, (list, tuple)) else side
-            specs = [InputSpec(name, (1, getattr(config, "num_channels", 3), side, side))]
-        else:
-            length = min(_TOKENS, getattr(config, "max_position_embeddings", _TOKENS) or _TOKENS)
-            specs = [InputSpec(name, (1, length), "int64")]
-    out = []
-    for s in specs:
-        bound = getattr(config, _ID_BOUNDS.get(s.name or "", ""), None) if s.dtype in ("int64", "long", "int32", "int") else None
-        out.append(InputSpec(s.name, s.shape, s.dtype, bound) if isinstance(bound, int) else s)
-    return out

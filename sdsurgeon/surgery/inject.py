@@ -4,83 +4,25 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import (Capture, CapturedPart, InputSpec, annotate, capture as capture_model, make_example_inputs,
-                      normalize_inputs, specs_of, tag)
-from .drop_path import find_drop_paths, switch_off
-from .hf import complete_specs
-from .detect import RefusedAdd, ResidualSite, detect
-from .errors import NoResidualSitesError, RecipeMismatchError
-from .layers import StochasticDepth, draw
-from .schedule import Override, assign
+from ..analysis.detect import ResidualSite
+from ..analysis.locate import locate
+from ..analysis.schedule import Override, assign
+from ..capture.drop_path import find_drop_paths, switch_off
+from ..capture.fx import Capture, CapturedPart
+from ..capture.hf_inputs import complete_specs
+from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
+from ..errors import NoResidualSitesError, RecipeMismatchError
+from ..io.source import tag
+from ..layers import StochasticDepth, draw
+from .recipe import RECIPE_ATTR, Recipe
 
-RECIPE_ATTR = "sdsurgeon_recipe"
 _INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
-
-
-@dataclass
-class Recipe:
-    """Everything needed to redo the same surgery on a fresh instance of the architecture."""
-
-    sites: list[tuple[str, float]]  # (site id, p) of every gated site, in depth order
-    mode: str = "batch"
-    scaling: str = "paper"
-    seed: int | None = None
-    p_L: float | None = None
-    rule: str | None = None
-    leaves: list[str] = field(default_factory=list)
-    inputs: list[InputSpec] | None = None
-    capture: str = "fx"  # the front-end that found the sites ("fx" | "export"): used again to rebuild
-    sync_ranks: bool = True  # under torch.distributed, every rank draws the same gates
-    keep_existing: bool = False  # drop-path modules the model had keep their rates (else switched off)
-    replaced: list[list] = field(default_factory=list)  # [module path, rate] of drop paths switched off
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sites"] = [[s, p] for s, p in self.sites]
-        d["inputs"] = None if self.inputs is None else [i.to_dict() for i in self.inputs]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        d = dict(d)
-        d["sites"] = [(str(s), float(p)) for s, p in d["sites"]]
-        if d.get("inputs") is not None:
-            d["inputs"] = [InputSpec.from_dict(i) for i in d["inputs"]]
-        return cls(**d)
-
-
-def locate(
-    model: nn.Module, leaves: Iterable[str] = (), example_inputs=None, method: str = "auto",
-    refused: list[RefusedAdd] | None = None,
-) -> tuple[Capture, list[ResidualSite]]:
-    """Capture ``model`` (see capture.capture) and find its residual sites, numbered in depth order.
-
-    With example inputs, nodes are annotated with shapes and FLOPs first, so detection can reject
-    broadcasting adds (a dropped gate must return a value of the block's output shape). Blocks that
-    cannot be gated are appended to ``refused`` when it is given.
-    """
-    cap = capture_model(model, leaves=leaves, method=method, example_inputs=example_inputs)
-    inputs = normalize_inputs(example_inputs)
-    if inputs is not None:
-        annotate(model, cap, *inputs)
-    sites: list[ResidualSite] = []
-    for part in cap.parts:
-        found, cannot = detect(part.gm, part=part.path)
-        sites += [_renumber(site, len(sites) + k) for k, site in enumerate(found, 1)]
-        if refused is not None:
-            refused += cannot
-    return cap, sites
-
-
-def _renumber(site: ResidualSite, index: int) -> ResidualSite:
-    return replace(site, index=index)
 
 
 def inject(

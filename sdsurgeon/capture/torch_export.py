@@ -14,7 +14,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, first_line
+from ..errors import CaptureError, first_line
 
 _aten = torch.ops.aten
 # Ops taking (input, p, train): captured in train mode with train=True baked in.
@@ -239,7 +239,7 @@ def _train_mode(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """torch.export logs failures it then raises; the caller reports them in one line instead."""
-    from .export import quiet
+    from ..io.quiet import quiet
 
     with quiet(False):
         yield

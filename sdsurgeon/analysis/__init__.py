@@ -1,0 +1,1 @@
+"""Read-only analysis of captured graphs: residual sites, survival-probability schedules, the plan record."""

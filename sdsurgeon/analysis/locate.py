@@ -1,0 +1,41 @@
+"""A model's residual sites: capture it, annotate shapes, detect each part, number sites in depth order."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterable
+
+from torch import nn
+
+from ..analysis.detect import RefusedAdd, ResidualSite, detect
+from ..capture.annotate import annotate
+from ..capture.fx import Capture
+from ..capture.fx import capture as capture_model
+from ..capture.inputs import normalize_inputs
+
+
+def locate(
+    model: nn.Module, leaves: Iterable[str] = (), example_inputs=None, method: str = "auto",
+    refused: list[RefusedAdd] | None = None,
+) -> tuple[Capture, list[ResidualSite]]:
+    """Capture ``model`` (see capture.capture) and find its residual sites, numbered in depth order.
+
+    With example inputs, nodes are annotated with shapes and FLOPs first, so detection can reject
+    broadcasting adds (a dropped gate must return a value of the block's output shape). Blocks that
+    cannot be gated are appended to ``refused`` when it is given.
+    """
+    cap = capture_model(model, leaves=leaves, method=method, example_inputs=example_inputs)
+    inputs = normalize_inputs(example_inputs)
+    if inputs is not None:
+        annotate(model, cap, *inputs)
+    sites: list[ResidualSite] = []
+    for part in cap.parts:
+        found, cannot = detect(part.gm, part=part.path)
+        sites += [_renumber(site, len(sites) + k) for k, site in enumerate(found, 1)]
+        if refused is not None:
+            refused += cannot
+    return cap, sites
+
+
+def _renumber(site: ResidualSite, index: int) -> ResidualSite:
+    return replace(site, index=index)

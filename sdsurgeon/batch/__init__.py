@@ -1,0 +1,1 @@
+"""Many models in one run: the YAML config and the worker processes that run its jobs."""

@@ -1,0 +1,321 @@
+"""Run batch jobs: worker processes, timeouts, incremental stamps, and the results they report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .._version import __version__
+from ..capture.inputs import InputSpec
+from ..errors import ConfigError, SurgeonError, first_line
+from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
+from ..io.trust import trust
+from ..report import JobRecord
+from .config import Job
+
+# --- configuration ----------------------------------------------------------------------------------------
+
+
+# --- incremental runs ---------------------------------------------------------------------------------------
+
+
+def up_to_date(job: Job) -> bool:
+    """Outputs exist, are newer than the inputs, and were made with the same settings."""
+    try:
+        stamp = json.loads(Path(job.stamp_path).read_text())
+        if stamp.get("settings_hash") != job.settings_hash():
+            return False
+        oldest_output = min(Path(p).stat().st_mtime for p in job.outputs)
+    except (OSError, ValueError, AttributeError):
+        return False
+    newest_input = _mtime(Path(job.checkpoint)) if job.checkpoint else 0.0
+    return oldest_output >= newest_input
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time; a transformers folder's is that of its newest file."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
+    return path.stat().st_mtime
+
+
+def _write_stamp(job: Job, record: JobRecord) -> None:
+    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__,
+                       "record": record.to_dict()})
+    atomic_write(job.stamp_path, lambda f: f.write(text.encode()))
+
+
+def skipped_record(job: Job) -> JobRecord:
+    """An up-to-date job's record: the figures of the run that made its outputs, status skipped."""
+    record = JobRecord(job.name, "skipped", error="up to date; --force redoes it", outputs=job.outputs)
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        previous = json.loads(Path(job.stamp_path).read_text())["record"]
+        for key in ("sites", "folded", "multiplies", "nodes", "max_abs_error", "max_rel_error", "tolerance_used"):
+            setattr(record, key, previous.get(key))
+    return record
+
+
+# --- one job ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - started, 3)
+
+
+def run_job(job: Job) -> JobRecord:
+    """load -> inject -> (save) -> fold -> export -> verify. Never raises: failures become the record's error."""
+    from ..capture.hf_inputs import complete_specs
+    from ..capture.inputs import make_example_inputs, parse_shape
+    from ..deploy.export import write_onnx
+    from ..deploy.verify import verify
+    from ..io.files import staged
+    from ..sdfile import load, save
+    from ..surgery.fold import fold_with_report
+    from ..surgery.inject import inject
+    from ..surgery.recipe import RECIPE_ATTR
+
+    o = job.options
+    record = JobRecord(job.name, "failed")
+    timings = record.timings
+    started = time.perf_counter()
+    try:
+        Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
+        with _stage(timings, "load"):
+            model = load(job.checkpoint, trust_pickle=o.trust_pickle, arch=job.arch, arch_kwargs=job.arch_kwargs,
+                         arch_folders=job.import_paths)
+        specs = None
+        if o.input_shape is not None:
+            specs = [InputSpec(None, parse_shape(",".join(map(str, o.input_shape)), "input_shape"))]
+        elif o.inputs is not None:
+            specs = [InputSpec.parse(text) for text in o.inputs]
+        recipe = getattr(model, RECIPE_ATTR, None)
+        if recipe is None:  # a plain model: gate it; an sdsurgeon file is already gated
+            specs = complete_specs(model, specs)
+            with _stage(timings, "inject"):
+                model = inject(
+                    model, o.pL, rule=o.rule, mode=o.mode, scaling=o.scaling, seed=o.seed, overrides=o.set,
+                    include=o.include, exclude=o.exclude, leaves=o.leaf, inputs=specs,
+                    example_inputs=None if specs is None else make_example_inputs(specs),
+                    capture=o.capture, keep_existing=o.keep_existing,
+                )
+            recipe = getattr(model, RECIPE_ATTR)
+        specs = specs or recipe.inputs
+        if not specs:
+            raise ConfigError("no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model")
+        record.sites = len(recipe.sites)
+        example = make_example_inputs(specs)
+        with contextlib.ExitStack() as outputs:  # every output appears together, or none does
+            onnx_tmp = outputs.enter_context(staged(job.onnx_path))
+            if job.sd_path:
+                sd_tmp = outputs.enter_context(staged(job.sd_path))
+                with _stage(timings, "save"):
+                    save(model, sd_tmp)
+            with _stage(timings, "fold"):
+                folded, report = fold_with_report(model, into_weights=o.fold)
+            with _stage(timings, "export"):
+                exported = write_onnx(folded, example, onnx_tmp, opset=o.opset, dynamic_batch=not o.static_batch)
+            with _stage(timings, "verify"):
+                checked = verify(model, onnx_tmp, example, rtol=o.rtol, atol=o.atol)
+        record.folded, record.multiplies = len(report.folded), len(report.multiplies)
+        record.nodes = exported.nodes
+        record.max_abs_error, record.max_rel_error = checked.max_abs, checked.max_rel
+        record.tolerance_used = checked.tolerance_used
+        record.outputs = job.outputs
+        record.status = "ok"
+        _write_stamp(job, record)
+    except SurgeonError as exc:
+        record.error = str(exc)
+    except Exception as exc:  # a bug, or something unforeseen in a user's model: keep the traceback
+        record.error = first_line(exc)
+        record.traceback = traceback.format_exc()
+    if record.status == "failed":
+        with contextlib.suppress(OSError):
+            os.unlink(job.stamp_path)  # old outputs stay, but no longer count as up to date
+    timings["total"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _remove_leftovers(job: Job) -> None:
+    """What a killed job's process could not clean up: its staged temp files (its owner is gone), and its stamp."""
+    for folder in {str(Path(output).parent) for output in job.outputs}:
+        sweep(folder)
+    with contextlib.suppress(OSError):
+        os.unlink(job.stamp_path)
+
+
+# --- many jobs ----------------------------------------------------------------------------------------------
+
+
+def _worker(conn, threads: int) -> None:
+    """A worker process: run the jobs it is sent until it gets None."""
+    clean_up_on_signals()  # stopped by the parent (or a CI cancel): its temp files go with it
+    import torch
+
+    torch.set_num_threads(threads)
+    import onnx  # noqa: F401  (imported now, not inside the first job's timings)
+    import onnxruntime  # noqa: F401
+
+    from ..io.quiet import quiet
+
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        conn.send(("started", None))  # the timeout counts from here, not from the worker's imports
+        with quiet():
+            record = run_job(job)
+        conn.send(("done", record))
+
+
+@dataclass
+class _Slot:
+    process: Any
+    conn: Any
+    job: Job | None = None
+    started: float = 0.0
+
+
+@dataclass
+class BatchEvent:
+    """Progress of a run, for a display: a job started or finished."""
+
+    kind: str  # "start" | "done"
+    job: str
+    record: JobRecord | None = None
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class BatchResult:
+    records: list[JobRecord] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.records)
+
+
+def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, force: bool = False,
+              on_event: Callable[[BatchEvent], None] | None = None) -> BatchResult:
+    """Run jobs in ``workers`` processes (torch threads split between them); results in job order.
+
+    Up-to-date jobs are skipped unless ``force``. A job whose process dies or outlives its timeout is
+    reported failed and its worker replaced, so a crash never stops the other jobs and never hangs.
+    With ``fail_fast``, jobs not yet started after the first failure are reported skipped.
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    emit = on_event or (lambda _e: None)
+    records: dict[str, JobRecord] = {}
+    todo: deque[Job] = deque()
+    for job in jobs:
+        if not force and up_to_date(job):
+            records[job.name] = skipped_record(job)
+            emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
+        else:
+            todo.append(job)
+    workers = max(1, min(workers, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    for job in todo:  # the config's architectures are the user's: trusted once here, not by racing workers
+        if job.arch:
+            with contextlib.suppress(SurgeonError):  # not findable: the job's own load says why
+                trust(job.arch, folder=job.import_paths[0] if job.import_paths else None)
+    ctx = mp.get_context("spawn")  # not fork: torch's thread pools do not survive a fork safely
+    slots: list[_Slot] = []
+
+    def start_slot() -> _Slot:
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
+        process.start()
+        child.close()
+        return _Slot(process, parent)
+
+    def finish(slot: _Slot, record: JobRecord) -> None:
+        records[slot.job.name] = record
+        slot.job = None
+        emit(BatchEvent("done", record.name, record, len(records), len(jobs)))
+
+    def stop_workers() -> None:  # a SIGTERM to the batch reaches its workers, whose handlers remove their temp files
+        for slot in slots:
+            slot.process.terminate()
+
+    failed = False
+    with on_signal(stop_workers):
+        try:
+            while todo or any(s.job for s in slots):
+                if fail_fast and failed:
+                    while todo:
+                        job = todo.popleft()
+                        records[job.name] = JobRecord(job.name, "skipped", error="not run: --fail-fast after a failure")
+                        emit(BatchEvent("done", job.name, records[job.name], len(records), len(jobs)))
+                while todo and (len(slots) < workers or any(s.job is None for s in slots)):
+                    slot = next((s for s in slots if s.job is None), None) or start_slot()
+                    if slot not in slots:
+                        slots.append(slot)
+                    slot.job, slot.started = todo.popleft(), time.monotonic()
+                    slot.conn.send(slot.job)
+                    emit(BatchEvent("start", slot.job.name, None, len(records), len(jobs)))
+                busy = [s for s in slots if s.job]
+                if not busy:
+                    continue
+                ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
+                for slot in busy:
+                    record = None
+                    if slot.conn in ready:
+                        try:
+                            kind, record = slot.conn.recv()
+                        except (EOFError, OSError):
+                            kind, record = "died", None
+                        if kind == "started":
+                            slot.started = time.monotonic()
+                    if record is not None:
+                        finish(slot, record)
+                        failed |= record.status == "failed"
+                        continue
+                    timeout = slot.job.options.timeout
+                    died = slot.process.sentinel in ready or not slot.process.is_alive()
+                    late = timeout is not None and time.monotonic() - slot.started > timeout
+                    if died or late:
+                        slot.process.kill()
+                        slot.process.join()
+                        elapsed = round(time.monotonic() - slot.started, 3)
+                        why = (f"job timed out after {timeout:g} s and was stopped" if late and not died else
+                               f"job's process died ({_exit_reason(slot.process.exitcode)}) before reporting")
+                        _remove_leftovers(slot.job)
+                        finish(slot, JobRecord(slot.job.name, "failed", error=f"the {why}", timings={"total": elapsed}))
+                        failed = True
+                        slots.remove(slot)
+        finally:
+            for slot in slots:
+                with contextlib.suppress(OSError, BrokenPipeError):
+                    slot.conn.send(None)
+            for slot in slots:
+                slot.process.join(timeout=5)
+                if slot.process.is_alive():
+                    slot.process.kill()
+    return BatchResult([records[j.name] for j in jobs])

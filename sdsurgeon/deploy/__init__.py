@@ -1,0 +1,1 @@
+"""The folded model out: ONNX export and its verification with onnxruntime."""

@@ -1,0 +1,227 @@
+"""ONNX export of a folded model with torch.onnx (dynamo) and onnx.checker; input naming and batch dimensions."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..capture.inputs import normalize_inputs
+from ..errors import ConfigError, ExportError, first_line
+from ..io.files import staged
+from ..io.quiet import quiet
+
+# Ops that would make inference random; a correct export of a folded model holds none.
+RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
+                        "Bernoulli", "Multinomial", "Dropout"})
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class OnnxExport:
+    """What was written: the ONNX file and its graph."""
+
+    path: str
+    nodes: int
+    op_types: dict[str, int]
+    scale_nodes: int  # nodes made from kept multiplies (sd_scale_* modules)
+    file_bytes: int
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_inputs: list[str]  # inputs whose first axis (batch) is dynamic
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "nodes": self.nodes, "scale_nodes": self.scale_nodes, "file_bytes": self.file_bytes,
+                "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
+                "dynamic_inputs": self.dynamic_inputs, "op_types": self.op_types, "seconds": round(self.seconds, 3)}
+
+
+# --- quiet exporter ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+
+def named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Forward argument name -> tensor, in signature order (the order the ONNX graph's inputs take)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"the example inputs do not fit {type(model).__name__}.forward ({exc}); check --input") from None
+    named: dict[str, torch.Tensor] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            named.update({f"{name}_{i}": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update({k: v for k, v in value.items() if isinstance(v, torch.Tensor)})
+        elif isinstance(value, torch.Tensor):
+            named[name] = value
+    return named
+
+
+def batch_inputs(tensors: list[torch.Tensor]) -> list[bool]:
+    """Which inputs share the batch axis: those whose first dimension equals the first input's."""
+    first = next((t for t in tensors if t.dim() > 0), None)
+    return [first is not None and t.dim() > 0 and t.shape[0] == first.shape[0] for t in tensors]
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """torch.export spec making dim 0 of the batch inputs one shared dynamic "batch" dimension."""
+    batch = torch.export.Dim("batch")
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    tensors = [v for v in bound.arguments.values() if isinstance(v, torch.Tensor)]
+    is_batch = iter(batch_inputs(tensors))
+    spec = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            spec[name] = {0: batch} if next(is_batch) else None
+        else:
+            spec[name] = None
+    return spec
+
+
+def _with_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
+    """The same inputs with the batch axis resized (torch.export treats a batch of 1 as a constant)."""
+    flat = list(args) + list(kwargs.values())
+    is_batch = iter(batch_inputs([t for t in flat if isinstance(t, torch.Tensor)]))
+
+    def resize(value):
+        if not isinstance(value, torch.Tensor) or not next(is_batch):
+            return value
+        reps = [size // value.shape[0] + 1] + [1] * (value.dim() - 1)
+        return value.repeat(*reps)[:size].clone()
+
+    new = [resize(v) for v in flat]
+    return tuple(new[: len(args)]), dict(zip(kwargs, new[len(args):]))
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: the exporter wraps the real failure in step-by-step advice."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
+
+
+def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opset: int | None,
+                dynamic_batch: bool, verbose: bool) -> None:
+    named_inputs(model, args, kwargs)  # inputs that do not fit forward's signature: a clear error first
+    with eval_mode(model), torch.no_grad():
+        try:
+            model(*args, **kwargs)  # one forward: a wrong input shape is the user's, not the exporter's, error
+        except Exception as exc:
+            raise ConfigError(f"the model failed on the example inputs ({first_line(exc)}); "
+                              "check --input-shape / --input") from None
+    if dynamic_batch:
+        first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+        if first is not None and first.shape[0] == 1:
+            args, kwargs = _with_batch(args, kwargs, 2)
+    dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+    # Attention decomposed by its math kernel: the fused CPU kernel's decomposition ends in a view that a
+    # symbolic batch cannot take (transformers' Swin with SDPA, captured or not: "Cannot view a tensor ...").
+    with quiet(verbose), eval_mode(model), sdpa_kernel([SDPBackend.MATH]):
+        try:
+            program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
+                                        opset_version=opset, verbose=verbose)
+        except Exception as exc:
+            cause = first_line(_root_cause(exc))
+            hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in cause else ""
+            raise ExportError(f"torch.onnx.export failed: {cause}{hint} (--verbose shows the exporter's log)") from None
+        if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:
+            raise ExportError("the model is over 2 GB, which needs ONNX external data; sdsurgeon does not write that yet")
+        written = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is not None and written != opset:
+            raise ExportError(f"the exporter cannot write opset {opset} for this model (it offers {written}); "
+                              f"use --opset {written} or leave --opset out")
+        program.save(str(dest), external_data=False)
+
+
+def _describe(path: Path, seconds: float) -> OnnxExport:
+    import onnx
+
+    proto = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejects the exported model: {first_line(exc)}") from None
+    nodes = list(proto.graph.node)
+    random_ops = sorted({n.op_type for n in nodes} & RANDOM_OPS)
+    if random_ops:
+        raise ExportError(f"the exported graph holds random ops ({', '.join(random_ops)}); inference must be deterministic")
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    dynamic = [i.name for i in inputs if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxExport(
+        path=str(path), nodes=len(nodes), op_types=dict(Counter(n.op_type for n in nodes).most_common()),
+        scale_nodes=sum(1 for n in nodes if _from_scale_module(n)), file_bytes=path.stat().st_size, opset=opset,
+        inputs=[i.name for i in inputs], outputs=[o.name for o in proto.graph.output], dynamic_inputs=dynamic,
+        seconds=seconds,
+    )
+
+
+def _from_scale_module(node) -> bool:
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    return "'sd_scale_" in scopes
+
+
+def write_onnx(model: nn.Module, example_inputs, dest: str | os.PathLike, *, opset: int | None = None,
+               dynamic_batch: bool = True, verbose: bool = False) -> OnnxExport:
+    """Export and check, writing straight to ``dest`` (callers stage it; see ``export_onnx``)."""
+    args, kwargs = args_kwargs(example_inputs)
+    started = time.perf_counter()
+    _write_onnx(model, args, kwargs, Path(dest), opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+    return _describe(Path(dest), time.perf_counter() - started)
+
+
+def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int | None = None,
+                dynamic_batch: bool = True, verbose: bool = False) -> OnnxExport:
+    """Export ``model`` (in eval mode) to ONNX at ``path`` with torch.onnx's dynamo exporter, then check it.
+
+    ``example_inputs``: a tensor, tuple, dict or ``(args, kwargs)``. With ``dynamic_batch`` the first
+    axis of every input that shares the first input's batch size is dynamic. The file is written
+    atomically and checked with ``onnx.checker``; a graph holding random ops is refused.
+    """
+    with staged(path) as tmp:
+        result = write_onnx(model, example_inputs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+    result.path = str(path)
+    return result
+
+
+def args_kwargs(example_inputs) -> tuple[tuple, dict]:
+    inputs = normalize_inputs(example_inputs)
+    if inputs is None:
+        raise ConfigError("export needs example inputs: give --input-shape 1,3,224,224 or --input NAME:SHAPE[:DTYPE]")
+    return inputs
+
+
+# --- verification -----------------------------------------------------------------------------------------
+
+

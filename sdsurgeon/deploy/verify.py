@@ -1,0 +1,203 @@
+"""Verification: the exported ONNX file run with onnxruntime against PyTorch on fresh inputs."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils import _pytree
+
+from ..capture.inputs import DTYPES, InputSpec
+from ..errors import ConfigError, VerificationError, first_line
+from ..io.files import staged
+from .export import OnnxExport, args_kwargs, batch_inputs, eval_mode, named_inputs, write_onnx
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float  # max |ort - torch|
+    max_rel: float  # max_abs relative to the output's scale: max |ort - torch| / max |torch|
+    tolerance_used: float  # max |ort - torch| / (atol + rtol |torch|): the check passes while this is <= 1
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "tolerance_used": self.tolerance_used}
+
+
+@dataclass
+class Verification:
+    """onnxruntime against PyTorch on fresh random inputs: worst errors per output over all runs."""
+
+    ok: bool
+    rtol: float
+    atol: float
+    batch_sizes: list[int]
+    outputs: list[OutputError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    @property
+    def tolerance_used(self) -> float:
+        return max((o.tolerance_used for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "rtol": self.rtol, "atol": self.atol, "batch_sizes": self.batch_sizes,
+                "max_abs": self.max_abs, "max_rel": self.max_rel, "tolerance_used": self.tolerance_used,
+                "outputs": [o.to_dict() for o in self.outputs],
+                "seconds": round(self.seconds, 3)}
+
+
+def _fresh_inputs(model: nn.Module, args: tuple, kwargs: dict, batch: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """New random tensors shaped like the examples (batch axis resized), by forward argument name."""
+    named = named_inputs(model, args, kwargs)
+    is_batch = batch_inputs(list(named.values()))
+    g = torch.Generator().manual_seed(seed)
+    fresh = {}
+    for (name, t), b in zip(named.items(), is_batch):
+        shape = (batch, *t.shape[1:]) if b and batch is not None else tuple(t.shape)
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ConfigError(f"input {name!r} has dtype {dtype}, which verification cannot generate")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            fresh[name] = InputSpec(name, shape, dtype).make(g)
+        else:  # integer inputs (token ids, indices): stay within the example's range
+            low, high = int(t.min()), int(t.max()) + 1
+            fresh[name] = torch.randint(low, max(high, low + 1), shape, generator=g, dtype=t.dtype)
+    return fresh
+
+
+def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: float = 1e-4, atol: float = 1e-5,
+           runs: int = 3, seed: int = 1, check: bool = True) -> Verification:
+    """Run the ONNX file with onnxruntime and ``model`` (eval) on ``runs`` fresh random inputs; compare.
+
+    The inputs are shaped like ``example_inputs``; when the file's batch axis is dynamic the last run
+    uses another batch size. An output passes when ``|ort - torch| <= atol + rtol * |torch|``
+    everywhere; ``tolerance_used`` is the worst ``|ort - torch| / (atol + rtol |torch|)``. With ``check``
+    (the default) a miss raises VerificationError; else see ``.ok``.
+    """
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    args, kwargs = args_kwargs(example_inputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise VerificationError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+    onnx_inputs = session.get_inputs()
+    named = named_inputs(model, args, kwargs)
+    first = next((t for t in named.values() if t.dim()), None)
+    example_batch = first.shape[0] if first is not None else None
+    dynamic = any(isinstance(i.shape[0], str) for i in onnx_inputs if i.shape) if onnx_inputs else False
+    batches = [example_batch] * runs
+    if dynamic and example_batch is not None and runs > 1:
+        batches[-1] = 1 if example_batch > 1 else 3
+    worst: dict[int, list[float]] = {}
+    names = [o.name for o in session.get_outputs()]
+    failed_at: int | None = None
+    with eval_mode(model), torch.no_grad():
+        for run, batch in enumerate(batches):
+            fresh = _fresh_inputs(model, args, kwargs, batch, seed + run)
+            expected = [t for t in _pytree.tree_leaves(model(**_rebind(model, fresh, args, kwargs)))
+                        if isinstance(t, torch.Tensor)]
+            feed = _feed(onnx_inputs, fresh)
+            got = session.run(None, feed)
+            if len(got) != len(expected):
+                raise VerificationError(
+                    f"{path} has {len(got)} outputs but the model returns {len(expected)} tensors"
+                )
+            for k, (e, g) in enumerate(zip(expected, got)):
+                e64 = e.detach().to(torch.float64)
+                g64 = torch.from_numpy(g).to(torch.float64)
+                if tuple(g64.shape) != tuple(e64.shape):
+                    raise VerificationError(f"output {names[k]}: onnxruntime gives shape {tuple(g64.shape)}, "
+                                            f"PyTorch {tuple(e64.shape)} (batch {batch})")
+                if not bool(torch.isfinite(e64).all()):
+                    raise VerificationError(f"PyTorch's own output {names[k]} holds NaN or Inf (batch {batch}), so "
+                                            f"there is nothing to check the ONNX file against: {_non_finite(model)}; "
+                                            "no ONNX file was kept")
+                diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))  # NaN from onnxruntime alone: a miss
+                allowed = atol + rtol * e64.abs()
+                scale = float(e64.abs().max()) if e64.numel() else 0.0
+                max_abs = float(diff.max()) if diff.numel() else 0.0
+                used = float((diff / allowed).max()) if diff.numel() and bool((allowed > 0).all()) else (
+                    0.0 if max_abs == 0 else float("inf"))
+                prev = worst.setdefault(k, [0.0, 0.0, 0.0])
+                rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+                prev[:] = max(prev[0], max_abs), max(prev[1], rel), max(prev[2], used)
+                if failed_at is None and not bool((diff <= allowed).all()):
+                    failed_at = run
+    result = Verification(
+        ok=failed_at is None, rtol=rtol, atol=atol, batch_sizes=[b for b in batches if b is not None],
+        outputs=[OutputError(names[k], *v) for k, v in sorted(worst.items())],
+        seconds=time.perf_counter() - started,
+    )
+    if check and not result.ok:
+        bad = max(result.outputs, key=lambda o: o.tolerance_used)
+        raise VerificationError(
+            f"onnxruntime differs from PyTorch beyond rtol {rtol:g} / atol {atol:g}: output {bad.name} max abs error "
+            f"{bad.max_abs:.3g} ({bad.tolerance_used:.3g}x the tolerance, batch {batches[failed_at]}); "
+            "no ONNX file was kept",
+            result,
+        )
+    return result
+
+
+def _non_finite(model: nn.Module) -> str:
+    """Where a model's NaN or Inf comes from: its weights (named), or an overflow on the inputs."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if not bad:
+        return "its weights are finite, so it overflows on random inputs"
+    first = next(iter(bad))
+    return (f"its weights hold {sum(bad.values())} NaN or Inf values in {len(bad)} tensors (first: {first}); "
+            "check the checkpoint (a diverged training run?)")
+
+
+def _rebind(model: nn.Module, fresh: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict:
+    """Keyword arguments for model(...) with the fresh tensors in place of the examples."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    call = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ConfigError(f"{type(model).__name__}.forward takes *args/**kwargs, which verification cannot bind")
+        call[name] = fresh.get(name, value)
+    return call
+
+
+def _feed(onnx_inputs, fresh: dict[str, torch.Tensor]) -> dict:
+    tensors = list(fresh.values())
+    feed = {}
+    for k, i in enumerate(onnx_inputs):
+        t = fresh[i.name] if i.name in fresh else tensors[k]  # the exporter names inputs after forward's arguments
+        feed[i.name] = t.numpy()
+    return feed
+
+
+def export_verified(model: nn.Module, example_inputs, path: str | os.PathLike, *, reference: nn.Module | None = None,
+                    opset: int | None = None, dynamic_batch: bool = True, rtol: float = 1e-4, atol: float = 1e-5,
+                    verbose: bool = False) -> tuple[OnnxExport, Verification]:
+    """Export, check and verify; ``path`` appears only if every check passed.
+
+    onnxruntime is compared against ``reference`` (default: ``model``), e.g. the injected model
+    before folding, so the check covers the fold as well as the export.
+    """
+    with staged(path) as tmp:
+        exported = write_onnx(model, example_inputs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
+        checked = verify(reference if reference is not None else model, tmp, example_inputs, rtol=rtol, atol=atol)
+    exported.path = str(path)
+    return exported, checked

@@ -1,0 +1,191 @@
+"""Checkpoint files in: state_dicts, safetensors, trusted pickles, TorchScript refused; architecture factories."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, LoadError, UnsafeLoadError, first_line
+from ..io.files import not_regular
+from ..io.source import tag
+from ..io.trust import import_factory, unsafe_globals
+from .source import SOURCE_ATTR, ModelSource
+
+# Wrapper keys under which training scripts commonly nest a state_dict.
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+
+
+def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.PathLike | None = None,
+          folders: Iterable[str | os.PathLike] | None = None) -> nn.Module:
+    """Call an architecture factory and check that it gives an nn.Module.
+
+    ``recorded_in``: the file that names the factory (then it must be one the user trusts, see
+    ``trust.import_factory``); None when the user named it, found on the installed packages and then
+    in ``folders`` (default: the current folder).
+    """
+    kwargs = dict(arch_kwargs or {})
+    if recorded_in is None:
+        label, given = f"--arch {arch!r}", "--arch-kwargs"
+        folders = [os.getcwd()] if folders is None else folders
+    else:
+        label, given = f"the architecture {arch!r} recorded in {recorded_in}", "its recorded arguments"
+    factory = import_factory(arch, recorded_in=recorded_in, folders=folders or ())
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
+        shown = json.dumps(kwargs, default=repr)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise LoadError(f"{label} with {given} {shown} failed: {first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
+    tag(model, SOURCE_ATTR, ModelSource("arch", arch, kwargs))
+    return model
+
+
+def parse_arch_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--arch-kwargs is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--arch-kwargs must be a JSON object like '{{\"depth\": 110}}', got {text!r}")
+    return value
+
+
+def check_regular(path: Path) -> None:
+    # A FIFO or a device (/dev/zero) would block or never end.
+    kind = not_regular(path)
+    if kind:
+        raise LoadError(f"{path} is {kind}, not a checkpoint file")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def _zip_names(path: Path) -> list[str]:
+    """The member names of a zip file; none for anything else, or a zip damaged in any way zipfile can fail."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except Exception:  # BadZipFile, NotImplementedError (an odd version), struct.error, ...: torch.load says more
+        return []
+
+
+def torch_load(path: Path, trust_pickle: bool) -> Any:
+    if any(n.endswith("constants.pkl") for n in _zip_names(path)):
+        raise LoadError(
+            f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
+            "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        failure = exc
+    # What the file would import decides, read without unpickling; torch's message (which advises
+    # weights_only=False) does not.
+    unsafe = unsafe_globals(path)
+    if not unsafe:
+        # torch's message leads with advice to unpickle anyway; the cause is after "WeightsUnpickler error:"
+        cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(failure))
+        detail = cause.group(1).strip() if cause else first_line(failure)
+        raise LoadError(f"{path} is not a PyTorch checkpoint or is damaged ({detail})") from None
+    if not trust_pickle:
+        shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+        raise UnsafeLoadError(
+            f"{path} holds pickled Python objects ({shown}); unpickling runs code from the file, so it is refused. "
+            f"{TRUST_PICKLE} if you trust its source, or save model.state_dict() and use --arch package.module:factory"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: unpickling failed ({first_line(exc)}); the code that defined the model must be importable"
+        ) from None
+
+
+TRUST_PICKLE = "Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config)"
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if is_state_dict(obj.get(key)):
+                return obj[key]
+    raise LoadError(
+        f"{path} holds a {type(obj).__name__}, not a model or a state_dict "
+        f"(looked for tensors at the top level and under {', '.join(_STATE_DICT_KEYS)})"
+    )
+
+
+def load_state_strictly(model: nn.Module, state: dict, path: Path, what: str,
+                  hint: str = "check --arch and --arch-kwargs") -> None:
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise LoadError(
+            f"the weights in {path} do not fit {what}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"keys (e.g. {example!r}); {hint}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), first_line(exc))
+        raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a weights file into ``model`` (strictly) and return it; reads no pickled code.
+
+    Accepts a state_dict (``.pt``/``.pth``, also nested or ``module.``-prefixed), ``.safetensors``, or
+    an sdsurgeon file. An injected model has its original's keys, so either one's weights fit.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"--weights {path}: no such file")
+    check_regular(path)
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path)
+    else:
+        obj = torch_load(path, trust_pickle=False)
+        if is_sdsurgeon_file(obj) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        elif is_sdsurgeon_file(obj):
+            raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead")
+        state = state_dict_of(obj, path)
+    expected = set(model.state_dict())
+    if not set(state) & expected and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    load_state_strictly(model, state, path, "the model", "give the state_dict saved from this model or its original")
+    return model
+
+
+FORMAT = "sdsurgeon"
+
+
+def is_sdsurgeon_file(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT
