@@ -142,6 +142,26 @@ def test_in_place_relu_after_a_dropped_block_keeps_autograd_sound():
     model(*entry.inputs()).sum().backward()  # raises if an in-place op clobbered a saved tensor
 
 
+class _WritesIntoBlockOutput(torch.nn.Module):
+    """`x = x + f(x)` then `x[:, 0] = 0`: the original never writes into its input (the add makes a new tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x + self.f(x)
+        x[:, 0] = 0
+        return x
+
+
+def test_an_item_write_after_a_dropped_block_leaves_the_callers_input_alone():
+    model = inject(_WritesIntoBlockOutput(), 0.5, overrides=[".*=0.0001"], seed=1).train()
+    x = torch.ones(2, 4)
+    out = model(x)  # the gate drops: without a copy, the write would land in x
+    assert torch.equal(x, torch.ones(2, 4)) and torch.equal(out[:, 0], torch.zeros(2))
+
+
 def test_nested_outer_gate_calls_inner_gate():
     from zoo import ZOO
 

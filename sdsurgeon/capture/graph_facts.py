@@ -62,7 +62,7 @@ def has_effect(n: fx.Node) -> bool:
     if n.op in ("placeholder", "output", "call_module"):
         return True
     if n.op == "call_method":
-        return str(n.target).endswith("_")  # in-place tensor methods: add_, copy_, ...
+        return writes_in_place(n)  # in-place tensor methods: add_, copy_, ...
     if n.op != "call_function":
         return False
     if n.target in CHECK_FUNCTIONS:
@@ -101,8 +101,6 @@ def constant_nodes(nodes: list[fx.Node], shape_only: set[fx.Node]) -> set[fx.Nod
     return constant
 
 
-
-
 # Results that share their input's memory: an in-place write to one is a write to its base.
 VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "unsqueeze", "squeeze",
                           "expand", "expand_as", "narrow", "flatten", "unflatten", "t", "select", "split", "chunk",
@@ -112,10 +110,13 @@ VIEW_FUNCTIONS = frozenset({operator.getitem, torch.reshape, torch.transpose, to
                             torch.unbind, torch.movedim})
 
 
-def writes_in_place(n: fx.Node) -> bool:
-    """Whether ``n`` overwrites its first argument (``copy_``, ``add_``, ``x[i] = v``, ``+=``)."""
+def writes_in_place(n: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    """Whether ``n`` overwrites its first argument (``copy_``, ``add_``, ``x[i] = v``, ``+=``; with ``gm``, also a
+    module called with ``inplace=True`` such as ``nn.ReLU(inplace=True)``)."""
     if not n.args or not isinstance(n.args[0], fx.Node):
         return False
+    if n.op == "call_module":
+        return gm is not None and bool(getattr(gm.get_submodule(n.target), "inplace", False))
     if n.op == "call_method":
         return str(n.target).endswith("_") and not str(n.target).startswith("__")
     if n.op != "call_function":

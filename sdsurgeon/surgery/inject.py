@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -15,6 +13,7 @@ from ..analysis.locate import locate
 from ..analysis.schedule import Override, assign
 from ..capture.drop_path import find_drop_paths, switch_off
 from ..capture.fx import Capture, CapturedPart
+from ..capture.graph_facts import writes_in_place
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..errors import NoResidualSitesError, RecipeMismatchError
@@ -22,7 +21,6 @@ from ..io.source import tag
 from ..layers import StochasticDepth, draw
 from .recipe import RECIPE_ATTR, Recipe
 
-_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
 
 
 def inject(
@@ -139,19 +137,8 @@ def _install(root: nn.Module, part: CapturedPart) -> nn.Module:
 
 
 def _mutated_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether some user of ``node`` overwrites it in place (ReLU(inplace=True), relu_, +=, ...)."""
-    for u in node.users:
-        if u.op == "call_module" and getattr(gm.get_submodule(u.target), "inplace", False):
-            return True
-        first = u.args[0] if u.args else None
-        if first is node and isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable:
-            return True  # an ATen in-place op (relu_, add_, ...)
-        if first is node and (
-            (u.op == "call_method" and str(u.target).endswith("_"))
-            or (u.op == "call_function" and (u.target in _INPLACE_OPERATORS or u.kwargs.get("inplace")))
-        ):
-            return True
-    return False
+    """Whether some user of ``node`` overwrites it in place (ReLU(inplace=True), relu_, +=, x[i] = v, ...)."""
+    return any(u.args and u.args[0] is node and writes_in_place(u, gm) for u in node.users)
 
 
 def gate_sites(
