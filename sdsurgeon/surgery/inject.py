@@ -13,7 +13,7 @@ from ..analysis.locate import locate
 from ..analysis.schedule import Override, assign
 from ..capture.drop_path import find_drop_paths, switch_off
 from ..capture.fx import Capture, CapturedPart
-from ..capture.graph_facts import writes_in_place
+from ..capture.graph_facts import is_view, writes_in_place
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..errors import NoResidualSitesError, RecipeMismatchError
@@ -137,8 +137,10 @@ def _install(root: nn.Module, part: CapturedPart) -> nn.Module:
 
 
 def _mutated_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether some user of ``node`` overwrites it in place (ReLU(inplace=True), relu_, +=, x[i] = v, ...)."""
-    return any(u.args and u.args[0] is node and writes_in_place(u, gm) for u in node.users)
+    """Whether some user of ``node`` overwrites it, or a view of it, in place (ReLU(inplace=True), relu_, +=,
+    ``x[:, 0] = v``, ...)."""
+    return any(u.args and u.args[0] is node and (writes_in_place(u, gm) or (is_view(u) and _mutated_in_place(gm, u)))
+               for u in node.users)
 
 
 def gate_sites(
