@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,22 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import pipeline
 from .analysis.plan import Plan
-from .analysis.plan import plan as plan_model
 from .analysis.schedule import RULES
-from .capture.hf_inputs import complete_specs
-from .capture.inputs import InputSpec, make_example_inputs, parse_shape
-from .deploy.export import export_onnx
-from .deploy.verify import export_verified
+from .capture.inputs import InputSpec, parse_shape
 from .errors import ConfigError, SurgeonError
-from .io.checkpoint import load_weights, parse_arch_kwargs
+from .io.checkpoint import parse_arch_kwargs
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
 from .layers import MODES, SCALINGS
-from .sdfile import default_output, load, save
-from .surgery.fold import FoldReport, fold_with_report, remove_gates
-from .surgery.inject import inject as inject_model
-from .surgery.recipe import RECIPE_ATTR
+from .surgery.fold import FoldReport
 
 app = typer.Typer(
     name="sdsurgeon",
@@ -74,6 +67,11 @@ MODEL_ARG = typer.Argument(
 )
 ARCH = typer.Option(None, "--arch", help="Architecture factory, package.module:factory (a class or function).")
 ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch.")
+WEIGHTS_RULE = ("With --arch and no MODEL it is the same as MODEL --arch; with a MODEL that holds a model (a "
+                "transformers folder, an sdsurgeon file, a pickled model) they are its trained weights. A MODEL that "
+                "holds weights alone and --weights together give the weights twice: an error.")
+WEIGHTS = typer.Option(None, "--weights", help="Weights (a state_dict .pt/.pth, or .safetensors) loaded into the model "
+                       "before the work. " + WEIGHTS_RULE)
 TRUST = typer.Option(False, "--trust-pickle", help="Allow unpickling a full model: this runs code from the file.")
 PL = typer.Option(0.5, "--pL", help="Survival probability of the last block, in (0, 1].")
 RULE = typer.Option("linear", "--rule", help=f"Schedule: {' | '.join(RULES)}. linear: p_l = 1 - l/L (1 - p_L).")
@@ -98,14 +96,15 @@ def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpe
     return specs or None
 
 
-def _load(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str], trust: bool):
-    return load(model, trust_pickle=trust, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs))
+def _ref(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str], trust: bool,
+         weights: Optional[Path] = None) -> pipeline.ModelRef:
+    return pipeline.ModelRef(model, arch, parse_arch_kwargs(arch_kwargs), weights, trust)
 
 
-def _examples(m, specs: list[InputSpec] | None) -> tuple[list[InputSpec] | None, object]:
-    """Input specs (a transformers model's completed from its config) and example tensors for them."""
-    specs = complete_specs(m, specs)
-    return specs, None if specs is None else make_example_inputs(specs)
+def _surgery(pL: float, rule: str, set_: list[str], include: list[str], exclude: list[str], leaf: list[str],
+             capture: str, keep_existing: bool, **gate) -> pipeline.SurgeryOptions:
+    return pipeline.SurgeryOptions(pL, rule, tuple(set_), tuple(include), tuple(exclude), tuple(leaf), capture,
+                                   keep_existing, **gate)
 
 
 def _fmt_flops(n: int | None) -> str:
@@ -161,6 +160,7 @@ def plan_cmd(
     exclude: list[str] = EXCLUDE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KWARGS,
+    weights: Optional[Path] = WEIGHTS,
     trust_pickle: bool = TRUST,
     leaf: list[str] = LEAF,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -177,26 +177,17 @@ def plan_cmd(
 
     Example: sdsurgeon plan model.pt --arch mymodels:resnet110 --pL 0.5 --input-shape 1,3,32,32 --plot schedule.png
 
+    Example: sdsurgeon plan --arch mymodels:resnet110 --weights model.pt   (the same model, as export and batch spell it)
+
     Example: sdsurgeon plan ./bert-small --input input_ids:1,16:int64   (a save_pretrained folder)
     """
-    from .plot import image_format, plot_schedule
-
     specs = _input_specs(input_shape, input_)
-    if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
-        image_format(check_output(plot, model, option="--plot"))
-    m = _load(model, arch, arch_kwargs, trust_pickle)
-    specs, example = _examples(m, specs)
-    p = plan_model(
-        m, pL, rule=rule, overrides=set_, include=include, exclude=exclude, leaves=leaf, example_inputs=example,
-        capture=capture, keep_existing=keep_existing,
-    )
-    name = str(model) if model else str(arch)
-    if plot is not None:  # before any output, so a failed write leaves stdout empty
-        plot_schedule(p, plot, title=name)
-    if json_:
-        print(json.dumps({"model": name, **p.to_dict(), **({"plot": str(plot)} if plot else {})}))
+    result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights),
+                           _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs, plot=plot)
+    if json_:  # the plot is written before any output, so a failed write leaves stdout empty
+        print(json.dumps(result.to_dict()))
     else:
-        _render_plan(p, name)
+        _render_plan(result.plan, result.name)
         if plot is not None:
             out.print(f"wrote {plot}", markup=False)
 
@@ -218,6 +209,7 @@ def inject_cmd(
     exclude: list[str] = EXCLUDE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KWARGS,
+    weights: Optional[Path] = WEIGHTS,
     trust_pickle: bool = TRUST,
     leaf: list[str] = LEAF,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -232,42 +224,24 @@ def inject_cmd(
     model.train() draws gates, model.eval() scales each branch by its p_l.
 
     Example: sdsurgeon inject model.pt --arch mymodels:resnet110 --pL 0.5 -o model.sd.pt
+
+    Example: sdsurgeon inject --arch mymodels:resnet110 --weights model.pt --pL 0.5   (the same model)
     """
-    started = time.perf_counter()
     specs = _input_specs(input_shape, input_)
-    target = output or default_output(model, arch=arch)
-    check_output(target, model)
-    m = _load(model, arch, arch_kwargs, trust_pickle)
-    specs, example = _examples(m, specs)
-    injected = inject_model(
-        m, pL, rule=rule, mode=mode, scaling=scaling, seed=seed, overrides=set_, include=include,
-        exclude=exclude, leaves=leaf, inputs=specs, sync_ranks=not per_rank, example_inputs=example,
-        capture=capture, keep_existing=keep_existing,
-    )
-    save(injected, target)
-    recipe = injected.sdsurgeon_recipe
-    record = {
-        "model": str(model) if model else str(arch),
-        "output": str(target),
-        "num_gated": len(recipe.sites),
-        "expected_depth": round(sum(p for _, p in recipe.sites), 4),
-        "rule": rule, "p_L": pL, "mode": mode, "scaling": scaling, "seed": seed,
-        "weights_only": injected.sdsurgeon_source.kind in ("arch", "hf"),
-        "capture": recipe.capture,
-        "replaced_drop_paths": [{"module": path, "rate": round(rate, 6)} for path, rate in recipe.replaced],
-        "sites": [{"id": s, "p": round(p, 4)} for s, p in recipe.sites],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    surgery = _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing, mode=mode, scaling=scaling,
+                       seed=seed, sync_ranks=not per_rank)
+    result = pipeline.inject(_ref(model, arch, arch_kwargs, trust_pickle, weights), surgery, specs, output=output)
+    record = result.to_dict()
     if json_:
         print(json.dumps(record))
         return
     out.print(f"gated {record['num_gated']} residual blocks ({rule} rule, p_L = {pL}, {mode} mode, {scaling} scaling)")
     out.print(f"expected gated blocks active per step: {record['expected_depth']:.2f} of {record['num_gated']}")
-    if recipe.replaced:
-        out.print(f"switched off {len(recipe.replaced)} drop-path modules the model had (the gates replace them; "
+    if result.recipe.replaced:
+        out.print(f"switched off {len(result.recipe.replaced)} drop-path modules the model had (the gates replace them; "
                   "--keep-existing keeps them)")
     trust = "" if record["weights_only"] else " (holds a pickled model: load it with --trust-pickle)"
-    out.print(f"wrote {target}{trust}", markup=False)
+    out.print(f"wrote {result.output}{trust}", markup=False)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -309,7 +283,8 @@ def export_cmd(
     rtol: float = typer.Option(1e-4, "--rtol", help="Relative tolerance of the onnxruntime check."),
     atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the onnxruntime check."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (a state_dict of the injected "
-                                           "model or of the original architecture: same keys) loaded before folding."),
+                                           "model or of the original architecture: same keys) loaded before folding. "
+                                           + WEIGHTS_RULE),
     compare: bool = typer.Option(False, "--compare", help="Also export the architecture without gates and report its node count."),
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KWARGS,
@@ -326,68 +301,17 @@ def export_cmd(
 
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt -o model.onnx
     """
-    started = time.perf_counter()
     specs = _input_specs(input_shape, input_)
-    if rtol < 0 or atol < 0:
-        raise ConfigError("--rtol and --atol must be zero or positive")
-    target = output or default_output(model, ".onnx", arch)
-    if target.suffix != ".onnx":
-        raise ConfigError(f"-o {target}: an ONNX file name must end in .onnx")
-    check_output(target, model, weights)
-    m = _load(model, arch, arch_kwargs, trust_pickle)
-    if weights is not None:
-        load_weights(m, weights)
-    recipe = getattr(m, RECIPE_ATTR, None)
-    if specs is None and recipe is not None and recipe.inputs:
-        specs = recipe.inputs
-    specs = complete_specs(m, specs)
-    if specs is None:
-        raise ConfigError(
-            "export needs the model's input shape: give --input-shape 1,3,224,224 for one tensor input, or "
-            "--input NAME:SHAPE[:DTYPE] per forward argument (inject remembers them when given there)"
-        )
-    example = make_example_inputs(specs)
-    folded, report = fold_with_report(m, into_weights=fold)
-    exported, checked = export_verified(
-        folded, example, target, reference=m, opset=opset, dynamic_batch=not static_batch, rtol=rtol, atol=atol,
-        verbose=verbose,
-    )
-    original_nodes = None
-    if compare:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            original = remove_gates(m) if report.sites else m
-            original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=opset,
-                                         dynamic_batch=not static_batch, verbose=verbose).nodes
-    record = {
-        "model": str(model) if model else str(arch),
-        "output": str(target),
-        "fold": fold,
-        "gates": len(report.sites),
-        "folded": len(report.folded),
-        "multiplies": [{"id": s.id, "p": round(s.p, 6), "reason": s.reason} for s in report.multiplies],
-        "sites": [s.to_dict() for s in report.sites],
-        "nodes": exported.nodes,
-        "scale_nodes": exported.scale_nodes,
-        "original_nodes": original_nodes,
-        "op_types": exported.op_types,
-        "opset": exported.opset,
-        "dynamic_inputs": exported.dynamic_inputs,
-        "file_bytes": exported.file_bytes,
-        "max_abs_error": checked.max_abs,
-        "max_rel_error": checked.max_rel,
-        "tolerance_used": checked.tolerance_used,
-        "verify": checked.to_dict(),
-        "export_seconds": round(exported.seconds, 3),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose)
+    result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output)
+    record = result.to_dict()
     if json_:
         print(json.dumps(record))
         return
+    report, exported, checked = result.report, result.exported, result.checked
     _render_fold(report, fold)
-    compared = (f" ({exported.scale_nodes} from kept multiplies)" if original_nodes is None
-                else f" (the architecture without gates: {original_nodes})")
+    compared = (f" ({exported.scale_nodes} from kept multiplies)" if result.original_nodes is None
+                else f" (the architecture without gates: {result.original_nodes})")
     batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
     out.print(f"ONNX: {exported.nodes} nodes{compared}, opset {exported.opset}, {batch}, {_fmt_bytes(exported.file_bytes)}")
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
@@ -395,7 +319,7 @@ def export_cmd(
     out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
               f"max abs error {checked.max_abs:.2g}, {100 * checked.tolerance_used:.2g}% of the tolerance "
               f"(rtol {rtol:g}, atol {atol:g})")
-    out.print(f"wrote {target} in {record['seconds']:.1f} s", markup=False)
+    out.print(f"wrote {result.output} in {record['seconds']:.1f} s", markup=False)
 
 
 class _BatchDisplay:

@@ -16,12 +16,36 @@ def first_line(exc: BaseException) -> str:
 class SurgeonError(Exception):
     """A failure the user can fix. The CLI prints ``str(err)`` on one line and exits 1.
 
-    The message says what failed, where (file, module path, node) and what to do instead.
+    The message says what failed, where (file, module path, node) and what to do instead. The same
+    parts are kept as fields, so a caller that words things its own way never parses the message:
+
+    - ``what``: what failed, without the option it is about and without the advice;
+    - ``where``: the file, module path or node;
+    - ``hint``: what to do instead;
+    - ``option``: the command-line option the message is about (``--input``); the message then reads
+      ``f"{option} {what}"``, and a batch config names its own key in its place.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, what: str | None = None, where: str | None = None,
+                 hint: str | None = None, option: str | None = None) -> None:
         # One line, always: newlines in wrapped exception texts would break the CLI contract.
         super().__init__(" ".join(str(message).split()))
+        self.what, self.where, self.hint, self.option = what, where, hint, option
+
+    def __reduce__(self):  # keyword fields survive pickling (batch workers send records across processes)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type, args: tuple, fields: dict) -> SurgeonError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(fields)
+    return err
+
+
+def option_error(option: str, what: str, *, hint: str | None = None, cls: type | None = None) -> SurgeonError:
+    """``{option} {what}``, with both kept as fields: a batch config puts its own key where the option was."""
+    return (cls or ConfigError)(f"{option} {what}", what=what, option=option, hint=hint)
 
 
 class LoadError(SurgeonError):
@@ -63,6 +87,6 @@ class ExportError(SurgeonError):
 class VerificationError(SurgeonError):
     """onnxruntime and PyTorch disagree beyond tolerance on the exported model."""
 
-    def __init__(self, message: str, result=None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, result=None, **fields) -> None:
+        super().__init__(message, **fields)
         self.result = result

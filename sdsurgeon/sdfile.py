@@ -19,6 +19,7 @@ from .io.checkpoint import (
     TRUST_PICKLE,
     build,
     check_regular,
+    fit_state,
     is_sdsurgeon_file,
     is_state_dict,
     load_state_strictly,
@@ -105,10 +106,7 @@ def _from_state_dict(
             "--arch package.module:factory (and --arch-kwargs JSON if the factory takes arguments)"
         )
     model = named()
-    expected = set(model.state_dict())
-    if not set(state) & expected and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
-    load_state_strictly(model, state, path, f"--arch {arch}")
+    fit_state(model, state, path, f"--arch {arch}")
     return model
 
 

@@ -213,6 +213,25 @@ CONFIG_ERRORS = [
             arch: archs:tiny_resnet
             set: [nope]
         """, ("set:", 1), ["set: 'nope'", "PATTERN=P"]),
+    ("bad-input-spec", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            inputs: ["x:1,8:float99"]
+        """, ("inputs:", 1), ["inputs: 'x:1,8:float99': unknown dtype 'float99'"]),
+    ("bad-input-shape-in-spec", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            inputs: ["x:1,a"]
+        """, ("inputs:", 1), ["inputs: '1,a': expected positive integers"]),
+    ("bad-set-after-good-inputs", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            inputs: ["x:1,8"]
+            set: ["a=2"]
+        """, ("set:", 1), ["set: 'a=2': survival probability 2.0 is outside (0, 1]"]),
     ("timeout-zero", """
         defaults:
           timeout: 0
@@ -258,6 +277,35 @@ def test_config_error_names_file_line_and_key(tmp_path, monkeypatch, text, where
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     assert files_under(tmp_path) == ["cfg.yaml"]  # --check writes nothing, not even on an error
+
+
+def test_config_errors_name_the_batch_key_never_the_command_line_option(tmp_path, monkeypatch):
+    """The library's error carries the option as a field; batch puts its own key there (no text rewriting)."""
+    from sdsurgeon.analysis.schedule import Override
+    from sdsurgeon.capture.inputs import InputSpec
+    from sdsurgeon.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        InputSpec.parse("x:1,8:float99")
+    err = caught.value
+    assert (err.option, err.what) == ("--input", "'x:1,8:float99': unknown dtype 'float99'; use one of: "
+                                      + ", ".join(sdsurgeon.capture.inputs.DTYPES))
+    assert str(err) == f"--input {err.what}"  # the command line's message is unchanged
+    with pytest.raises(ConfigError) as caught:
+        Override.parse("layer.*=2")
+    assert caught.value.option == "--set" and caught.value.what.startswith("'layer.*=2': survival probability")
+    # An option's name inside the text stays: only the field decides what batch replaces.
+    monkeypatch.setattr(InputSpec, "parse", classmethod(lambda cls, text: (_ for _ in ()).throw(
+        ConfigError("give it with --input x:1,8 please", what="nothing to replace", option="--input"))))
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            inputs: ["x:1,8"]
+        """)
+    message = assert_user_error(invoke("batch", "cfg.yaml", "--check"))
+    assert message.endswith(": inputs: nothing to replace"), message
 
 
 def test_missing_checkpoint_file_is_a_user_error_at_its_config_line(tmp_path, monkeypatch):

@@ -285,6 +285,14 @@ USER_ERRORS = {
         ("inject",), lambda f: [f["sd"], *TINY, "-o", f["sd"].parent / "." / f["sd"].name], "input"),
     "default_output_is_input": (("inject",), lambda f: [_copy(f["sd"], "again.sd.pt"), *TINY], "input"),
     "output_folder_missing": (("inject",), lambda f: [f["sd"], *TINY, "-o", f["sd"].parent / "no" / "x.pt"], "does not exist"),
+    # --weights: MODEL --arch and --arch --weights are one model; a weights-only MODEL and --weights give it twice.
+    "weights_twice": (("plan", "inject", "export"), lambda f: [f["sd"], *TINY, "--weights", f["sd"], "--input-shape",
+                                                               "1,8"], "give them once"),
+    "weights_do_not_fit_arch": (("plan", "inject"), lambda f: [*TINY, "--arch-kwargs", '{"width": 4}', "--weights",
+                                                               f["sd"]], "do not fit"),
+    "weights_missing": (("plan", "inject"), lambda f: [*TINY, "--weights", f["sd"].with_name("nope.pt")], "nope.pt"),
+    "weights_pickled_model": (("plan", "inject"), lambda f: [*TINY, "--weights", f["full"]], "--trust-pickle"),
+    "output_is_weights": (("inject",), lambda f: [*TINY, "--weights", f["sd"], "-o", f["sd"]], "input"),
     "unknown_mode": (("inject",), lambda f: [f["sd"], *TINY, "--mode", "column"], "mode"),
     "unknown_scaling": (("inject",), lambda f: [f["sd"], *TINY, "--scaling", "sqrt"], "scaling"),
 }
@@ -294,6 +302,46 @@ def _copy(path: Path, name: str) -> Path:
     target = path.with_name(name)
     target.write_bytes(path.read_bytes())
     return target
+
+
+def test_arch_with_weights_is_the_model_that_model_with_arch_is(files, tiny_model, work):
+    """`--arch X --weights W` (as export and batch spell it) loads what `W --arch X` loads, in plan and inject."""
+    by_weights = invoke("plan", *TINY, "--weights", files["sd"], "--input-shape", "1,8", "--json")
+    by_model = invoke("plan", files["sd"], *TINY, "--input-shape", "1,8", "--json")
+    assert_ok(by_weights)
+    assert_ok(by_model)
+    a, b = json.loads(by_weights.stdout), json.loads(by_model.stdout)
+    assert a.pop("model") == "archs:tiny_resnet" and b.pop("model") == str(files["sd"])
+    assert a == b and a["num_sites"] == 2
+    result = invoke("inject", *TINY, "--weights", files["sd"], "-o", work / "w.sd.pt", "--json")
+    assert_ok(result)
+    assert json.loads(result.stdout)["weights_only"] is True
+    loaded = sdsurgeon.load(work / "w.sd.pt").state_dict()
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(loaded[k], v), k  # the weights of W, not the factory's fresh ones
+    torch.manual_seed(1)
+    fresh = archs.tiny_resnet().state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in tiny_model.state_dict().items())  # the check can tell
+
+
+def test_weights_into_a_model_file_are_its_trained_weights(files, tiny_model, work):
+    """MODEL holding a model (here an sdsurgeon file) and --weights: the weights replace the file's own."""
+    assert_ok(invoke("inject", *TINY, "-o", work / "fresh.sd.pt"))  # fresh weights from the factory
+    result = invoke("plan", work / "fresh.sd.pt", "--weights", files["sd"], "--json")
+    assert_ok(result)
+    assert json.loads(result.stdout)["num_sites"] == 2
+    torch.manual_seed(3)
+    other = work / "other.pt"
+    torch.save(archs.tiny_resnet(width=4).state_dict(), other)
+    assert "do not fit" in assert_user_error(invoke("plan", work / "fresh.sd.pt", "--weights", other))
+
+
+def test_weights_rule_is_in_every_commands_help():
+    for command in ("plan", "inject", "export"):
+        result = invoke(command, "--help")
+        assert_ok(result)
+        text = " ".join(result.stdout.replace("│", " ").split())  # the options table's borders and wraps
+        assert "--weights" in text and "give the weights twice: an error" in text, command
 
 
 @pytest.mark.parametrize(

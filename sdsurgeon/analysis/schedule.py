@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, option_error
 
 
 def linear_decay(L: int, p_L: float) -> list[float]:
@@ -33,19 +33,21 @@ class Override:
     def parse(cls, text: str) -> "Override":
         pattern, sep, value = text.rpartition("=")
         if not sep or not pattern:
-            raise ConfigError(f"--set {text!r}: expected PATTERN=P, e.g. 'layer3\\..*=0.8'")
+            raise option_error("--set", f"{text!r}: expected PATTERN=P, e.g. 'layer3\\..*=0.8'")
         try:
             p = float(value)
         except ValueError:
-            raise ConfigError(f"--set {text!r}: {value!r} is not a number; P must be in (0, 1]") from None
-        check_probability(p, f"--set {text!r}")
+            raise option_error("--set", f"{text!r}: {value!r} is not a number; P must be in (0, 1]") from None
+        check_probability(p, f"{text!r}", option="--set")
         compile_pattern(pattern, "--set")
         return cls(pattern, p)
 
 
-def check_probability(p: float, what: str) -> float:
+def check_probability(p: float, what: str, option: str | None = None) -> float:
+    """``p`` if it is in (0, 1]; ``what`` names it (after ``option``, when the value came with one)."""
     if not (0.0 < p <= 1.0):
-        raise ConfigError(f"{what}: survival probability {p} is outside (0, 1]; 1 keeps a block always on")
+        problem = f"{what}: survival probability {p} is outside (0, 1]; 1 keeps a block always on"
+        raise option_error(option, problem) if option else ConfigError(problem)
     return p
 
 
@@ -53,7 +55,7 @@ def compile_pattern(pattern: str, option: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise ConfigError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
+        raise option_error(option, f"{pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def assign(

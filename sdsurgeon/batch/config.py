@@ -165,14 +165,8 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read it ({exc})") from None
-    try:
-        data, root = load_yaml(text, str(path))  # aliases bounded before anything is built
-        located = _Located(root)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    data, root = load_yaml(text, str(path))  # aliases bounded before anything is built; ConfigError with file:line
+    located = _Located(root)
 
     def fail(where: tuple, message: str):
         raise ConfigError(f"{path}:{located.line(*where)}: {message}")
@@ -276,13 +270,12 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where + ("inputs",), "give input_shape or inputs, not both")
     if o.input_shape is not None and any(d <= 0 for d in o.input_shape):
         fail(where + ("input_shape",), f"input_shape: {list(o.input_shape)} must be positive integers, e.g. [1, 3, 32, 32]")
-    try:
-        for text in o.inputs or ():
-            InputSpec.parse(text)
-        for text in o.set:
-            Override.parse(text)
-    except SurgeonError as exc:
-        fail(where + ("inputs" if o.inputs else "set",), str(exc).replace("--input ", "inputs: ").replace("--set ", "set: "))
+    for key, parse, texts in (("inputs", InputSpec.parse, o.inputs or ()), ("set", Override.parse, o.set)):
+        for text in texts:
+            try:
+                parse(text)
+            except SurgeonError as exc:  # about a command-line option: this key stands where it stood
+                fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
     if o.rtol < 0 or o.atol < 0:
         fail(where, "rtol and atol must be zero or positive")
     if o.timeout is not None and o.timeout <= 0:

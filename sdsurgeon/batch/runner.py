@@ -10,15 +10,15 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .._version import __version__
-from ..capture.inputs import InputSpec
-from ..errors import ConfigError, SurgeonError, first_line
+from ..capture.inputs import InputSpec, parse_shape
+from ..errors import SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
 from ..io.trust import trust
 from ..report import JobRecord
-from .config import Job
+from .config import Job, JobOptions
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -65,25 +65,24 @@ def skipped_record(job: Job) -> JobRecord:
 # --- one job ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - started, 3)
+def _specs(o: JobOptions) -> list[InputSpec] | None:
+    if o.input_shape is not None:
+        return [InputSpec(None, parse_shape(",".join(map(str, o.input_shape)), "input_shape"))]
+    if o.inputs is not None:
+        return [InputSpec.parse(text) for text in o.inputs]
+    return None
+
+
+def _in_config_terms(exc: SurgeonError) -> str:
+    """An error as a batch job says it: a config key where the command line would name an option."""
+    if exc.option == "--input-shape" and exc.what == "no input shape":
+        return "no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model"
+    return str(exc)
 
 
 def run_job(job: Job) -> JobRecord:
     """load -> inject -> (save) -> fold -> export -> verify. Never raises: failures become the record's error."""
-    from ..capture.hf_inputs import complete_specs
-    from ..capture.inputs import make_example_inputs, parse_shape
-    from ..deploy.export import write_onnx
-    from ..deploy.verify import verify
-    from ..io.files import staged
-    from ..sdfile import load, save
-    from ..surgery.fold import fold_with_report
-    from ..surgery.inject import inject
+    from .. import pipeline
     from ..surgery.recipe import RECIPE_ATTR
 
     o = job.options
@@ -92,51 +91,32 @@ def run_job(job: Job) -> JobRecord:
     started = time.perf_counter()
     try:
         Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
-        with _stage(timings, "load"):
-            model = load(job.checkpoint, trust_pickle=o.trust_pickle, arch=job.arch, arch_kwargs=job.arch_kwargs,
-                         arch_folders=job.import_paths)
-        specs = None
-        if o.input_shape is not None:
-            specs = [InputSpec(None, parse_shape(",".join(map(str, o.input_shape)), "input_shape"))]
-        elif o.inputs is not None:
-            specs = [InputSpec.parse(text) for text in o.inputs]
-        recipe = getattr(model, RECIPE_ATTR, None)
-        if recipe is None:  # a plain model: gate it; an sdsurgeon file is already gated
-            specs = complete_specs(model, specs)
-            with _stage(timings, "inject"):
-                model = inject(
-                    model, o.pL, rule=o.rule, mode=o.mode, scaling=o.scaling, seed=o.seed, overrides=o.set,
-                    include=o.include, exclude=o.exclude, leaves=o.leaf, inputs=specs,
-                    example_inputs=None if specs is None else make_example_inputs(specs),
-                    capture=o.capture, keep_existing=o.keep_existing,
-                )
-            recipe = getattr(model, RECIPE_ATTR)
-        specs = specs or recipe.inputs
-        if not specs:
-            raise ConfigError("no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model")
-        record.sites = len(recipe.sites)
-        example = make_example_inputs(specs)
-        with contextlib.ExitStack() as outputs:  # every output appears together, or none does
-            onnx_tmp = outputs.enter_context(staged(job.onnx_path))
-            if job.sd_path:
-                sd_tmp = outputs.enter_context(staged(job.sd_path))
-                with _stage(timings, "save"):
-                    save(model, sd_tmp)
-            with _stage(timings, "fold"):
-                folded, report = fold_with_report(model, into_weights=o.fold)
-            with _stage(timings, "export"):
-                exported = write_onnx(folded, example, onnx_tmp, opset=o.opset, dynamic_batch=not o.static_batch)
-            with _stage(timings, "verify"):
-                checked = verify(model, onnx_tmp, example, rtol=o.rtol, atol=o.atol)
-        record.folded, record.multiplies = len(report.folded), len(report.multiplies)
-        record.nodes = exported.nodes
-        record.max_abs_error, record.max_rel_error = checked.max_abs, checked.max_rel
-        record.tolerance_used = checked.tolerance_used
+        ref = pipeline.ModelRef(job.checkpoint, job.arch, job.arch_kwargs, trust_pickle=o.trust_pickle,
+                                arch_folders=job.import_paths)
+        with pipeline.stage(timings, "load"):
+            model = ref.load()
+        specs = _specs(o)
+        if getattr(model, RECIPE_ATTR, None) is None:  # a plain model: gate it; an sdsurgeon file is already gated
+            surgery = pipeline.SurgeryOptions(o.pL, o.rule, o.set, o.include, o.exclude, o.leaf, o.capture,
+                                              o.keep_existing, mode=o.mode, scaling=o.scaling, seed=o.seed)
+            with pipeline.stage(timings, "inject"):
+                model = pipeline.gate(model, surgery, specs)
+            specs = None  # the recipe now holds them, completed from a transformers config where needed
+        record.sites = len(getattr(model, RECIPE_ATTR).sites)  # known even if the job fails later
+        converted = pipeline.convert(
+            model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol), specs,
+            output=Path(job.onnx_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
+            timings=timings,
+        )
+        record.folded, record.multiplies = len(converted.report.folded), len(converted.report.multiplies)
+        record.nodes = converted.exported.nodes
+        record.max_abs_error, record.max_rel_error = converted.checked.max_abs, converted.checked.max_rel
+        record.tolerance_used = converted.checked.tolerance_used
         record.outputs = job.outputs
         record.status = "ok"
         _write_stamp(job, record)
     except SurgeonError as exc:
-        record.error = str(exc)
+        record.error = _in_config_terms(exc)
     except Exception as exc:  # a bug, or something unforeseen in a user's model: keep the traceback
         record.error = first_line(exc)
         record.traceback = traceback.format_exc()

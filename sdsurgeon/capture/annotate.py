@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import CaptureError, ConfigError, SurgeonError, first_line
 from .fx import Capture
 from .inputs import bind_placeholders
+from .modes import modes_kept
 
 
 def _cpu_flash_attention_flops(query, key, value, *_args, out_shape=None, **_kwargs) -> int:
@@ -58,17 +59,16 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
 
         return hook
 
-    modes = {m: m.training for m in (*model.modules(), *(m for p in cap.parts for m in p.gm.modules()))}
     handles = [] if whole_graph else [
         model.get_submodule(p.path).register_forward_pre_hook(recorder(p.path), with_kwargs=True) for p in cap.parts
     ]
     try:
-        for m in modes:  # no batch-norm statistics updates, no dropout while counting
-            m.training = False
-        # Grad on, as in training: without it attention may take inference-only kernels (nn.MultiheadAttention's
-        # fast path; SDPA's fused kernel where training would take the math path with a mask, timm's BEiT:
-        # 0.73 planned, 0.68 run) and the plan's shares would not be those of a training step.
-        with torch.enable_grad(), flop_counter_mode() as counter:
+        # Eval: no batch-norm statistics updates, no dropout while counting. Grad on, as in training: without
+        # it attention may take inference-only kernels (nn.MultiheadAttention's fast path; SDPA's fused kernel
+        # where training would take the math path with a mask, timm's BEiT: 0.73 planned, 0.68 run) and the
+        # plan's shares would not be those of a training step.
+        with modes_kept(model, *(p.gm for p in cap.parts), training=False), torch.enable_grad(), \
+                flop_counter_mode() as counter:
             try:
                 if whole_graph:
                     _Annotator(cap.parts[0].gm, counter).run(*bind_placeholders(cap.parts[0].gm, args, kwargs))
@@ -99,7 +99,5 @@ def annotate(model: nn.Module, cap: Capture, args: tuple, kwargs: dict) -> Captu
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     cap.total_flops = total
     return cap

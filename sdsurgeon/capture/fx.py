@@ -270,7 +270,7 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto
         try:
             return _export(model, inputs)
         except CaptureError as exc:
-            export_failure = str(exc).split("; try --capture fx")[0]  # the combined message below advises
+            export_failure = exc.what or str(exc)  # without its advice: the combined message below advises
     cap = _partial_fx(model, leaves, root_failure)
     if export_failure:
         cap.untraced.insert(1 if root_failure else 0, UntracedPart("", export_failure))

@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from ..errors import ConfigError
+from ..errors import ConfigError, option_error
 
 MAX_INPUT_ELEMENTS = 2**28  # per example input (1 GiB of float32)
 
@@ -27,7 +27,7 @@ def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise ConfigError(f"{option} {text!r}: expected positive integers separated by commas, e.g. 1,3,32,32")
+        raise option_error(option, f"{text!r}: expected positive integers separated by commas, e.g. 1,3,32,32")
     return shape
 
 
@@ -58,10 +58,10 @@ class InputSpec:
         """``NAME:SHAPE[:DTYPE]``, e.g. ``input_ids:1,16:int64``."""
         fields = text.split(":")
         if len(fields) not in (2, 3) or not fields[0].isidentifier():
-            raise ConfigError(f"--input {text!r}: expected NAME:SHAPE[:DTYPE], e.g. x:1,3,32,32 or ids:1,16:int64")
+            raise option_error("--input", f"{text!r}: expected NAME:SHAPE[:DTYPE], e.g. x:1,3,32,32 or ids:1,16:int64")
         dtype = fields[2] if len(fields) == 3 else "float32"
         if dtype not in DTYPES:
-            raise ConfigError(f"--input {text!r}: unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+            raise option_error("--input", f"{text!r}: unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
         return cls(fields[0], parse_shape(fields[1], "--input"), dtype)
 
     def make(self, generator: torch.Generator | None = None) -> torch.Tensor:

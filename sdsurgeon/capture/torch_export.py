@@ -15,6 +15,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, first_line
+from .modes import modes_kept
 
 _aten = torch.ops.aten
 # Ops taking (input, p, train): captured in train mode with train=True baked in.
@@ -40,13 +41,13 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     dynamic = {name: pytree.tree_map(_any_size, value) for name, value in bound.items()}
-    with _train_mode(model), _quiet_export():
+    with modes_kept(model, training=True), _quiet_export():
         try:
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
-            raise CaptureError(f"torch.export could not capture {type(model).__name__}{_where(exc)}: "
-                               f"{_short(first_line(exc))}; try --capture fx (with --leaf CLASS for the module "
-                               "that fails) or another input spec") from None
+            what = f"torch.export could not capture {type(model).__name__}{_where(exc)}: {_short(first_line(exc))}"
+            hint = "try --capture fx (with --leaf CLASS for the module that fails) or another input spec"
+            raise CaptureError(f"{what}; {hint}", what=what, hint=hint) from None
     gm = program.module(check_guards=False)
     # module() binds train()/eval() to methods that refuse: drop them so nn.Module's own apply.
     gm.__dict__.pop("train", None)
@@ -182,8 +183,7 @@ def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: 
     not know. Buffers (batch-norm statistics) are restored afterwards; the model is not changed.
     """
     saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
-    modes = {m: m.training for m in (*model.modules(), *gm.modules())}
-    try:
+    with modes_kept(model, gm):
         for training in (False, True):
             model.train(training)
             gm.train(training)
@@ -199,13 +199,9 @@ def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: 
                 mode = "train" if training else "eval"
                 advice = ("try --capture fx with --leaf for the module that does it" if front_end == "export"
                           else "mark the module that does it with --leaf, or try --capture export")
-                raise CaptureError(
-                    f"the torch.{front_end} capture of {type(model).__name__} differs from the model in {mode} mode "
-                    f"(its forward decides something the capture froze); {advice}"
-                )
-    finally:
-        for m, training in modes.items():
-            m.training = training
+                what = (f"the torch.{front_end} capture of {type(model).__name__} differs from the model in {mode} "
+                        "mode (its forward decides something the capture froze)")
+                raise CaptureError(f"{what}; {advice}", what=what, hint=advice)
 
 
 def _leaves(output) -> list[torch.Tensor]:
@@ -223,17 +219,6 @@ def _rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def _train_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @contextlib.contextmanager

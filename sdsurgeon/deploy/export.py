@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..capture.inputs import normalize_inputs
+from ..capture.modes import modes_kept
 from ..errors import ConfigError, ExportError, first_line
 from ..io.files import staged
 from ..io.quiet import quiet
@@ -48,17 +47,6 @@ class OnnxExport:
 
 
 # --- quiet exporter ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
@@ -133,7 +121,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opset: int | None,
                 dynamic_batch: bool, verbose: bool) -> None:
     named_inputs(model, args, kwargs)  # inputs that do not fit forward's signature: a clear error first
-    with eval_mode(model), torch.no_grad():
+    with modes_kept(model, training=False), torch.no_grad():
         try:
             model(*args, **kwargs)  # one forward: a wrong input shape is the user's, not the exporter's, error
         except Exception as exc:
@@ -146,7 +134,7 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
     dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     # Attention decomposed by its math kernel: the fused CPU kernel's decomposition ends in a view that a
     # symbolic batch cannot take (transformers' Swin with SDPA, captured or not: "Cannot view a tensor ...").
-    with quiet(verbose), eval_mode(model), sdpa_kernel([SDPBackend.MATH]):
+    with quiet(verbose), modes_kept(model, training=False), sdpa_kernel([SDPBackend.MATH]):
         try:
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)

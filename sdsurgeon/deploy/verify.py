@@ -14,7 +14,8 @@ from torch.utils import _pytree
 from ..capture.inputs import DTYPES, InputSpec
 from ..errors import ConfigError, VerificationError, first_line
 from ..io.files import staged
-from .export import OnnxExport, args_kwargs, batch_inputs, eval_mode, named_inputs, write_onnx
+from ..capture.modes import modes_kept
+from .export import OnnxExport, args_kwargs, batch_inputs, named_inputs, write_onnx
 
 
 @dataclass
@@ -108,7 +109,7 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
     worst: dict[int, list[float]] = {}
     names = [o.name for o in session.get_outputs()]
     failed_at: int | None = None
-    with eval_mode(model), torch.no_grad():
+    with modes_kept(model, training=False), torch.no_grad():
         for run, batch in enumerate(batches):
             fresh = _fresh_inputs(model, args, kwargs, batch, seed + run)
             expected = [t for t in _pytree.tree_leaves(model(**_rebind(model, fresh, args, kwargs)))

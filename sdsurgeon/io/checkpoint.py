@@ -158,6 +158,58 @@ def load_state_strictly(model: nn.Module, state: dict, path: Path, what: str,
         raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
 
 
+def fit_state(model: nn.Module, state: dict, path: Path, what: str,
+              hint: str = "check --arch and --arch-kwargs") -> None:
+    """Load ``state`` into ``model`` strictly (see load_state_strictly).
+
+    A state_dict saved from DataParallel/DDP (every key ``module.``-prefixed, none fitting as it is) is
+    unwrapped first: the one place that rule lives.
+    """
+    expected = set(model.state_dict())
+    if not set(state) & expected and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    load_state_strictly(model, state, path, what, hint)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict a weights file holds; reads no pickled code.
+
+    A state_dict (``.pt``/``.pth``, also nested), ``.safetensors``, or an sdsurgeon file's state_dict.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"--weights {path}: no such file", where=str(path), option="--weights")
+    check_regular(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    obj = torch_load(path, trust_pickle=False)
+    if is_sdsurgeon_file(obj) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    elif is_sdsurgeon_file(obj):
+        raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead",
+                        where=str(path), option="--weights")
+    return state_dict_of(obj, path)
+
+
+def holds_weights_only(path: str | os.PathLike) -> bool:
+    """Whether a model file is weights alone (a state_dict, safetensors), not a model that weights could go into.
+
+    Reads the file without unpickling code; a file that cannot be read that way is not weights alone
+    (loading it says what it is).
+    """
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        obj = torch_load(path, trust_pickle=False)
+    except LoadError:  # a pickled model, TorchScript, damaged: not weights alone
+        return False
+    return not is_sdsurgeon_file(obj) and not isinstance(obj, nn.Module) and (
+        is_state_dict(obj) or any(is_state_dict(obj.get(k)) for k in _STATE_DICT_KEYS if isinstance(obj, dict)))
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a weights file into ``model`` (strictly) and return it; reads no pickled code.
 
@@ -165,22 +217,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     an sdsurgeon file. An injected model has its original's keys, so either one's weights fit.
     """
     path = Path(path)
-    if not path.exists():
-        raise LoadError(f"--weights {path}: no such file")
-    check_regular(path)
-    if path.suffix == ".safetensors":
-        state = read_safetensors(path)
-    else:
-        obj = torch_load(path, trust_pickle=False)
-        if is_sdsurgeon_file(obj) and "state_dict" in obj:
-            obj = obj["state_dict"]
-        elif is_sdsurgeon_file(obj):
-            raise LoadError(f"--weights {path} holds a pickled model, not weights; save model.state_dict() instead")
-        state = state_dict_of(obj, path)
-    expected = set(model.state_dict())
-    if not set(state) & expected and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    load_state_strictly(model, state, path, "the model", "give the state_dict saved from this model or its original")
+    fit_state(model, read_weights(path), path, "the model", "give the state_dict saved from this model or its original")
     return model
 
 

@@ -323,18 +323,31 @@ def load_yaml(text: str, where: str):
 
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: {len(text)} characters, more than a batch config may hold ({MAX_YAML_BYTES})")
-    loader = yaml.SafeLoader(text)
     try:
+        loader = yaml.SafeLoader(text)
         try:
-            root = loader.get_single_node()
-        except RecursionError:
-            raise ConfigError(f"{where}: nested too deeply to read") from None
-        if root is None:
-            return None, None
-        _check_expanded_size(root, where)
-        return loader.construct_document(root), root
-    finally:
-        loader.dispose()
+            try:
+                root = loader.get_single_node()
+            except RecursionError:
+                raise ConfigError(f"{where}: nested too deeply to read") from None
+            if root is None:
+                return None, None
+            _check_expanded_size(root, where)
+            return loader.construct_document(root), root
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, where) from None
+
+
+def _yaml_error(exc, where: str) -> ConfigError:
+    """PyYAML's error as one line with the file and line, its parts kept as fields."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f"{where}:{mark.line + 1}" if mark else where
+    # A MarkedYAMLError says its problem in a field; the others (a ReaderError: bytes that are not text)
+    # only in their text, whose first line is the problem.
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError(f"{at}: not valid YAML ({problem})", what=f"not valid YAML ({problem})", where=at)
 
 
 def _check_expanded_size(root, where: str) -> None:

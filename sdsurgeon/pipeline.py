@@ -1,0 +1,308 @@
+"""The jobs on model files that the CLI and batch both run: plan, inject, convert (= fold -> export -> verify)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from torch import nn
+
+from .analysis.plan import Plan
+from .analysis.plan import plan as plan_model
+from .capture.hf_inputs import complete_specs
+from .capture.inputs import InputSpec, make_example_inputs
+from .deploy.export import OnnxExport, export_onnx, write_onnx
+from .deploy.verify import Verification, verify
+from .errors import ConfigError
+from .io.checkpoint import holds_weights_only, load_weights
+from .io.files import check_output, staged
+from .sdfile import default_output, load, save
+from .surgery.fold import FoldReport, fold_with_report, remove_gates
+from .surgery.inject import inject as inject_model
+from .surgery.recipe import RECIPE_ATTR, Recipe
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model: a file (``path``), an architecture factory (``arch``), or both, and weights to load into it.
+
+    The forms are one thing spelled three ways: ``path`` a state_dict with ``arch``; ``arch`` with
+    ``weights`` a state_dict (the same model); ``path`` a model (a folder, an sdsurgeon file, a pickled
+    model) with ``weights`` (its trained weights). A ``path`` that holds weights alone and ``weights``
+    together give the weights twice: refused.
+    """
+
+    path: Path | None = None
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weights: Path | None = None
+    trust_pickle: bool = False
+    arch_folders: tuple[str, ...] | None = None  # where ``arch`` may be imported from (default: the current folder)
+
+    @property
+    def name(self) -> str:
+        """What records and messages call the model."""
+        return str(self.path) if self.path else str(self.arch)
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The files it reads, which no output may be."""
+        return tuple(Path(p) for p in (self.path, self.weights) if p is not None)
+
+    def default_output(self, suffix: str = ".sd.pt") -> Path:
+        return default_output(self.path, suffix, self.arch)
+
+    def load(self) -> nn.Module:
+        """The model, with ``weights`` loaded into it."""
+        if self.weights is not None and self.path is not None and self.arch and holds_weights_only(self.path):
+            raise ConfigError(
+                f"{self.path} holds weights alone and --weights {self.weights} gives weights too; give them once: "
+                f"MODEL --arch {self.arch}, or --arch {self.arch} --weights FILE",
+                what="weights given twice", where=str(self.path), option="--weights",
+            )
+        model = load(self.path, trust_pickle=self.trust_pickle, arch=self.arch, arch_kwargs=dict(self.arch_kwargs),
+                     arch_folders=self.arch_folders)
+        if self.weights is not None:
+            load_weights(model, self.weights)
+        return model
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """How sites are chosen and gated: the options plan and inject share (inject's own ones are ignored by plan)."""
+
+    pL: float = 0.5
+    rule: str = "linear"
+    overrides: tuple[str, ...] = ()  # PATTERN=P, as --set
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    leaves: tuple[str, ...] = ()
+    capture: str = "auto"
+    keep_existing: bool = False
+    mode: str = "batch"
+    scaling: str = "paper"
+    seed: int | None = None
+    sync_ranks: bool = True
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How the gated model becomes a verified ONNX file."""
+
+    fold: bool = True
+    opset: int | None = None
+    dynamic_batch: bool = True
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    compare: bool = False  # also export the architecture without gates, for its node count
+    verbose: bool = False
+
+
+Specs = Sequence[InputSpec] | None
+
+
+def _examples(model: nn.Module, specs: Specs) -> tuple[list[InputSpec] | None, Any]:
+    """Input specs (a transformers model's completed from its config) and example tensors for them."""
+    specs = complete_specs(model, list(specs) if specs else None)
+    return specs, None if specs is None else make_example_inputs(specs)
+
+
+@contextlib.contextmanager
+def stage(timings: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Time a block into ``timings[name]`` (seconds), when timings are kept."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[name] = round(time.perf_counter() - started, 3)
+
+
+# --- plan -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanResult:
+    name: str
+    plan: Plan
+    plot: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, **self.plan.to_dict(), **({"plot": str(self.plot)} if self.plot else {})}
+
+
+def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Specs = None, *,
+         plot: Path | None = None) -> PlanResult:
+    """The residual sites of a model file and the p_l each would get; ``plot`` also draws the schedule there."""
+    from .plot import image_format, plot_schedule
+
+    if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
+        image_format(check_output(plot, *ref.inputs, option="--plot"))
+    model = ref.load()
+    _, example = _examples(model, inputs)
+    p = plan_model(
+        model, options.pL, rule=options.rule, overrides=list(options.overrides), include=list(options.include),
+        exclude=list(options.exclude), leaves=list(options.leaves), example_inputs=example, capture=options.capture,
+        keep_existing=options.keep_existing,
+    )
+    if plot is not None:
+        plot_schedule(p, plot, title=ref.name)
+    return PlanResult(ref.name, p, plot)
+
+
+# --- inject ---------------------------------------------------------------------------------------------
+
+
+def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None) -> nn.Module:
+    """Inject gates into a loaded model (inputs, a transformers model's completed, are recorded in its recipe)."""
+    specs, example = _examples(model, inputs)
+    return inject_model(
+        model, options.pL, rule=options.rule, mode=options.mode, scaling=options.scaling, seed=options.seed,
+        overrides=list(options.overrides), include=list(options.include), exclude=list(options.exclude),
+        leaves=list(options.leaves), inputs=specs, sync_ranks=options.sync_ranks, example_inputs=example,
+        capture=options.capture, keep_existing=options.keep_existing,
+    )
+
+
+@dataclass
+class InjectResult:
+    name: str
+    output: Path
+    options: SurgeryOptions
+    recipe: Recipe
+    weights_only: bool  # the file loads without --trust-pickle
+    seconds: float
+
+    def to_dict(self) -> dict:
+        o, recipe = self.options, self.recipe
+        return {
+            "model": self.name,
+            "output": str(self.output),
+            "num_gated": len(recipe.sites),
+            "expected_depth": round(sum(p for _, p in recipe.sites), 4),
+            "rule": o.rule, "p_L": o.pL, "mode": o.mode, "scaling": o.scaling, "seed": o.seed,
+            "weights_only": self.weights_only,
+            "capture": recipe.capture,
+            "replaced_drop_paths": [{"module": path, "rate": round(rate, 6)} for path, rate in recipe.replaced],
+            "sites": [{"id": s, "p": round(p, 4)} for s, p in recipe.sites],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def inject(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Specs = None, *,
+           output: Path | None = None) -> InjectResult:
+    """Gate every residual block of a model file and write the model to train (default: <stem>.sd.pt)."""
+    started = time.perf_counter()
+    target = Path(output) if output else ref.default_output()
+    check_output(target, *ref.inputs)
+    injected = gate(ref.load(), options, inputs)
+    save(injected, target)
+    return InjectResult(ref.name, target, options, getattr(injected, RECIPE_ATTR),
+                        injected.sdsurgeon_source.kind in ("arch", "hf"), time.perf_counter() - started)
+
+
+# --- convert: fold -> export -> verify ------------------------------------------------------------------
+
+
+NO_INPUT_SHAPE = ("export needs the model's input shape: give --input-shape 1,3,224,224 for one tensor input, or "
+                  "--input NAME:SHAPE[:DTYPE] per forward argument (inject remembers them when given there)")
+
+
+@dataclass
+class ConvertResult:
+    name: str
+    output: Path
+    options: ConvertOptions
+    report: FoldReport
+    exported: OnnxExport
+    checked: Verification
+    original_nodes: int | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        report, exported, checked = self.report, self.exported, self.checked
+        return {
+            "model": self.name,
+            "output": str(self.output),
+            "fold": self.options.fold,
+            "gates": len(report.sites),
+            "folded": len(report.folded),
+            "multiplies": [{"id": s.id, "p": round(s.p, 6), "reason": s.reason} for s in report.multiplies],
+            "sites": [s.to_dict() for s in report.sites],
+            "nodes": exported.nodes,
+            "scale_nodes": exported.scale_nodes,
+            "original_nodes": self.original_nodes,
+            "op_types": exported.op_types,
+            "opset": exported.opset,
+            "dynamic_inputs": exported.dynamic_inputs,
+            "file_bytes": exported.file_bytes,
+            "max_abs_error": checked.max_abs,
+            "max_rel_error": checked.max_rel,
+            "tolerance_used": checked.tolerance_used,
+            "verify": checked.to_dict(),
+            "export_seconds": round(exported.seconds, 3),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptions(), inputs: Specs = None, *,
+            output: Path | None = None, name: str | None = None, save_injected: Path | None = None,
+            timings: dict[str, float] | None = None) -> ConvertResult:
+    """Fold the gates into the weights, export ONNX and verify it with onnxruntime against the gated model.
+
+    ``source``: a model file (loaded here) or a model already loaded (batch, after inject). Input specs
+    default to those its recipe remembers. Every output (the ONNX file, and the gated model at
+    ``save_injected``) appears together only once verified, or none does. ``timings`` gets seconds per stage.
+    """
+    started = time.perf_counter()
+    if options.rtol < 0 or options.atol < 0:
+        raise ConfigError("--rtol and --atol must be zero or positive")
+    ref = source if isinstance(source, ModelRef) else None
+    if ref is not None:
+        target = Path(output) if output else ref.default_output(".onnx")
+        if target.suffix != ".onnx":
+            raise ConfigError(f"-o {target}: an ONNX file name must end in .onnx")
+        check_output(target, *ref.inputs)
+        with stage(timings, "load"):
+            model = ref.load()
+        name = name or ref.name
+    else:
+        model, target = source, Path(output)
+    recipe = getattr(model, RECIPE_ATTR, None)
+    specs = list(inputs) if inputs else (recipe.inputs if recipe is not None and recipe.inputs else None)
+    specs = complete_specs(model, specs)
+    if specs is None:
+        raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
+    example = make_example_inputs(specs)
+    with contextlib.ExitStack() as outputs:  # every output appears together, or none does
+        onnx_tmp = outputs.enter_context(staged(target))
+        if save_injected:
+            sd_tmp = outputs.enter_context(staged(save_injected))
+            with stage(timings, "save"):
+                save(model, sd_tmp)
+        with stage(timings, "fold"):
+            folded, report = fold_with_report(model, into_weights=options.fold)
+        with stage(timings, "export"):
+            exported = write_onnx(folded, example, onnx_tmp, opset=options.opset, dynamic_batch=options.dynamic_batch,
+                                  verbose=options.verbose)
+        with stage(timings, "verify"):  # against the gated model: the check covers the fold as well as the export
+            checked = verify(model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
+    exported.path = str(target)
+    original_nodes = None
+    if options.compare:
+        with tempfile.TemporaryDirectory() as tmp:
+            original = remove_gates(model) if report.sites else model
+            original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=options.opset,
+                                         dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
+    return ConvertResult(name or "", target, options, report, exported, checked, original_nodes,
+                         time.perf_counter() - started)
+
+
+__all__ = ["ConvertOptions", "ConvertResult", "InjectResult", "ModelRef", "PlanResult", "SurgeryOptions", "convert",
+           "gate", "inject", "plan"]
