@@ -158,20 +158,7 @@ CONFIG_ERRORS = [
         models:
           - name: a
             weights: a.pt
-        """, ("weights: a.pt", 1), ["models[0] (a)", "'weights' needs 'arch'"]),
-    ("weights-and-checkpoint-without-arch", """
-        models:
-          - name: a
-            checkpoint: a.pt
-            weights: b.pt
-        """, ("weights:", 1), ["'weights' needs 'arch'"]),
-    ("weights-and-checkpoint", """
-        models:
-          - name: a
-            arch: archs:tiny_resnet
-            checkpoint: a.pt
-            weights: b.pt
-        """, ("weights:", 1), ["give 'checkpoint' or 'weights', not both"]),
+        """, ("weights: a.pt", 1), ["models[0] (a)", "'weights' needs 'arch'", "or 'checkpoint'"]),
     ("arch_kwargs-not-a-mapping", """
         models:
           - name: a
@@ -403,6 +390,31 @@ def test_check_lists_jobs_and_runs_nothing(tmp_path, monkeypatch):
     assert listed["jobs"][0]["outputs"] == [str(tmp_path / "out" / "a.onnx"), str(tmp_path / "out" / "a.sd.pt")]
     assert files_under(tmp_path) == before  # no out/, no sdsurgeon-report/
     assert not (tmp_path / "out").exists() and not (tmp_path / "sdsurgeon-report").exists()
+
+
+def test_checkpoint_with_weights_loads_the_trained_weights_into_the_checkpoints_model(tmp_path, monkeypatch):
+    """`checkpoint` + `weights` is `export MODEL --weights W`: the gated .sd.pt file with trained weights in it."""
+    import onnxruntime as ort
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    sdsurgeon.save(sdsurgeon.inject(archs.tiny_resnet(), 1.0), tmp_path / "gated.sd.pt", arch="archs:tiny_resnet")
+    save_weights(tmp_path / "trained.pt", 5)
+    write_config(tmp_path, f"""
+        defaults:
+          input_shape: {TINY_SHAPE}
+        models:
+          - name: a
+            checkpoint: gated.sd.pt
+            weights: trained.pt
+        """)
+    assert_ok(invoke("batch", "cfg.yaml"))
+    reference = archs.tiny_resnet().eval()  # the plain architecture with the trained weights (p_L 1 folds to it)
+    reference.load_state_dict(torch.load(tmp_path / "trained.pt"))
+    x = torch.randn(3, 8)
+    session = ort.InferenceSession(str(tmp_path / "out" / "a.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, reference(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_help_names_the_options_and_an_example():

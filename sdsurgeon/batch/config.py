@@ -78,6 +78,11 @@ class Job:
     stamp_path: str  # settings hash + outputs, for incremental runs
     import_paths: tuple[str, ...] = ()  # folders the arch may be imported from (the config's)
     where: str = ""  # config file:line of the entry, for messages
+    weights: str | None = None  # trained weights loaded into the checkpoint's model (as MODEL --weights W)
+
+    @property
+    def inputs(self) -> list[str]:
+        return [p for p in (self.checkpoint, self.weights) if p]
 
     @property
     def outputs(self) -> list[str]:
@@ -90,7 +95,8 @@ class Job:
         def rel(path: str | None) -> str | None:  # relative: moving the project does not redo every job
             return None if path is None else os.path.relpath(path, base or None)
 
-        payload = {"version": __version__, "checkpoint": rel(self.checkpoint), "arch": self.arch,
+        payload = {"version": __version__, "checkpoint": rel(self.checkpoint), "weights": rel(self.weights),
+                   "arch": self.arch,
                    "arch_kwargs": self.arch_kwargs, "options": asdict(self.options),
                    "outputs": [rel(p) for p in self.outputs]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -197,8 +203,9 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         for key, kind in _ENTRY_KINDS.items():
             if entry[key] is not None and not _kind_ok(entry[key], kind):
                 fail(where + (key,), f"{label}.{key}: expected {_KIND_WORDS[kind]}, got {entry[key]!r}")
-        if entry["weights"] and not entry["arch"]:
-            fail(where + ("weights",), f"{label}: 'weights' needs 'arch' (the factory the state_dict belongs to)")
+        if entry["weights"] and not entry["arch"] and not entry["checkpoint"]:
+            fail(where + ("weights",), f"{label}: 'weights' needs 'arch' (the factory the state_dict belongs to) "
+                                       "or 'checkpoint' (the model they are loaded into)")
         if not entry["checkpoint"] and not entry["arch"]:
             fail(where, f"{label}: needs 'checkpoint' (a file or glob) or 'arch' (package.module:factory)")
         name = entry["name"]
@@ -207,8 +214,6 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         for key in ("checkpoint", "weights"):
             if entry[key] is not None and _bad_path(entry[key]):
                 fail(where + (key,), f"{label}.{key}: {entry[key]!r} {_bad_path(entry[key])}")
-        if entry["weights"] and entry["checkpoint"]:
-            fail(where + ("weights",), f"{label}: give 'checkpoint' or 'weights', not both")
         if entry["name"] is None and not (entry["checkpoint"] and glob.has_magic(entry["checkpoint"])):
             fail(where, f"{label}: missing key 'name' (only a glob checkpoint names its jobs by file stem)")
         _check_option_values(_effective(defaults, opts), where, fail)
@@ -322,6 +327,7 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
         else:
             source = entry.checkpoint or entry.weights
             named = [(entry.name, str(base / source) if source else None)]
+        weights = str(base / entry.weights) if entry.weights and entry.checkpoint else None
         for name, checkpoint in named:
             if _bad_name(name):
                 raise ConfigError(f"{config.path}:{entry.line}: job name {name!r} (from {checkpoint}) {_bad_name(name)}")
@@ -334,9 +340,9 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
                 options=options, onnx_path=str(out_dir / f"{name}.onnx"),
                 sd_path=str(out_dir / f"{name}.sd.pt") if options.save_injected else None,
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
-                where=f"{config.path}:{entry.line}",
+                where=f"{config.path}:{entry.line}", weights=weights,
             ))
-    inputs = [config.path] + [j.checkpoint for j in jobs]
+    inputs = [config.path] + [p for j in jobs for p in j.inputs]
     for job in jobs:  # any job's output against every job's input: a batch never destroys what it reads
         for output in job.outputs + [job.stamp_path]:
             problem = output_problem(output, inputs)

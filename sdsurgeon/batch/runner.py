@@ -35,7 +35,7 @@ def up_to_date(job: Job) -> bool:
         oldest_output = min(Path(p).stat().st_mtime for p in job.outputs)
     except (OSError, ValueError, AttributeError):
         return False
-    newest_input = _mtime(Path(job.checkpoint)) if job.checkpoint else 0.0
+    newest_input = max((_mtime(Path(p)) for p in job.inputs), default=0.0)
     return oldest_output >= newest_input
 
 
@@ -91,8 +91,8 @@ def run_job(job: Job) -> JobRecord:
     started = time.perf_counter()
     try:
         Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
-        ref = pipeline.ModelRef(job.checkpoint, job.arch, job.arch_kwargs, trust_pickle=o.trust_pickle,
-                                arch_folders=job.import_paths)
+        ref = pipeline.ModelRef(job.checkpoint, job.arch, job.arch_kwargs, weights=job.weights,
+                                trust_pickle=o.trust_pickle, arch_folders=job.import_paths)
         with pipeline.stage(timings, "load"):
             model = ref.load()
         specs = _specs(o)
