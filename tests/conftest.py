@@ -58,6 +58,7 @@ FIXTURE_MARKS = {
     "mixed": ("multiprocess", "onnx"),  # test_batch: a batch run (spawned workers exporting ONNX)
     "glob_runs": ("multiprocess", "onnx"),
     "crashes": ("multiprocess", "onnx"),
+    "default_export": ("onnx",),  # test_export_cli: an export through the CLI
     "zoo": ("hf",),  # test_hf: the HF zoo's transformers models, saved
     "trained": ("hf", "onnx"),  # test_hf: the HF zoo trained, folded and exported
     "quick_run": ("multiprocess", "slow"),  # test_replication: the replication script in a subprocess
@@ -75,11 +76,19 @@ def pytest_addoption(parser) -> None:
                     help="fail a test with none of the tier markers whose setup or call took longer (0: off)")
 
 
+# Entries of tests/zoo.py whose every test takes seconds (a real 20-layer network): their parameters are slow.
+SLOW_ZOO_ENTRIES = {"cifar_resnet20"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    here = Path(__file__).parent
     for item in items:
         for name in FIXTURE_MARKS.keys() & set(getattr(item, "fixturenames", ())):
             for marker in FIXTURE_MARKS[name]:
                 item.add_marker(marker)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.path.parent == here and any(getattr(v, "name", None) in SLOW_ZOO_ENTRIES for v in params.values()):
+            item.add_marker("slow")
 
 
 def _tier_markers(item) -> set[str]:

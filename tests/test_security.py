@@ -464,6 +464,7 @@ def test_item9_pickle_with_a_blocked_global_names_trust_pickle(work):
     assert not (work / "pickle.ran").exists()
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_item9_non_finite_weights_are_named_not_reported_as_error_zero(work, value):
     from sdsurgeon.models import cifar_resnet

@@ -50,7 +50,7 @@ def _run(pytester, *options):
 
 
 def test_slow_guard_fails_a_slow_unmarked_test_and_names_the_marker(pytester):
-    result = _run(pytester, "--slow-guard", "0.2")
+    result = _run(pytester, "--slow-guard=0.2")
     result.assert_outcomes(passed=5, failed=1)
     result.stdout.fnmatch_lines(["*test_slow_unmarked: its call took * s (the fast tier's limit is 0.2 s)*"
                                  "add @pytest.mark.slow*"])
@@ -78,6 +78,6 @@ def test_check_modules_fails_a_session_that_imported_not_every_module_of_the_pac
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_uses="import tierpkg.used\n\ndef test_it():\n    assert tierpkg.used.VALUE == 1\n")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest",
-                                          "--check-modules", "tierpkg")
+                                          "--check-modules=tierpkg")
     assert result.ret == 1
     result.stdout.fnmatch_lines(["--check-modules: no test of this run imported tierpkg.sub, tierpkg.sub.unused: *"])

@@ -221,6 +221,7 @@ def test_compiled_convnext_style_blocks_train_like_the_eager_original():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.compile
 def test_cond_subgraph_views_become_reshapes_that_run_on_inductors_layouts():
     # inductor rewrites views as reshapes (its layouts may differ from the traced ones) in cond subgraphs
     # too, but only in their graphs: the cond's fake propagation ran the stale code, whose view failed on a
