@@ -13,18 +13,28 @@ import time
 import pytest
 
 
+def busy(seconds):
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+
 def test_slow_unmarked():
-    time.sleep(0.5)
+    busy(0.4)
 
 
 @pytest.mark.slow
 def test_slow_marked_slow():
-    time.sleep(0.5)
+    busy(0.4)
 
 
 @pytest.mark.onnx
 def test_slow_marked_otherwise():
-    time.sleep(0.5)
+    busy(0.4)
+
+
+def test_sleeping_is_not_slow():
+    time.sleep(0.4)
 
 
 def test_quick_unmarked():
@@ -51,20 +61,20 @@ def _run(pytester, *options):
 
 def test_slow_guard_fails_a_slow_unmarked_test_and_names_the_marker(pytester):
     result = _run(pytester, "--slow-guard=0.2")
-    result.assert_outcomes(passed=5, failed=1)
-    result.stdout.fnmatch_lines(["*test_slow_unmarked: its call took * s (the fast tier's limit is 0.2 s)*"
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines(["*test_slow_unmarked: its call took * s of CPU (the fast tier's limit is 0.2 s)*"
                                  "add @pytest.mark.slow*"])
 
 
 def test_check_marks_fails_an_unmarked_test_that_starts_a_process(pytester):
     result = _run(pytester, "--check-marks", "-k", "not slow")
-    result.assert_outcomes(passed=2, failed=1, deselected=3)
+    result.assert_outcomes(passed=2, failed=1, deselected=4)
     result.stdout.fnmatch_lines(["*test_starts_a_process_unmarked: its call does the work of marker(s) multiprocess "
                                  "without them: add @pytest.mark.multiprocess*"])
 
 
 def test_without_the_options_nothing_is_checked(pytester):
-    _run(pytester, "-k", "not slow").assert_outcomes(passed=3, deselected=3)
+    _run(pytester, "-k", "not slow").assert_outcomes(passed=3, deselected=4)
 
 
 def test_check_modules_fails_a_session_that_imported_not_every_module_of_the_package(pytester):
