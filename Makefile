@@ -1,6 +1,8 @@
 # `make demo` and `make test` each set everything up first (venv, pinned torch, the package).
 # `make test` runs the default tier (.venv, torch 2.13.0 CPU) and then the zoo tier (.venv-zoo: torch
 # 2.14.1, torchvision, timm); the first run installs the zoo venv (~5.5 GB of CUDA wheels, run on the CPU).
+# `make test-fast` is the inner loop: the default tier without the tests marked compile, onnx, multiprocess,
+# hf or slow (pyproject.toml says what each means).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ ZOO_VENV := .venv-zoo
 ZOO_BIN := $(ZOO_VENV)/bin
 ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test test-default test-zoo test-zoo-all zoo-venv bench clean
+.PHONY: demo test test-fast test-default test-zoo test-zoo-all zoo-venv bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,17 @@ test: test-default
 
 test-default: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25
+
+# The fast tier also checks its own boundary (tests/conftest.py): a test that does a marker's work without the
+# marker fails, so does an unmarked test that takes over 5 s of CPU (CPU, not wall: on a loaded machine one test
+# went from 2 s to 7 s), and so does the run if it left a module of sdsurgeon/ unimported. The full run takes
+# none of these: every unmarked test runs here, so it would check nothing more, and a time limit there could
+# only add a way for CI to fail that says nothing about sdsurgeon.
+# (Option values after '=': pytest reads a separate `sdsurgeon` as a test path before it knows the option.)
+FAST_TIER := -m "not (compile or onnx or multiprocess or hf or slow)"
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 $(FAST_TIER) --check-marks --slow-guard=5 --check-modules=sdsurgeon
 
 # The zoo tier also runs the default tier's checks of the private torch names compiled gates rely on,
 # and its compiled layout tests, on its own torch: both versions are checked. Compiled training of the

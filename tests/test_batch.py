@@ -531,6 +531,8 @@ def test_json_prints_report_json(mixed):
     assert result.stdout.strip() == text.strip()
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 def test_fail_fast_skips_jobs_not_started(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.pt").write_bytes(b"this is not a checkpoint\n" * 4)
@@ -668,6 +670,8 @@ INCREMENTAL = f"""
     """
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 def test_incremental_skips_up_to_date_jobs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_weights(tmp_path / "a.pt", 1)

@@ -94,6 +94,7 @@ def test_plan_json_resnet20(work):
     assert listing(work) == []  # plan writes nothing
 
 
+@pytest.mark.slow
 def test_plan_json_with_input_shape_counts_flops(work):
     result = invoke("plan", *RESNET20, "--pL", "0.5", "--input-shape", "1,3,32,32", "--json")
     assert_ok(result)
@@ -402,12 +403,14 @@ def _python_m(*args, cwd: Path):
                           cwd=cwd, env=env, timeout=120)
 
 
+@pytest.mark.multiprocess
 def test_python_m_help(tmp_path):
     proc = _python_m("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "plan" in proc.stdout and "inject" in proc.stdout
 
 
+@pytest.mark.multiprocess
 def test_python_m_user_error_is_one_line_on_real_stderr(tmp_path):
     proc = _python_m("plan", "--arch", "archs:tiny_resnet", "--pL", "0", cwd=tmp_path)
     assert proc.returncode == 1

@@ -69,6 +69,7 @@ def test_branch_params_and_modules():
     assert set(sites[0].modules) == {"layers.0.conv1", "layers.0.bn1", "layers.0.conv2", "layers.0.bn2"}
 
 
+@pytest.mark.slow
 def test_detection_work_grows_linearly():
     """ResNet-1202 has 11x the graph of ResNet-110: the nodes walked must grow about as much, not 120x."""
     from sdsurgeon.analysis.detect import _find, _Graph

@@ -16,6 +16,8 @@ from sdsurgeon.deploy.verify import export_verified
 from sdsurgeon.models import vit
 from zoo import POSITIVE, ZOO, linear_ps
 
+pytestmark = pytest.mark.onnx  # every test here exports
+
 EXPORTABLE = [e for e in POSITIVE if e.name != "data_dependent_top" and not e.kept_multiply]
 
 

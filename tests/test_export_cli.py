@@ -135,6 +135,7 @@ def test_export_json_remembers_the_input_shape_and_matches_onnxruntime(default_e
     np.testing.assert_array_equal(got, run_onnx(path, x))  # deterministic
 
 
+@pytest.mark.onnx
 def test_text_report_has_no_exporter_noise(work):
     result = invoke("export", MODEL)  # no -o: <stem>.onnx beside MODEL
     assert_ok(result)
@@ -151,6 +152,7 @@ def test_text_report_has_no_exporter_noise(work):
     assert sorted(os.listdir(work)) == ["resnet8.onnx", MODEL]
 
 
+@pytest.mark.onnx
 def test_no_fold_keeps_one_mul_per_gate(default_export, injected, tmp_path):
     folded_path = default_export[1]
     path = tmp_path / "nofold.onnx"
@@ -162,6 +164,7 @@ def test_no_fold_keeps_one_mul_per_gate(default_export, injected, tmp_path):
     assert record["nodes"] - len(onnx.load(str(folded_path)).graph.node) == GATES
 
 
+@pytest.mark.onnx
 def test_compare_exports_the_ungated_architecture_for_its_node_count(default_export, injected, tmp_path):
     folded = one_json(invoke("export", injected, "--compare", "-o", tmp_path / "f.onnx", "--json"))
     multiplied = one_json(invoke("export", injected, "--compare", "--no-fold", "-o", tmp_path / "m.onnx", "--json"))
@@ -170,6 +173,7 @@ def test_compare_exports_the_ungated_architecture_for_its_node_count(default_exp
     assert one_json(default_export[0])["original_nodes"] is None  # measured only when asked: a second export
 
 
+@pytest.mark.onnx
 def test_static_batch_fixes_the_first_input_dimension(default_export, injected, tmp_path):
     dynamic = batch_dim(default_export[1])
     assert dynamic.dim_param and not dynamic.HasField("dim_value")
@@ -181,6 +185,7 @@ def test_static_batch_fixes_the_first_input_dimension(default_export, injected, 
     assert not static.dim_param
 
 
+@pytest.mark.onnx
 def test_weights_option_exports_the_trained_weights(work):
     untrained = sdsurgeon.load(MODEL)
     model = sdsurgeon.load(MODEL)
@@ -255,6 +260,7 @@ def test_user_error_exits_1_with_one_line_and_writes_nothing(work, tmp_path, cas
     assert_nothing_written(tmp_path, before)
 
 
+@pytest.mark.onnx
 def test_tolerance_miss_keeps_no_file(work):
     """rtol = atol = 0: folding p into BN weights changes float rounding, so onnxruntime differs by ~1e-8."""
     before = snapshot(work)
@@ -263,6 +269,7 @@ def test_tolerance_miss_keeps_no_file(work):
     assert_nothing_written(work, before)
 
 
+@pytest.mark.onnx
 def test_tolerance_miss_keeps_an_existing_output_unchanged(work):
     (work / "old.onnx").write_bytes(b"an earlier export")
     before = snapshot(work)
@@ -285,6 +292,7 @@ def test_input_name_not_a_forward_argument_is_a_user_error(work):
     assert_nothing_written(work, before)
 
 
+@pytest.mark.onnx
 def test_opset_the_exporter_cannot_write_is_refused(work):
     before = snapshot(work)
     # torch.onnx raises a requested opset 17 to 18 (no Pad adapter down to 17): refused, not silently changed
@@ -292,6 +300,8 @@ def test_opset_the_exporter_cannot_write_is_refused(work):
     assert_nothing_written(work, before)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.onnx
 def test_exporter_failure_is_one_clean_line_on_the_real_stderr(work):
     # Only a real process shows what torch's log handlers (bound to the real stderr at import) print.
     tests_dir = str(Path(__file__).parent)
@@ -324,6 +334,7 @@ def test_export_help():
         assert text in result.stdout, text
 
 
+@pytest.mark.onnx
 def test_a_model_saved_whole_injects_and_exports_through_the_cli(work):
     # the mission's two commands on the most common checkpoint format: torch.save(model)
     torch.manual_seed(0)

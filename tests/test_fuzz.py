@@ -19,6 +19,7 @@ def seeds(tmp_path_factory):
     return make_seeds(tmp_path_factory.mktemp("fuzz"))
 
 
+@pytest.mark.slow
 def test_random_and_mutated_files_load_or_fail_in_one_line_and_run_no_code(seeds):
     seed_bytes, canary = seeds
     folder = canary.parent  # also the current folder: a file naming the canary module there must not import it

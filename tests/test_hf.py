@@ -778,6 +778,7 @@ def _encoder_layer_adds(model) -> list[str]:
     return [f"encoder.layers.{i}:{name}" for i in range(len(model.encoder.layers)) for name in ("add", "add_1")]
 
 
+@pytest.mark.hf
 def test_layerdrop_is_switched_off_like_a_drop_path_and_the_gates_replace_it():
     model = _wav2vec2()
     x = {"input_values": torch.randn(2, 1600)}
@@ -803,6 +804,7 @@ def test_layerdrop_is_switched_off_like_a_drop_path_and_the_gates_replace_it():
                                    expected.last_hidden_state, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.hf
 def test_layerdrop_kept_says_what_stopped_the_capture_in_one_line():
     with pytest.raises(sdsurgeon.SurgeonError) as raised:
         sdsurgeon.inject(_wav2vec2(), 0.5, example_inputs={"input_values": torch.randn(2, 1600)}, keep_existing=True)
@@ -810,6 +812,8 @@ def test_layerdrop_kept_says_what_stopped_the_capture_in_one_line():
     assert "\n" not in message and "torch.export could not capture" in message and "LayerDrop" in message
 
 
+@pytest.mark.onnx
+@pytest.mark.hf
 def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
     # built in Python, transformers picks SDPA; its fused CPU kernel's decomposition failed a symbolic batch
     from hf_zoo import build

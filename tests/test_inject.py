@@ -204,7 +204,10 @@ def _module_state(model):
             for m in model.modules()]
 
 
-@pytest.mark.parametrize("entry", POSITIVE, ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", [pytest.param(e, marks=pytest.mark.slow) if e.name in {
+    "projection", "prenorm", "postnorm", "data_dependent_top", "shape_read_projection", "bn_act_out", "preact_bn_act"}
+    else e for e in POSITIVE],
+    ids=lambda e: e.name)
 def test_plan_and_inject_leave_no_state_on_the_model(entry):
     for training in (False, True):
         model = entry.build().train(training)

@@ -130,6 +130,7 @@ def hide_matplotlib(monkeypatch) -> None:
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_matplotlib
 def test_plan_plot_writes_a_png_with_line_and_bars(work):
     result = invoke("plan", *RESNET20, "--input-shape", "1,3,32,32", "--plot", "schedule.png")

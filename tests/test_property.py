@@ -1,5 +1,6 @@
 """Property: in random networks with planted residual and non-residual adds, detection finds exactly the planted residuals."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
@@ -83,6 +84,7 @@ kinds_strategy = st.lists(st.sampled_from(RESIDUAL + NOT_RESIDUAL), min_size=1, 
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(kinds_strategy)
 def test_detection_finds_exactly_the_planted_residuals(kinds):

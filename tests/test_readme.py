@@ -31,6 +31,9 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.hf
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

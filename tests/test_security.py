@@ -114,6 +114,7 @@ def hostile_folder(folder: Path, name: str = "evilmod") -> Path:
 # --- 1. a weights-only file imports and calls only what the user trusts -------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["plan"], ["export", "--input-shape", "1,8"]])
 def test_item1_recorded_factory_in_the_current_folder_is_never_imported(tmp_path, command):
@@ -124,6 +125,7 @@ def test_item1_recorded_factory_in_the_current_folder_is_never_imported(tmp_path
     assert not canary.exists() and not Path(f"{canary}.init").exists()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_item1_recorded_factory_in_the_batch_configs_folder_is_never_imported(tmp_path):
     canary = hostile_folder(tmp_path)
@@ -187,6 +189,8 @@ def test_item1_a_trusted_factory_found_elsewhere_now_is_refused(tmp_path, monkey
     assert not canary.exists()
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_item1_the_tour_needs_no_arch_again_on_the_same_machine(tmp_path):
     project = tmp_path / "project"
@@ -213,6 +217,7 @@ def _user_net(folder: Path) -> torch.nn.Module:
 # --- 2. a transformers folder's own code never runs, and nothing asks on stdin ------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_item2_custom_code_in_a_transformers_folder_never_runs(tmp_path):
     folder = tmp_path / "remote"
@@ -231,6 +236,8 @@ def test_item2_custom_code_in_a_transformers_folder_never_runs(tmp_path):
 # --- 3. the current folder never shadows an installed package -----------------------------------------
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
 def test_item3_current_folder_does_not_shadow_the_tools_imports(tmp_path, script):
@@ -395,6 +402,8 @@ def _export_until_its_temp_file_exists(folder: Path, command: list | None = None
     pytest.fail(f"no temp file appeared (rc {proc.poll()}): {proc.communicate()}")
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_item8_sigterm_during_export_leaves_no_temp_file(tmp_path):
     proc, out, _temp = _export_until_its_temp_file_exists(tmp_path)
@@ -403,6 +412,8 @@ def test_item8_sigterm_during_export_leaves_no_temp_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_item8_sigterm_to_a_batch_stops_its_workers_and_leaves_no_temp_file(tmp_path):
     (tmp_path / "cfg.yaml").write_text("defaults: {input_shape: [1, 3, 32, 32]}\nmodels:\n"
@@ -416,6 +427,8 @@ def test_item8_sigterm_to_a_batch_stops_its_workers_and_leaves_no_temp_file(tmp_
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+@pytest.mark.onnx
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_item8_temp_file_of_a_killed_run_is_swept_by_the_next(tmp_path, monkeypatch):
     proc, out, temp = _export_until_its_temp_file_exists(tmp_path)
@@ -451,6 +464,7 @@ def test_item9_pickle_with_a_blocked_global_names_trust_pickle(work):
     assert not (work / "pickle.ran").exists()
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_item9_non_finite_weights_are_named_not_reported_as_error_zero(work, value):
     from sdsurgeon.models import cifar_resnet

@@ -51,6 +51,7 @@ def test_row_mode_gradients_reach_only_kept_rows():
     assert not any(torch.allclose(g, ones) for g in x.grad[kept])
 
 
+@pytest.mark.compile
 def test_compiled_model_draws_afresh_every_call_without_recompiling_per_pattern():
     import torch._dynamo
 
@@ -68,6 +69,7 @@ def test_compiled_model_draws_afresh_every_call_without_recompiling_per_pattern(
     torch.testing.assert_close(compiled.eval()(x), injected.eval()(x))
 
 
+@pytest.mark.compile
 def test_compiled_row_mode_still_draws_afresh_with_a_bounded_number_of_graphs():
     import torch._dynamo
 
@@ -98,6 +100,7 @@ def _compiled_resnet_step(p_L: float):
     return injected, reference, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("path", ["saved-activations", "torch-recompute", "partition-fails"])
 def test_compiled_gate_that_always_keeps_matches_the_eager_original_with_batch_norm_statistics(path, monkeypatch):
     saved = path == "saved-activations"
@@ -140,6 +143,7 @@ class SqueezeBottleneck(torch.nn.Module):
         return torch.relu(out)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("grad", [True, False], ids=["train-step", "no-grad"])
 def test_compiled_torchvision_style_blocks_train_like_the_eager_original(grad):
     # inductor lays convolutions (and, in training, their weights) out channels-last; a cond's subgraphs were
@@ -192,6 +196,7 @@ class ConvNeXtStyleBlock(torch.nn.Module):
         return x + out.mul(self.gamma.reshape(1, -1, 1, 1))
 
 
+@pytest.mark.compile
 def test_compiled_convnext_style_blocks_train_like_the_eager_original():
     import torch._dynamo
 
@@ -216,6 +221,7 @@ def test_compiled_convnext_style_blocks_train_like_the_eager_original():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.compile
 def test_cond_subgraph_views_become_reshapes_that_run_on_inductors_layouts():
     # inductor rewrites views as reshapes (its layouts may differ from the traced ones) in cond subgraphs
     # too, but only in their graphs: the cond's fake propagation ran the stale code, whose view failed on a
@@ -235,6 +241,7 @@ def test_cond_subgraph_views_become_reshapes_that_run_on_inductors_layouts():
     torch.testing.assert_close(gm.false_graph_0(x)[0], x.reshape(2, 36).sum(1))
 
 
+@pytest.mark.compile
 def test_compiled_gate_that_always_drops_leaves_the_branch_statistics_and_gives_zero_gradients():
     injected, reference, graphs = _compiled_resnet_step(1e-7)
     assert graphs == 1
@@ -265,6 +272,7 @@ def _convolutions_in_one_compiled_step(saved: bool) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
 
 
+@pytest.mark.compile
 def test_compiled_gate_backward_does_not_run_the_kept_branch_forward_again():
     # ResNet-8 has 7 convolutions: the stem and two per block. torch's own cond backward reruns each kept
     # branch's forward (6 more); the partitioned one saves its activations instead.
@@ -272,6 +280,7 @@ def test_compiled_gate_backward_does_not_run_the_kept_branch_forward_again():
     assert _convolutions_in_one_compiled_step(saved=False) == 13
 
 
+@pytest.mark.compile
 def test_compiled_gates_follow_a_new_batch_size_with_the_same_gradients_as_the_original():
     import torch._dynamo
 
@@ -293,6 +302,7 @@ def test_compiled_gates_follow_a_new_batch_size_with_the_same_gradients_as_the_o
     assert cond_backward.plans_built > built
 
 
+@pytest.mark.compile
 def test_a_cond_outside_any_gate_keeps_torchs_own_backward():
     import torch._dynamo
 
@@ -389,6 +399,7 @@ def _run_ddp(tmp_path, sync: bool):
     return [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.multiprocess
 def test_ddp_two_ranks_skip_the_same_blocks_and_stay_identical(tmp_path):
     r0, r1 = _run_ddp(tmp_path, sync=True)
     assert r0["draws"] == r1["draws"]
@@ -397,12 +408,14 @@ def test_ddp_two_ranks_skip_the_same_blocks_and_stay_identical(tmp_path):
     torch.testing.assert_close(torch.tensor(r0["params"]), torch.tensor(r1["params"]))
 
 
+@pytest.mark.multiprocess
 def test_ddp_per_rank_draws_differ_and_parameters_still_agree(tmp_path):
     r0, r1 = _run_ddp(tmp_path, sync=False)
     assert r0["draws"] != r1["draws"]
     torch.testing.assert_close(torch.tensor(r0["params"]), torch.tensor(r1["params"]))
 
 
+@pytest.mark.multiprocess
 def test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_installed_by_gates_only():
     # run on both tiers' torch (2.13 and 2.14.1): each must take the fast path
     assert cond_backward.missing() == []
@@ -415,6 +428,7 @@ def test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_inst
     assert out == ["torch._higher_order_ops.cond"] * 2 + ["sdsurgeon.cond_backward", "False"]
 
 
+@pytest.mark.compile
 def test_a_torch_without_a_name_cond_backward_needs_keeps_its_own_backward_with_one_warning(monkeypatch):
     built = cond_backward.plans_built
     cond_backward.uninstall()
