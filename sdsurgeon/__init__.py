@@ -15,7 +15,7 @@ from .errors import SurgeonError
 from .export import export_onnx, verify
 from .fold import find_folds, fold, fold_with_report, remove_gates
 from .inject import Recipe, apply_recipe, gates, inject
-from .layers import StochasticDepth
+from .gate import StochasticDepth
 from .load import load, load_weights, save
 from .plan import Plan, plan
 from .trust import trust

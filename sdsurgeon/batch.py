@@ -279,7 +279,7 @@ def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_key
 def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
     from .capture import CAPTURE_METHODS
-    from .layers import MODES, SCALINGS
+    from .gate import MODES, SCALINGS
     from .schedule import RULES, Override
 
     if not 0 < o.pL <= 1:

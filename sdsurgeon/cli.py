@@ -22,7 +22,7 @@ from .files import check_output, clean_up_on_signals
 from .fold import FoldReport, fold_with_report, remove_gates
 from .hf import complete_specs
 from .inject import RECIPE_ATTR, inject as inject_model
-from .layers import MODES, SCALINGS
+from .gate import MODES, SCALINGS
 from .load import default_output, load, load_weights, parse_arch_kwargs, save
 from .plan import Plan, plan as plan_model
 from .schedule import RULES

@@ -19,7 +19,7 @@ from .capture import trace_eval
 from .drop_path import is_drop_path
 from .graph_facts import dead_nodes, is_view
 from .inject import RECIPE_ATTR
-from .layers import StochasticDepth
+from .gate import StochasticDepth
 
 _aten = torch.ops.aten
 

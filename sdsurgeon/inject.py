@@ -17,7 +17,7 @@ from .drop_path import find_drop_paths, switch_off
 from .hf import complete_specs
 from .detect import RefusedAdd, ResidualSite, detect
 from .errors import NoResidualSitesError, RecipeMismatchError
-from .layers import StochasticDepth, draw
+from .gate import StochasticDepth, draw
 from .schedule import Override, assign
 
 RECIPE_ATTR = "sdsurgeon_recipe"
