@@ -105,3 +105,34 @@ def test_gate_rejects_bad_settings(bad):
     kwargs = dict(p=0.5) | bad
     with pytest.raises(ConfigError):
         StochasticDepth(kwargs.pop("p"), nn.Identity(), **kwargs)
+
+
+def test_gate_package_imports_only_downward_and_each_module_says_what_it_owns():
+    # spec <- decision <- eager/compiled <- module, cond_backward under compiled; nothing else of sdsurgeon but errors
+    import ast
+    import pathlib
+
+    import sdsurgeon.gate
+
+    below = {"spec": set(), "cond_backward": set(), "decision": {"spec"}, "eager": {"spec", "decision"},
+             "compiled": {"spec", "decision", "eager", "cond_backward"},
+             "module": {"spec", "decision", "eager", "compiled", "cond_backward"}}
+    below["__init__"] = set(below)
+    root = pathlib.Path(sdsurgeon.gate.__file__).parent
+    assert {p.stem for p in root.glob("*.py")} == set(below)
+    for name, allowed in below.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and doc.splitlines()[0].strip(), f"{name}.py opens with a line saying what it owns"
+        for node in ast.walk(tree):  # function-local imports too
+            if isinstance(node, ast.ImportFrom) and node.level:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                for target in targets:
+                    top = target.split(".")[0]
+                    if node.level == 2:
+                        assert target == "errors", f"{name}.py imports ..{target}"
+                    else:
+                        assert top in allowed, f"{name}.py imports .{target}, which is not below it"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                absolute = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                assert not (absolute or "").startswith("sdsurgeon"), f"{name}.py imports {absolute}"
