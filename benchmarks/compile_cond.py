@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import sdsurgeon
-from sdsurgeon import cond_backward
+from sdsurgeon.gate import cond_backward
 from sdsurgeon.models import cifar_resnet
 
 

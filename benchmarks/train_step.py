@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdsurgeon
-from sdsurgeon import cond_backward
+from sdsurgeon.gate import cond_backward
 from sdsurgeon.models import cifar_resnet
 
 EAGER = ("original", "batch", "row")

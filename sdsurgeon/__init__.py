@@ -16,9 +16,9 @@ from .capture.inputs import InputSpec
 from .deploy.export import export_onnx
 from .deploy.verify import verify
 from .errors import SurgeonError
+from .gate import StochasticDepth
 from .io.checkpoint import load_weights
 from .io.trust import trust
-from .layers import StochasticDepth
 from .sdfile import load, save
 from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
 from .surgery.inject import apply_recipe, gates, inject

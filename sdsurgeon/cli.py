@@ -18,10 +18,10 @@ from .analysis.plan import Plan
 from .analysis.schedule import RULES
 from .capture.inputs import InputSpec, parse_shape
 from .errors import ConfigError, SurgeonError
+from .gate import MODES, SCALINGS
 from .io.checkpoint import parse_arch_kwargs
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
-from .layers import MODES, SCALINGS
 from .surgery.fold import FoldReport
 
 app = typer.Typer(

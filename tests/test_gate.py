@@ -105,3 +105,4 @@ def test_gate_rejects_bad_settings(bad):
     kwargs = dict(p=0.5) | bad
     with pytest.raises(ConfigError):
         StochasticDepth(kwargs.pop("p"), nn.Identity(), **kwargs)
+

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sdsurgeon"
 FLOORS = {
     "errors": 0, "_version": 0, "models": 0,  # nothing of sdsurgeon below them
     "io": 1,  # bytes in and out, and who is trusted
-    "gate": 2, "layers": 2, "cond_backward": 2,  # the gate module the passes place: depends on errors only
+    "gate": 2,  # the gate module the passes place: depends on errors only
+    "layers": 2,  # a name kept for models pickled before gate/ (it re-exports gate)
     "capture": 3, "analysis": 4, "surgery": 5, "deploy": 6,
     "sdfile": 7,  # rebuilds a recorded surgery: above surgery
     "report": 8, "plot": 8,  # records -> text and pictures

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sdsurgeon import cond_backward, gates, inject
+from sdsurgeon import gates, inject
+from sdsurgeon.gate import cond_backward
 from sdsurgeon.models import cifar_resnet
 from zoo import PlusBlock, Seq
 
@@ -350,6 +351,92 @@ def test_activation_checkpointing_replays_the_same_draws(mode):
             torch.testing.assert_close(pb.grad, pa.grad)
 
 
+def _draws_of(model):
+    """Every gate call's draw, in call order, as the model runs (a list that the hooks fill)."""
+    calls = []
+    for g in gates(model):
+        g.register_forward_hook(lambda m, _i, _o: calls.append(m._last_draw.clone()))
+    return calls
+
+
+def _micro_batch_grads(model, xs, *, ckpt, reentrant, summed):
+    """Each micro-batch forward (checkpointed or not); one backward of their sum, or one backward each."""
+    torch.manual_seed(1)  # the global RNG (unseeded gates draw from it) starts alike for either run
+    inputs = [x.clone().requires_grad_() for x in xs]  # reentrant checkpoints need an input that wants grad
+    losses = []
+    for x in inputs:
+        out = checkpoint(model, x, use_reentrant=reentrant) if ckpt else model(x)
+        losses.append(out.square().sum())  # nonlinear: the gradients depend on what the forward computed
+        if not summed:
+            losses.pop().backward()
+    if summed:
+        sum(losses).backward()
+    return {n: p.grad for n, p in model.named_parameters()}, [x.grad for x in inputs]
+
+
+@pytest.mark.parametrize("summed", [True, False], ids=["one-backward", "backward-each"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("seed", [None, 5], ids=["global-rng", "seeded"])
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_checkpointed_micro_batches_replay_their_own_draws(mode, seed, reentrant, summed):
+    # Two micro-batches forward before one backward: each recompute must see its own micro-batch's draws
+    # (a gate that replayed its last draw gave the first recompute the second's: wrong gradients or a
+    # CheckpointError); forward+backward per micro-batch likewise.
+    original = Seq(*(PlusBlock(8) for _ in range(6)))
+    reference = inject(original, 0.5, mode=mode, seed=seed).train()  # the same gates, built independently
+    checkpointed = inject(original, 0.5, mode=mode, seed=seed).train()
+    xs = [torch.randn(16, 8), torch.randn(16, 8)]
+    calls = _draws_of(reference)
+    want, want_x = _micro_batch_grads(reference, xs, ckpt=False, reentrant=reentrant, summed=summed)
+    n = len(gates(reference))
+    first, second = calls[:n], calls[n:]
+    assert any(not torch.equal(a < 0.5, b < 0.5) for a, b in zip(first, second)), "micro-batches must differ"
+    got, got_x = _micro_batch_grads(checkpointed, xs, ckpt=True, reentrant=reentrant, summed=summed)
+    for name, grad in want.items():
+        assert (grad is None) == (got[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(got[name], grad, msg=name)
+    for g, w in zip(got_x, want_x):
+        torch.testing.assert_close(g, w)
+
+
+class _Shared(torch.nn.Module):
+    """One gate called twice in a forward (a shared block)."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x):
+        y = self.gate(x, x)
+        return self.gate(y, y)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("seed", [None, 11], ids=["global-rng", "seeded"])
+def test_a_gate_called_twice_in_a_checkpointed_forward_replays_each_calls_draw(seed, reentrant):
+    from sdsurgeon import StochasticDepth
+
+    torch.manual_seed(0)
+    branch = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    models = [_Shared(StochasticDepth(0.5, copy.deepcopy(branch), seed=seed)).train() for _ in range(2)]
+    for m in models:
+        m.branch_params = torch.nn.ModuleList([m.gate.branch])  # registered: named_parameters sees them
+    x = torch.randn(4, 8)
+    draws = []
+    models[0].gate.register_forward_hook(lambda m, _i, _o: draws.append(bool(m._last_draw < 0.5)))
+    grads = []
+    for model, ckpt in zip(models, (False, True)):
+        torch.manual_seed(0)  # the first call keeps, the second drops (with seed 11 too)
+        x_in = x.clone().requires_grad_()
+        out = checkpoint(model, x_in, use_reentrant=reentrant) if ckpt else model(x_in)
+        out.square().sum().backward()
+        grads.append([x_in.grad, *(p.grad for p in model.parameters())])
+    assert draws[0] != draws[1], "the two calls must decide differently for the test to mean anything"
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
@@ -419,13 +506,37 @@ def test_ddp_per_rank_draws_differ_and_parameters_still_agree(tmp_path):
 def test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_installed_by_gates_only():
     # run on both tiers' torch (2.13 and 2.14.1): each must take the fast path
     assert cond_backward.missing() == []
-    code = ("import importlib, sdsurgeon, sdsurgeon.models; c = importlib.import_module('torch._higher_order_ops.cond'); "
-            "before = c.CondAutogradOp.__module__; sdsurgeon.plan(sdsurgeon.models.cifar_resnet(8), 0.5); "
-            "planned = c.CondAutogradOp.__module__; sdsurgeon.inject(sdsurgeon.models.cifar_resnet(8), 0.5); "
-            "import sys; print(before, planned, c.CondAutogradOp.__module__, 'torch._inductor.lowering' in sys.modules)")
+    code = textwrap.dedent("""
+        import importlib, pickle, sys, torch, sdsurgeon
+        from sdsurgeon.gate import cond_backward
+        c = importlib.import_module("torch._higher_order_ops.cond")
+        seen = lambda: c.CondAutogradOp.__module__
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+            def forward(self, x):
+                return x + self.f(x)
+        model = torch.nn.Sequential(Block(), Block())
+        out = [seen()]
+        sdsurgeon.plan(model, 0.5)
+        injected = sdsurgeon.inject(model, 0.5).train()
+        pickle.loads(pickle.dumps(injected))
+        out.append(seen())
+        injected(torch.randn(3, 4)).sum().backward()  # eager training
+        out += [seen(), str("torch._inductor.lowering" in sys.modules)]
+        built = cond_backward.plans_built
+        torch.compile(injected)(torch.randn(3, 4)).sum().backward()
+        out += [seen(), str(cond_backward.plans_built > built)]
+        cond_backward.uninstall()
+        out.append(seen())
+        print(" ".join(out))
+    """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    # import and plan patch nothing; inject patches the autograd of cond; nothing loads inductor before a compile
-    assert out == ["torch._higher_order_ops.cond"] * 2 + ["sdsurgeon.cond_backward", "False"]
+    # import, plan, inject, unpickling and eager training patch nothing (nor load inductor); a compiled
+    # training step does, and builds plans; uninstall puts torch's class back
+    cond = "torch._higher_order_ops.cond"
+    assert out == [cond] * 3 + ["False", "sdsurgeon.gate.cond_backward", "True", cond], out
 
 
 @pytest.mark.compile

@@ -263,7 +263,7 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
     from ..analysis.schedule import RULES, Override
     from ..capture.fx import CAPTURE_METHODS
-    from ..layers import MODES, SCALINGS
+    from ..gate import MODES, SCALINGS
 
     if not 0 < o.pL <= 1:
         fail(where + ("pL",), f"pL: {o.pL} is outside (0, 1]")

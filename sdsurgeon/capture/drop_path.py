@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import CaptureError
-from ..layers import StochasticDepth
+from ..gate import StochasticDepth
 
 _CLASS = re.compile(r"DropPath|StochasticDepth")
 _RATE_ATTRS = ("drop_prob", "drop_rate", "p")  # timm/HF, some ports, torchvision

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils import _pytree
 
 from ..capture.inputs import DTYPES, InputSpec
+from ..capture.modes import modes_kept
 from ..errors import ConfigError, VerificationError, first_line
 from ..io.files import staged
-from ..capture.modes import modes_kept
 from .export import OnnxExport, args_kwargs, batch_inputs, named_inputs, write_onnx
 
 

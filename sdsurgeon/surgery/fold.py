@@ -18,7 +18,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from ..capture.drop_path import is_drop_path
 from ..capture.fx import trace_eval
 from ..capture.graph_facts import dead_nodes, is_view
-from ..layers import StochasticDepth
+from ..gate import StochasticDepth
 from ..surgery.recipe import RECIPE_ATTR
 
 _aten = torch.ops.aten

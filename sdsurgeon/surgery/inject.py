@@ -17,10 +17,9 @@ from ..capture.graph_facts import is_view, writes_in_place
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..errors import NoResidualSitesError, RecipeMismatchError
+from ..gate import StochasticDepth, draw
 from ..io.source import tag
-from ..layers import StochasticDepth, draw
 from .recipe import RECIPE_ATTR, Recipe
-
 
 
 def inject(

@@ -15,12 +15,15 @@ ConvNeXt crashed in ``assert_size_stride``). So, while a model compiles, the ind
 where the subgraph would otherwise fail its input check). inductor's ``view_to_reshape`` is wrapped too: it
 rewrites cond subgraphs' graphs but not their code, which the cond's fake propagation then runs.
 
-Only conds traced from a ``StochasticDepth`` gate are handled; every other cond, and any gate whose branch
+Only conds whose branches carry ``MARKER`` (a gate traces its sides inside ``torch.fx.traceback.annotate``,
+which puts it in each node's ``meta["custom"]``) are handled; every other cond, and any gate whose branch
 cannot be partitioned, goes to torch's own implementation unchanged (logged once). Everything here is
 private to torch: ``install`` first checks that the running torch has each name it uses (``missing``) and
-otherwise leaves torch alone with one warning; gates then train compiled with torch's own backward. Gates
-install it when they are made, not ``import sdsurgeon``; ``uninstall`` puts torch's class back; ``enabled``
-switches the behaviour off (for benchmarks and debugging) without uninstalling.
+otherwise leaves torch alone, logging once; gates then train compiled with torch's own backward. Nothing is
+installed by ``import sdsurgeon``, by making or unpickling a gate, or by eager training: the first gate that
+decides inside a compiled graph installs it (while dynamo traces it), or ``install()`` does; ``uninstall``
+puts everything back; ``enabled`` switches the behaviour off (for benchmarks and debugging) without
+uninstalling. This module imports nothing of the gate's: it sits below the executor that uses it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ REQUIRED_WHILE_COMPILING = {
     "torch._inductor.compile_fx": ("view_to_reshape",),
 }
 
+# The annotation a gate's cond branches are traced under (``node.meta["custom"]``): how their conds are known.
+MARKER = {"sdsurgeon": "gate"}
+
 enabled = True
 plans_built = 0  # conds this module differentiated (tests read it)
 _torch_cond_autograd = None  # torch's own CondAutogradOp while ours stands in for it
@@ -73,15 +79,19 @@ def missing(required: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     return absent
 
 
-def install() -> bool:
+def install(compiling: bool = False) -> bool:
     """Route the autograd of torch.cond through ``_Dispatch`` (gates here, everything else to torch).
 
     Idempotent. Returns whether it is installed; where the running torch lacks a name it needs, nothing
     is replaced and one warning says compiled gates use torch's own (recomputing) cond backward.
+    ``compiling``: called while dynamo traces a model, after this compile's start callbacks have run, so
+    inductor's cond lowering is wrapped now (AOT autograd and inductor run after the trace: early enough).
     """
     global _torch_cond_autograd
     if _torch_cond_autograd is not None:
         _register_compile_callback()
+        if compiling:
+            _wrap_cond_lowering()
         return True
     absent = missing()
     if absent:
@@ -92,6 +102,10 @@ def install() -> bool:
     _torch_cond_autograd = cond.CondAutogradOp
     cond.CondAutogradOp = _Dispatch
     _register_compile_callback()
+    if compiling:
+        _wrap_cond_lowering()
+    log.info("sdsurgeon: torch %s's cond backward now saves gates' activations (uninstall() restores it)",
+             torch.__version__)
     return True
 
 
@@ -119,7 +133,7 @@ def uninstall() -> None:
 def _register_compile_callback() -> None:
     """Ask dynamo to call ``_wrap_cond_lowering`` when a compile starts (inductor is loaded by then).
 
-    Checked at every gate made: ``torch._dynamo.reset()`` clears dynamo's callbacks. A training compile
+    Checked at every install call (each compile of a gate): ``torch._dynamo.reset()`` clears dynamo's callbacks. A training compile
     also wraps the lowering from ``_Dispatch.apply``, whatever was reset in between.
     """
     global _compile_callback
@@ -199,9 +213,11 @@ def _as_traced(operands):
 
 
 def _warn_once(message: str) -> None:
+    """A fallback to torch's own behaviour, said once per process: in the log and as a RuntimeWarning."""
     global _warned
     if not _warned:
         _warned = True
+        log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -247,13 +263,11 @@ def canonical(t, channels_last: bool):
 
 
 def _from_gate(graph_module) -> bool:
-    """Whether a cond branch was traced inside a StochasticDepth gate (dynamo's nn_module_stack says so)."""
-    from .layers import StochasticDepth
-
+    """Whether a cond branch was traced as a gate's side: some node carries ``MARKER`` in ``meta["custom"]``."""
     for node in graph_module.graph.nodes:
-        for _path, cls in (node.meta.get("nn_module_stack") or {}).values():
-            if cls is StochasticDepth:
-                return True
+        custom = node.meta.get("custom")
+        if isinstance(custom, dict) and all(custom.get(k) == v for k, v in MARKER.items()):
+            return True
     return False
 
 

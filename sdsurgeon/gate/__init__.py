@@ -1,0 +1,8 @@
+"""The stochastic-depth gate, split by concern: spec, decision, eager and compiled executors, the torch patch."""
+
+from .compiled import batch_norm_with_stats
+from .decision import draw
+from .module import StochasticDepth
+from .spec import MODES, SCALINGS, GateSpec
+
+__all__ = ["StochasticDepth", "draw", "GateSpec", "MODES", "SCALINGS", "batch_norm_with_stats"]

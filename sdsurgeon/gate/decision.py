@@ -1,0 +1,136 @@
+"""Keep/drop draws: each gate's RNG stream, the seed all ranks agree on, and replay under activation checkpointing."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+
+from .spec import GateSpec
+
+# One seed per process group, agreed once: every rank's gates then draw the same stream.
+_SHARED_SEEDS: dict[int, int] = {}
+
+# Draws a seeded gate remembers for checkpoint recomputes: micro-batches run forward before one backward.
+REPLAY_LIMIT = 64
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shared_seed() -> int:
+    """A seed drawn on rank 0 and broadcast once to every rank of the default process group."""
+    key = id(dist.group.WORLD)
+    if key not in _SHARED_SEEDS:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        if dist.get_backend() == "nccl":  # nccl moves CUDA tensors only
+            seed = seed.cuda()
+        dist.broadcast(seed, src=0)
+        _SHARED_SEEDS[key] = int(seed.item())
+    return _SHARED_SEEDS[key]
+
+
+class Draws:
+    """One gate's draws: its generator (made on first use), the last draw, and draws kept for replay.
+
+    Activation checkpointing (``torch.utils.checkpoint``, reentrant or not, ``preserve_rng_state=True``)
+    restores the global CPU RNG state before it recomputes a forward. A gate without a generator of its
+    own draws from that global RNG, so the recompute draws the same again by itself. A gate with its own
+    generator first draws a key from the global RNG and remembers ``key -> draw``: the recompute draws the
+    same key and gets that draw back, whichever micro-batch or call it belongs to. The key only indexes
+    this process's records; the decision still comes from the gate's stream, so ranks sharing a seed agree.
+    """
+
+    def __init__(self) -> None:
+        self.generator: torch.Generator | None = None
+        self.last: torch.Tensor | None = None  # the most recent draw (tests and tools read it)
+        self.records: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __getstate__(self):
+        # the stream's position is kept, as the old gate pickled its generator; nothing to replay survives
+        return {"generator": self.generator, "last": None, "records": OrderedDict()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def stream(self, spec: GateSpec) -> torch.Generator | None:
+        """The gate's generator: seeded by ``seed``, or by a seed all ranks share; None: torch's global one."""
+        if self.generator is None:
+            seed = spec.seed
+            if _distributed():
+                if seed is None and spec.sync_ranks:
+                    seed = shared_seed()
+                elif seed is not None and not spec.sync_ranks:
+                    seed = seed + 7_919 * dist.get_rank()  # independent, still reproducible, per rank
+            if seed is None:
+                return None
+            # Distinct, reproducible stream per gate; a large odd multiplier keeps seeds from overlapping.
+            self.generator = torch.Generator().manual_seed((seed * 1_000_003 + spec.index) % 2**63)
+        return self.generator
+
+    def rand(self, spec: GateSpec, *shape: int) -> torch.Tensor:
+        """Uniform draws on the CPU; a checkpoint recompute gets the draws its forward got (see the class)."""
+        generator = self.stream(spec)
+        if generator is None:
+            draw = torch.rand(shape)
+        else:
+            key = int(torch.randint(0, 2**62, ()))
+            replay = self.records.pop(key, None) if torch._C._current_graph_task_id() != -1 else None
+            if replay is not None and tuple(replay.shape) == shape:
+                draw = replay
+            else:  # a first forward; or a recompute that did not restore the RNG state: a fresh draw
+                draw = torch.rand(shape, generator=generator)
+                self.records[key] = draw
+                if len(self.records) > REPLAY_LIMIT:
+                    self.records.popitem(last=False)
+        self.last = draw
+        return draw
+
+    def keep(self, spec: GateSpec) -> bool:
+        """One batch-mode draw: True with probability p."""
+        return spec.p >= 1.0 or bool(self.rand(spec) < spec.p)
+
+    def decide(self, spec: GateSpec, training: bool, skip: torch.Tensor) -> bool | torch.Tensor | None:
+        """This call's decision: keep or not (batch mode), the kept rows (row mode); None when nothing is drawn."""
+        if not training or spec.p >= 1.0:
+            return None
+        if spec.mode == "batch":
+            return self.keep(spec)
+        return (self.rand(spec, skip.shape[0]) < spec.p).nonzero().squeeze(1)
+
+
+def decides_in_graph(spec: GateSpec, training: bool, has_cond_branch: bool) -> bool:
+    """Whether a compiled model can decide this gate with torch.cond: batch mode, training, p < 1,
+    unseeded, single process, and a branch torch.cond can take (``has_cond_branch``)."""
+    # A seeded gate draws from its own generator, and distributed ranks must agree: both stay in Python.
+    if spec.mode != "batch" or not training or spec.p >= 1.0 or spec.seed is not None or _distributed():
+        return False
+    if not hasattr(torch, "cond"):  # an older torch: the Python decision, with its graph break
+        return False
+    return has_cond_branch
+
+
+_DRAW = object()  # forward's default: draw here (a gate called directly, outside a rewritten graph)
+
+_IN_GRAPH = object()  # draw's answer under torch.compile when the gate decides inside the graph (torch.cond)
+
+
+def draw(gate, skip: torch.Tensor):
+    """The gate's decision for its next call.
+
+    The rewritten graph calls this right before each gate. Under torch.compile a batch-mode gate
+    whose branch torch.cond can take decides inside the compiled graph (a traced ``torch.rand``,
+    fresh every call: one graph for the whole model). Any other gate decides in Python, outside
+    the graph: the compiled model breaks there and resumes on either side of the decision, so each
+    such gate costs at most two compiled continuations, whatever the drop pattern.
+    """
+    if torch.compiler.is_compiling() and gate.decides_in_graph():
+        return _IN_GRAPH
+    return _draw_in_python(gate, skip)
+
+
+@torch.compiler.disable  # the coin flip stays in Python: drawn afresh, never frozen into a graph
+def _draw_in_python(gate, skip: torch.Tensor):
+    return gate.draw(skip)
