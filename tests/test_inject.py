@@ -121,6 +121,21 @@ def test_deepcopy_to_and_pickle_keep_branches_bound_to_the_model():
     assert torch.allclose(restored(*x), x[0]), "restored branches must read the restored weights"
 
 
+def test_an_unpickled_model_still_draws_its_gates_afresh_each_call():
+    """torch.fx re-traces a GraphModule's code on unpickling: the draw must not be made then and frozen in."""
+    from zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "layerscale")
+    buffer = io.BytesIO()
+    torch.save(inject(entry.build(), 0.5, rule="uniform"), buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False).train()
+    x = entry.inputs()
+    torch.manual_seed(0)
+    outputs = {restored(*x).detach().sum().item() for _ in range(20)}
+    assert len(outputs) > 1, "every call gave the same output: the gates' decisions were frozen when unpickled"
+
+
 def test_train_and_eval_switch_gates_and_layers():
     from zoo import ZOO
 

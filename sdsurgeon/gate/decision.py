@@ -126,6 +126,13 @@ def draw(gate, skip: torch.Tensor):
     the graph: the compiled model breaks there and resumes on either side of the decision, so each
     such gate costs at most two compiled continuations, whatever the drop pattern.
     """
+    if isinstance(skip, torch.fx.Proxy):
+        # torch.fx re-traces a GraphModule's code when one is unpickled: the draw must stay a call in the
+        # graph, not be made once here and frozen into it as a constant.
+        tracer = skip.tracer
+        if not isinstance(gate, torch.fx.Proxy):
+            gate = tracer.create_proxy("get_attr", tracer.path_of_module(gate), (), {})
+        return tracer.create_proxy("call_function", draw, (gate, skip), {})
     if torch.compiler.is_compiling() and gate.decides_in_graph():
         return _IN_GRAPH
     return _draw_in_python(gate, skip)
