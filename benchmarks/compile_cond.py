@@ -2,7 +2,7 @@
 
 "always kept" gates every block with p = 1 - 1e-7 (uniform), so each still goes through torch.cond but
 (almost) never drops: its ratio to the compiled original is the cost of the cond boundaries alone.
-The "torch cond bw" variants are compiled with sdsurgeon.cond_backward switched off: torch's own
+The "torch cond bw" variants are compiled with sdsurgeon.gate.cond_backward switched off: torch's own
 torch.cond backward, which runs each kept branch's forward again.
 Train step (forward, cross-entropy, backward) at batch 64, 2 threads, 10 interleaved rounds after 3 warm-up.
 

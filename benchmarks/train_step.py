@@ -5,7 +5,7 @@ Run: .venv/bin/python benchmarks/train_step.py   (--steps 3 --depth 20 for a qui
 Eager variants are timed against the eager original, the compiled one (torch.compile, inductor) against the
 compiled original. Compilation happens in the warm-up rounds; graphs compiled during the timed rounds are
 counted and reported (0 means no recompilation per drop pattern). "compiled batch, torch cond bw" is the
-same injected model compiled with sdsurgeon.cond_backward switched off: torch's own torch.cond backward,
+same injected model compiled with sdsurgeon.gate.cond_backward switched off: torch's own torch.cond backward,
 which runs every kept branch's forward a second time.
 """
 

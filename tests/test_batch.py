@@ -392,6 +392,8 @@ def test_check_lists_jobs_and_runs_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not (tmp_path / "sdsurgeon-report").exists()
 
 
+@pytest.mark.multiprocess
+@pytest.mark.onnx
 def test_checkpoint_with_weights_loads_the_trained_weights_into_the_checkpoints_model(tmp_path, monkeypatch):
     """`checkpoint` + `weights` is `export MODEL --weights W`: the gated .sd.pt file with trained weights in it."""
     import onnxruntime as ort

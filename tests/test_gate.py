@@ -106,3 +106,13 @@ def test_gate_rejects_bad_settings(bad):
     with pytest.raises(ConfigError):
         StochasticDepth(kwargs.pop("p"), nn.Identity(), **kwargs)
 
+
+
+def test_names_pickled_before_the_gate_moved_still_resolve():
+    """Models pickled by earlier versions name sdsurgeon.layers.StochasticDepth and, in graph code, its draw."""
+    import pickle
+
+    import sdsurgeon.gate
+
+    assert pickle.loads(b"csdsurgeon.layers\nStochasticDepth\n.") is sdsurgeon.gate.StochasticDepth
+    assert pickle.loads(b"csdsurgeon.layers\ndraw\n.") is sdsurgeon.gate.draw
