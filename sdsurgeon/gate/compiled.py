@@ -74,9 +74,14 @@ def _random(module: nn.Module) -> bool:
 _RANDOM_FUNCTIONS = frozenset({torch.nn.functional.dropout, torch.dropout, torch.rand, torch.randn, torch.bernoulli})
 
 
-@torch._dynamo.assume_constant_result  # run for real while dynamo traces the gate, not traced into the graph
 def _install_while_compiling() -> bool:
     return cond_backward.install(compiling=True)
+
+
+# Run for real while dynamo traces the gate, not traced into the graph. The name is private to torch: where it
+# is missing, a graph break around the install does the same, at one break per gate.
+_install_while_compiling = getattr(torch._dynamo, "assume_constant_result", torch.compiler.disable)(
+    _install_while_compiling)
 
 
 def _marked():
