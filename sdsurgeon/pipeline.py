@@ -20,6 +20,7 @@ from .deploy.verify import Verification, verify
 from .errors import ConfigError
 from .io.checkpoint import holds_weights_only, load_weights
 from .io.files import check_output, staged
+from .io.source import SOURCE_ATTR
 from .sdfile import default_output, load, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
 from .surgery.inject import inject as inject_model
@@ -203,8 +204,9 @@ def inject(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Sp
     check_output(target, *ref.inputs)
     injected = gate(ref.load(), options, inputs)
     save(injected, target)
+    source = getattr(injected, SOURCE_ATTR, None)
     return InjectResult(ref.name, target, options, getattr(injected, RECIPE_ATTR),
-                        injected.sdsurgeon_source.kind in ("arch", "hf"), time.perf_counter() - started)
+                        source is not None and source.kind in ("arch", "hf"), time.perf_counter() - started)
 
 
 # --- convert: fold -> export -> verify ------------------------------------------------------------------
