@@ -2,7 +2,7 @@
 
 from .compiled import batch_norm_with_stats
 from .decision import draw
-from .module import StochasticDepth
+from .module import StochasticDepth, gates
 from .spec import MODES, SCALINGS, GateSpec
 
-__all__ = ["StochasticDepth", "draw", "GateSpec", "MODES", "SCALINGS", "batch_norm_with_stats"]
+__all__ = ["StochasticDepth", "gates", "draw", "GateSpec", "MODES", "SCALINGS", "batch_norm_with_stats"]

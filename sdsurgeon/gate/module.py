@@ -151,3 +151,8 @@ class StochasticDepth(nn.Module):
             return eager.batch_forward(spec, self.branch, skip, branch_inputs, decision)
         return eager.row_forward(spec, self.branch, skip, branch_inputs, decision)
 
+
+def gates(model: nn.Module) -> list[StochasticDepth]:
+    """The model's gates in depth order."""
+    found = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    return sorted(found, key=lambda g: g.index)

@@ -17,7 +17,7 @@ from ..capture.graph_facts import is_view, writes_in_place
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..errors import NoResidualSitesError, RecipeMismatchError
-from ..gate import StochasticDepth, draw
+from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.source import tag
 from .recipe import RECIPE_ATTR, Recipe
 
@@ -208,9 +208,3 @@ def gate_sites(
     graph.lint()
     gm.recompile()
     return gm
-
-
-def gates(model: nn.Module) -> list[StochasticDepth]:
-    """The model's gates in depth order."""
-    found = [m for m in model.modules() if isinstance(m, StochasticDepth)]
-    return sorted(found, key=lambda g: g.index)
