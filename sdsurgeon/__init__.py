@@ -10,6 +10,7 @@ if _sys.argv[:1] == ["-m"]:  # `python -m sdsurgeon`: runpy put the current fold
     _drop_current_folder()
 
 from .analysis.detect import ResidualSite, find_residuals
+from .analysis.influence import block_influence
 from .analysis.plan import Plan, plan
 from .capture.fx import register_leaf
 from .capture.inputs import InputSpec
@@ -22,16 +23,19 @@ from .io.trust import trust
 from .sdfile import load, save
 from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
 from .surgery.inject import apply_recipe, gates, inject
+from .surgery.prune import PruneReport, prune, prune_curve
 from .surgery.recipe import Recipe
 
 __all__ = [
     "InputSpec",
     "Plan",
+    "PruneReport",
     "Recipe",
     "ResidualSite",
     "StochasticDepth",
     "SurgeonError",
     "apply_recipe",
+    "block_influence",
     "export_onnx",
     "find_folds",
     "find_residuals",
@@ -42,6 +46,8 @@ __all__ = [
     "load",
     "load_weights",
     "plan",
+    "prune",
+    "prune_curve",
     "register_leaf",
     "remove_gates",
     "save",

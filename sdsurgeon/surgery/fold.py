@@ -7,7 +7,7 @@ import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -17,7 +17,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..capture.drop_path import is_drop_path
 from ..capture.fx import trace_eval
-from ..capture.graph_facts import dead_nodes, is_view
+from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
 from ..gate import StochasticDepth
 from ..surgery.recipe import RECIPE_ATTR
 
@@ -121,10 +121,10 @@ class FoldedSite:
     id: str
     index: int
     p: float
-    how: str  # "weights" (p folded into params) | "multiply" (explicit constant multiply) | "none" (inverted scaling)
+    how: str  # "weights" (p in params) | "multiply" (a constant multiply) | "none" (inverted) | "dropped" (pruned)
     params: tuple[str, ...] = ()  # model-qualified names of the scaled parameters
     copied: tuple[str, ...] = ()  # shared weights that were copied before scaling
-    reason: str | None = None  # why a multiply stayed
+    reason: str | None = None  # why a multiply stayed, or why a block went that was not chosen (inside a dropped one)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "id": self.id, "p": round(self.p, 6), "how": self.how,
@@ -143,9 +143,13 @@ class FoldReport:
     def multiplies(self) -> list[FoldedSite]:
         return [s for s in self.sites if s.how == "multiply"]
 
+    @property
+    def dropped(self) -> list[FoldedSite]:
+        return [s for s in self.sites if s.how == "dropped"]
+
     def to_dict(self) -> dict:
-        return {"num_gates": len(self.sites), "num_folded": len(self.folded),
-                "num_multiplies": len(self.multiplies), "sites": [s.to_dict() for s in self.sites]}
+        return {"num_gates": len(self.sites), "num_folded": len(self.folded), "num_multiplies": len(self.multiplies),
+                "num_dropped": len(self.dropped), "sites": [s.to_dict() for s in self.sites]}
 
 
 class Scale(nn.Module):
@@ -445,14 +449,16 @@ def _zero_pad(node: fx.Node) -> bool:
 
 
 def fold_gates(gm: fx.GraphModule, sites: Sequence[FoldSite], *, into_weights: bool = True, scale: bool = True,
-               prefix: str = "") -> tuple[fx.GraphModule, list[FoldedSite]]:
+               prefix: str = "", drop: Collection[str] = ()) -> tuple[fx.GraphModule, list[FoldedSite]]:
     """Pass: replace every gate in ``gm`` by its branch, with p folded into weights or kept as a multiply.
 
     Mutates and returns ``gm`` (with a record per gate). ``sites`` come from ``find_folds`` on the model
     holding ``gm``. Nested gates are handled: inlining an outer branch exposes the inner gate node,
     which is folded in turn. ``into_weights=False`` keeps every paper-scaled p as a ``Scale`` multiply;
     ``scale=False`` drops p altogether (the original architecture back, see ``remove_gates``).
-    ``prefix`` is gm's module path, used to name parameters in the records.
+    ``prefix`` is gm's module path, used to name parameters in the records. Sites whose id is in
+    ``drop`` are folded with p = 0: the gate and its branch go, the skip (identity or projection) stays;
+    the branch's modules stay in the module tree, unused, so the state_dict keeps its keys.
     """
     by_gate = {s.gate: s for s in sites}
     graph = gm.graph
@@ -464,6 +470,17 @@ def fold_gates(gm: fx.GraphModule, sites: Sequence[FoldSite], *, into_weights: b
         site = by_gate[gate_node.target]
         gate = gm.get_submodule(site.gate)
         skip, *inputs = gate_node.args
+        if site.id in drop:
+            if gate.copy_skip:  # the block's output is written in place later: it must not be the skip itself
+                with graph.inserting_before(gate_node):
+                    skip = graph.call_method("clone", (skip,))
+            gate_node.replace_all_uses_with(skip)
+            decision = gate_node.kwargs.get("decision")
+            graph.erase_node(gate_node)
+            _erase_draw(graph, decision)
+            _erase_unused(graph, inputs)
+            done += _drop(gm, site, gate)
+            continue
         with graph.inserting_before(gate_node):
             env = _inline(graph, gate.branch.graph, inputs)
             out = env["__output__"]
@@ -480,6 +497,35 @@ def fold_gates(gm: fx.GraphModule, sites: Sequence[FoldSite], *, into_weights: b
     graph.lint()
     gm.recompile()
     return gm, done
+
+
+def _drop(gm: fx.GraphModule, site: FoldSite, gate: StochasticDepth) -> list[FoldedSite]:
+    """Records for a dropped gate and for the gates nested in its branch, which go with it; removes them all."""
+    inner, pending = [], [gate]
+    while pending:  # gates in the branch, in theirs, and so on (three levels deep is in the zoo)
+        found = [n.target for n in pending.pop().branch.graph.nodes
+                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), StochasticDepth)]
+        inner += found
+        pending += [gm.get_submodule(name) for name in found]
+    records = [FoldedSite(site.id, site.index, site.p, "dropped")]
+    for name in inner:
+        nested = gm.get_submodule(name)
+        records += [FoldedSite(nested.site_id, nested.index, nested.p, "dropped",
+                               reason=f"inside the dropped block {site.id}")]
+    for name in [site.gate, *inner]:
+        gm.delete_submodule(name)
+    return records
+
+
+def _erase_unused(graph: fx.Graph, values: Sequence) -> None:
+    """Erase the nodes that only a removed branch read (its own reads of weights, a view made for it), transitively."""
+    pending = [v for v in values if isinstance(v, fx.Node)]
+    while pending:
+        n = pending.pop()
+        if n.users or n.op in ("placeholder", "output") or n.graph is not graph or n.is_impure() or writes_in_place(n):
+            continue
+        pending += n.all_input_nodes
+        graph.erase_node(n)
 
 
 def _erase_draw(graph: fx.Graph, decision) -> None:
@@ -561,8 +607,11 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
     return FoldedSite(site.id, site.index, site.p, "weights", tuple(scaled), tuple(copied)), out
 
 
-def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True) -> tuple[nn.Module, FoldReport]:
-    """``fold`` that also says, per gate, which parameters took p or why a multiply stayed."""
+def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True,
+                     drop: Collection[str] = ()) -> tuple[nn.Module, FoldReport]:
+    """``fold`` that also says, per gate, which parameters took p or why a multiply stayed.
+
+    ``drop``: site ids folded with p = 0 (pruned: see ``fold_gates``; ``surgery.prune`` chooses them)."""
     with warnings.catch_warnings():
         # torch's own deprecation, raised when a torch.export capture's input spec is copied
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
@@ -572,7 +621,7 @@ def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool
     result = work
     for path, gm in list(_gate_graphs(work)):
         mine = [s for s in sites if s.part == path]
-        _, done = fold_gates(gm, mine, into_weights=into_weights, scale=scale, prefix=path)
+        _, done = fold_gates(gm, mine, into_weights=into_weights, scale=scale, prefix=path, drop=frozenset(drop))
         report.sites += done
     report.sites.sort(key=lambda s: s.index)
     _untag(result)
