@@ -85,6 +85,12 @@ JSON = typer.Option(False, "--json", help="Print one JSON object on stdout inste
 CAPTURE = typer.Option("auto", "--capture", help="How to read the model's graph: fx (torch.fx, Python level), export "
                        "(torch.export on the example inputs, ATen level: transformers models), or auto (fx if it "
                        "traces the whole model, else export).")
+DROP_BY = typer.Option("schedule", "--drop-by", help="Which blocks go first: schedule (lowest p_l first, the deepest "
+                       "first among equals) or influence (the lowest block influence on the calibration inputs first: "
+                       "1 - cos(skip, block output), ShortGPT's measure).")
+CALIBRATION = typer.Option(None, "--calibration", help="Inputs to measure pruning on: a file saved with torch.save "
+                           "holding a tensor (one positional input), a tuple of tensors, or a dict of tensors named as "
+                           "the forward's arguments (read weights-only). Default: 16 random samples of the input shape.")
 KEEP_EXISTING = typer.Option(False, "--keep-existing", help="Leave drop-path modules the model already has (timm, "
                              "transformers) dropping at their own rates; by default they are switched off and the "
                              "gates, at the schedule's rates, replace them.")
@@ -149,6 +155,22 @@ def _render_plan(p: Plan, name: str) -> None:
         out.print(f"not gated: {refused.id}: {refused.reason}", markup=False)
 
 
+def _fmt_share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _render_curve(curve) -> None:
+    table = Table(title=f"prune curve ({curve.by} order), against the unpruned model on {curve.calibration}",
+                  title_justify="left")
+    for col in ("removed", "site removed last", "params used", "rel error", "cosine", "top-1 agreement"):
+        table.add_column(col, justify="left" if col == "site removed last" else "right", overflow="fold")
+    for pt in curve.points:
+        f = pt.fidelity
+        table.add_row(str(pt.removed), pt.site or "-", f"{pt.params:,}", f"{f.rel_error:.3g}", f"{f.cosine:.4f}",
+                      _fmt_share(f.top1))
+    out.print(table)
+
+
 @app.command("plan")
 @user_errors
 def plan_cmd(
@@ -172,6 +194,12 @@ def plan_cmd(
         None, "--plot", help="Also draw the schedule to this image (.png, .svg or .pdf): p_l per site as a line "
         "and, with --input-shape, each site's share of the FLOPs as bars. Needs matplotlib: "
         "pip install 'sdsurgeon\\[plot]'. Example: --plot schedule.png"),
+    prune_curve: bool = typer.Option(False, "--prune-curve", help="Also measure how far the gated model can be "
+                                     "pruned: for k = 0..L blocks removed (in --drop-by order), the output's relative "
+                                     "error, cosine similarity and top-1 agreement against the unpruned model. "
+                                     "--plot then draws this curve."),
+    drop_by: str = DROP_BY,
+    calibration: Optional[Path] = CALIBRATION,
 ) -> None:
     """Show the residual sites found and the survival probability each would get; --plot draws it.
 
@@ -180,14 +208,23 @@ def plan_cmd(
     Example: sdsurgeon plan --arch mymodels:resnet110 --weights model.pt   (the same model, as export and batch spell it)
 
     Example: sdsurgeon plan ./bert-small --input input_ids:1,16:int64   (a save_pretrained folder)
+
+    Example: sdsurgeon plan trained.sd.pt --prune-curve --calibration batch.pt --plot curve.png
     """
     specs = _input_specs(input_shape, input_)
+    if not prune_curve and (calibration is not None or drop_by != "schedule"):
+        raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for --prune-curve in plan; "
+                          "add --prune-curve")
+    curve = pipeline.CurveOptions(drop_by, calibration) if prune_curve else None
     result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights),
-                           _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs, plot=plot)
+                           _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs, plot=plot,
+                           curve=curve)
     if json_:  # the plot is written before any output, so a failed write leaves stdout empty
         print(json.dumps(result.to_dict()))
     else:
         _render_plan(result.plan, result.name)
+        if result.curve is not None:
+            _render_curve(result.curve)
         if plot is not None:
             out.print(f"wrote {plot}", markup=False)
 
@@ -269,6 +306,25 @@ def _render_fold(report: FoldReport, fold: bool) -> None:
             out.print(f"  {s.id} (p = {s.p:.4g}): {s.reason}", markup=False)
 
 
+def _render_pruned(pruned, nodes_before: int | None, nodes_after: int) -> None:
+    rule = {"schedule": "lowest p_l first", "influence": "lowest block influence first",
+            "sites": "--drop-sites"}[pruned.by]
+    total = len(pruned.dropped) + len(pruned.kept)
+    out.print(f"pruned: {len(pruned.dropped)} of {total} blocks removed ({rule}): "
+              f"{', '.join(pruned.dropped) or 'none'}", markup=False)
+    sizes = [f"ONNX nodes {nodes_before} -> {nodes_after}"]
+    if pruned.params_before is not None:
+        sizes.insert(0, f"parameters used {pruned.params_before:,} -> {pruned.params_after:,}")
+    out.print(", ".join(sizes))
+    f = pruned.fidelity
+    if f is None:
+        out.print("fidelity: not measured (no inputs: give --calibration or --input-shape)")
+    else:
+        top1 = "" if f.top1 is None else f", top-1 agreement {100 * f.top1:.1f}%"
+        out.print(f"against the unpruned model on {pruned.calibration}: relative error {f.rel_error:.3g}, "
+                  f"cosine {f.cosine:.4f}{top1}", markup=False)
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
@@ -290,6 +346,14 @@ def export_cmd(
     arch_kwargs: Optional[str] = ARCH_KWARGS,
     trust_pickle: bool = TRUST,
     verbose: bool = typer.Option(False, "--verbose", help="Show the ONNX exporter's own log and warnings."),
+    drop: Optional[str] = typer.Option(None, "--drop", help="Prune: remove this many gated blocks (a count, or a share "
+                                       "such as 25%) before folding the rest; a removed block keeps its skip (and a "
+                                       "projection shortcut its projection). See --drop-by; `plan --prune-curve` shows "
+                                       "what each count costs."),
+    drop_by: str = DROP_BY,
+    drop_sites: Optional[str] = typer.Option(None, "--drop-sites", help="Prune the blocks whose site id matches this "
+                                             "regex (re.search) instead of a count; `plan` lists the ids."),
+    calibration: Optional[Path] = CALIBRATION,
     json_: bool = JSON,
 ) -> None:
     """Fold the gates into the weights and export a deterministic ONNX graph, verified with onnxruntime.
@@ -299,10 +363,20 @@ def export_cmd(
     A miss beyond --rtol/--atol is a failure (exit 1) and leaves no ONNX file. The input shape given at
     inject is remembered, so a file written by `sdsurgeon inject --input-shape ...` needs none here.
 
+    With --drop (or --drop-sites) the export is pruned: the chosen blocks go, the others fold, and the
+    report says which went, the parameters and ONNX nodes before and after, and how far the output moved
+    from the unpruned model's on the calibration inputs (onnxruntime is then checked against the pruned model).
+
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt -o model.onnx
+
+    Example: sdsurgeon export model.sd.pt --weights trained_state.pt --drop 25% --drop-by influence --calibration batch.pt
     """
     specs = _input_specs(input_shape, input_)
-    options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose)
+    if drop is None and drop_sites is None and (calibration is not None or drop_by != "schedule"):
+        raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for pruning: "
+                          "add --drop N (or --drop-sites REGEX)")
+    options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose, drop, drop_by,
+                                      drop_sites, calibration)
     result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output)
     record = result.to_dict()
     if json_:
@@ -310,12 +384,14 @@ def export_cmd(
         return
     report, exported, checked = result.report, result.exported, result.checked
     _render_fold(report, fold)
+    if result.pruned is not None:
+        _render_pruned(result.pruned, result.unpruned_nodes, exported.nodes)
     compared = (f" ({exported.scale_nodes} from kept multiplies)" if result.original_nodes is None
                 else f" (the architecture without gates: {result.original_nodes})")
     batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
     out.print(f"ONNX: {exported.nodes} nodes{compared}, opset {exported.opset}, {batch}, {_fmt_bytes(exported.file_bytes)}")
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
-    against = "the injected model" if report.sites else "the model"
+    against = "the pruned model" if result.pruned else "the injected model" if report.sites else "the model"
     out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
               f"max abs error {checked.max_abs:.2g}, {100 * checked.tolerance_used:.2g}% of the tolerance "
               f"(rtol {rtol:g}, atol {atol:g})")
@@ -360,7 +436,8 @@ class _BatchDisplay:
             r = event.record
             self.status[event.job] = r.status
             self.notes[event.job] = r.error or (
-                f"{r.folded}/{r.sites} folded, {r.nodes} nodes, max abs error {r.max_abs_error:.2g}, "
+                f"{r.folded}/{r.sites} folded, {f'{r.dropped} dropped, ' if r.dropped else ''}{r.nodes} nodes, "
+                f"max abs error {r.max_abs_error:.2g}, "
                 f"{r.timings.get('total', 0):.1f} s"
             )
             if self.enabled and not self.live:

@@ -18,12 +18,14 @@ from .capture.inputs import InputSpec, make_example_inputs
 from .deploy.export import OnnxExport, export_onnx, write_onnx
 from .deploy.verify import Verification, verify
 from .errors import ConfigError
-from .io.checkpoint import holds_weights_only, load_weights
+from .gate import gates
+from .io.checkpoint import holds_weights_only, load_weights, read_calibration
 from .io.files import check_output, staged
 from .io.source import SOURCE_ATTR
 from .sdfile import default_output, load, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
 from .surgery.inject import inject as inject_model
+from .surgery.prune import PruneCurve, PruneReport, prune, prune_curve
 from .surgery.recipe import RECIPE_ATTR, Recipe
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -103,6 +105,14 @@ class ConvertOptions:
     atol: float = 1e-5
     compare: bool = False  # also export the architecture without gates, for its node count
     verbose: bool = False
+    drop: str | None = None  # prune this many gated blocks (a count, or a share: "25%"); None: prune nothing
+    drop_by: str = "schedule"  # which ones: see surgery.prune.DROP_RULES
+    drop_sites: str | None = None  # or those whose site id matches this regex
+    calibration: Path | None = None  # inputs the pruning is measured on (default: random ones)
+
+    @property
+    def prunes(self) -> bool:
+        return self.drop is not None or self.drop_sites is not None
 
 
 Specs = Sequence[InputSpec] | None
@@ -133,28 +143,51 @@ class PlanResult:
     name: str
     plan: Plan
     plot: Path | None = None
+    curve: PruneCurve | None = None
 
     def to_dict(self) -> dict:
-        return {"model": self.name, **self.plan.to_dict(), **({"plot": str(self.plot)} if self.plot else {})}
+        return {"model": self.name, **self.plan.to_dict(), **({"plot": str(self.plot)} if self.plot else {}),
+                **({"prune_curve": self.curve.to_dict()} if self.curve else {})}
+
+
+@dataclass(frozen=True)
+class CurveOptions:
+    """``plan --prune-curve``: fidelity against blocks removed, in ``drop_by``'s order, measured on ``calibration``."""
+
+    drop_by: str = "schedule"
+    calibration: Path | None = None
 
 
 def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Specs = None, *,
-         plot: Path | None = None) -> PlanResult:
-    """The residual sites of a model file and the p_l each would get; ``plot`` also draws the schedule there."""
-    from .plot import image_format, plot_schedule
+         plot: Path | None = None, curve: CurveOptions | None = None) -> PlanResult:
+    """The residual sites of a model file and the p_l each would get; ``plot`` also draws the schedule there.
 
+    ``curve``: also the prune curve of the model gated as planned (of a gated model file: as it is);
+    ``plot`` then draws the curve instead of the schedule.
+    """
+    from .plot import image_format, plot_prune_curve, plot_schedule
+
+    extra = (curve.calibration,) if curve is not None and curve.calibration else ()
     if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
-        image_format(check_output(plot, *ref.inputs, option="--plot"))
+        image_format(check_output(plot, *ref.inputs, *extra, option="--plot"))
+    calibration = read_calibration(extra[0]) if extra else None
     model = ref.load()
-    _, example = _examples(model, inputs)
+    specs, example = _examples(model, inputs)
     p = plan_model(
         model, options.pL, rule=options.rule, overrides=list(options.overrides), include=list(options.include),
         exclude=list(options.exclude), leaves=list(options.leaves), example_inputs=example, capture=options.capture,
         keep_existing=options.keep_existing,
     )
+    measured = None
+    if curve is not None:
+        gated = model if gates(model) else gate(model, options, specs)
+        measured = prune_curve(gated, by=curve.drop_by, calibration=calibration, input_specs=specs)
     if plot is not None:
-        plot_schedule(p, plot, title=ref.name)
-    return PlanResult(ref.name, p, plot)
+        if measured is not None:
+            plot_prune_curve(measured, plot, title=ref.name)
+        else:
+            plot_schedule(p, plot, title=ref.name)
+    return PlanResult(ref.name, p, plot, measured)
 
 
 # --- inject ---------------------------------------------------------------------------------------------
@@ -226,6 +259,8 @@ class ConvertResult:
     checked: Verification
     original_nodes: int | None
     seconds: float
+    pruned: PruneReport | None = None
+    unpruned_nodes: int | None = None  # ONNX nodes of the same model folded without pruning
 
     def to_dict(self) -> dict:
         report, exported, checked = self.report, self.exported, self.checked
@@ -250,6 +285,8 @@ class ConvertResult:
             "verify": checked.to_dict(),
             "export_seconds": round(exported.seconds, 3),
             "seconds": round(self.seconds, 3),
+            **({} if self.pruned is None else
+               {**self.pruned.to_dict(), "nodes_before": self.unpruned_nodes, "nodes_after": exported.nodes}),
         }
 
 
@@ -265,12 +302,16 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     started = time.perf_counter()
     if options.rtol < 0 or options.atol < 0:
         raise ConfigError("--rtol and --atol must be zero or positive")
+    if options.calibration is not None and not options.prunes:
+        raise ConfigError("--calibration measures a pruned model: give it with --drop N or --drop-sites REGEX",
+                          option="--calibration")
+    calibration = None if options.calibration is None else read_calibration(options.calibration)
     ref = source if isinstance(source, ModelRef) else None
     if ref is not None:
         target = Path(output) if output else ref.default_output(".onnx")
         if target.suffix != ".onnx":
             raise ConfigError(f"-o {target}: an ONNX file name must end in .onnx")
-        check_output(target, *ref.inputs)
+        check_output(target, *ref.inputs, *([options.calibration] if options.calibration else []))
         with stage(timings, "load"):
             model = ref.load()
         name = name or ref.name
@@ -288,14 +329,28 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
             sd_tmp = outputs.enter_context(staged(save_injected))
             with stage(timings, "save"):
                 save(model, sd_tmp)
+        pruned = None
         with stage(timings, "fold"):
-            folded, report = fold_with_report(model, into_weights=options.fold)
+            if options.prunes:
+                folded, pruned = prune(model, options.drop or 0, by=options.drop_by, sites=options.drop_sites,
+                                       calibration=calibration, into_weights=options.fold, input_specs=specs)
+                report = pruned.fold
+            else:
+                folded, report = fold_with_report(model, into_weights=options.fold)
         with stage(timings, "export"):
             exported = write_onnx(folded, example, onnx_tmp, opset=options.opset, dynamic_batch=options.dynamic_batch,
                                   verbose=options.verbose)
-        with stage(timings, "verify"):  # against the gated model: the check covers the fold as well as the export
-            checked = verify(model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
+        with stage(timings, "verify"):
+            # against the gated model (the check covers the fold as well as the export); a pruned one is
+            # another function, checked against itself in PyTorch (the report measures how far it moved)
+            checked = verify(folded if pruned else model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
     exported.path = str(target)
+    unpruned_nodes = None
+    if pruned is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            unpruned_nodes = export_onnx(fold_with_report(model, into_weights=options.fold)[0], example,
+                                         Path(tmp) / "unpruned.onnx", opset=options.opset,
+                                         dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     original_nodes = None
     if options.compare:
         with tempfile.TemporaryDirectory() as tmp:
@@ -303,8 +358,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
             original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=options.opset,
                                          dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     return ConvertResult(name or "", target, options, report, exported, checked, original_nodes,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, pruned, unpruned_nodes)
 
 
-__all__ = ["ConvertOptions", "ConvertResult", "InjectResult", "ModelRef", "PlanResult", "SurgeryOptions", "convert",
-           "gate", "inject", "plan"]
+__all__ = ["ConvertOptions", "ConvertResult", "CurveOptions", "InjectResult", "ModelRef", "PlanResult",
+           "SurgeryOptions", "convert", "gate", "inject", "plan"]

@@ -1,4 +1,4 @@
-"""The schedule picture: survival probability p_l per residual site and each site's share of the model's FLOPs."""
+"""Pictures: the schedule (p_l per residual site, each site's share of the FLOPs) and the prune curve."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .analysis.plan import Plan
+from .surgery.prune import PruneCurve
 from .errors import ConfigError, MissingDependencyError, WriteError
 from .io.files import staged
 
@@ -101,6 +102,49 @@ def plot_schedule(plan: Plan, path: str | os.PathLike, title: str | None = None)
     """
     fmt = image_format(path)
     fig = schedule_figure(plan, title)
+    with staged(path) as tmp:
+        fig.savefig(tmp, format=fmt)
+    return fig
+
+
+def curve_figure(curve: PruneCurve, title: str | None = None):
+    """A matplotlib Figure of a prune curve: against blocks removed, the cosine similarity and (for class
+    logits) top-1 agreement with the unpruned model on the left axis, the relative error on the right.
+
+    ``fig.axes[0].lines``: cosine, then top-1 agreement when measured; ``fig.axes[1].lines[0]``: relative error.
+    """
+    Figure, Canvas, MaxNLocator, _ = _matplotlib()
+    k = [pt.removed for pt in curve.points]
+    fig = Figure(figsize=(8.0, 4.5), dpi=100, layout="constrained")
+    Canvas(fig)
+    ax = fig.add_subplot()
+    ax.plot(k, [pt.fidelity.cosine for pt in curve.points], color=P_COLOUR, marker="o", markersize=3,
+            label="cosine similarity")
+    if all(pt.fidelity.top1 is not None for pt in curve.points):
+        ax.plot(k, [pt.fidelity.top1 for pt in curve.points], color="tab:green", marker="s", markersize=3,
+                label="top-1 agreement")
+    ax.set_ylim(min(0.0, *(pt.fidelity.cosine for pt in curve.points)), 1.05)
+    ax.set_xlabel(f"blocks removed ({curve.by} order)")
+    ax.set_ylabel("agreement with the unpruned model")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    err = ax.twinx()
+    err.plot(k, [pt.fidelity.rel_error for pt in curve.points], color=FLOPS_COLOUR, linestyle="--",
+             label="relative error")
+    err.set_ylabel("relative error of the output", color=FLOPS_COLOUR)
+    err.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = err.get_legend_handles_labels()
+    fig.legend(handles + more_handles, labels + more_labels, loc="outside lower center", ncols=3, fontsize="small",
+               frameon=False)
+    line = f"prune curve, measured on {curve.calibration}"
+    fig.suptitle(f"{title}\n{line}" if title else line, fontsize="medium")
+    return fig
+
+
+def plot_prune_curve(curve: PruneCurve, path: str | os.PathLike, title: str | None = None):
+    """Draw ``curve`` (see ``curve_figure``) to ``path`` atomically; errors as ``plot_schedule``'s."""
+    fmt = image_format(path)
+    fig = curve_figure(curve, title)
     with staged(path) as tmp:
         fig.savefig(tmp, format=fmt)
     return fig

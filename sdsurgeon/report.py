@@ -24,6 +24,7 @@ class JobRecord:
     sites: int | None = None  # gated residual sites
     folded: int | None = None  # gates folded into weights
     multiplies: int | None = None  # gates kept as an explicit multiply
+    dropped: int | None = None  # blocks pruned (drop, drop_sites); None when the job prunes nothing
     nodes: int | None = None  # ONNX nodes
     max_abs_error: float | None = None
     max_rel_error: float | None = None

@@ -240,6 +240,32 @@ CONFIG_ERRORS = [
           - checkpoint: "ckpts/*.pt"
             arch: archs:tiny_resnet
         """, ("- checkpoint:", 1), ["checkpoint 'ckpts/*.pt' matches no file"]),
+    ("drop-share-over-100", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            drop: 120%
+        """, ("drop:", 1), ["drop: '120%': expected a count from 0 or a share from 0% to 100%"]),
+    ("drop-and-drop-sites", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            drop: 2
+            drop_sites: layer
+        """, ("drop_sites:", 1), ["drop_sites names the blocks itself"]),
+    ("drop-by-unknown", """
+        defaults:
+          drop_by: random
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+        """, ("drop_by:", 1), ["drop_by: 'random' is not one of schedule, influence"]),
+    ("drop-not-a-count", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            drop: [1]
+        """, ("drop:", 1), ["drop: expected a count or a share such as '25%'"]),
     ("duplicate-job-names", """
         defaults:
           input_shape: [1, 8]
@@ -821,3 +847,24 @@ def test_run_batch_with_no_jobs_returns_at_once():
     result = run_batch([], workers=4)
     assert result.records == [] and result.ok
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.multiprocess
+@pytest.mark.onnx
+def test_a_job_prunes_as_export_drop_does_and_a_bad_count_fails_in_config_terms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, """
+        defaults:
+          input_shape: [1, 3, 16, 16]
+        models:
+          - {name: whole, arch: sdsurgeon.models:cifar_resnet, arch_kwargs: {depth: 14, width: 4}}
+          - {name: pruned, arch: sdsurgeon.models:cifar_resnet, arch_kwargs: {depth: 14, width: 4}, drop: 2}
+          - {name: too_many, arch: sdsurgeon.models:cifar_resnet, arch_kwargs: {depth: 14, width: 4}, drop: 7}
+        """)
+    result = invoke("batch", "cfg.yaml", "--json", "--report-dir", "reports")
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    jobs = {j["name"]: j for j in json.loads(result.stdout)["jobs"]}
+    assert jobs["whole"]["dropped"] is None and jobs["pruned"]["dropped"] == 2
+    assert jobs["pruned"]["nodes"] < jobs["whole"]["nodes"]
+    assert jobs["pruned"]["folded"] == jobs["whole"]["folded"] - 2
+    assert jobs["too_many"]["error"].startswith("drop: '7': expected a count from 0 to 6"), jobs["too_many"]["error"]

@@ -45,6 +45,9 @@ class JobOptions:
     timeout: float | None = None  # seconds; a job running longer is killed and reported failed
     capture: str = "auto"  # auto | fx | export, as for --capture
     keep_existing: bool = False  # as --keep-existing: leave the model's own drop-path modules on
+    drop: str | None = None  # as export --drop: prune this many gated blocks (a count or a share, "25%")
+    drop_by: str = "schedule"  # as --drop-by
+    drop_sites: str | None = None  # as --drop-sites
 
 
 _NULLABLE = {f.name for f in fields(JobOptions) if f.default is None}
@@ -140,6 +143,8 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, bool)
     if kind == "str":
         return isinstance(value, str)
+    if kind == "count":
+        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
     if kind == "dict":
         return isinstance(value, dict)
     if kind == "list[str]":
@@ -150,6 +155,7 @@ def _kind_ok(value, kind: str) -> bool:
 
 
 _KIND_WORDS = {"number": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+               "count": "a count or a share such as '25%'",
                "dict": "a mapping", "list[str]": "a list of strings", "list[int]": "a list of integers"}
 
 
@@ -159,6 +165,8 @@ def _option_value(key: str, value):
         return None
     if key == "pL" or key in ("rtol", "atol", "timeout"):
         return float(value)
+    if key == "drop":
+        return str(value)
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -283,6 +291,7 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
                 fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
     if o.rtol < 0 or o.atol < 0:
         fail(where, "rtol and atol must be zero or positive")
+    _check_prune_values(o, where, fail)
     if o.timeout is not None and o.timeout <= 0:
         fail(where + ("timeout",), "timeout: must be a positive number of seconds")
     if _bad_path(o.output_dir):
@@ -292,6 +301,23 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
             InputSpec(None, o.input_shape)  # bounded: refused now, not when a worker allocates it
         except SurgeonError as exc:
             fail(where + ("input_shape",), f"input_shape: {exc}")
+
+
+def _check_prune_values(o: JobOptions, where: tuple, fail: Callable) -> None:
+    from ..analysis.schedule import compile_pattern
+    from ..surgery.prune import DROP_RULES, parse_drop
+
+    if o.drop_by not in DROP_RULES:
+        fail(where + ("drop_by",), f"drop_by: {o.drop_by!r} is not one of {', '.join(DROP_RULES)}")
+    if o.drop is not None and o.drop_sites is not None:
+        fail(where + ("drop_sites",), "drop_sites names the blocks itself: give it or drop, not both")
+    for key, check in (("drop", lambda v: parse_drop(v)), ("drop_sites", lambda v: compile_pattern(v, "drop_sites"))):
+        value = getattr(o, key)
+        if value is not None:
+            try:
+                check(value)
+            except SurgeonError as exc:
+                fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
 
 
 def _effective(defaults: JobOptions, overrides: dict[str, Any]) -> JobOptions:
@@ -366,7 +392,7 @@ _OPTION_KINDS: dict[str, str] = {
     "include": "list[str]", "exclude": "list[str]", "leaf": "list[str]", "fold": "bool", "input_shape": "list[int]",
     "inputs": "list[str]", "opset": "int", "static_batch": "bool", "rtol": "number", "atol": "number",
     "output_dir": "str", "trust_pickle": "bool", "save_injected": "bool", "timeout": "number",
-    "capture": "str", "keep_existing": "bool",
+    "capture": "str", "keep_existing": "bool", "drop": "count", "drop_by": "str", "drop_sites": "str",
 }
 
 

@@ -57,7 +57,8 @@ def skipped_record(job: Job) -> JobRecord:
     record = JobRecord(job.name, "skipped", error="up to date; --force redoes it", outputs=job.outputs)
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         previous = json.loads(Path(job.stamp_path).read_text())["record"]
-        for key in ("sites", "folded", "multiplies", "nodes", "max_abs_error", "max_rel_error", "tolerance_used"):
+        for key in ("sites", "folded", "multiplies", "dropped", "nodes", "max_abs_error", "max_rel_error",
+                    "tolerance_used"):
             setattr(record, key, previous.get(key))
     return record
 
@@ -77,7 +78,12 @@ def _in_config_terms(exc: SurgeonError) -> str:
     """An error as a batch job says it: a config key where the command line would name an option."""
     if exc.option == "--input-shape" and exc.what == "no input shape":
         return "no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model"
+    if exc.option in _PRUNE_KEYS and exc.what:
+        return f"{_PRUNE_KEYS[exc.option]}: {exc.what}"
     return str(exc)
+
+
+_PRUNE_KEYS = {"--drop": "drop", "--drop-by": "drop_by", "--drop-sites": "drop_sites"}  # found out only once loaded
 
 
 def run_job(job: Job) -> JobRecord:
@@ -104,12 +110,14 @@ def run_job(job: Job) -> JobRecord:
             specs = None  # the recipe now holds them, completed from a transformers config where needed
         record.sites = len(getattr(model, RECIPE_ATTR).sites)  # known even if the job fails later
         converted = pipeline.convert(
-            model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol), specs,
+            model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol, drop=o.drop,
+                                           drop_by=o.drop_by, drop_sites=o.drop_sites), specs,
             output=Path(job.onnx_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
             timings=timings,
         )
         record.folded, record.multiplies = len(converted.report.folded), len(converted.report.multiplies)
         record.nodes = converted.exported.nodes
+        record.dropped = None if converted.pruned is None else len(converted.pruned.dropped)
         record.max_abs_error, record.max_rel_error = converted.checked.max_abs, converted.checked.max_rel
         record.tolerance_used = converted.checked.tolerance_used
         record.outputs = job.outputs

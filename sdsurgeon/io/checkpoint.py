@@ -226,3 +226,24 @@ FORMAT = "sdsurgeon"
 
 def is_sdsurgeon_file(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT
+
+
+CALIBRATION_FORMS = "a tensor (one positional input), a tuple of tensors, or a dict of tensors named as the forward's arguments"
+
+
+def read_calibration(path: str | os.PathLike) -> torch.Tensor | tuple | dict:
+    """Calibration inputs saved with ``torch.save``: a tensor, a tuple/list of tensors, or a dict of named tensors
+    (``.safetensors``: named tensors). Reads no pickled code."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"--calibration {path}: no such file", where=str(path), option="--calibration")
+    check_regular(path)
+    obj = read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path, trust_pickle=False)
+    if isinstance(obj, list):
+        obj = tuple(obj)
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, tuple) else (obj,)
+    if not values or not all(isinstance(v, torch.Tensor) for v in values) or (
+            isinstance(obj, dict) and not all(isinstance(k, str) and k.isidentifier() for k in obj)):
+        raise LoadError(f"--calibration {path} holds {type(obj).__name__}, not inputs; save {CALIBRATION_FORMS}",
+                        where=str(path), option="--calibration")
+    return obj
