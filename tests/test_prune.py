@@ -88,8 +88,8 @@ def work(tmp_path, monkeypatch, trained) -> Path:
     return tmp_path
 
 
-def _x(batch: int, seed: int = 5) -> torch.Tensor:
-    return torch.randn(batch, *SHAPE[1:], generator=torch.Generator().manual_seed(seed))
+def _x(batch: int, seed: int = 5, side: int = SHAPE[-1]) -> torch.Tensor:
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
 # --- export --drop -----------------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ def _near_identity(model: nn.Module, blocks: tuple[int, ...]) -> nn.Module:
 def test_influence_ranks_blocks_made_near_identity_lowest_and_drop_by_influence_removes_them():
     torch.manual_seed(2)
     plain = _near_identity(randomised(cifar_resnet(14, width=4)), (1, 3))
-    injected = sdsurgeon.inject(plain, 0.5, example_inputs=_x(1))
-    x = _x(8)
+    injected = sdsurgeon.inject(plain, 0.5, example_inputs=_x(1, side=8))
+    x = _x(8, side=8)
     influence = sdsurgeon.block_influence(injected, x)
     assert list(influence) == [f"layers.{i}:add" for i in range(BLOCKS)]
     lowest = sorted(influence, key=influence.get)[:2]
@@ -232,9 +232,9 @@ def test_drop_share_rounds_half_up_and_counts_every_gated_block():
 def test_fidelity_of_prune_is_measured_against_the_unpruned_model_by_hand():
     torch.manual_seed(3)
     plain = randomised(cifar_resnet(14, width=4))
-    injected = sdsurgeon.inject(plain, 0.5, example_inputs=_x(1))
+    injected = sdsurgeon.inject(plain, 0.5, example_inputs=_x(1, side=8))
     p = [g.p for g in sdsurgeon.gates(injected)]
-    x = _x(6)
+    x = _x(6, side=8)
     _, report = sdsurgeon.prune(injected, 3, calibration=x)
     with torch.no_grad():
         unpruned = hand_pruned(plain, p, set())(x).double()
@@ -264,7 +264,7 @@ def test_prune_curve_points_equal_the_pruned_models_they_stand_for(work):
 
 
 def test_prune_curve_of_a_plain_model_gates_it_as_planned(tmp_path):
-    record = one_json(invoke("plan", *ARCH, "--input-shape", "1,3,16,16", "--prune-curve", "--drop-by", "influence",
+    record = one_json(invoke("plan", *ARCH, "--input-shape", "1,3,8,8", "--prune-curve", "--drop-by", "influence",
                              "--json"))
     curve = record["prune_curve"]
     assert curve["drop_by"] == "influence" and len(curve["points"]) == BLOCKS + 1
