@@ -68,3 +68,23 @@ def test_plot_is_a_png(quick_run):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = imread(path).shape[:2]
     assert 600 <= width <= 2000 and 300 <= height <= 1000
+
+
+def test_every_run_is_pruned_and_pruning_nothing_keeps_its_error(quick_run):
+    record = json.loads((quick_run / "results.json").read_text())
+    steps = record["prune_steps"]
+    assert steps == list(range(7))  # ResNet-20: 9 blocks, a ninth at a time, up to two thirds
+    for r in record["runs"]:
+        assert len(r["pruned_error"]) == len(steps)
+        # removing no block is folding alone: the same predictions as the trained model in eval
+        assert r["pruned_error"][0] == pytest.approx(r["test_error"][-1], abs=1e-9)
+    for arm in ARMS:  # the summary is recomputed from the runs' records
+        errors = [[100 * r["pruned_error"][i] for r in record["runs"] if r["arm"] == arm] for i in range(len(steps))]
+        assert [m for m, _ in record["pruned"][arm]] == pytest.approx([statistics.mean(e) for e in errors])
+    latency = record["latency"]
+    assert latency["latency_ratio"][0] == 1.0 and latency["flops_ratio"][0] == 1.0
+    # each block removed takes FLOPs away (latency is measured, not asserted: timing on a shared machine)
+    assert all(a > b for a, b in zip(latency["flops_ratio"], latency["flops_ratio"][1:]))
+    assert len(latency["latency_ratio"]) == len(steps) and all(r > 0 for r in latency["latency_ratio"])
+    assert "| blocks removed |" in (quick_run / "results.md").read_text()
+    assert (quick_run / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
