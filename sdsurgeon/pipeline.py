@@ -344,13 +344,13 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
             # against the gated model (the check covers the fold as well as the export); a pruned one is
             # another function, checked against itself in PyTorch (the report measures how far it moved)
             checked = verify(folded if pruned else model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
+        unpruned_nodes = None
+        if pruned is not None:  # before the outputs appear: a failure here leaves none
+            with tempfile.TemporaryDirectory() as tmp:
+                unpruned_nodes = export_onnx(fold_with_report(model, into_weights=options.fold)[0], example,
+                                             Path(tmp) / "unpruned.onnx", opset=options.opset,
+                                             dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     exported.path = str(target)
-    unpruned_nodes = None
-    if pruned is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            unpruned_nodes = export_onnx(fold_with_report(model, into_weights=options.fold)[0], example,
-                                         Path(tmp) / "unpruned.onnx", opset=options.opset,
-                                         dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     original_nodes = None
     if options.compare:
         with tempfile.TemporaryDirectory() as tmp:
