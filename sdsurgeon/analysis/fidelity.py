@@ -37,13 +37,6 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def outputs(model: nn.Module, inputs) -> object:
-    """The model's outputs in eval, without gradients (modes put back)."""
-    args, kwargs = normalize_inputs(inputs)
-    with modes_kept(model, training=False), torch.no_grad():
-        return model(*args, **kwargs)
-
-
 def main_output(out) -> tuple[str, torch.Tensor]:
     """The output compared: the tensor itself, a mapping's ``logits``, else the first floating-point tensor."""
     if isinstance(out, torch.Tensor):
@@ -73,17 +66,13 @@ def compare(got, reference) -> Fidelity:
     return Fidelity(rel, cosine, top1, rows_a.shape[0], name)
 
 
-def used_parameters(model: nn.Module, inputs) -> int:
-    """Parameter elements the model's eval forward on ``inputs`` depends on (those autograd reaches).
-
-    Counted by use, not by presence: a pruned block's weights stay in the module tree (its state_dict
-    keys are the original's) but no longer take part, and an export leaves them out.
-    """
-    return outputs_and_parameters(model, inputs)[1]
-
-
 def outputs_and_parameters(model: nn.Module, inputs) -> tuple[object, int]:
-    """The eval outputs (detached) and ``used_parameters``, from one forward."""
+    """The eval outputs on ``inputs`` (detached; modes put back) and the parameter elements they depend on.
+
+    Parameters are counted by use (those autograd reaches), not by presence: a pruned block's weights stay
+    in the module tree (its state_dict keys are the original's) but no longer take part, and an export
+    leaves them out.
+    """
     params = [p for p in dict(model.named_parameters()).values() if p.is_floating_point()]
     args, kwargs = normalize_inputs(inputs)
     flags = [p.requires_grad for p in params]

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..analysis.fidelity import Fidelity, compare, outputs, outputs_and_parameters, used_parameters
+from ..analysis.fidelity import Fidelity, compare, outputs_and_parameters
 from ..analysis.influence import INFLUENCE_MEASURE, block_influence
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs
 from ..errors import NoResidualSitesError, SurgeonError, first_line, option_error
@@ -128,9 +128,10 @@ def _start(model: nn.Module, by: str, calibration, specs) -> tuple[list[Stochast
     return (found, *calibration_inputs(model, calibration, specs))
 
 
-def _checked_outputs(model: nn.Module, inputs) -> Any:
+def _checked_outputs(model: nn.Module, inputs) -> tuple[Any, int]:
+    """The model's eval outputs and the parameters it uses (one forward), or the inputs' misfit in one line."""
     try:
-        return outputs(model, inputs)
+        return outputs_and_parameters(model, inputs)
     except SurgeonError:
         raise
     except Exception as exc:  # the model's own error: the inputs do not fit it
@@ -154,7 +155,7 @@ def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites:
     or ``(args, kwargs)``); without it, random inputs from ``input_specs`` or the recipe's. ``model`` is unchanged.
     """
     found, inputs, source = _start(model, by, calibration, input_specs)
-    reference = None if inputs is None else _checked_outputs(model, inputs)
+    reference, params_before = (None, None) if inputs is None else _checked_outputs(model, inputs)
     influence = None
     if sites is not None:
         if str(drop).strip() not in ("0", ""):
@@ -173,7 +174,7 @@ def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites:
     report = PruneReport(by, dropped, [g.site_id for g in found if g.site_id not in set(dropped)], folded, source,
                          influence)
     if inputs is not None:
-        report.params_before = used_parameters(model, inputs)
+        report.params_before = params_before
         out, report.params_after = outputs_and_parameters(pruned, inputs)
         report.fidelity = compare(out, reference)
     return pruned, report
@@ -223,7 +224,7 @@ def prune_curve(model: nn.Module, *, by: str = "schedule", calibration=None,
     if inputs is None:
         raise option_error("--prune-curve", "measures the model on inputs: give --calibration FILE or the model's "
                            "input shape (--input-shape)")
-    reference = _checked_outputs(model, inputs)
+    reference = _checked_outputs(model, inputs)[0]
     influence = block_influence(model, inputs) if by == "influence" else None
     ids = order(model, by, influence)
     curve = PruneCurve(by, source, influence=influence)
