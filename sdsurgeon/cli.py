@@ -144,6 +144,8 @@ def _render_plan(p: Plan, name: str) -> None:
         out.print(f"expected training FLOPs: {p.expected_train_flops_ratio:.3f} of the original "
                   f"({_fmt_flops(p.total_flops)} FLOPs per forward)")
     out.print(f"capture: {_CAPTURES.get(p.capture, p.capture)}")
+    if p.rewrites:
+        out.print(f"surgery: {_surgery_summary(p.rewrites)}", markup=False)
     if p.drop_paths:
         rates = sorted({d.rate for d in p.drop_paths})
         what = "kept at their rates (--keep-existing)" if p.keep_existing else "switched off: the gates replace them"
@@ -153,6 +155,22 @@ def _render_plan(p: Plan, name: str) -> None:
         out.print(f"not traced: {module or '(root)'}: {reason}", markup=False)
     for refused in p.refused:
         out.print(f"not gated: {refused.id}: {refused.reason}", markup=False)
+
+
+def _surgery_summary(rewrites) -> str:
+    """One line on where inject puts its gates (analysis.owners)."""
+    whole = [r for r in rewrites if r.how == "whole model"]
+    if whole:
+        where = ", ".join(r.path or "the model" for r in whole)
+        return (f"replaces {where} by a GraphModule (an ATen-level capture has no module boundaries to keep): "
+                "its class and methods other than forward are gone")
+    classes = sorted({r.cls for r in rewrites})
+    blocks = [r for r in rewrites if r.how == "block"]
+    what = (f"{len(blocks)} block(s) ({', '.join(classes)}) rewritten in place; the rest runs its own code"
+            if len(blocks) == len(rewrites) else
+            f"in place in {', '.join(r.path or '(root)' for r in rewrites)} ({', '.join(classes)}), which runs "
+            "its traced graph; every module keeps its class and methods")
+    return what
 
 
 def _fmt_share(x: float | None) -> str:
@@ -354,6 +372,11 @@ def export_cmd(
     drop_sites: Optional[str] = typer.Option(None, "--drop-sites", help="Prune the blocks whose site id matches this "
                                              "regex (re.search) instead of a count; `plan` lists the ids."),
     calibration: Optional[Path] = CALIBRATION,
+    format_: str = typer.Option("onnx", "--format", help="What to write: onnx (a graph, verified with onnxruntime), "
+                                "safetensors (the original architecture's state_dict with p_l in the weights: load it "
+                                "with safetensors.torch.load_model into the plain model) or hf (a save_pretrained folder "
+                                "that plain transformers' from_pretrained loads). safetensors and hf need every gate "
+                                "folded into weights; they are checked by loading them back into a fresh model."),
     json_: bool = JSON,
 ) -> None:
     """Fold the gates into the weights and export a deterministic ONNX graph, verified with onnxruntime.
@@ -370,17 +393,22 @@ def export_cmd(
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt -o model.onnx
 
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt --drop 25% --drop-by influence --calibration batch.pt
+
+    Example: sdsurgeon export model.sd.pt --weights trained_state.pt --format safetensors -o plain.safetensors
     """
     specs = _input_specs(input_shape, input_)
     if drop is None and drop_sites is None and (calibration is not None or drop_by != "schedule"):
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for pruning: "
                           "add --drop N (or --drop-sites REGEX)")
     options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose, drop, drop_by,
-                                      drop_sites, calibration)
+                                      drop_sites, calibration, format_)
     result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output)
     record = result.to_dict()
     if json_:
         print(json.dumps(record))
+        return
+    if record["format"] != "onnx":
+        _render_plain(result, rtol, atol)
         return
     report, exported, checked = result.report, result.exported, result.checked
     _render_fold(report, fold)
@@ -396,6 +424,19 @@ def export_cmd(
               f"max abs error {checked.max_abs:.2g}, {100 * checked.tolerance_used:.2g}% of the tolerance "
               f"(rtol {rtol:g}, atol {atol:g})")
     out.print(f"wrote {result.output} in {record['seconds']:.1f} s", markup=False)
+
+
+def _render_plain(result, rtol: float, atol: float) -> None:
+    report, written, checked = result.report, result.exported, result.checked
+    out.print(f"folded {len(report.folded)} of {len(report.sites)} gates into the weights: the model is its own "
+              "architecture again")
+    what = "save_pretrained folder" if written.format == "hf" else "safetensors state_dict"
+    out.print(f"{what}: {written.tensors} tensors, {_fmt_bytes(written.file_bytes)}")
+    sizes = ", ".join(str(b) for b in checked.batch_sizes)
+    out.print(f"loaded back into a fresh {written.format} model vs the injected model in eval, "
+              f"{len(checked.batch_sizes)} random inputs (batch {sizes}): max abs error {checked.max_abs:.2g}, "
+              f"{100 * checked.tolerance_used:.2g}% of the tolerance (rtol {rtol:g}, atol {atol:g})")
+    out.print(f"wrote {result.output} in {result.seconds:.1f} s", markup=False)
 
 
 class _BatchDisplay:

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from .analysis.plan import Plan
 from .analysis.plan import plan as plan_model
+from .capture import in_place
 from .capture.hf_inputs import complete_specs
 from .capture.inputs import InputSpec, make_example_inputs
 from .deploy.export import OnnxExport, export_onnx, write_onnx
-from .deploy.verify import Verification, verify
+from .deploy.plain import SUFFIXES, PlainExport, check_format, load_plain, refuse_unless_plain, write_pretrained, \
+    write_safetensors
+from .deploy.verify import Verification, verify, verify_module
 from .errors import ConfigError
 from .gate import gates
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration
-from .io.files import check_output, staged
+from .io.files import check_output, staged, staged_folder
 from .io.source import SOURCE_ATTR
-from .sdfile import default_output, load, save
+from .sdfile import default_output, load, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
 from .surgery.inject import inject as inject_model
 from .surgery.prune import PruneCurve, PruneReport, prune, prune_curve
@@ -109,6 +115,7 @@ class ConvertOptions:
     drop_by: str = "schedule"  # which ones: see surgery.prune.DROP_RULES
     drop_sites: str | None = None  # or those whose site id matches this regex
     calibration: Path | None = None  # inputs the pruning is measured on (default: random ones)
+    format: str = "onnx"  # onnx | safetensors (the original architecture's state_dict) | hf (a save_pretrained folder)
 
     @property
     def prunes(self) -> bool:
@@ -255,7 +262,7 @@ class ConvertResult:
     output: Path
     options: ConvertOptions
     report: FoldReport
-    exported: OnnxExport
+    exported: OnnxExport | PlainExport
     checked: Verification
     original_nodes: int | None
     seconds: float
@@ -264,8 +271,16 @@ class ConvertResult:
 
     def to_dict(self) -> dict:
         report, exported, checked = self.report, self.exported, self.checked
+        if isinstance(exported, PlainExport):
+            return {"model": self.name, "output": str(self.output), "format": exported.format, "fold": self.options.fold,
+                    "gates": len(report.sites), "folded": len(report.folded), "sites": [s.to_dict() for s in report.sites],
+                    "tensors": exported.tensors, "file_bytes": exported.file_bytes,
+                    "max_abs_error": checked.max_abs, "max_rel_error": checked.max_rel,
+                    "tolerance_used": checked.tolerance_used, "verify": checked.to_dict(),
+                    "seconds": round(self.seconds, 3)}
         return {
             "model": self.name,
+            "format": "onnx",
             "output": str(self.output),
             "fold": self.options.fold,
             "gates": len(report.sites),
@@ -293,7 +308,8 @@ class ConvertResult:
 def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptions(), inputs: Specs = None, *,
             output: Path | None = None, name: str | None = None, save_injected: Path | None = None,
             timings: dict[str, float] | None = None) -> ConvertResult:
-    """Fold the gates into the weights, export ONNX and verify it with onnxruntime against the gated model.
+    """Fold the gates into the weights, export ONNX and verify it with onnxruntime against the gated model;
+    or (``options.format``) write the folded model as its plain architecture, checked by loading it back.
 
     ``source``: a model file (loaded here) or a model already loaded (batch, after inject). Input specs
     default to those its recipe remembers. Every output (the ONNX file, and the gated model at
@@ -305,13 +321,18 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     if options.calibration is not None and not options.prunes:
         raise ConfigError("--calibration measures a pruned model: give it with --drop N or --drop-sites REGEX",
                           option="--calibration")
+    fmt = check_format(options.format)
+    if fmt != "onnx" and (options.prunes or not options.fold):
+        why = "--drop removes blocks" if options.prunes else "--no-fold keeps a multiply per gate"
+        raise ConfigError(f"--format {fmt} writes the original architecture with scaled weights, and {why}, which "
+                          "that architecture does not compute: use --format onnx", option="--format")
     calibration = None if options.calibration is None else read_calibration(options.calibration)
     ref = source if isinstance(source, ModelRef) else None
     if ref is not None:
-        target = Path(output) if output else ref.default_output(".onnx")
-        if target.suffix != ".onnx":
-            raise ConfigError(f"-o {target}: an ONNX file name must end in .onnx")
-        check_output(target, *ref.inputs, *([options.calibration] if options.calibration else []))
+        target = Path(output) if output else ref.default_output(SUFFIXES[fmt] or "-hf")
+        if fmt != "hf" and target.suffix != SUFFIXES[fmt]:
+            raise ConfigError(f"-o {target}: a {fmt} file name must end in {SUFFIXES[fmt]}")
+        check_output(target, *ref.inputs, *([options.calibration] if options.calibration else []), folder=fmt == "hf")
         with stage(timings, "load"):
             model = ref.load()
         name = name or ref.name
@@ -323,6 +344,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     if specs is None:
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
     example = make_example_inputs(specs)
+    if fmt != "onnx":
+        return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started)
     with contextlib.ExitStack() as outputs:  # every output appears together, or none does
         onnx_tmp = outputs.enter_context(staged(target))
         if save_injected:
@@ -359,6 +382,61 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
                                          dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     return ConvertResult(name or "", target, options, report, exported, checked, original_nodes,
                          time.perf_counter() - started, pruned, unpruned_nodes)
+
+
+def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: ConvertOptions, name: str | None,
+                   save_injected: Path | None, timings: dict[str, float] | None, started: float) -> ConvertResult:
+    """Fold, and write the folded model as its plain architecture (safetensors or a save_pretrained folder);
+    then load what was written into a fresh instance of that architecture, as a user without sdsurgeon
+    would, and check it against the gated model in eval."""
+    source = getattr(model, SOURCE_ATTR, None)
+    if fmt == "hf" and not (source is not None and source.kind == "hf"):
+        raise ConfigError(f"--format hf writes a transformers save_pretrained folder, but {type(model).__name__} did not "
+                          "come from transformers; use --format safetensors", option="--format")
+    with contextlib.ExitStack() as outputs:  # every output appears together, or none does
+        tmp = outputs.enter_context(staged_folder(target, marker="config.json") if fmt == "hf" else staged(target))
+        if save_injected:
+            sd_tmp = outputs.enter_context(staged(save_injected))
+            with stage(timings, "save"):
+                save(model, sd_tmp)
+        with stage(timings, "fold"):
+            folded, report = fold_with_report(model)
+        refuse_unless_plain(report, fmt)
+        plain = _plain_architecture(folded, model)
+        with stage(timings, "export"):
+            written = write_safetensors(plain, tmp) if fmt == "safetensors" else write_pretrained(plain, tmp)
+        with stage(timings, "verify"):
+            fresh = rebuild_architecture(model)
+            if fresh is None:  # built from a pickle: the folded model's own class, every tensor poisoned first
+                fresh = _poisoned(copy.deepcopy(plain))
+            loaded = load_plain(fmt, tmp, fresh)
+            checked = verify_module(model, loaded, example, what=f"the {fmt} model loaded back", kept="nothing was written",
+                                    rtol=options.rtol, atol=options.atol)
+    written.path = str(target)
+    return ConvertResult(name or "", target, options, report, written, checked, None, time.perf_counter() - started)
+
+
+def _plain_architecture(folded: nn.Module, model: nn.Module) -> nn.Module:
+    """The folded model as its own architecture: itself where it runs its own code (surgery in place), else a
+    fresh instance of the recorded architecture holding its weights (the state_dict keys are the original's)."""
+    if not isinstance(folded, GraphModule) and not in_place.rewritten(folded):
+        return folded
+    fresh = rebuild_architecture(model)
+    if fresh is None:
+        raise ConfigError(f"{type(folded).__name__} was captured whole (torch.export) from a pickled model, so no "
+                          "plain architecture is left to hold its weights: give its state_dict with --arch "
+                          "package.module:factory, or use --format onnx", option="--format")
+    fresh.load_state_dict(folded.state_dict())
+    return fresh.eval()
+
+
+def _poisoned(model: nn.Module) -> nn.Module:
+    """NaN in every floating tensor: whatever loading leaves out shows in the outputs."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+    return model
 
 
 __all__ = ["ConvertOptions", "ConvertResult", "CurveOptions", "InjectResult", "ModelRef", "PlanResult",

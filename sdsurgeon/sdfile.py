@@ -263,6 +263,17 @@ def save(
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def rebuild_architecture(model: nn.Module) -> nn.Module | None:
+    """A fresh instance of the architecture ``model`` came from (its recorded factory or transformers config,
+    random weights), or None when it came from a pickle and nothing records how to build it."""
+    source = getattr(model, SOURCE_ATTR, None)
+    if source is None or source.kind not in ("arch", "hf"):
+        return None
+    if source.kind == "hf":
+        return hf.build(source.arch, source.arch_kwargs)
+    return build(source.arch, source.arch_kwargs)
+
+
 def default_output(path: str | os.PathLike | None, suffix: str = ".sd.pt", arch: str | None = None) -> Path:
     """``<stem>.sd.pt`` beside the input (or named after the factory when there is no input file)."""
     if path is None:

@@ -831,3 +831,40 @@ def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
         expected = injected.eval()(pixel_values=batch)
     expected = expected["logits"] if isinstance(expected, dict) else expected[0]
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# --- 8. fold to a plain checkpoint: a save_pretrained folder and a safetensors file, loaded without sdsurgeon ---------
+
+
+@by_name([CASES[n] for n in ("llama", "gpt2", "bert", "vit")])
+def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scaled_model(zoo, case, work):
+    saved = zoo(case)
+    inputs = [arg for spec in case.inputs for arg in ("--input", spec)]
+    assert_ok(invoke("inject", saved.folder, *inputs, "-o", "m.sd.pt"))
+    record = one_json(invoke("export", "m.sd.pt", "--format", "hf", "-o", "plain", "--json"))
+    assert record["format"] == "hf" and record["verify"]["ok"] and record["folded"] == case.sites
+    assert (work / "plain" / "config.json").is_file()
+    plain = getattr(transformers, case.cls).from_pretrained(work / "plain").eval()  # transformers alone
+    reference = scale_by_hand(saved.original(), case, linear_ps(case.sites, P_L))
+    x = make_inputs(case, batch=3, seed=60)
+    torch.testing.assert_close(logits(plain, x), logits(reference, x), **TOL)
+    # written again over its own earlier output: replaced; a folder of other files: refused, untouched
+    assert_ok(invoke("export", "m.sd.pt", "--format", "hf", "-o", "plain"))
+    (work / "other").mkdir()
+    (work / "other" / "notes.txt").write_text("mine")
+    assert "folder of other files" in assert_user_error(invoke("export", "m.sd.pt", "--format", "hf", "-o", "other"))
+    assert (work / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_export_format_safetensors_of_a_transformers_model_loads_into_its_class(zoo, work):
+    case = CASES["llama"]
+    saved = zoo(case)
+    assert_ok(invoke("inject", saved.folder, *TOKENS, "-o", "m.sd.pt"))
+    assert_ok(invoke("export", "m.sd.pt", "--format", "safetensors"))
+    from safetensors.torch import load_model
+
+    plain = getattr(transformers, case.cls)(saved.original().config).eval()
+    load_model(plain, str(work / "m.safetensors"))
+    reference = scale_by_hand(saved.original(), case, linear_ps(case.sites, P_L))
+    x = make_inputs(case, batch=2, seed=61)
+    torch.testing.assert_close(logits(plain, x), logits(reference, x), **TOL)

@@ -17,6 +17,7 @@ from torch.utils import _pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 import sdsurgeon
+from sdsurgeon.capture import in_place
 from models import ZOO, ZooModel
 from oracle import ScaledCalls, parent, reference
 
@@ -272,3 +273,25 @@ def test_compiled_training_steps(z: ZooModel):
         assert torch.isfinite(loss), f"step {i}: loss {loss}"
     moved = sum(not torch.equal(before[k], v) for k, v in gated.named_parameters())
     assert moved, "no parameter changed in training"
+
+
+@pytest.mark.parametrize("z", cases("in_place"))
+def test_the_injected_model_keeps_its_class_methods_and_config(z: ZooModel):
+    model, gated = original(z), injected(z, P_L)
+    assert type(gated) is type(model)
+    for path, module in model.named_modules():
+        assert type(gated.get_submodule(path)) is type(module), path
+    assert list(gated.state_dict()) == list(model.state_dict())
+    # the sites are rewritten in the blocks that own them: the model's own forward runs around them
+    assert "" not in {path for path, _ in in_place.rewritten(gated)}
+    x = z.inputs()
+    reference = scaled_reference(z)
+    if hasattr(model, "forward_features"):  # timm
+        assert_close(run(gated, x, train=False), run(reference, x, train=False), "forward")
+        gated.eval()
+        with torch.no_grad():
+            assert_close(gated.forward_features(x), reference.forward_features(x), "forward_features")
+        assert gated.pretrained_cfg == model.pretrained_cfg and gated.default_cfg == model.default_cfg
+        probe = copy.deepcopy(gated)
+        probe.reset_classifier(5)
+        assert run(probe, x).shape[-1] == 5

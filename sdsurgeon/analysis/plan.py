@@ -10,6 +10,7 @@ from torch import nn
 
 from ..analysis.detect import RefusedAdd
 from ..analysis.locate import locate
+from ..analysis.owners import rewrites
 from ..analysis.schedule import Override, assign, expected_depth, expected_flops_ratio
 from ..capture.drop_path import ExistingDropPath, find_drop_paths, switched_off
 from ..capture.fx import Capture
@@ -27,6 +28,19 @@ class PlannedSite:
     flops_share: float | None = None  # of the whole model's forward FLOPs
 
 
+@dataclass(frozen=True)
+class PlannedRewrite:
+    """One module inject rewrites (see analysis.owners): where, how, its class and how many gates it gets."""
+
+    path: str
+    how: str  # owners.BLOCK | owners.PART | owners.WHOLE
+    cls: str
+    gates: int
+
+    def to_dict(self) -> dict:
+        return {"module": self.path or "(root)", "how": self.how, "class": self.cls, "gates": self.gates}
+
+
 @dataclass
 class Plan:
     sites: list[PlannedSite]
@@ -40,6 +54,7 @@ class Plan:
     drop_paths: list[ExistingDropPath] = field(default_factory=list)  # drop-path modules the model has
     keep_existing: bool = False  # they keep their rates (else the gates replace them)
     refused: list[RefusedAdd] = field(default_factory=list)  # x + f(x) blocks that cannot be gated, and why
+    rewrites: list[PlannedRewrite] = field(default_factory=list)  # the modules inject would rewrite, and how
 
     @property
     def num_sites(self) -> int:
@@ -73,6 +88,7 @@ class Plan:
             "existing_drop_paths": [d.to_dict() for d in self.drop_paths],
             "existing_drop_paths_kept": self.keep_existing,
             "refused": [{"id": r.id, "reason": r.reason} for r in self.refused],
+            "rewrites": [r.to_dict() for r in self.rewrites],
         }
 
 
@@ -100,7 +116,11 @@ def plan(
     with contextlib.nullcontext() if keep_existing else switched_off(model):
         refused: list[RefusedAdd] = []
         cap, sites = locate(model, leaves, example_inputs, method=capture, refused=refused)
-    ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
+        ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
+        planned_rewrites = [
+            PlannedRewrite(r.path, r.how, type(model.get_submodule(r.path)).__name__, len(r.sites))
+            for r in rewrites(model, cap, [s for s, p in zip(sites, ps) if p is not None], leaves)
+        ]
     total = cap.total_flops
     node_flops = None if total is None else node_flops_of(cap)
     flops = None if node_flops is None else [sum(node_flops.get((s.part, n), 0) for n in s.branch_nodes) for s in sites]
@@ -119,7 +139,7 @@ def plan(
         sites=planned, rule=rule, p_L=p_L, expected_depth=expected_depth(ps),
         expected_train_flops_ratio=ratio, total_flops=total, capture=cap.method,
         untraced=[(u.path, u.reason) for u in cap.untraced], drop_paths=drop_paths, keep_existing=keep_existing,
-        refused=refused,
+        refused=refused, rewrites=planned_rewrites,
     )
 
 

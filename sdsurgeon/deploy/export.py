@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -175,9 +176,13 @@ def _describe(path: Path, seconds: float) -> OnnxExport:
     )
 
 
+# a scope named by a Scale module, at the top or inside a block rewritten in place ('blocks.0.sd_scale_1')
+_SCALE_SCOPE = re.compile(r"['.]sd_scale_\d+'")
+
+
 def _from_scale_module(node) -> bool:
     scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-    return "'sd_scale_" in scopes
+    return _SCALE_SCOPE.search(scopes) is not None
 
 
 def write_onnx(model: nn.Module, example_inputs, dest: str | os.PathLike, *, opset: int | None = None,

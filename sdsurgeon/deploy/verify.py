@@ -1,4 +1,4 @@
-"""Verification: the exported ONNX file run with onnxruntime against PyTorch on fresh inputs."""
+"""Verification: the exported ONNX file (onnxruntime), or a plain model loaded back, against PyTorch on fresh inputs."""
 
 from __future__ import annotations
 
@@ -90,8 +90,6 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
     """
     import onnxruntime as ort
 
-    started = time.perf_counter()
-    args, kwargs = args_kwargs(example_inputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -99,38 +97,70 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
     onnx_inputs = session.get_inputs()
+    dynamic = any(isinstance(i.shape[0], str) for i in onnx_inputs if i.shape) if onnx_inputs else False
+
+    def run(fresh: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.from_numpy(g) for g in session.run(None, _feed(onnx_inputs, fresh))]
+
+    names = [o.name for o in session.get_outputs()]
+    return _compare(model, run, names, example_inputs, dynamic, rtol=rtol, atol=atol, runs=runs, seed=seed,
+                    check=check, who="onnxruntime", what=str(path), kept="no ONNX file was kept")
+
+
+def verify_module(model: nn.Module, other: nn.Module, example_inputs, *, what: str, kept: str, rtol: float = 1e-4,
+                  atol: float = 1e-5, runs: int = 3, seed: int = 1, check: bool = True) -> Verification:
+    """``other`` (eval) against ``model`` (eval) on fresh random inputs, as ``verify`` checks an ONNX file:
+    the plain architecture loaded back from what was written, against the gated model."""
+    args, kwargs = args_kwargs(example_inputs)
+
+    def run(fresh: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        with modes_kept(other, training=False):
+            return _tensors(other(**_rebind(other, fresh, args, kwargs)))
+
+    names = [f"output {k}" for k in range(len(_tensors(_run_eval(model, args, kwargs))))]
+    return _compare(model, run, names, example_inputs, True, rtol=rtol, atol=atol, runs=runs, seed=seed,
+                    check=check, who=what, what=what, kept=kept)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [t for t in _pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _run_eval(model: nn.Module, args: tuple, kwargs: dict):
+    with modes_kept(model, training=False), torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: bool, *, rtol: float, atol: float,
+             runs: int, seed: int, check: bool, who: str, what: str, kept: str) -> Verification:
+    """``run(fresh inputs) -> output tensors`` against ``model`` in eval, output by output, over ``runs`` inputs."""
+    started = time.perf_counter()
+    args, kwargs = args_kwargs(example_inputs)
     named = named_inputs(model, args, kwargs)
     first = next((t for t in named.values() if t.dim()), None)
     example_batch = first.shape[0] if first is not None else None
-    dynamic = any(isinstance(i.shape[0], str) for i in onnx_inputs if i.shape) if onnx_inputs else False
     batches = [example_batch] * runs
     if dynamic and example_batch is not None and runs > 1:
         batches[-1] = 1 if example_batch > 1 else 3
     worst: dict[int, list[float]] = {}
-    names = [o.name for o in session.get_outputs()]
     failed_at: int | None = None
     with modes_kept(model, training=False), torch.no_grad():
-        for run, batch in enumerate(batches):
-            fresh = _fresh_inputs(model, args, kwargs, batch, seed + run)
-            expected = [t for t in _pytree.tree_leaves(model(**_rebind(model, fresh, args, kwargs)))
-                        if isinstance(t, torch.Tensor)]
-            feed = _feed(onnx_inputs, fresh)
-            got = session.run(None, feed)
+        for attempt, batch in enumerate(batches):
+            fresh = _fresh_inputs(model, args, kwargs, batch, seed + attempt)
+            expected = _tensors(model(**_rebind(model, fresh, args, kwargs)))
+            got = run(fresh)
             if len(got) != len(expected):
-                raise VerificationError(
-                    f"{path} has {len(got)} outputs but the model returns {len(expected)} tensors"
-                )
+                raise VerificationError(f"{what} has {len(got)} outputs but the model returns {len(expected)} tensors")
             for k, (e, g) in enumerate(zip(expected, got)):
                 e64 = e.detach().to(torch.float64)
-                g64 = torch.from_numpy(g).to(torch.float64)
+                g64 = g.detach().to(torch.float64)
                 if tuple(g64.shape) != tuple(e64.shape):
-                    raise VerificationError(f"output {names[k]}: onnxruntime gives shape {tuple(g64.shape)}, "
+                    raise VerificationError(f"output {names[k]}: {who} gives shape {tuple(g64.shape)}, "
                                             f"PyTorch {tuple(e64.shape)} (batch {batch})")
                 if not bool(torch.isfinite(e64).all()):
                     raise VerificationError(f"PyTorch's own output {names[k]} holds NaN or Inf (batch {batch}), so "
-                                            f"there is nothing to check the ONNX file against: {_non_finite(model)}; "
-                                            "no ONNX file was kept")
-                diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))  # NaN from onnxruntime alone: a miss
+                                            f"there is nothing to check {what} against: {_non_finite(model)}; {kept}")
+                diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))  # NaN from the other side alone: a miss
                 allowed = atol + rtol * e64.abs()
                 scale = float(e64.abs().max()) if e64.numel() else 0.0
                 max_abs = float(diff.max()) if diff.numel() else 0.0
@@ -140,7 +170,7 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
                 rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
                 prev[:] = max(prev[0], max_abs), max(prev[1], rel), max(prev[2], used)
                 if failed_at is None and not bool((diff <= allowed).all()):
-                    failed_at = run
+                    failed_at = attempt
     result = Verification(
         ok=failed_at is None, rtol=rtol, atol=atol, batch_sizes=[b for b in batches if b is not None],
         outputs=[OutputError(names[k], *v) for k, v in sorted(worst.items())],
@@ -149,9 +179,8 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
     if check and not result.ok:
         bad = max(result.outputs, key=lambda o: o.tolerance_used)
         raise VerificationError(
-            f"onnxruntime differs from PyTorch beyond rtol {rtol:g} / atol {atol:g}: output {bad.name} max abs error "
-            f"{bad.max_abs:.3g} ({bad.tolerance_used:.3g}x the tolerance, batch {batches[failed_at]}); "
-            "no ONNX file was kept",
+            f"{who} differs from PyTorch beyond rtol {rtol:g} / atol {atol:g}: output {bad.name} max abs error "
+            f"{bad.max_abs:.3g} ({bad.tolerance_used:.3g}x the tolerance, batch {batches[failed_at]}); {kept}",
             result,
         )
     return result

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -70,16 +71,26 @@ def _input_identities(inputs: Iterable[str | os.PathLike | None]) -> dict[tuple[
     return ids
 
 
-def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> str | None:
-    """Why ``output`` may not be written, or None: it exists and is not a regular file, or it is an input.
+def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                   folder: bool = False) -> str | None:
+    """Why ``output`` may not be written, or None: it exists and is not a regular file (``folder``: not a
+    folder), or it is an input.
 
     An input is matched by path and by inode, so another spelling, a symbolic or a hard link of an
-    input, or a file inside an input folder, all count.
+    input, or a file inside an input folder, all count; an output folder may not hold an input either.
     """
     output = Path(output)
     inputs = [i for i in inputs if i is not None]
     kind = not_regular(output)
-    if kind == "a folder":
+    if folder:
+        real = os.path.realpath(output)
+        if output.is_file():
+            return f"{output}: it is a file; give a folder name"
+        inside = next((i for i in inputs if os.path.realpath(i).startswith(real + os.sep)), None)
+        if inside is not None:
+            return f"{output} holds the input {inside}; sdsurgeon never overwrites its input"
+        kind = None if kind == "a folder" else kind
+    elif kind == "a folder":
         return f"{output}: it is a folder; give a file name"
     if kind:
         return f"{output}: it is {kind}, not a regular file; sdsurgeon writes regular files only"
@@ -95,9 +106,11 @@ def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return None
 
 
-def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "-o") -> Path:
-    """Refuse an output path that is one of the inputs or not a regular file; returns it as a Path."""
-    problem = output_problem(output, inputs)
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "-o",
+                 folder: bool = False) -> Path:
+    """Refuse an output path that is one of the inputs or not a regular file (``folder``: not a folder);
+    returns it as a Path."""
+    problem = output_problem(output, inputs, folder)
     if problem:
         raise WriteError(f"output {problem}; choose another {option}")
     return Path(output)
@@ -147,6 +160,44 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
         _live.discard(tmp)
 
 
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike, *, marker: str) -> Iterator[Path]:
+    """A temp folder beside ``path``, put in its place only if the block succeeds (``staged`` for folders).
+
+    An existing folder at ``path`` is replaced only if it holds ``marker`` (a file an earlier write
+    of the same kind left, e.g. config.json): a folder of anything else is refused, never deleted.
+    """
+    path = Path(path)
+    kind = not_regular(path)
+    if path.is_file() or (kind and kind != "a folder"):
+        raise WriteError(f"cannot write {path}: it is {kind or 'a file'}, not a folder; give a folder name with -o")
+    if kind == "a folder" and any(path.iterdir()) and not (path / marker).is_file():
+        raise WriteError(f"cannot write {path}: it is a folder of other files (no {marker}); give a new folder "
+                         "name with -o")
+    if not path.parent.is_dir():
+        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
+    sweep(path.parent)
+    prefix = f".{path.name}.sdsurgeon-{_HOST}-{os.getpid()}-"
+    try:
+        tmp = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
+    _live.add(tmp)
+    old = None
+    try:
+        yield Path(tmp)
+        if path.exists():  # moved aside first, so the new folder appears in one rename
+            old = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover:
+                shutil.rmtree(leftover, ignore_errors=True)
+        _live.discard(tmp)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write via a temp file in the destination folder and rename (see ``staged``)."""
     with staged(path) as tmp, open(tmp, "wb") as f:
@@ -182,8 +233,13 @@ def sweep(folder: str | os.PathLike) -> list[Path]:
         leftover = Path(folder) / name
         with contextlib.suppress(OSError):
             st = os.lstat(leftover)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            if st.st_uid != os.getuid():
+                continue
+            if stat.S_ISREG(st.st_mode):
                 os.unlink(leftover)
+                removed.append(leftover)
+            elif stat.S_ISDIR(st.st_mode):  # a staged folder (staged_folder)
+                shutil.rmtree(leftover)
                 removed.append(leftover)
     return removed
 
@@ -194,7 +250,10 @@ def _on_signal(signum, _frame) -> None:
             hook()
     for tmp in list(_live):
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)  # die of the same signal, so the caller sees what happened
 

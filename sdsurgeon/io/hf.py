@@ -28,7 +28,7 @@ def _transformers():
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """transformers reports config oddities and loading progress on its own logger; keep the CLI clean."""
     logging = _transformers().utils.logging
     level = logging.get_verbosity()
@@ -72,7 +72,7 @@ def load_folder(path: str | Path) -> nn.Module:
             "a folder's own code (transformers' trust_remote_code stays off). Save the model with a transformers "
             "class, or its state_dict and use --arch package.module:factory"
         )
-    with _quiet():
+    with quiet():
         try:
             model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager",
                                         trust_remote_code=REMOTE_CODE)
@@ -89,7 +89,7 @@ def build(name: str, config: dict) -> nn.Module:
     from ..io.source import SOURCE_ATTR, ModelSource, tag
 
     cls = model_class(name)
-    with _quiet():
+    with quiet():
         try:  # eager attention, as load_folder chooses it (the config carries the choice)
             model = cls(cls.config_class.from_dict(dict(config, _attn_implementation="eager")))
         except Exception as exc:  # a config this transformers version cannot read

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from ..capture import in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.fx import trace_eval
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
@@ -173,11 +174,19 @@ class Scale(nn.Module):
 # --- finding ---------------------------------------------------------------------------------------------
 
 
-def _gate_graphs(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
-    """(path, GraphModule) of every graph part holding gates."""
-    for path, module in model.named_modules():
-        if isinstance(module, fx.GraphModule) and any(isinstance(m, StochasticDepth) for m in module.children()):
-            yield path, module
+def _graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """(path, GraphModule) of every graph in the model: GraphModule parts, and a view of each module that
+    runs an installed graph forward (``capture.in_place``: a pass on the view changes that module)."""
+    return [(path, in_place.view(m) if in_place.graph_forward(m) is not None else m)
+            for path, m in model.named_modules()
+            if isinstance(m, fx.GraphModule) or in_place.graph_forward(m) is not None]
+
+
+def _gate_graphs(parts: list[tuple[str, fx.GraphModule]]) -> Iterator[tuple[str, fx.GraphModule]]:
+    """The graph parts holding gates."""
+    for path, gm in parts:
+        if any(isinstance(m, StochasticDepth) for m in gm.children()):
+            yield path, gm
 
 
 def _get_attr(root: nn.Module, target: str):
@@ -190,13 +199,13 @@ def _get_attr(root: nn.Module, target: str):
 class _Usage:
     """How often each module and tensor is used across the whole model, to spot shared weights."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, parts: list[tuple[str, fx.GraphModule]]) -> None:
         self.paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.holders = Counter(id(t) for _, t in model.named_parameters(remove_duplicate=False))
         self.holders.update(id(t) for _, t in model.named_buffers(remove_duplicate=False))
         self.calls: Counter[int] = Counter()
         self.reads: Counter[int] = Counter()
-        for _, gm in _all_graphs(model):
+        for _, gm in parts:
             for graph, root in _graphs_with_branches(gm):
                 for n in graph.nodes:
                     if n.op == "call_module":
@@ -210,12 +219,6 @@ class _Usage:
 
     def tensor_shared(self, tensor: torch.Tensor, getattr_node: fx.Node) -> bool:
         return self.holders[id(tensor)] > 1 or self.reads[id(tensor)] > 1 or len(getattr_node.users) > 1
-
-
-def _all_graphs(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
-    for path, module in model.named_modules():
-        if isinstance(module, fx.GraphModule):
-            yield path, module
 
 
 def _graphs_with_branches(gm: fx.GraphModule) -> Iterator[tuple[fx.Graph, fx.GraphModule]]:
@@ -233,9 +236,10 @@ def find_folds(model: nn.Module) -> list[FoldSite]:
     nearest affine producers (see AFFINE_MODULES / AFFINE_FUNCTIONS and layer-scale multiplies).
     A gate whose branch ends elsewhere gets a ``reason`` and will keep an explicit multiply.
     """
-    usage = _Usage(model)
+    parts = _graph_parts(model)
+    usage = _Usage(model, parts)
     sites: list[FoldSite] = []
-    for path, gm in _gate_graphs(model):
+    for path, gm in _gate_graphs(parts):
         for name, gate in gm.named_children():
             if not isinstance(gate, StochasticDepth):
                 continue
@@ -331,7 +335,7 @@ class _Walker:
         except Exception:  # it does not trace: it stays opaque
             return None
         out = next(n for n in inner.graph.nodes if n.op == "output").args[0]
-        found = _Walker(inner, _Usage(inner), {}).targets(out) if isinstance(out, fx.Node) else "no tensor"
+        found = _Walker(inner, _Usage(inner, [("", inner)]), {}).targets(out) if isinstance(out, fx.Node) else "no tensor"
         if isinstance(found, str) or any(t.kind != "attr" for t in found):
             return None
         params = tuple(f"{node.target}.{t.target}" for t in found)
@@ -619,10 +623,16 @@ def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool
     sites = find_folds(work)
     report = FoldReport()
     result = work
-    for path, gm in list(_gate_graphs(work)):
+    for path, gm in list(_gate_graphs(_graph_parts(work))):
         mine = [s for s in sites if s.part == path]
         _, done = fold_gates(gm, mine, into_weights=into_weights, scale=scale, prefix=path, drop=frozenset(drop))
         report.sites += done
+        owner = work.get_submodule(path)
+        if in_place.graph_forward(owner) is not None:
+            if all(d.how == "none" or (d.how == "weights" and not d.copied) for d in done):
+                in_place.uninstall(owner)  # the graph is the module's own code again, with scaled weights
+            else:
+                in_place.install(owner, gm)
     report.sites.sort(key=lambda s: s.index)
     _untag(result)
     return result.eval(), report

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
 
 from ..analysis.detect import ResidualSite
 from ..analysis.locate import locate
+from ..analysis.owners import WHOLE, rewrites, written_in_place
 from ..analysis.schedule import Override, assign
 from ..capture.drop_path import find_drop_paths, switch_off
-from ..capture.fx import Capture, CapturedPart
-from ..capture.graph_facts import is_view, writes_in_place
+from ..capture import in_place
+from ..capture.fx import Capture
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..errors import NoResidualSitesError, RecipeMismatchError
@@ -110,14 +112,17 @@ def _check_gate_options(mode: str, scaling: str) -> None:
 
 
 def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float]], recipe: Recipe) -> nn.Module:
+    """Gate each rewrite's sites and put it in place: a block or a captured part keeps its class and runs
+    its gated graph (``capture.in_place``); an ATen capture is replaced by its GraphModule."""
+    p_of = {s.id: p for s, p in chosen}
     result = work
-    for part in cap.parts:
-        items = [(s, p) for s, p in chosen if s.part == part.path]
-        if not items:
-            continue
-        gate_sites(part.gm, items, mode=recipe.mode, scaling=recipe.scaling, seed=recipe.seed,
-                   sync_ranks=recipe.sync_ranks)
-        result = _install(result, part)
+    for rewrite in rewrites(work, cap, [s for s, _ in chosen], recipe.leaves):
+        gate_sites(rewrite.gm, [(s, p_of[s.id]) for s in rewrite.sites], mode=recipe.mode, scaling=recipe.scaling,
+                   seed=recipe.seed, sync_ranks=recipe.sync_ranks, copy_skip=rewrite.copy_skip)
+        if rewrite.how == WHOLE:
+            result = _replace(result, rewrite.path, rewrite.gm)
+        else:
+            in_place.install(work.get_submodule(rewrite.path), rewrite.gm)
     tag(result, RECIPE_ATTR, recipe)
     for name in ("sdsurgeon_source",):
         if hasattr(work, name):
@@ -125,21 +130,14 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
     return result
 
 
-def _install(root: nn.Module, part: CapturedPart) -> nn.Module:
-    """Put a rewritten part where its module was; the whole model if it is the root."""
-    if not part.path:
-        return part.gm
-    parent_path, _, name = part.path.rpartition(".")
+def _replace(root: nn.Module, path: str, gm: fx.GraphModule) -> nn.Module:
+    """Put a rewritten ATen part where its module was; the whole model if it is the root."""
+    if not path:
+        return gm
+    parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, part.gm)
+    setattr(parent, name, gm)
     return root
-
-
-def _mutated_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether some user of ``node`` overwrites it, or a view of it, in place (ReLU(inplace=True), relu_, +=,
-    ``x[:, 0] = v``, ...)."""
-    return any(u.args and u.args[0] is node and (writes_in_place(u, gm) or (is_view(u) and _mutated_in_place(gm, u)))
-               for u in node.users)
 
 
 def gate_sites(
@@ -150,10 +148,12 @@ def gate_sites(
     scaling: str = "paper",
     seed: int | None = None,
     sync_ranks: bool = True,
+    copy_skip: Mapping[str, bool] = MappingProxyType({}),
 ) -> fx.GraphModule:
     """Pass: replace each site's add and branch with a call to a StochasticDepth gate.
 
-    Mutates and returns ``gm``. Sites must come from ``find_residuals(gm)`` and be in depth order:
+    Mutates and returns ``gm``. ``copy_skip`` (site id -> bool) says where a caller outside ``gm``
+    writes the block's output in place, so a dropped gate must return a copy of its skip. Sites must come from ``find_residuals(gm)`` and be in depth order:
     inner blocks of nested residuals are gated first and the outer branch then calls the inner gate.
     The branch's modules stay where they are (state_dict keys unchanged); each gate runs its branch
     through a GraphModule that shares those modules.
@@ -186,7 +186,7 @@ def gate_sites(
         name = f"sd_gate_{site.index}"
         gate = StochasticDepth(
             p, branch, mode=mode, scaling=scaling, seed=seed, site_id=site.id, index=site.index,
-            copy_skip=_mutated_in_place(gm, add), sync_ranks=sync_ranks,
+            copy_skip=copy_skip.get(site.id, False) or written_in_place(gm, add), sync_ranks=sync_ranks,
             # model attributes (weights read by an ATen graph, layer-scale gammas) are never per-sample
             sample_inputs=tuple(i.op != "get_attr" for i in inputs),
         )

@@ -1,0 +1,103 @@
+"""The folded model shipped as its plain architecture: a safetensors state_dict or a save_pretrained folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ConfigError, WriteError, first_line
+from ..io import hf
+from ..surgery.fold import FoldedSite, FoldReport
+
+FORMATS = ("onnx", "safetensors", "hf")
+SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors", "hf": ""}  # hf: a folder
+
+
+@dataclass
+class PlainExport:
+    """What was written for the plain architecture."""
+
+    path: str
+    format: str  # "safetensors" | "hf"
+    tensors: int  # tensors in the state_dict written
+    file_bytes: int  # the file, or every file of the folder
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "format": self.format, "tensors": self.tensors, "file_bytes": self.file_bytes,
+                "seconds": round(self.seconds, 3)}
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format {fmt!r}; use one of: {', '.join(FORMATS)}", option="--format")
+    return fmt
+
+
+def not_plain(report: FoldReport) -> list[FoldedSite]:
+    """The sites whose fold left what the architecture's own code does not compute: a kept multiply, a
+    private copy of a shared weight, a removed block. Without any, the folded model *is* the original
+    architecture with scaled weights."""
+    return [s for s in report.sites if s.how in ("multiply", "dropped") or s.copied]
+
+
+def refuse_unless_plain(report: FoldReport, fmt: str) -> None:
+    """One line naming the sites that keep a model from being its plain architecture."""
+    sites = not_plain(report)
+    if not sites:
+        return
+    shown = ", ".join(s.id for s in sites[:4]) + (f" and {len(sites) - 4} more" if len(sites) > 4 else "")
+    kinds = sorted({"a kept multiply" if s.how == "multiply" else "a removed block" if s.how == "dropped"
+                    else "a copied shared weight" for s in sites})
+    raise ConfigError(
+        f"--format {fmt} writes the original architecture with scaled weights, but {len(sites)} site(s) fold into "
+        f"something else ({' and '.join(kinds)}): {shown}; export them as ONNX (--format onnx)", option="--format")
+
+
+def write_safetensors(model: nn.Module, dest: str | os.PathLike) -> PlainExport:
+    """``model``'s state_dict as safetensors (shared tensors stored once, as ``safetensors.torch.save_model`` does:
+    load it with ``safetensors.torch.load_model(model, path)``)."""
+    from safetensors.torch import save_model
+
+    started = time.perf_counter()
+    try:
+        save_model(model, str(dest))
+    except OSError as exc:
+        raise WriteError(f"cannot write {dest}: {exc.strerror}; choose another output with -o") from None
+    return PlainExport(str(dest), "safetensors", len(model.state_dict()), Path(dest).stat().st_size,
+                       time.perf_counter() - started)
+
+
+def write_pretrained(model: nn.Module, dest: str | os.PathLike) -> PlainExport:
+    """``model.save_pretrained(dest)`` (safetensors weights and its config): plain transformers loads it."""
+    started = time.perf_counter()
+    if not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"--format hf writes a transformers save_pretrained folder, but {type(model).__name__} is "
+                          "not a transformers model; use --format safetensors", option="--format")
+    try:
+        with hf.quiet():
+            model.save_pretrained(str(dest), safe_serialization=True)
+    except OSError as exc:
+        raise WriteError(f"cannot write {dest}: {exc.strerror}; choose another output with -o") from None
+    except Exception as exc:  # transformers refuses (a config it cannot serialise, ...)
+        raise WriteError(f"transformers could not save {type(model).__name__}: {first_line(exc)}") from None
+    size = sum(f.stat().st_size for f in Path(dest).rglob("*") if f.is_file())
+    return PlainExport(str(dest), "hf", len(model.state_dict()), size, time.perf_counter() - started)
+
+
+def load_plain(fmt: str, path: str | os.PathLike, fresh: nn.Module) -> nn.Module:
+    """What a user without sdsurgeon gets back: ``fresh`` (the architecture) filled from the safetensors file,
+    or the folder loaded by the architecture's own ``from_pretrained``."""
+    if fmt == "safetensors":
+        from safetensors.torch import load_model
+
+        load_model(fresh, str(path), strict=True)
+        return fresh.eval()
+    with hf.quiet():
+        loaded = type(fresh).from_pretrained(str(path)).eval()
+    loaded.config.use_cache = False  # as it was captured: a cache is no output to compare
+    return loaded

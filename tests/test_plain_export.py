@@ -1,0 +1,80 @@
+"""export --format safetensors: the folded model shipped as its own architecture's weights, loaded without sdsurgeon."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from cli_helpers import assert_ok, assert_user_error, invoke
+from sdsurgeon import inject
+from sdsurgeon.errors import ConfigError
+from sdsurgeon.models import cifar_resnet
+from sdsurgeon.pipeline import ConvertOptions, convert
+from zoo import POSITIVE, linear_ps
+
+WITH_REFERENCE = [e for e in POSITIVE if e.scale is not None and not e.kept_multiply]
+ARCH = ["--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 8}']
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("entry", WITH_REFERENCE, ids=lambda e: e.name)
+def test_the_safetensors_file_is_the_hand_scaled_original_architecture(entry, tmp_path):
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    path = tmp_path / "plain.safetensors"
+    injected = inject(model, 0.5, example_inputs=entry.inputs())
+    result = convert(injected, ConvertOptions(format="safetensors"), output=path)
+    assert result.checked.ok and path.is_file()
+    plain = copy.deepcopy(model)  # the user's architecture, no sdsurgeon in it
+    load_model(plain, str(path))
+    reference = copy.deepcopy(model)
+    entry.scale(reference, linear_ps(entry.num_sites, 0.5))
+    inputs = entry.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(_first(plain.eval()(*inputs)), _first(reference(*inputs)), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_safetensors_from_an_arch_loads_into_a_fresh_factory_model(work):
+    assert_ok(invoke("inject", *ARCH, "--input-shape", "2,3,16,16", "-o", "r.sd.pt"))
+    record = json.loads(invoke("export", "r.sd.pt", "--format", "safetensors", "--json").stdout)
+    assert record["format"] == "safetensors" and record["verify"]["ok"] and record["folded"] == record["gates"] == 3
+    assert record["output"] == "r.safetensors"
+    import sdsurgeon
+
+    injected = sdsurgeon.load("r.sd.pt").eval()
+    plain = cifar_resnet(depth=8).eval()
+    load_model(plain, "r.safetensors")
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(plain(x), injected(x))
+
+
+@pytest.mark.parametrize("extra", [["--no-fold"], ["--drop", "1"]], ids=["no-fold", "drop"])
+def test_what_the_architecture_does_not_compute_is_refused_in_one_line(work, extra):
+    assert_ok(invoke("inject", *ARCH, "--input-shape", "2,3,16,16", "-o", "r.sd.pt"))
+    line = assert_user_error(invoke("export", "r.sd.pt", "--format", "safetensors", *extra))
+    assert "use --format onnx" in line
+    assert not list(work.glob("*.safetensors"))
+
+
+def test_a_kept_multiply_is_refused_naming_the_sites(tmp_path):
+    entry = next(e for e in POSITIVE if e.kept_multiply)
+    injected = inject(entry.build().eval(), 0.5, example_inputs=entry.inputs())
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ConfigError, match="kept multiply") as info:
+        convert(injected, ConvertOptions(format="safetensors"), output=path)
+    assert injected.sdsurgeon_recipe.sites[0][0] in str(info.value)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_hf_format_needs_a_transformers_model_and_a_folder(work):
+    assert_ok(invoke("inject", *ARCH, "--input-shape", "2,3,16,16", "-o", "r.sd.pt"))
+    assert "not come from transformers" in assert_user_error(invoke("export", "r.sd.pt", "--format", "hf"))
+    assert "unknown --format" in assert_user_error(invoke("export", "r.sd.pt", "--format", "tflite"))
+    assert "must end in .safetensors" in assert_user_error(
+        invoke("export", "r.sd.pt", "--format", "safetensors", "-o", "x.onnx"))
+    assert sorted(p.name for p in work.iterdir()) == ["r.sd.pt"]
