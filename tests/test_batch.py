@@ -260,6 +260,20 @@ CONFIG_ERRORS = [
           - name: a
             arch: archs:tiny_resnet
         """, ("drop_by:", 1), ["drop_by: 'random' is not one of schedule, influence"]),
+    ("format-unknown", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            format: tflite
+        """, ("format:", 1), ["format: 'tflite' is not one of onnx, safetensors, hf"]),
+    ("format-with-drop", """
+        defaults:
+          format: safetensors
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            drop: 1
+        """, ("- name: a", 1), ["format: safetensors writes the original architecture", "a pruned model: use onnx"]),
     ("drop-not-a-count", """
         models:
           - name: a
@@ -381,10 +395,10 @@ def test_options_merge_defaults_and_overrides(tmp_path):
     a, b = plan_jobs(load_config(cfg))
     assert (a.options.pL, a.options.input_shape, a.options.set) == (0.7, (1, 8), ("blocks\\.0=0.9",))
     assert a.arch_kwargs == {"width": 8, "blocks": 3} and a.checkpoint is None
-    assert a.onnx_path == str(tmp_path / "onnx" / "a.onnx") and a.sd_path is None
+    assert a.output_path == str(tmp_path / "onnx" / "a.onnx") and a.sd_path is None
     assert a.stamp_path == str(tmp_path / "onnx" / "a.sdsurgeon.json")
     assert (b.options.pL, b.options.input_shape, b.options.inputs, b.options.timeout) == (1.0, None, ("x:1,8",), 30.0)
-    assert b.onnx_path == str(tmp_path / "elsewhere" / "b.onnx")
+    assert b.output_path == str(tmp_path / "elsewhere" / "b.onnx")
     assert a.settings_hash() != b.settings_hash()
 
 
@@ -605,7 +619,7 @@ def test_glob_is_one_job_per_match_named_by_stem(tmp_path):
     assert [j.name for j in jobs] == ["first", "m1", "m2", "m3"]
     for job in jobs[1:]:
         assert job.checkpoint == str(tmp_path / "ckpts" / f"{job.name}.pt")
-        assert job.onnx_path == str(tmp_path / "out" / f"{job.name}.onnx")
+        assert job.output_path == str(tmp_path / "out" / f"{job.name}.onnx")
         assert job.arch == "archs:tiny_resnet" and job.options.pL == 0.8
 
 
@@ -758,8 +772,8 @@ def test_incremental_skips_up_to_date_jobs(tmp_path, monkeypatch):
 
 def make_up_to_date(job) -> None:
     """What a successful run leaves for ``job`` (an arch-only job: no input file to be newer than it)."""
-    Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(job.onnx_path).write_bytes(b"stands in for an ONNX file")
+    Path(job.output_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(job.output_path).write_bytes(b"stands in for an ONNX file")
     Path(job.stamp_path).write_text(json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs}))
 
 
@@ -868,3 +882,30 @@ def test_a_job_prunes_as_export_drop_does_and_a_bad_count_fails_in_config_terms(
     assert jobs["pruned"]["nodes"] < jobs["whole"]["nodes"]
     assert jobs["pruned"]["folded"] == jobs["whole"]["folded"] - 2
     assert jobs["too_many"]["error"].startswith("drop: '7': expected a count from 0 to 6"), jobs["too_many"]["error"]
+
+
+@pytest.mark.multiprocess
+def test_a_job_writes_the_plain_architecture_as_safetensors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, """
+        defaults:
+          input_shape: [1, 3, 16, 16]
+          format: safetensors
+        models:
+          - {name: r, arch: sdsurgeon.models:cifar_resnet, arch_kwargs: {depth: 8}, save_injected: true}
+        """)
+    result = invoke("batch", "cfg.yaml", "--json", "--report-dir", "reports")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    (job,) = json.loads(result.stdout)["jobs"]
+    assert job["status"] == "ok" and job["nodes"] is None and job["folded"] == job["sites"] == 3
+    assert job["outputs"] == [str(tmp_path / "out" / "r.safetensors"), str(tmp_path / "out" / "r.sd.pt")]
+    from safetensors.torch import load_model
+
+    import sdsurgeon
+    from sdsurgeon.models import cifar_resnet
+
+    plain = cifar_resnet(depth=8).eval()
+    load_model(plain, str(tmp_path / "out" / "r.safetensors"))
+    injected = sdsurgeon.load(tmp_path / "out" / "r.sd.pt").eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(x), injected(x))

@@ -14,6 +14,7 @@ import yaml
 
 from .._version import __version__
 from ..capture.inputs import InputSpec
+from ..deploy.plain import FORMATS, SUFFIXES
 from ..errors import ConfigError, SurgeonError
 from ..io.files import output_problem
 from ..io.trust import load_yaml
@@ -48,6 +49,7 @@ class JobOptions:
     drop: str | None = None  # as export --drop: prune this many gated blocks (a count or a share, "25%")
     drop_by: str = "schedule"  # as --drop-by
     drop_sites: str | None = None  # as --drop-sites
+    format: str = "onnx"  # as export --format: onnx | safetensors | hf
 
 
 _NULLABLE = {f.name for f in fields(JobOptions) if f.default is None}
@@ -76,7 +78,7 @@ class Job:
     arch: str | None
     arch_kwargs: dict
     options: JobOptions
-    onnx_path: str
+    output_path: str  # the ONNX file, safetensors file or save_pretrained folder (options.format)
     sd_path: str | None  # the injected model, when save_injected
     stamp_path: str  # settings hash + outputs, for incremental runs
     import_paths: tuple[str, ...] = ()  # folders the arch may be imported from (the config's)
@@ -89,7 +91,7 @@ class Job:
 
     @property
     def outputs(self) -> list[str]:
-        return [p for p in (self.onnx_path, self.sd_path) if p]
+        return [p for p in (self.output_path, self.sd_path) if p]
 
     def settings_hash(self) -> str:
         """Everything that shapes the outputs, so a changed setting re-runs the job."""
@@ -311,6 +313,11 @@ def _check_prune_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where + ("drop_by",), f"drop_by: {o.drop_by!r} is not one of {', '.join(DROP_RULES)}")
     if o.drop is not None and o.drop_sites is not None:
         fail(where + ("drop_sites",), "drop_sites names the blocks itself: give it or drop, not both")
+    if o.format not in FORMATS:
+        fail(where + ("format",), f"format: {o.format!r} is not one of {', '.join(FORMATS)}")
+    elif o.format != "onnx" and (o.drop is not None or o.drop_sites is not None or not o.fold):
+        fail(where + ("format",), f"format: {o.format} writes the original architecture, which does not compute "
+                                  f"{'the multiplies that fold: false keeps' if not o.fold else 'a pruned model'}: use onnx")
     for key, check in (("drop", lambda v: parse_drop(v)), ("drop_sites", lambda v: compile_pattern(v, "drop_sites"))):
         value = getattr(o, key)
         if value is not None:
@@ -363,7 +370,7 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
             seen[name] = entry.line
             jobs.append(Job(
                 name=name, checkpoint=checkpoint, arch=entry.arch, arch_kwargs=dict(entry.arch_kwargs),
-                options=options, onnx_path=str(out_dir / f"{name}.onnx"),
+                options=options, output_path=str(out_dir / f"{name}{SUFFIXES.get(options.format) or '-hf'}"),
                 sd_path=str(out_dir / f"{name}.sd.pt") if options.save_injected else None,
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
                 where=f"{config.path}:{entry.line}", weights=weights,
@@ -371,7 +378,7 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
     inputs = [config.path] + [p for j in jobs for p in j.inputs]
     for job in jobs:  # any job's output against every job's input: a batch never destroys what it reads
         for output in job.outputs + [job.stamp_path]:
-            problem = output_problem(output, inputs)
+            problem = output_problem(output, inputs, folder=output == job.output_path and job.options.format == "hf")
             if problem:
                 raise ConfigError(f"{job.where}: job {job.name}: output {problem}; change output_dir or the name")
     return jobs
@@ -393,6 +400,7 @@ _OPTION_KINDS: dict[str, str] = {
     "inputs": "list[str]", "opset": "int", "static_batch": "bool", "rtol": "number", "atol": "number",
     "output_dir": "str", "trust_pickle": "bool", "save_injected": "bool", "timeout": "number",
     "capture": "str", "keep_existing": "bool", "drop": "count", "drop_by": "str", "drop_sites": "str",
+    "format": "str",
 }
 
 

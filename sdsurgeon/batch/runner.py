@@ -96,7 +96,7 @@ def run_job(job: Job) -> JobRecord:
     timings = record.timings
     started = time.perf_counter()
     try:
-        Path(job.onnx_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(job.output_path).parent.mkdir(parents=True, exist_ok=True)
         ref = pipeline.ModelRef(job.checkpoint, job.arch, job.arch_kwargs, weights=job.weights,
                                 trust_pickle=o.trust_pickle, arch_folders=job.import_paths)
         with pipeline.stage(timings, "load"):
@@ -111,12 +111,12 @@ def run_job(job: Job) -> JobRecord:
         record.sites = len(getattr(model, RECIPE_ATTR).sites)  # known even if the job fails later
         converted = pipeline.convert(
             model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol, drop=o.drop,
-                                           drop_by=o.drop_by, drop_sites=o.drop_sites), specs,
-            output=Path(job.onnx_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
+                                           drop_by=o.drop_by, drop_sites=o.drop_sites, format=o.format), specs,
+            output=Path(job.output_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
             timings=timings,
         )
         record.folded, record.multiplies = len(converted.report.folded), len(converted.report.multiplies)
-        record.nodes = converted.exported.nodes
+        record.nodes = getattr(converted.exported, "nodes", None)  # ONNX only
         record.dropped = None if converted.pruned is None else len(converted.pruned.dropped)
         record.max_abs_error, record.max_rel_error = converted.checked.max_abs, converted.checked.max_rel
         record.tolerance_used = converted.checked.tolerance_used
