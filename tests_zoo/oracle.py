@@ -166,6 +166,8 @@ class ScaledCalls:
     def _restart(self, *_):
         self.k = 0
 
+    restart = _restart
+
     def _scale(self, _module, _args, out):
         if self.k >= len(self.ps):
             raise AssertionError(f"branch module called {self.k + 1} times, more than the {len(self.ps)} sites")
@@ -187,7 +189,7 @@ def reference(model: nn.Module, branch_paths: Callable[[nn.Module], list[str]], 
     zero_drop_rates(ref)
     if p_L is not None:
         calls = called(ref, branch_paths(ref), inputs)
-        ScaledCalls(ref, calls, linear_ps(len(calls), p_L))
+        ref.scaled_calls = ScaledCalls(ref, calls, linear_ps(len(calls), p_L))  # restart() before a call not via forward
     return ref
 
 

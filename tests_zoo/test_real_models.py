@@ -30,7 +30,11 @@ LIVE = 2e-3  # a branch halved must move the output by 20x the 1e-4 relative tol
 
 # (model id, test) -> why it fails on today's sdsurgeon. strict: a fix turns the entry into a failure
 # (XPASS), so it is deleted with the fix. Failure classes are explained in the README's zoo section.
-KNOWN: dict[tuple[str, str], str] = {}
+KNOWN: dict[tuple[str, str], str] = {
+    # torch.fx cannot trace these; the torch.export capture is ATen-level and replaces the model whole
+    (model, "in_place"): "captured by torch.export: an ATen capture is not rewritten in place yet"
+    for model in ("timm_swin_tiny", "timm_beit_base", "timm_eva02_tiny")
+}
 
 
 # Compiling takes 12 s to 3.3 min a model here (34 min for all 28). `make test` (and so CI) compiles one model of each kind of
@@ -289,9 +293,12 @@ def test_the_injected_model_keeps_its_class_methods_and_config(z: ZooModel):
     if hasattr(model, "forward_features"):  # timm
         assert_close(run(gated, x, train=False), run(reference, x, train=False), "forward")
         gated.eval()
+        reference.scaled_calls.restart()  # the oracle counts branch calls from the root's forward
         with torch.no_grad():
             assert_close(gated.forward_features(x), reference.forward_features(x), "forward_features")
-        assert gated.pretrained_cfg == model.pretrained_cfg and gated.default_cfg == model.default_cfg
+        for attr in ("pretrained_cfg", "default_cfg"):  # set by timm.create_model; absent when built from the class
+            if hasattr(model, attr):
+                assert getattr(gated, attr) == getattr(model, attr), attr
         probe = copy.deepcopy(gated)
         probe.reset_classifier(5)
         assert run(probe, x).shape[-1] == 5
