@@ -44,13 +44,16 @@ def inject(
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
-    The result has exactly the state_dict keys and tensors of ``model``; it carries its recipe as
+    The copy is of ``model``'s own class: only the modules owning a gated add run a gated graph as
+    their forward, keeping their class (see analysis.owners and capture.in_place); an ATen-level
+    torch.export capture is the exception, returned as a GraphModule. The result has exactly the
+    state_dict keys and tensors of ``model``; it carries its recipe as
     ``result.sdsurgeon_recipe`` so it can be saved weights-only and rebuilt. ``example_inputs`` (a
     tensor, tuple, dict or ``(args, kwargs)``) lets detection check shapes; the input specs (given
     as ``inputs`` or read off ``example_inputs``) are remembered in the recipe for later export.
     Under torch.distributed the gates draw alike on every rank unless ``sync_ranks=False``.
     ``capture`` picks the front-end (``auto``, ``fx``, ``export``: see capture.capture; export needs
-    example inputs, and the result is then an ATen-level GraphModule). Drop-path modules the model
+    example inputs). Drop-path modules the model
     already has are switched off (the gates replace them) unless ``keep_existing``.
     Raises NoResidualSitesError if nothing is gated.
     """
