@@ -172,3 +172,32 @@ def test_sdsurgeon_file_of_an_in_place_model_loads_back_in_place(tmp_path):
     assert [p for p, _ in in_place.rewritten(loaded)] == [p for p, _ in in_place.rewritten(injected)]
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(loaded.eval()(x), injected.eval()(x))
+
+
+class FlagBlock(nn.Module):
+    """A block whose traced graph depends on a plain attribute: alike blocks share one trace, these may not."""
+
+    def __init__(self, d, doubled):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.doubled = doubled
+
+    def forward(self, x):
+        y = self.f(x)
+        if self.doubled:
+            y = y * 2
+        return x + y
+
+
+def test_blocks_of_one_class_that_trace_differently_each_get_their_own_graph():
+    model = nn.Sequential(*(FlagBlock(8, doubled) for doubled in (False, True, False, True))).eval()
+    injected = inject(model, 0.5).eval()
+    ps = [p for _, p in injected.sdsurgeon_recipe.sites]
+    x = torch.randn(3, 8)
+    expected = x
+    with torch.no_grad():
+        for block, p in zip(model, ps):  # by hand: x + p * f(x), doubled where the block says so
+            expected = expected + p * block.f(expected) * (2 if block.doubled else 1)
+        torch.testing.assert_close(injected(x), expected)
+    graphs = [in_place.graph_forward(b).graph for b in injected]
+    assert len({id(g) for g in graphs}) == 4  # a graph each, even where two blocks traced alike

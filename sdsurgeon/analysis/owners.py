@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import types
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..analysis.detect import ResidualSite, detect, module_scope
 from ..capture.drop_path import find_drop_paths, leaf_classes
-from ..capture.fx import Capture, trace
+from ..capture.fx import Capture, faithful_graph_module, is_default_leaf, trace_as_part
 from ..capture.graph_facts import is_view, writes_in_place
 
 # How a rewrite reaches the model (plan shows it; inject does it).
@@ -26,8 +30,14 @@ class Rewrite:
     path: str  # module path in the model ("" is the model itself)
     how: str  # BLOCK | PART | WHOLE
     sites: list[ResidualSite]
-    gm: fx.GraphModule
+    graph_module: fx.GraphModule | Callable[[], fx.GraphModule]  # or how to build it (a copy of a twin's graph)
     copy_skip: dict[str, bool]  # site id -> whether the skip is written in place later, seen from the whole part
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        if not isinstance(self.graph_module, fx.GraphModule):
+            self.graph_module = self.graph_module()
+        return self.graph_module
 
 
 def rewrites(model: nn.Module, cap: Capture, sites: Sequence[ResidualSite], leaves: Iterable[str] = ()) -> list[Rewrite]:
@@ -65,9 +75,8 @@ def _join(*paths: str) -> str:
     return ".".join(p for p in paths if p)
 
 
-def _owner(gm: fx.GraphModule, site: ResidualSite) -> str:
-    """The common scope of the site's add and branch nodes, relative to ``gm``."""
-    nodes = {n.name: n for n in gm.graph.nodes}
+def _owner(nodes: dict[str, fx.Node], site: ResidualSite) -> str:
+    """The common scope of the site's add and branch nodes (``nodes``: the graph's, by name)."""
     scopes = [module_scope(nodes[site.add])] + [module_scope(nodes[n]) for n in site.branch_nodes]
     common = scopes[0].split(".") if scopes[0] else []
     for scope in scopes[1:]:
@@ -79,31 +88,94 @@ def _owner(gm: fx.GraphModule, site: ResidualSite) -> str:
     return ".".join(common)
 
 
-def _within(inner: str, outer: str) -> bool:
-    return not outer or inner == outer or inner.startswith(outer + ".")
+def _outermost(paths) -> dict[str, str]:
+    """Each module path -> the outermost of ``paths`` that holds it (itself if none does)."""
+    present = set(paths)
+    out = {}
+    for path in paths:
+        atoms = path.split(".") if path else []
+        holders = [""] if "" in present else []
+        holders += [p for k in range(1, len(atoms)) if (p := ".".join(atoms[:k])) in present]
+        out[path] = holders[0] if holders else path
+    return out
+
+
+def _leaf_paths(called: list[str], owner: str) -> set[str]:
+    """The modules inside ``owner`` that the part's trace called rather than traced into (``called``: all
+    such module paths of the part; returned relative to the owner): traced alone with the same leaves, the
+    owner gives the graph the part's trace had for it."""
+    prefix = owner + "." if owner else ""
+    return {target[len(prefix):] for target in called if target.startswith(prefix)}
 
 
 def _blocks(
     model: nn.Module, part: str, gm: fx.GraphModule, sites: list[ResidualSite], leaves: frozenset[str],
     copy_skip: dict[str, bool],
 ) -> list[Rewrite] | None:
-    owners: dict[str, list[ResidualSite]] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    owner_of = {site.id: _owner(nodes, site) for site in sites}
+    outer = _outermost(owner_of.values())
+    grouped: dict[str, list[ResidualSite]] = {}
     for site in sites:
-        owners.setdefault(_owner(gm, site), []).append(site)
-    outer = [o for o in owners if not any(p != o and _within(o, p) for p in owners)]
-    if outer == [""]:
+        grouped.setdefault(outer[owner_of[site.id]], []).append(site)
+    if list(grouped) == [""]:
         return None  # the part itself owns them: nothing narrower to trace
-    grouped = {o: [s for p, ss in owners.items() if _within(p, o) for s in ss] for o in outer}
+    called = sorted({n.target for n in gm.graph.nodes
+                     if n.op == "call_module" and not is_default_leaf(gm.get_submodule(n.target))})
     found: list[Rewrite] = []
+    # Blocks alike (same class, submodules, flags and leaves) trace alike: one trace serves them all,
+    # which keeps plan of a 600-block model from tracing 600 times.
+    traced: dict[tuple, tuple[fx.Graph, str, dict[str, ResidualSite]]] = {}  # key -> pristine graph, twin, sites
     for relative, expected in grouped.items():
         path = _join(part, relative)
-        try:
-            block_gm = trace(model.get_submodule(path), leaves)
-        except Exception:  # any tracing failure: the part is rewritten whole instead
-            return None
-        by_id = {s.id: s for s in detect(block_gm, part=path)[0]}
-        if any(s.id not in by_id for s in expected):
+        owner = model.get_submodule(path)
+        leaf_paths = _leaf_paths(called, relative)
+        key = (_structure(owner), frozenset(leaf_paths))
+        if key not in traced:
+            try:  # one mode is enough: the part's trace already isolated what decides on self.training
+                block_gm = trace_as_part(owner, leaves, leaf_paths)
+            except Exception:  # any tracing failure: the part is rewritten whole instead
+                return None
+            traced[key] = (copy.deepcopy(block_gm.graph), path, {s.id: s for s in detect(block_gm, part=path)[0]})
+            build: fx.GraphModule | Callable[[], fx.GraphModule] = block_gm
+        else:  # built when inject asks, from a copy of the twin's graph as traced (inject gates the twin's own)
+            build = functools.partial(_graph_module_of, owner, traced[key][0])
+        _, twin, by_id = traced[key]
+        wanted = [twin + s.id[len(path):] for s in expected]  # the ids as the twin's trace names them
+        if any(w not in by_id for w in wanted):
             return None  # the block alone shows other sites (called twice, or traced otherwise)
-        matched = [replace(by_id[s.id], index=s.index, part=path) for s in expected]
-        found.append(Rewrite(path, BLOCK, matched, block_gm, {s.id: copy_skip[s.id] for s in expected}))
+        matched = [replace(by_id[w], id=s.id, index=s.index, part=path) for w, s in zip(wanted, expected)]
+        found.append(Rewrite(path, BLOCK, matched, build, {s.id: copy_skip[s.id] for s in expected}))
     return sorted(found, key=lambda r: min(s.index for s in r.sites))
+
+
+def _graph_module_of(owner: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    return faithful_graph_module(owner, copy.deepcopy(graph))
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _value_key(value):
+    """A module attribute as far as tracing its forward can depend on it: plain values by value (sizes,
+    flags), functions and classes by identity, anything else by object identity (never shared)."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+        return (type(value), tuple(value))
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        return value
+    return ("object", id(value))
+
+
+def _structure(module: nn.Module) -> tuple:
+    """What torch.fx's graph of ``module`` depends on besides its class's code: every submodule's path and
+    class, its plain attributes, and which parameters and buffers it holds (or holds as None)."""
+    key = []
+    for path, m in module.named_modules():
+        attrs = tuple(sorted((k, _value_key(v)) for k, v in m.__dict__.items()
+                             if not isinstance(v, (dict, set, nn.Module))))  # the dicts: hooks, and the three below
+        params = tuple((k, v is None) for k, v in m._parameters.items())
+        buffers = tuple((k, v is None) for k, v in m._buffers.items())
+        key.append((path, type(m), attrs, params, buffers))
+    return tuple(key)

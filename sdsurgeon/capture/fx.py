@@ -79,11 +79,11 @@ def _class_matches(cls: type, names: frozenset[str]) -> bool:
     return cls.__name__ in names or f"{cls.__module__}.{cls.__qualname__}" in names
 
 
-def _is_default_leaf(m: nn.Module) -> bool:
+def is_default_leaf(m: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(m, "")
 
 
-def _faithful_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+def faithful_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule running ``graph`` that keeps root's whole module tree.
 
     fx.GraphModule copies only what the graph references, which drops unused children and
@@ -123,7 +123,7 @@ def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
         train, eval_ = (_trace_in_mode(module, mode, leaf_names, leaf_paths) for mode in (True, False))
         differing = _mode_dependent_scopes(train, eval_)
         if not differing:
-            return _faithful_graph_module(module, train)
+            return faithful_graph_module(module, train)
         if "" in differing:
             break
         leaf_paths |= differing
@@ -131,6 +131,14 @@ def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
         f"{type(module).__name__}.forward computes something else in train than in eval mode (it decides on "
         "self.training in Python), which torch.fx would freeze"
     )
+
+
+def trace_as_part(module: nn.Module, leaves: Iterable[str], leaf_paths: Iterable[str]) -> fx.GraphModule:
+    """``trace`` in one mode, for a module inside a part ``trace`` already captured: ``leaf_paths`` (relative
+    to ``module``) are the modules that trace called there, those deciding on ``self.training`` among them,
+    so the train and eval graphs of ``module`` are known to agree."""
+    graph = _trace_in_mode(module, True, frozenset(leaves), frozenset(leaf_paths))
+    return faithful_graph_module(module, graph)
 
 
 def trace_eval(module: nn.Module) -> fx.GraphModule:
@@ -310,7 +318,7 @@ def _partial_fx(model: nn.Module, leaves: frozenset[str], root_failure: Untraced
                 untraced.append(UntracedPart(path, first_line(exc)))
         for name, child in module.named_children():
             container = isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
-            if (_is_default_leaf(child) and not container) or type(child) in LEAF_REGISTRY or _class_matches(
+            if (is_default_leaf(child) and not container) or type(child) in LEAF_REGISTRY or _class_matches(
                 type(child), leaves
             ):
                 continue
