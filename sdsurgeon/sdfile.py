@@ -82,7 +82,7 @@ def load(
                             "by a transformers model's save_pretrained")
         if arch:
             raise ConfigError(f"{path} is a transformers folder: its config.json names the architecture; drop --arch")
-        return hf.load_folder(path)
+        return _gated_again(hf.load_folder(path), path)
     check_regular(path)
     if path.suffix == ".safetensors":
         return _from_state_dict(read_safetensors(path), path, arch, named)
@@ -95,6 +95,19 @@ def load(
         tag(obj, SOURCE_ATTR, ModelSource("pickle"))
         return obj
     return _from_state_dict(state_dict_of(obj, path), path, arch, named)
+
+
+def _gated_again(model: nn.Module, path: Path) -> nn.Module:
+    """A folder an injected model's ``save_pretrained`` wrote records its recipe in config.json: redo it."""
+    recorded = getattr(model.config, hf.RECIPE_KEY, None)
+    if recorded is None:
+        return model
+    try:
+        _check_recipe(recorded)
+        recipe = Recipe.from_dict(recorded)
+    except (SurgeonError, _Damaged, TypeError, ValueError, KeyError) as exc:
+        raise LoadError(f"{path / 'config.json'}: its {hf.RECIPE_KEY!r} recipe is not usable: {exc}") from None
+    return apply_recipe(model, recipe)
 
 
 def _from_state_dict(

@@ -143,11 +143,35 @@ def test_fold_gives_back_the_users_class_running_its_own_code():
     torch.testing.assert_close(plain(x), folded(x))
 
 
-def test_an_aten_capture_replaces_the_model_and_plan_says_so():
+def test_under_an_aten_capture_blocks_are_rewritten_on_the_calls_they_receive_and_plan_says_so():
     model = Classifier()
     injected = inject(model, 0.5, capture="export", example_inputs=torch.randn(2, 4))
-    assert isinstance(injected, fx.GraphModule)
+    assert type(injected) is Classifier and injected.sdsurgeon_recipe.capture == "export"
+    assert [path for path, _ in in_place.rewritten(injected)] == [f"blocks.{k}" for k in range(3)]
+    x = torch.randn(5, 4)  # another batch size than the example's
+    reference = _hand_scaled(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    torch.testing.assert_close(injected.eval()(x), reference(x))
     record = plan(model, capture="export", example_inputs=torch.randn(2, 4)).to_dict()
+    assert [r["how"] for r in record["rewrites"]] == ["block"] * 3
+
+
+class OwnAdds(nn.Module):
+    """A model whose own forward holds its residual adds: no narrower module to rewrite."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.f, self.g = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + self.f(x)
+        return x + self.g(x)
+
+
+def test_an_aten_capture_of_a_model_that_owns_its_adds_replaces_it_whole_and_plan_says_so():
+    model = OwnAdds()
+    injected = inject(model, 0.5, capture="export", example_inputs=torch.randn(2, 8))
+    assert isinstance(injected, fx.GraphModule)
+    record = plan(model, capture="export", example_inputs=torch.randn(2, 8)).to_dict()
     assert [r["how"] for r in record["rewrites"]] == ["whole model"]
 
 

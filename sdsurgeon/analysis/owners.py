@@ -14,6 +14,7 @@ from torch import nn
 
 from ..analysis.detect import ResidualSite, detect, module_scope
 from ..capture.drop_path import find_drop_paths, leaf_classes
+from ..capture.call_trace import call_key, record_calls, trace_call
 from ..capture.fx import Capture, faithful_graph_module, is_default_leaf, trace_as_part
 from ..capture.graph_facts import is_view, writes_in_place
 
@@ -40,15 +41,18 @@ class Rewrite:
         return self.graph_module
 
 
-def rewrites(model: nn.Module, cap: Capture, sites: Sequence[ResidualSite], leaves: Iterable[str] = ()) -> list[Rewrite]:
+def rewrites(model: nn.Module, cap: Capture, sites: Sequence[ResidualSite], leaves: Iterable[str] = (),
+             example_inputs=None) -> list[Rewrite]:
     """Where inject rewrites ``sites`` (found by ``locate`` on ``cap``), in module order. Never mutates.
 
     A site's owner is the innermost module whose forward computes its add and its whole branch
     (the common scope of those nodes). Owners nested in another owner go with the outer one. Each
-    owner is traced on its own; if every one traces and shows the same sites (ids match: the same
-    adds, in a module called once), each is rewritten alone (BLOCK) and the rest of the model runs
-    its own code. Otherwise the whole captured part is (PART), still in place; an ATen capture is
-    replaced whole (WHOLE), as its graph has no Python module boundaries to put back.
+    owner is traced with torch.fx on its own; if every one traces and shows the same sites (ids
+    match: the same adds, in a module called once), each is rewritten alone (BLOCK) and the rest of
+    the model runs its own code. Owners inside an ATen (torch.export) capture are traced on the
+    call they receive in a forward on ``example_inputs`` (``capture.call_trace``: how transformers'
+    layers trace). Otherwise the whole captured part is rewritten (PART), still in place; an ATen
+    capture is then replaced whole (WHOLE), as its graph has no Python module boundaries to put back.
     """
     leaves = frozenset(leaves) | set(leaf_classes([d for d in find_drop_paths(model) if d.rate > 0]))
     out: list[Rewrite] = []
@@ -59,7 +63,8 @@ def rewrites(model: nn.Module, cap: Capture, sites: Sequence[ResidualSite], leav
         nodes = {n.name: n for n in part.gm.graph.nodes}
         whole = Rewrite(part.path, PART if cap.method == "fx" else WHOLE, mine, part.gm,
                         {s.id: written_in_place(part.gm, nodes[s.add]) for s in mine})
-        blocks = None if cap.method != "fx" else _blocks(model, part.path, part.gm, mine, leaves, whole.copy_skip)
+        blocks = _blocks(model, part.path, part.gm, mine, whole.copy_skip,
+                         _PartTracing(part.gm, leaves) if cap.method == "fx" else _CallTracing(model, example_inputs, leaves))
         out += blocks or [whole]
     return out
 
@@ -108,9 +113,46 @@ def _leaf_paths(called: list[str], owner: str) -> set[str]:
     return {target[len(prefix):] for target in called if target.startswith(prefix)}
 
 
+class _PartTracing:
+    """Owners inside an fx part: traced in one mode, calling what the part's trace called (``_leaf_paths``)."""
+
+    def __init__(self, gm: fx.GraphModule, leaves: frozenset[str]) -> None:
+        self.leaves = leaves
+        self.called = sorted({n.target for n in gm.graph.nodes
+                              if n.op == "call_module" and not is_default_leaf(gm.get_submodule(n.target))})
+
+    def prepare(self, model: nn.Module, paths: list[str]) -> bool:
+        return True
+
+    def key(self, path: str, relative: str, owner: nn.Module) -> tuple:
+        return _structure(owner), frozenset(_leaf_paths(self.called, relative))
+
+    def trace(self, path: str, relative: str, owner: nn.Module) -> fx.GraphModule:
+        # one mode is enough: the part's trace already isolated what decides on self.training
+        return trace_as_part(owner, self.leaves, _leaf_paths(self.called, relative))
+
+
+class _CallTracing:
+    """Owners inside an ATen capture: traced with torch.fx on the call each receives (``capture.call_trace``)."""
+
+    def __init__(self, model: nn.Module, example_inputs, leaves: frozenset[str]) -> None:
+        self.example_inputs, self.leaves = example_inputs, leaves
+        self.calls = None
+
+    def prepare(self, model: nn.Module, paths: list[str]) -> bool:
+        self.calls = record_calls(model, paths, self.example_inputs)
+        return self.calls is not None and all(p in self.calls for p in paths)
+
+    def key(self, path: str, relative: str, owner: nn.Module) -> tuple:
+        return _structure(owner), call_key(self.calls[path])
+
+    def trace(self, path: str, relative: str, owner: nn.Module) -> fx.GraphModule:
+        return trace_call(owner, self.calls[path], self.leaves)
+
+
 def _blocks(
-    model: nn.Module, part: str, gm: fx.GraphModule, sites: list[ResidualSite], leaves: frozenset[str],
-    copy_skip: dict[str, bool],
+    model: nn.Module, part: str, gm: fx.GraphModule, sites: list[ResidualSite], copy_skip: dict[str, bool],
+    tracing: _PartTracing | _CallTracing,
 ) -> list[Rewrite] | None:
     nodes = {n.name: n for n in gm.graph.nodes}
     owner_of = {site.id: _owner(nodes, site) for site in sites}
@@ -120,8 +162,8 @@ def _blocks(
         grouped.setdefault(outer[owner_of[site.id]], []).append(site)
     if list(grouped) == [""]:
         return None  # the part itself owns them: nothing narrower to trace
-    called = sorted({n.target for n in gm.graph.nodes
-                     if n.op == "call_module" and not is_default_leaf(gm.get_submodule(n.target))})
+    if not tracing.prepare(model, [_join(part, relative) for relative in grouped]):
+        return None  # an owner was not called on the example inputs
     found: list[Rewrite] = []
     # Blocks alike (same class, submodules, flags and leaves) trace alike: one trace serves them all,
     # which keeps plan of a 600-block model from tracing 600 times.
@@ -129,11 +171,10 @@ def _blocks(
     for relative, expected in grouped.items():
         path = _join(part, relative)
         owner = model.get_submodule(path)
-        leaf_paths = _leaf_paths(called, relative)
-        key = (_structure(owner), frozenset(leaf_paths))
+        key = tracing.key(path, relative, owner)
         if key not in traced:
-            try:  # one mode is enough: the part's trace already isolated what decides on self.training
-                block_gm = trace_as_part(owner, leaves, leaf_paths)
+            try:
+                block_gm = tracing.trace(path, relative, owner)
             except Exception:  # any tracing failure: the part is rewritten whole instead
                 return None
             traced[key] = (copy.deepcopy(block_gm.graph), path, {s.id: s for s in detect(block_gm, part=path)[0]})

@@ -119,7 +119,7 @@ def plan(
         ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
         planned_rewrites = [
             PlannedRewrite(r.path, r.how, type(model.get_submodule(r.path)).__name__, len(r.sites))
-            for r in rewrites(model, cap, [s for s, p in zip(sites, ps) if p is not None], leaves)
+            for r in rewrites(model, cap, [s for s, p in zip(sites, ps) if p is not None], leaves, example_inputs)
         ]
     total = cap.total_flops
     node_flops = None if total is None else node_flops_of(cap)

@@ -108,7 +108,7 @@ class ModeDependentForward(Exception):
 _MODE_ROUNDS = 4
 
 
-def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
+def trace(module: nn.Module, leaves: Iterable[str] = (), leaf_paths: Iterable[str] = ()) -> fx.GraphModule:
     """Trace one module with torch.fx so that the graph still switches train/eval; leaves no state on it.
 
     torch.fx runs the Python of ``forward``, so an ``if self.training`` is decided once, at trace time
@@ -118,7 +118,7 @@ def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     nothing to isolate: ModeDependentForward (callers then capture its children instead). Raises
     whatever tracing raises otherwise.
     """
-    leaf_names, leaf_paths = frozenset(leaves), frozenset()
+    leaf_names, leaf_paths = frozenset(leaves), frozenset(leaf_paths)
     for _ in range(_MODE_ROUNDS):
         train, eval_ = (_trace_in_mode(module, mode, leaf_names, leaf_paths) for mode in (True, False))
         differing = _mode_dependent_scopes(train, eval_)

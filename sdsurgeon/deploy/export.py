@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..capture.inputs import normalize_inputs
 from ..capture.modes import modes_kept
+from ..capture.torch_export import cache_off
 from ..errors import ConfigError, ExportError, first_line
 from ..io.files import staged
 from ..io.quiet import quiet
@@ -122,7 +123,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opset: int | None,
                 dynamic_batch: bool, verbose: bool) -> None:
     named_inputs(model, args, kwargs)  # inputs that do not fit forward's signature: a clear error first
-    with modes_kept(model, training=False), torch.no_grad():
+    with modes_kept(model, training=False), cache_off(model), torch.no_grad():
         try:
             model(*args, **kwargs)  # one forward: a wrong input shape is the user's, not the exporter's, error
         except Exception as exc:
@@ -135,7 +136,8 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
     dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     # Attention decomposed by its math kernel: the fused CPU kernel's decomposition ends in a view that a
     # symbolic batch cannot take (transformers' Swin with SDPA, captured or not: "Cannot view a tensor ...").
-    with quiet(verbose), modes_kept(model, training=False), sdpa_kernel([SDPBackend.MATH]):
+    # A key/value cache is generation's state, not the deployed function's output (transformers' use_cache).
+    with quiet(verbose), modes_kept(model, training=False), cache_off(model), sdpa_kernel([SDPBackend.MATH]):
         try:
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)

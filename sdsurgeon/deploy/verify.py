@@ -13,6 +13,7 @@ from torch.utils import _pytree
 
 from ..capture.inputs import DTYPES, InputSpec
 from ..capture.modes import modes_kept
+from ..capture.torch_export import cache_off
 from ..errors import ConfigError, VerificationError, first_line
 from ..io.files import staged
 from .export import OnnxExport, args_kwargs, batch_inputs, named_inputs, write_onnx
@@ -114,7 +115,7 @@ def verify_module(model: nn.Module, other: nn.Module, example_inputs, *, what: s
     args, kwargs = args_kwargs(example_inputs)
 
     def run(fresh: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        with modes_kept(other, training=False):
+        with modes_kept(other, training=False), cache_off(other):
             return _tensors(other(**_rebind(other, fresh, args, kwargs)))
 
     names = [f"output {k}" for k in range(len(_tensors(_run_eval(model, args, kwargs))))]
@@ -127,7 +128,7 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 def _run_eval(model: nn.Module, args: tuple, kwargs: dict):
-    with modes_kept(model, training=False), torch.no_grad():
+    with modes_kept(model, training=False), cache_off(model), torch.no_grad():
         return model(*args, **kwargs)
 
 
@@ -144,7 +145,7 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
         batches[-1] = 1 if example_batch > 1 else 3
     worst: dict[int, list[float]] = {}
     failed_at: int | None = None
-    with modes_kept(model, training=False), torch.no_grad():
+    with modes_kept(model, training=False), cache_off(model), torch.no_grad():
         for attempt, batch in enumerate(batches):
             fresh = _fresh_inputs(model, args, kwargs, batch, seed + attempt)
             expected = _tensors(model(**_rebind(model, fresh, args, kwargs)))

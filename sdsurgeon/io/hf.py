@@ -80,7 +80,8 @@ def load_folder(path: str | Path) -> nn.Module:
             raise LoadError(f"{path}: transformers could not load it ({first_line(exc)})") from None
     if cls is transformers.AutoModel:
         cls = type(model)
-    tag(model, SOURCE_ATTR, ModelSource("hf", cls.__name__, model.config.to_dict()))
+    config = {k: v for k, v in model.config.to_dict().items() if k != RECIPE_KEY}  # the architecture alone
+    tag(model, SOURCE_ATTR, ModelSource("hf", cls.__name__, config))
     return model
 
 
@@ -91,11 +92,27 @@ def build(name: str, config: dict) -> nn.Module:
     cls = model_class(name)
     with quiet():
         try:  # eager attention, as load_folder chooses it (the config carries the choice)
+            config = {k: v for k, v in config.items() if k != RECIPE_KEY}
             model = cls(cls.config_class.from_dict(dict(config, _attn_implementation="eager")))
         except Exception as exc:  # a config this transformers version cannot read
             raise LoadError(f"cannot rebuild {name} from its recorded config ({first_line(exc)})") from None
     tag(model, SOURCE_ATTR, ModelSource("hf", name, dict(config)))
     return model
+
+
+# config.json key holding the recipe of an injected model, so its save_pretrained folder loads back gated.
+RECIPE_KEY = "sdsurgeon"
+
+
+def carry_recipe(model: nn.Module, recipe: dict | None) -> None:
+    """Put ``recipe`` (a Recipe's dict) in a transformers model's config, where ``save_pretrained`` writes it
+    to config.json; None takes it out (a folded model is the plain architecture again)."""
+    if not is_hf(model):
+        return
+    if recipe is None:
+        model.config.__dict__.pop(RECIPE_KEY, None)
+    else:
+        setattr(model.config, RECIPE_KEY, recipe)
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -17,9 +17,12 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..capture import in_place
 from ..capture.drop_path import is_drop_path
-from ..capture.fx import trace_eval
+from ..capture.call_trace import record_calls, returned_submodule
+from ..capture.fx import is_default_leaf, trace_eval
+from ..capture.inputs import make_example_inputs
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
 from ..gate import StochasticDepth
+from ..io.hf import carry_recipe
 from ..surgery.recipe import RECIPE_ATTR
 
 _aten = torch.ops.aten
@@ -43,7 +46,7 @@ AFFINE_FUNCTIONS: dict[object, tuple[int, int]] = {
     _aten.conv3d.default: (1, 2), _aten.convolution.default: (1, 2),
     _aten.conv_transpose1d.default: (1, 2), _aten.conv_transpose2d.input: (1, 2), _aten.conv_transpose3d.input: (1, 2),
     _aten.layer_norm.default: (2, 3), _aten.group_norm.default: (2, 3), _aten.batch_norm.default: (1, 2),
-    _aten.addmm.default: (2, 0),  # addmm(bias, input, weight): GPT-2's Conv1D
+    _aten.addmm.default: (2, 0), torch.addmm: (2, 0),  # addmm(bias, input, weight): GPT-2's Conv1D
 }
 
 # Positively homogeneous ops of one tensor: op(c * x) == c * op(x) for c > 0, so a scale passes through.
@@ -238,6 +241,7 @@ def find_folds(model: nn.Module) -> list[FoldSite]:
     """
     parts = _graph_parts(model)
     usage = _Usage(model, parts)
+    observed = _Observed(model, parts)
     sites: list[FoldSite] = []
     for path, gm in _gate_graphs(parts):
         for name, gate in gm.named_children():
@@ -249,7 +253,7 @@ def find_folds(model: nn.Module) -> list[FoldSite]:
                 continue
             branch = gate.branch
             out = next(n for n in branch.graph.nodes if n.op == "output").args[0]
-            walker = _Walker(gm, usage, _branch_inputs(gm, name, branch))
+            walker = _Walker(gm, usage, _branch_inputs(gm, name, branch), observed, path)
             found = walker.targets(out) if isinstance(out, fx.Node) else "the branch returns no tensor"
             if isinstance(found, str):
                 sites.append(FoldSite(**common, reason=found))
@@ -268,13 +272,35 @@ def _branch_inputs(gm: fx.GraphModule, gate_name: str, branch: fx.GraphModule) -
     return {}
 
 
+class _Observed:
+    """Which submodule's output each module called in the graphs returns as is (``returned_submodule``),
+    seen in one eval forward of the model on its recipe's example inputs, run the first time it is asked."""
+
+    def __init__(self, model: nn.Module, parts: list[tuple[str, fx.GraphModule]]) -> None:
+        self.model, self.parts = model, parts
+        self._calls: dict | None = None
+
+    def returned(self, path: str, item: int | None) -> str | None:
+        if self._calls is None:
+            recipe = getattr(self.model, RECIPE_ATTR, None)
+            inputs = make_example_inputs(recipe.inputs) if recipe is not None and recipe.inputs else None
+            called = {".".join(p for p in (part, n.target) if p)
+                      for part, gm in self.parts for graph, root in _graphs_with_branches(gm) for n in graph.nodes
+                      if n.op == "call_module" and not is_default_leaf(root.get_submodule(n.target))}
+            self._calls = record_calls(self.model, called, inputs) or {}
+        call = self._calls.get(path)
+        return None if call is None else returned_submodule(self.model.get_submodule(path), call, item)
+
+
 class _Walker:
     """Walks back from a value to the parameters that scale it (or says why there are none)."""
 
-    def __init__(self, root: fx.GraphModule, usage: _Usage, outside: dict[fx.Node, fx.Node]) -> None:
+    def __init__(self, root: fx.GraphModule, usage: _Usage, outside: dict[fx.Node, fx.Node],
+                 observed: _Observed | None = None, part: str = "") -> None:
         self.root = root
         self.usage = usage
         self.outside = outside  # branch placeholder -> the value passed in: a weight may come from outside
+        self.observed, self.part = observed, part  # for modules with no rule here: what they return, seen
         self._dead: dict[fx.Graph, set[fx.Node]] = {}
 
     def _used(self, node: fx.Node) -> int:
@@ -295,10 +321,14 @@ class _Walker:
                 return self._through(node, node.args[0])
             if isinstance(module, StochasticDepth):
                 return f"the branch ends in the nested residual block {module.site_id}"
-            return self._inside(node, module) or (
-                f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous")
+            return self._inside(node, module) or self._returned(node, module, None)
         if node.op == "call_function":
             fn = node.target
+            if fn is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module":
+                call, item = node.args[0], node.args[1]
+                module = self.root.get_submodule(call.target)
+                if isinstance(item, int) and self._used(call) == 1 and not isinstance(module, StochasticDepth):
+                    return self._returned(call, module, item)  # out, _ = attention(x): the output it made
             if fn in AFFINE_FUNCTIONS:
                 return self._functional(node, *AFFINE_FUNCTIONS[fn])
             if fn in _MUL:
@@ -330,6 +360,9 @@ class _Walker:
         traced there, and its output walked back to its own weights. None where that finds none."""
         if len(node.args) != 1 or node.kwargs:
             return None
+        return self._inside_at(node.name, node.target, module)
+
+    def _inside_at(self, node_name: str, target: str, module: nn.Module) -> list[ScaleTarget] | None:
         try:
             inner = trace_eval(module)
         except Exception:  # it does not trace: it stays opaque
@@ -338,10 +371,31 @@ class _Walker:
         found = _Walker(inner, _Usage(inner, [("", inner)]), {}).targets(out) if isinstance(out, fx.Node) else "no tensor"
         if isinstance(found, str) or any(t.kind != "attr" for t in found):
             return None
-        params = tuple(f"{node.target}.{t.target}" for t in found)
+        params = tuple(f"{target}.{t.target}" for t in found)
         tensors = [_get_attr(inner, t.target) for t in found]
         shared = self.usage.module_shared(module, tensors) or any(t.shared for t in found)
-        return [ScaleTarget("module", node.name, node.target, params, shared)]
+        return [ScaleTarget("module", node_name, target, params, shared)]
+
+    def _returned(self, node: fx.Node, module: nn.Module, item: int | None) -> list[ScaleTarget] | str:
+        """A module with no rule here (an attention module kept whole), whose output (``item`` of it) is,
+        seen on a real call, the very tensor an affine submodule made (``capture.call_trace``): that
+        submodule's weights take the scale."""
+        opaque = f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous"
+        inner = None if self.observed is None else self.observed.returned(
+            ".".join(p for p in (self.part, node.target) if p), item)
+        if inner is None:
+            return opaque
+        path = f"{node.target}.{inner}"
+        producer = self.root.get_submodule(path)
+        if _runs_torch_forward(producer, AFFINE_MODULES):
+            found = self._module_at(node.name, path, producer)
+        else:
+            found = self._inside_at(node.name, path, producer)
+        if isinstance(found, str) or not found:
+            return opaque
+        if any(t.shared for t in found):  # a copy could not be wired in: the module's own code reads the original
+            return f"{path}, which makes {type(module).__name__}'s output, shares its weights"
+        return found
 
     def _opaque(self, node: fx.Node) -> str:
         what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
@@ -355,12 +409,15 @@ class _Walker:
         return self.targets(source)
 
     def _module(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | str:
+        return self._module_at(node.name, node.target, module)
+
+    def _module_at(self, node_name: str, target: str, module: nn.Module) -> list[ScaleTarget] | str:
         names = [n for n in ("weight", "bias") if isinstance(getattr(module, n, None), torch.Tensor)]
         if "weight" not in names:
-            return f"{type(module).__name__} {node.target} has no affine weight to scale"
+            return f"{type(module).__name__} {target} has no affine weight to scale"
         tensors = [getattr(module, n) for n in names]
         return [ScaleTarget(
-            "module", node.name, node.target, tuple(f"{node.target}.{n}" for n in names),
+            "module", node_name, target, tuple(f"{target}.{n}" for n in names),
             self.usage.module_shared(module, tensors),
         )]
 
@@ -664,5 +721,6 @@ def _untag(model: nn.Module) -> None:
     """The folded model is no longer an injected one: drop the recipe."""
     if hasattr(model, RECIPE_ATTR):
         delattr(model, RECIPE_ATTR)
+    carry_recipe(model, None)
     if isinstance(model, fx.GraphModule):
         model.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}).pop(RECIPE_ATTR, None)

@@ -20,6 +20,7 @@ from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..errors import NoResidualSitesError, RecipeMismatchError
 from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
+from ..io.hf import carry_recipe
 from ..io.source import tag
 from .recipe import RECIPE_ATTR, Recipe
 
@@ -119,7 +120,8 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
     its gated graph (``capture.in_place``); an ATen capture is replaced by its GraphModule."""
     p_of = {s.id: p for s, p in chosen}
     result = work
-    for rewrite in rewrites(work, cap, [s for s, _ in chosen], recipe.leaves):
+    examples = make_example_inputs(recipe.inputs) if recipe.inputs else None
+    for rewrite in rewrites(work, cap, [s for s, _ in chosen], recipe.leaves, examples):
         gate_sites(rewrite.gm, [(s, p_of[s.id]) for s in rewrite.sites], mode=recipe.mode, scaling=recipe.scaling,
                    seed=recipe.seed, sync_ranks=recipe.sync_ranks, copy_skip=rewrite.copy_skip)
         if rewrite.how == WHOLE:
@@ -127,6 +129,7 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
         else:
             in_place.install(work.get_submodule(rewrite.path), rewrite.gm)
     tag(result, RECIPE_ATTR, recipe)
+    carry_recipe(result, recipe.to_dict())  # save_pretrained writes it to config.json: sdsurgeon.load regates
     for name in ("sdsurgeon_source",):
         if hasattr(work, name):
             tag(result, name, getattr(work, name))

@@ -1,0 +1,256 @@
+"""Tracing a module on the call it really receives: recorded arguments, non-tensor ones fixed only where tracing needs it."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import has_side_effect
+
+from ..errors import CaptureError, SurgeonError
+from .fx import ModeDependentForward, is_default_leaf, trace, untouched
+from .inputs import normalize_inputs
+from .modes import modes_kept
+from .torch_export import cache_off
+
+# Argument values a graph may be specialised on: fixed in the graph, checked on every call.
+_FIXABLE = (type(None), bool, int, float, str)
+
+
+class SpecializedCallError(SurgeonError):
+    """A rewritten module was called with a value its graph was traced for as a constant."""
+
+
+@has_side_effect  # a check: graph passes must keep it though nothing reads its result
+def expect_value(value: Any, expected: Any, where: str) -> None:
+    """Raise unless ``value`` is the constant a rewritten forward was traced with (a graph node: runs every call)."""
+    if isinstance(value, fx.Proxy):  # the graph traced back from its code (capture.in_place): the check stays a node
+        return value.tracer.create_proxy("call_function", expect_value, (value, expected, where), {})
+    if value is not expected and not (type(value) is type(expected) and value == expected):
+        raise SpecializedCallError(
+            f"{where} was rewritten for calls with this argument = {expected!r} (as in the example inputs) and now "
+            f"got {type(value).__name__ if not isinstance(value, _FIXABLE) else repr(value)}; re-run inject with "
+            "example inputs that pass it"
+        )
+
+
+@dataclass(frozen=True)
+class Call:
+    """The arguments one module received in a real forward."""
+
+    args: tuple
+    kwargs: dict
+
+
+def record_calls(model: nn.Module, paths: Iterable[str], example_inputs) -> dict[str, Call] | None:
+    """The first call each module at ``paths`` receives in one eval forward of ``model`` on ``example_inputs``
+    (transformers' ``use_cache`` off, as in capture). None where there are no inputs or the model does not
+    run on them. ``model`` is left as it was."""
+    inputs = normalize_inputs(example_inputs)
+    if inputs is None:
+        return None
+    calls: dict[str, Call] = {}
+    handles = []
+    for path in set(paths):
+        def record(module, args, kwargs, path=path):
+            calls.setdefault(path, Call(tuple(args), dict(kwargs)))
+        handles.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        args, kwargs = inputs
+        with untouched(model), cache_off(model), modes_kept(model, training=False), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # it does not run outside torch.export: nothing recorded
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def call_key(call: Call) -> tuple:
+    """What a trace on ``call`` depends on besides the module: each argument's name, and its value if fixable."""
+    items = [(None, v) for v in call.args] + sorted(call.kwargs.items())
+    return tuple((k, v if isinstance(v, _FIXABLE) else type(v)) for k, v in items)
+
+
+def trace_call(module: nn.Module, call: Call, leaves: Iterable[str] = ()) -> fx.GraphModule:
+    """Trace ``module`` as it was called, for forwards torch.fx cannot trace as written (transformers'
+    layers take ``**kwargs``, are wrapped by decorators and test ``if x is not None`` on arguments).
+
+    The graph's forward names every parameter of the class's forward (unwrapped), with its defaults,
+    and the keywords the call put into ``**kwargs`` (default None). Tried in order, the first that
+    traces wins, so that the graph serves as many calls as it can and reaches as deep as it can:
+    every argument a placeholder, tracing into every child; then with children called as leaves,
+    then with non-tensor arguments fixed to their recorded values (None, flags), as few as trace.
+    Leaves are then pushed as deep as tracing allows (a failing attention module stays a leaf, the
+    projection after it is traced). A fixed argument is checked on every call (SpecializedCallError).
+    """
+    spec = _Spec.of(module, call)
+    fixable = [n for n in spec.names if n in spec.values and isinstance(spec.values[n], _FIXABLE)]
+    failure: Exception | None = None
+    for fixed in ([], fixable):
+        for opaque in ([], _callable_children(module, "")):
+            try:
+                spec.trace(leaves, fixed, opaque)
+            except ModeDependentForward:
+                raise
+            except Exception as exc:
+                failure = failure or exc
+                continue
+            fixed = _fewest(fixed, lambda f: spec.trace(leaves, f, opaque))
+            opaque = _deepest(module, opaque, lambda o: spec.trace(leaves, fixed, o))
+            return spec.trace(leaves, fixed, opaque)
+    raise CaptureError(f"{type(module).__name__} does not trace on its recorded call: {failure}")
+
+
+def _callable_children(module: nn.Module, path: str) -> list[str]:
+    """Paths (under ``path``) of the modules ``module`` calls directly that torch.fx would trace into:
+    its children, the items of its ModuleLists and ModuleDicts in their place."""
+    out = []
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            out += _callable_children(child, child_path)
+        elif not is_default_leaf(child):
+            out.append(child_path)
+    return out
+
+
+def _deepest(module: nn.Module, opaque: list[str], traces) -> list[str]:
+    """``opaque`` (module paths called as leaves) with each one traced into instead, its own children
+    now the leaves, wherever ``traces`` (a trace attempt) still succeeds; down to the modules that fail."""
+    kept, queue = list(opaque), list(opaque)
+    while queue:
+        path = queue.pop(0)
+        inner = _callable_children(module.get_submodule(path), path)
+        trial = [p for p in kept if p != path] + inner
+        if _succeeds(traces, trial):
+            kept = trial
+            queue += inner
+    return kept
+
+
+def _fewest(items: Sequence[str], traces) -> list[str]:
+    """``items`` with each left out that ``traces`` (a trace attempt) does without, one at a time."""
+    kept = list(items)
+    for item in list(items):
+        trial = [i for i in kept if i != item]
+        if _succeeds(traces, trial):
+            kept = trial
+    return kept
+
+
+def _succeeds(traces, trial) -> bool:
+    try:
+        traces(trial)
+    except ModeDependentForward:  # no choice of leaves or constants changes that
+        raise
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class _Spec:
+    module: nn.Module
+    fn: Any  # the class's forward, decorators unwrapped
+    names: list[str]  # parameters after self, then the **kwargs keywords the call used
+    defaults: dict[str, Any]
+    values: dict[str, Any]  # name -> the value the call passed (or its default)
+
+    @classmethod
+    def of(cls, module: nn.Module, call: Call) -> _Spec:
+        fn = inspect.unwrap(type(module).forward)
+        sig = inspect.signature(fn)
+        bound = sig.bind(module, *call.args, **call.kwargs)
+        names, defaults, values = [], {}, {}
+        for name, p in list(sig.parameters.items())[1:]:
+            if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                raise CaptureError(f"{type(module).__name__}.forward takes *{name}, which a traced call cannot name")
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                for key, value in bound.arguments.get(name, {}).items():
+                    names.append(key)
+                    defaults[key], values[key] = None, value
+                continue
+            names.append(name)
+            if p.default is not inspect.Parameter.empty:
+                defaults[name] = p.default
+            if name in bound.arguments:
+                values[name] = bound.arguments[name]
+            elif name in defaults:
+                values[name] = defaults[name]
+        return cls(module, fn, names, defaults, values)
+
+    def trace(self, leaves: Iterable[str], fixed: Sequence[str], opaque: Sequence[str]) -> fx.GraphModule:
+        """Trace through a stand-in class whose forward passes every argument by name to the real one;
+        ``fixed`` arguments are passed as their recorded values, ``opaque`` children are leaves."""
+        cls_name = type(self.module).__name__
+        params = [f"{n}=_d_{n}" if n in self.defaults else n for n in self.names]
+        passed = [f"{n}=_v_{n}" if n in fixed else f"{n}={n}" for n in self.names]
+        src = f"def forward(self, {', '.join(params)}):\n    return _fn(self, {', '.join(passed)})\n"
+        namespace = {"_fn": self.fn, **{f"_d_{n}": v for n, v in self.defaults.items()},
+                     **{f"_v_{n}": self.values[n] for n in fixed}}
+        exec(compile(src, f"<sdsurgeon call of {type(self.module).__qualname__}>", "exec"), namespace)
+        shell = _shell(type(self.module), namespace["forward"])
+        shell.__dict__ = self.module.__dict__  # the module itself, seen through a forward with named arguments
+        gm = trace(shell, leaves, leaf_paths=opaque)
+        _check_fixed(gm, {n: self.values[n] for n in fixed}, cls_name)
+        return gm
+
+
+def _shell(cls: type, forward) -> nn.Module:
+    """An uninitialised instance of ``cls`` with another forward: its own methods (``self.helper(x)``) still resolve."""
+    try:
+        shell_class = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    except Exception:  # a class that refuses subclasses: its methods stay out of reach
+        shell_class = type(cls.__name__, (nn.Module,), {"forward": forward})
+    return shell_class.__new__(shell_class)
+
+
+def _check_fixed(gm: fx.GraphModule, fixed: dict[str, Any], cls_name: str) -> None:
+    """Guard each fixed argument's placeholder: a call with another value raises instead of computing wrong."""
+    if not fixed:
+        return
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    last = list(placeholders.values())[-1]
+    with gm.graph.inserting_after(last):
+        for name, value in fixed.items():
+            gm.graph.call_function(expect_value, (placeholders[name], value, f"{cls_name}.forward's {name}"))
+    gm.graph.lint()
+    gm.recompile()
+
+
+def returned_submodule(module: nn.Module, call: Call, item: int | None) -> str | None:
+    """The path (within ``module``) of the submodule whose output ``module`` returns as is (``item`` of a
+    returned tuple, or the whole output), seen when ``module`` runs on ``call`` in eval: the very tensor
+    that submodule made first, unchanged since (same version counter), the submodule called once. None
+    where no submodule's output comes back untouched (so nothing inside can take a scale for it)."""
+    made: dict[int, tuple[str, torch.Tensor, int]] = {}  # id(tensor) -> the first module to return it
+    calls: dict[str, int] = {}
+
+    def seen(path):
+        def hook(_module, _args, output):
+            calls[path] = calls.get(path, 0) + 1
+            if isinstance(output, torch.Tensor) and id(output) not in made:
+                made[id(output)] = (path, output, output._version)
+        return hook
+
+    handles = [m.register_forward_hook(seen(path)) for path, m in module.named_modules() if path]
+    try:
+        with untouched(module), modes_kept(module, training=False), torch.no_grad():
+            output = module(*call.args, **call.kwargs)
+    except Exception:  # it does not run alone on its recorded call: no evidence
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if item is not None:
+        output = output[item] if isinstance(output, (tuple, list)) and -len(output) <= item < len(output) else None
+    if not isinstance(output, torch.Tensor) or id(output) not in made:
+        return None
+    path, tensor, version = made[id(output)]
+    return path if tensor is output and output._version == version and calls[path] == 1 else None

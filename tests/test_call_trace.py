@@ -1,0 +1,237 @@
+"""Blocks rewritten on the calls they receive: a self-made model written the way transformers writes its layers."""
+
+import copy
+import functools
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdsurgeon import inject, plan
+from sdsurgeon.capture import in_place
+from sdsurgeon.capture.call_trace import Call, SpecializedCallError, record_calls, returned_submodule, trace_call
+from sdsurgeon.surgery.fold import fold_with_report
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def keeps_kwargs(fn):
+    """A decorator around forward, as transformers' ``deprecate_kwarg``: torch.fx sees ``*args, **kwargs``."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+class Attention(nn.Module):
+    """torch.fx cannot trace it (``(*x.shape[:-1], ...)`` iterates a shape); returns (output, weights)."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, mask=None, **kwargs):
+        shape = (*x.shape[:-1], self.heads, self.head_dim)
+        q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(mask[:, None, None, :] == 0, -1e9)
+        weights = scores.softmax(-1)
+        out = (weights @ v).transpose(1, 2).reshape(x.shape)
+        return self.o(out), weights
+
+
+class Layer(nn.Module):
+    """A decoder layer as transformers writes one: ``**kwargs``, a decorated forward, a test on an optional
+    argument that only a cross-attention model may pass, a helper method, and its attention as above."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.scale_attn = self.scale_ff = 1.0  # a hand-scaled reference sets them to p
+
+    @keeps_kwargs
+    def forward(self, hidden, mask=None, encoder_hidden=None, use_cache=False, **kwargs):
+        h, _ = self.attn(self.norm1(hidden), mask=mask, **kwargs)
+        hidden = hidden + self.scale_attn * h
+        if encoder_hidden is not None:
+            if not hasattr(self, "cross"):
+                raise ValueError("this layer has no cross-attention")
+            hidden = hidden + self.cross(encoder_hidden)
+        return hidden + self.scale_ff * self.feed_forward(self.norm2(hidden))
+
+    def feed_forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class TinyLM(nn.Module):
+    """Its own forward does not trace with torch.fx (``(*ids.shape, ...)``); optional mask and labels."""
+
+    def __init__(self, vocab=32, d=16, layers=3):
+        super().__init__()
+        self.d = d
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Layer(d) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.embed(input_ids).view(*input_ids.shape, self.d)
+        for layer in self.layers:
+            hidden = layer(hidden, mask=attention_mask, output_attentions=False)
+        logits = self.head(self.norm(hidden))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten()), logits
+
+    def greedy(self, input_ids, steps):
+        """A user's own method (generation): it calls forward, as ``generate`` does."""
+        for _ in range(steps):
+            input_ids = torch.cat([input_ids, self(input_ids)[:, -1:].argmax(-1)], dim=1)
+        return input_ids
+
+
+def _ids(batch=2, length=6):
+    return torch.randint(0, 32, (batch, length))
+
+
+def _hand_scaled(model, ps):
+    reference = copy.deepcopy(model)
+    ps = iter(ps)
+    for layer in reference.layers:
+        layer.scale_attn, layer.scale_ff = next(ps), next(ps)
+    return reference.eval()
+
+
+def _injected(model=None):
+    model = model or TinyLM()
+    return model, inject(model, 0.5, example_inputs={"input_ids": _ids()})
+
+
+def test_the_self_made_model_really_needs_the_export_capture():
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(TinyLM())
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(TinyLM().layers[0].attn)
+
+
+def test_each_layer_is_rewritten_in_place_and_the_model_keeps_its_class():
+    model, injected = _injected()
+    assert type(injected) is TinyLM and injected.sdsurgeon_recipe.capture == "export"
+    assert [p for p, _ in in_place.rewritten(injected)] == ["layers.0", "layers.1", "layers.2"]
+    assert list(injected.state_dict()) == list(model.state_dict())
+    record = plan(model, example_inputs={"input_ids": _ids()}).to_dict()
+    assert [(r["module"], r["how"], r["class"], r["gates"]) for r in record["rewrites"]] == [
+        (f"layers.{k}", "block", "Layer", 2) for k in range(3)]
+
+
+def test_outside_the_layers_the_users_code_runs_labels_masks_any_length_and_its_methods():
+    model, injected = _injected()
+    reference = _hand_scaled(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    injected.eval()
+    for batch, length in ((2, 6), (3, 11), (1, 4)):
+        ids = _ids(batch, length)
+        mask = torch.ones_like(ids)
+        mask[0, : length // 2] = 0
+        torch.testing.assert_close(injected(ids), reference(ids))
+        torch.testing.assert_close(injected(ids, attention_mask=mask), reference(ids, attention_mask=mask))
+        loss, _ = injected(ids, labels=ids)
+        torch.testing.assert_close(loss, reference(ids, labels=ids)[0])
+    assert not torch.allclose(injected(ids, attention_mask=mask), injected(ids))  # the mask reaches the layers
+    prompt = _ids(2, 3)
+    assert torch.equal(injected.greedy(prompt, 5), reference.greedy(prompt, 5))
+
+
+def test_a_layer_is_traced_with_the_argument_it_tests_fixed_and_nothing_else():
+    model = TinyLM()
+    calls = record_calls(model, ["layers.0"], {"input_ids": _ids()})
+    gm = trace_call(model.layers[0], calls["layers.0"])
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["hidden", "mask", "encoder_hidden", "use_cache", "output_attentions"]
+    checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "expect_value"]
+    assert [c.args[0].target for c in checks] == ["encoder_hidden"]  # the mask stays free: it may be None or not
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert "attn" in called and {"up", "down", "norm1", "norm2"} <= called  # only what fails is a leaf
+
+
+def test_a_call_with_another_value_for_a_fixed_argument_fails_in_one_line():
+    _, injected = _injected()
+    hidden = torch.randn(2, 6, 16)
+    with pytest.raises(SpecializedCallError) as raised:
+        injected.layers[0](hidden, encoder_hidden=hidden)
+    message = str(raised.value)
+    assert "\n" not in message and "encoder_hidden" in message and "example inputs" in message
+    buffer = io.BytesIO()
+    torch.save(injected, buffer)
+    buffer.seek(0)
+    for again in (copy.deepcopy(injected), torch.load(buffer, weights_only=False)):
+        with pytest.raises(SpecializedCallError):  # the check survives copies (their graphs are traced back from code)
+            again.layers[0](hidden, encoder_hidden=hidden)
+
+
+def test_training_runs_the_gates_and_the_loss_falls():
+    _, injected = _injected()
+    optimizer = torch.optim.AdamW(injected.parameters(), lr=1e-2)
+    ids = _ids(4, 8)
+    injected.train()
+    losses = []
+    for _ in range(30):
+        loss, _ = injected(ids, labels=ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5]) / 2, losses
+    outs = {tuple(injected(ids)[0, 0].tolist()) for _ in range(10)}
+    assert len(outs) > 1  # the gates draw in training
+
+
+def test_fold_scales_the_projection_the_attention_returns_and_gives_the_plain_class_back():
+    model, injected = _injected()
+    folded, report = fold_with_report(injected)
+    assert [s.how for s in report.sites] == ["weights"] * 6
+    assert report.sites[0].params == ("layers.0.attn.o.weight", "layers.0.attn.o.bias")
+    assert report.sites[1].params == ("layers.0.down.weight", "layers.0.down.bias")
+    assert type(folded) is TinyLM and not in_place.rewritten(folded)
+    plain = TinyLM().eval()
+    plain.load_state_dict(folded.state_dict())
+    reference = _hand_scaled(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    ids = _ids(3, 9)
+    torch.testing.assert_close(plain(ids), reference(ids))
+
+
+class Returns(nn.Module):
+    """What a module returns, against the submodule fold would scale for it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.o, self.drop = nn.Linear(4, 4), nn.Dropout(0.1)
+
+    def forward(self, x):
+        if self.how == "dropout after":
+            return self.drop(self.o(x)), x
+        if self.how == "scaled after":
+            return self.o(x) * 2, x
+        if self.how == "called twice":
+            return self.o(self.o(x)), x
+        y = self.o(x)
+        y.add_(1)  # "changed in place"
+        return y, x
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("dropout after", "o"), ("scaled after", None), ("called twice", None), ("changed in place", None)])
+def test_the_returned_tensor_must_be_the_very_output_of_one_call_of_the_submodule(how, expected):
+    module = Returns(how)
+    assert returned_submodule(module, Call((torch.randn(2, 4),), {}), 0) == expected
+    assert returned_submodule(module, Call((torch.randn(2, 4),), {}), 1) is None  # the input itself
