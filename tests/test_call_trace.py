@@ -40,7 +40,7 @@ class Attention(nn.Module):
     def forward(self, x, mask=None, **kwargs):
         shape = (*x.shape[:-1], self.heads, self.head_dim)
         q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.q, self.k, self.v))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) / kwargs.get("temperature", 1.0)
         if mask is not None:
             scores = scores.masked_fill(mask[:, None, None, :] == 0, -1e9)
         weights = scores.softmax(-1)
@@ -49,8 +49,8 @@ class Attention(nn.Module):
 
 
 class Layer(nn.Module):
-    """A decoder layer as transformers writes one: ``**kwargs``, a decorated forward, a test on an optional
-    argument that only a cross-attention model may pass, a helper method, and its attention as above."""
+    """A decoder layer as transformers writes one: ``**kwargs`` passed on to its attention, a decorated forward,
+    a test on an optional argument that only a cross-attention model may pass, a helper method."""
 
     def __init__(self, d):
         super().__init__()
@@ -84,10 +84,10 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         hidden = self.embed(input_ids).view(*input_ids.shape, self.d)
         for layer in self.layers:
-            hidden = layer(hidden, mask=attention_mask, output_attentions=False)
+            hidden = layer(hidden, mask=attention_mask, output_attentions=False, **kwargs)
         logits = self.head(self.norm(hidden))
         if labels is None:
             return logits
@@ -149,6 +149,19 @@ def test_outside_the_layers_the_users_code_runs_labels_masks_any_length_and_its_
     assert not torch.allclose(injected(ids, attention_mask=mask), injected(ids))  # the mask reaches the layers
     prompt = _ids(2, 3)
     assert torch.equal(injected.greedy(prompt, 5), reference.greedy(prompt, 5))
+
+
+def test_keywords_the_example_call_did_not_pass_reach_the_modules_the_layers_code_passes_them_to():
+    model, injected = _injected()
+    reference = _hand_scaled(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    injected.eval()
+    ids = _ids(2, 7)
+    hot = injected(ids, temperature=3.0)  # through each layer's **kwargs to its attention (a leaf)
+    torch.testing.assert_close(hot, reference(ids, temperature=3.0))
+    assert not torch.allclose(hot, injected(ids))
+    again = copy.deepcopy(injected)  # where they go is part of the rewritten forward: it survives copies
+    torch.testing.assert_close(again(ids, temperature=3.0), hot)
+    assert not injected.layers[0].attn._forward_pre_hooks  # passed on for the call only
 
 
 def test_a_layer_is_traced_with_the_argument_it_tests_fixed_and_nothing_else():

@@ -868,3 +868,112 @@ def test_export_format_safetensors_of_a_transformers_model_loads_into_its_class(
     reference = scale_by_hand(saved.original(), case, linear_ps(case.sites, P_L))
     x = make_inputs(case, batch=2, seed=61)
     torch.testing.assert_close(logits(plain, x), logits(reference, x), **TOL)
+
+
+# --- 9. surgery in place: the injected model is still the transformers model (its class, labels, generate, Trainer) ---
+
+IN_PLACE = [CASES[n] for n in ("llama", "gpt2", "bert", "vit")]
+GENERATIVE = [CASES[n] for n in ("llama", "gpt2")]
+
+
+def some_inputs(case: HFCase, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """Inputs of another batch size and (for tokens) sequence length than the examples inject saw."""
+    if case.task == "image":
+        return make_inputs(case, batch=batch, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, case.config["vocab_size"], (batch, length), generator=g)}
+
+
+def labels_for(case: HFCase, x: dict) -> torch.Tensor:
+    """What the model's own loss takes as ``labels``: the tokens for a language model, else a class each."""
+    if case.cls.endswith(("CausalLM", "LMHeadModel")):
+        return x["input_ids"]
+    return torch.arange(next(iter(x.values())).shape[0]) % 3
+
+
+@by_name(IN_PLACE)
+def test_each_layer_is_rewritten_in_place_and_fold_gives_the_plain_class_back(zoo, case):
+    saved = zoo(case)
+    injected = saved.injected
+    assert type(injected) is type(saved.loaded)
+    assert [path for path, _ in sdsurgeon.capture.in_place.rewritten(injected)] == layer_paths(injected, case)
+    assert [r.how for r in saved.plan.rewrites] == ["block"] * len(layer_paths(injected, case))
+    assert list(injected.state_dict()) == list(saved.loaded.state_dict())
+    folded = sdsurgeon.fold(injected)
+    assert type(folded) is type(injected) and not sdsurgeon.capture.in_place.rewritten(folded)
+
+
+@by_name(IN_PLACE)
+def test_labels_an_optional_mask_and_free_sizes_run_the_models_own_code(zoo, case):
+    saved = zoo(case)
+    injected = saved.injected
+    reference = scale_by_hand(saved.original(injected.state_dict()), case, linear_ps(case.sites, P_L))
+    for batch, length in ((3, 7), (1, 20)):
+        x = some_inputs(case, batch, length, seed=70 + batch)
+        y = labels_for(case, x)
+        with torch.no_grad():
+            torch.testing.assert_close(injected(**x).logits, reference(**x).logits, **TOL)
+            torch.testing.assert_close(injected(**x, labels=y).loss, reference(**x, labels=y).loss, **TOL)
+            if case.task == "tokens":
+                mask = torch.ones_like(x["input_ids"])
+                mask[0, : length // 2] = 0  # padding on the left of the first sequence
+                padded = injected(**x, attention_mask=mask).logits
+                # a causal model's padded positions attend to nothing: eager and SDPA attention differ there
+                real = mask.bool() if padded.dim() == 3 else slice(None)
+                torch.testing.assert_close(padded[real], reference(**x, attention_mask=mask).logits[real], **TOL)
+                assert not torch.allclose(padded[real], injected(**x).logits[real])  # the mask reaches the layers
+
+
+@by_name(GENERATIVE)
+def test_generate_gives_the_tokens_of_a_hand_folded_copy_of_the_trained_model(zoo, trained, case):
+    model = trained(case).model
+    assert type(model) is type(zoo(case).loaded)
+    reference = scale_by_hand(zoo(case).original(model.state_dict()), case, linear_ps(case.sites, P_L))
+    prompt = some_inputs(case, 2, 5, seed=80)["input_ids"]
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = model.eval().generate(prompt, **options)
+    assert got.shape == (2, 13)
+    assert torch.equal(got, reference.generate(prompt, **options))
+
+
+def test_transformers_trainer_trains_the_injected_model_and_the_loss_falls(zoo, tmp_path):
+    case = CASES["llama"]
+    model = copy.deepcopy(zoo(case).injected)
+    ids = some_inputs(case, 16, 12, seed=90)["input_ids"]
+    ids[:, 1::2] = ids[:, :1]  # a pattern to learn: every other token repeats the first
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, k):
+            return {"input_ids": ids[k], "labels": ids[k]}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=SEED)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) * 0.9, losses
+    assert type(trainer.model) is type(zoo(case).loaded) and len(sdsurgeon.gates(trainer.model)) == case.sites
+
+
+@by_name(GENERATIVE)
+def test_save_pretrained_writes_a_folder_sdsurgeon_loads_back_with_the_same_gates(zoo, trained, case, tmp_path):
+    model = trained(case).model
+    model.save_pretrained(tmp_path / "gated")
+    files = {p.name for p in (tmp_path / "gated").iterdir()}
+    assert "model.safetensors" in files and not {f for f in files if f.endswith((".bin", ".pt", ".pkl"))}
+    recorded = json.loads((tmp_path / "gated" / "config.json").read_text())["sdsurgeon"]
+    assert [tuple(s) for s in recorded["sites"]] == [tuple(s) for s in model.sdsurgeon_recipe.sites]
+    back = sdsurgeon.load(tmp_path / "gated")
+    assert type(back) is type(model)
+    assert [(g.site_id, g.p, g.mode, g.scaling) for g in sdsurgeon.gates(back)] == \
+        [(g.site_id, g.p, g.mode, g.scaling) for g in sdsurgeon.gates(model)]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+    x = some_inputs(case, 3, 9, seed=95)
+    torch.testing.assert_close(logits(back.eval(), x), logits(model.eval(), x), **TOL)
+    # plain transformers reads the same folder as the ungated architecture with the trained weights
+    plain = getattr(transformers, case.cls).from_pretrained(tmp_path / "gated").eval()
+    torch.testing.assert_close(logits(plain, x), logits(sdsurgeon.remove_gates(model), x), **TOL)

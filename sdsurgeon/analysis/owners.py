@@ -14,7 +14,7 @@ from torch import nn
 
 from ..analysis.detect import ResidualSite, detect, module_scope
 from ..capture.drop_path import find_drop_paths, leaf_classes
-from ..capture.call_trace import call_key, record_calls, trace_call
+from ..capture.call_trace import ROUTES, call_key, record_calls, trace_call
 from ..capture.fx import Capture, faithful_graph_module, is_default_leaf, trace_as_part
 from ..capture.graph_facts import is_view, writes_in_place
 
@@ -33,6 +33,7 @@ class Rewrite:
     sites: list[ResidualSite]
     graph_module: fx.GraphModule | Callable[[], fx.GraphModule]  # or how to build it (a copy of a twin's graph)
     copy_skip: dict[str, bool]  # site id -> whether the skip is written in place later, seen from the whole part
+    routes: tuple[str, ...] | None = None  # modules that keywords the graph does not name go to (call_trace.ROUTES)
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -167,7 +168,7 @@ def _blocks(
     found: list[Rewrite] = []
     # Blocks alike (same class, submodules, flags and leaves) trace alike: one trace serves them all,
     # which keeps plan of a 600-block model from tracing 600 times.
-    traced: dict[tuple, tuple[fx.Graph, str, dict[str, ResidualSite]]] = {}  # key -> pristine graph, twin, sites
+    traced: dict[tuple, tuple[fx.Graph, str, dict[str, ResidualSite], tuple | None]] = {}  # key -> graph, twin, sites, routes
     for relative, expected in grouped.items():
         path = _join(part, relative)
         owner = model.get_submodule(path)
@@ -177,16 +178,17 @@ def _blocks(
                 block_gm = tracing.trace(path, relative, owner)
             except Exception:  # any tracing failure: the part is rewritten whole instead
                 return None
-            traced[key] = (copy.deepcopy(block_gm.graph), path, {s.id: s for s in detect(block_gm, part=path)[0]})
+            traced[key] = (copy.deepcopy(block_gm.graph), path, {s.id: s for s in detect(block_gm, part=path)[0]},
+                           block_gm.meta.get(ROUTES))
             build: fx.GraphModule | Callable[[], fx.GraphModule] = block_gm
         else:  # built when inject asks, from a copy of the twin's graph as traced (inject gates the twin's own)
             build = functools.partial(_graph_module_of, owner, traced[key][0])
-        _, twin, by_id = traced[key]
+        _, twin, by_id, routes = traced[key]
         wanted = [twin + s.id[len(path):] for s in expected]  # the ids as the twin's trace names them
         if any(w not in by_id for w in wanted):
             return None  # the block alone shows other sites (called twice, or traced otherwise)
         matched = [replace(by_id[w], id=s.id, index=s.index, part=path) for w, s in zip(wanted, expected)]
-        found.append(Rewrite(path, BLOCK, matched, build, {s.id: copy_skip[s.id] for s in expected}))
+        found.append(Rewrite(path, BLOCK, matched, build, {s.id: copy_skip[s.id] for s in expected}, routes))
     return sorted(found, key=lambda r: min(s.index for s in r.sites))
 
 

@@ -19,6 +19,10 @@ from .torch_export import cache_off
 
 # Argument values a graph may be specialised on: fixed in the graph, checked on every call.
 _FIXABLE = (type(None), bool, int, float, str)
+# A keyword traced through a forward's **kwargs: where it goes is where any other keyword would go.
+PROBE = "sdsurgeon_other_keywords"
+# GraphModule.meta key: the modules (paths in the traced module) that receive keywords the call did not record.
+ROUTES = "sdsurgeon_routes"
 
 
 class SpecializedCallError(SurgeonError):
@@ -88,9 +92,44 @@ def trace_call(module: nn.Module, call: Call, leaves: Iterable[str] = ()) -> fx.
     then with non-tensor arguments fixed to their recorded values (None, flags), as few as trace.
     Leaves are then pushed as deep as tracing allows (a failing attention module stays a leaf, the
     projection after it is traced). A fixed argument is checked on every call (SpecializedCallError).
+    Where the forward takes ``**kwargs``, the graph's ``meta[ROUTES]`` names the modules that keywords
+    the call did not record go to (found with a probe keyword): ``capture.in_place`` passes them on.
     """
+    if _takes_kwargs(module):  # a probe keyword shows where keywords the call did not record would go
+        gm = _trace_call(module, Call(call.args, {**call.kwargs, PROBE: None}), leaves)
+        routes = _routes(gm)
+        if routes is not None:
+            gm.meta[ROUTES] = routes
+            return gm
+    return _trace_call(module, call, leaves)
+
+
+def _takes_kwargs(module: nn.Module) -> bool:
+    parameters = inspect.signature(inspect.unwrap(type(module).forward)).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _routes(gm: fx.GraphModule) -> tuple[str, ...] | None:
+    """The modules the probe keyword reached, passed on as a keyword, with it taken out of the graph; None
+    where the traced code itself reads it (then other keywords cannot be passed on)."""
+    probe = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == PROBE), None)
+    if probe is None:
+        return ()
+    users = list(probe.users)
+    if not all(u.op == "call_module" and u.kwargs.get(PROBE) is probe and probe not in u.args
+               and list(u.kwargs.values()).count(probe) == 1 for u in users):
+        return None
+    for user in users:
+        user.kwargs = {k: v for k, v in user.kwargs.items() if k != PROBE}
+    gm.graph.erase_node(probe)
+    gm.graph.lint()
+    gm.recompile()
+    return tuple(dict.fromkeys(u.target for u in users))
+
+
+def _trace_call(module: nn.Module, call: Call, leaves: Iterable[str]) -> fx.GraphModule:
     spec = _Spec.of(module, call)
-    fixable = [n for n in spec.names if n in spec.values and isinstance(spec.values[n], _FIXABLE)]
+    fixable = [n for n in spec.names if n in spec.values and isinstance(spec.values[n], _FIXABLE) and n != PROBE]
     failure: Exception | None = None
     for fixed in ([], fixable):
         for opaque in ([], _callable_children(module, "")):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import inspect
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -24,20 +26,29 @@ class GraphForward:
     graph is traced back from that source the first time a pass asks for it.
     """
 
-    def __init__(self, owner: nn.Module, graph: fx.Graph | None, src: str, globals_: dict[str, Any]) -> None:
+    def __init__(self, owner: nn.Module, graph: fx.Graph | None, src: str, globals_: dict[str, Any],
+                 routes: tuple[str, ...] | None = None) -> None:
         self.owner = owner
         self._graph = graph
         self.src = src
         self._globals = {k: v for k, v in globals_.items() if not k.startswith("__")}
         self._fn = _forward_from_src(src, self._globals)
+        # where keywords the graph does not name go (a forward taking **kwargs passes them to these
+        # modules: capture.call_trace); None: nowhere, Python refuses them as for any function
+        self.routes = routes
+        self._names = frozenset(list(inspect.signature(self._fn).parameters)[1:])
 
     @classmethod
-    def of(cls, owner: nn.Module, graph: fx.Graph) -> GraphForward:
+    def of(cls, owner: nn.Module, graph: fx.Graph, routes: tuple[str, ...] | None = None) -> GraphForward:
         code = graph.python_code(root_module="self")
-        return cls(owner, graph, code.src, code.globals)
+        return cls(owner, graph, code.src, code.globals, routes)
 
     def __call__(self, *args, **kwargs):
-        return self._fn(self.owner, *args, **kwargs)
+        if self.routes is None or kwargs.keys() <= self._names:
+            return self._fn(self.owner, *args, **kwargs)
+        others = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._names}
+        with _passed_on([self.owner.get_submodule(r) for r in self.routes], others):
+            return self._fn(self.owner, *args, **kwargs)
 
     @property
     def graph(self) -> fx.Graph:
@@ -51,16 +62,30 @@ class GraphForward:
 
     def __reduce__(self):
         # as a GraphModule pickles: its code and the imports that code needs, never the graph itself
-        return (_rebuild, (self.owner, self.src, _format_import_block(self._globals, sys_importer)))
+        return (_rebuild, (self.owner, self.src, _format_import_block(self._globals, sys_importer), self.routes))
 
     def __repr__(self) -> str:
         return f"GraphForward({type(self.owner).__name__})"
 
 
-def _rebuild(owner: nn.Module, src: str, import_block: str) -> GraphForward:
+def _rebuild(owner: nn.Module, src: str, import_block: str, routes: tuple[str, ...] | None = None) -> GraphForward:
     namespace: dict[str, Any] = {}
     exec(compile(import_block, "<sdsurgeon graph imports>", "exec"), namespace)
-    return GraphForward(owner, None, src, namespace)
+    return GraphForward(owner, None, src, namespace, routes)
+
+
+@contextlib.contextmanager
+def _passed_on(modules: list[nn.Module], keywords: dict[str, Any]) -> Iterator[None]:
+    """``keywords`` added to every call of ``modules`` for the block: as the class's code passes its **kwargs on."""
+    def add(_module, args, kwargs):
+        return args, {**kwargs, **keywords}
+
+    handles = [m.register_forward_pre_hook(add, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _retrace(owner: nn.Module, fn) -> fx.Graph:
@@ -87,8 +112,12 @@ def rewritten(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, m) for path, m in model.named_modules() if graph_forward(m) is not None]
 
 
-def install(owner: nn.Module, gm: fx.GraphModule) -> None:
+_KEEP = object()
+
+
+def install(owner: nn.Module, gm: fx.GraphModule, routes: tuple[str, ...] | None | object = _KEEP) -> None:
     """Make ``owner`` run ``gm``'s graph as its forward; ``gm`` must have been traced from ``owner``.
+    ``routes``: see GraphForward (by default those of the graph forward ``owner`` runs now, if any).
 
     What the graph reads that ``owner`` lacks (modules a pass added, such as gates, or constants
     the trace made) moves onto ``owner``: modules as children, tensors as non-persistent buffers,
@@ -100,7 +129,9 @@ def install(owner: nn.Module, gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr") and not _resolves(owner, node.target):
             _place(owner, node.target, _resolve(gm, node.target))
-    owner.__dict__[FORWARD] = GraphForward.of(owner, copy.deepcopy(gm.graph))  # a copy: gm may be thrown away
+    if routes is _KEEP:
+        routes = getattr(graph_forward(owner), "routes", None)
+    owner.__dict__[FORWARD] = GraphForward.of(owner, copy.deepcopy(gm.graph), routes)  # a copy: gm may be thrown away
 
 
 def uninstall(owner: nn.Module, added: tuple[str, ...] = ()) -> None:

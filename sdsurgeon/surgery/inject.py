@@ -127,7 +127,7 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
         if rewrite.how == WHOLE:
             result = _replace(result, rewrite.path, rewrite.gm)
         else:
-            in_place.install(work.get_submodule(rewrite.path), rewrite.gm)
+            in_place.install(work.get_submodule(rewrite.path), rewrite.gm, routes=rewrite.routes)
     tag(result, RECIPE_ATTR, recipe)
     carry_recipe(result, recipe.to_dict())  # save_pretrained writes it to config.json: sdsurgeon.load regates
     for name in ("sdsurgeon_source",):
