@@ -936,30 +936,34 @@ def test_generate_gives_the_tokens_of_a_hand_folded_copy_of_the_trained_model(zo
     assert torch.equal(got, reference.generate(prompt, **options))
 
 
-def test_transformers_trainer_trains_the_injected_model_and_the_loss_falls(zoo, tmp_path):
-    case = CASES["llama"]
+@by_name(IN_PLACE)
+def test_transformers_trainer_trains_the_injected_model_and_the_loss_falls(zoo, case, tmp_path):
     model = copy.deepcopy(zoo(case).injected)
-    ids = some_inputs(case, 16, 12, seed=90)["input_ids"]
-    ids[:, 1::2] = ids[:, :1]  # a pattern to learn: every other token repeats the first
+    x = some_inputs(case, 16, 12, seed=90)
+    if case.task == "tokens":
+        x["input_ids"][:, 1::2] = x["input_ids"][:, :1]  # a pattern to learn: every other token repeats the first
+    y = labels_for(case, x)
+    if case.task == "image":
+        y = (x["pixel_values"][:, 0].mean((1, 2)) > 0).long()  # a class to learn from the image
 
-    class Tokens(torch.utils.data.Dataset):
+    class Examples(torch.utils.data.Dataset):
         def __len__(self):
-            return len(ids)
+            return len(y)
 
         def __getitem__(self, k):
-            return {"input_ids": ids[k], "labels": ids[k]}
+            return {**{name: value[k] for name, value in x.items()}, "labels": y[k]}
 
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=SEED)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Examples())
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) * 0.9, losses
     assert type(trainer.model) is type(zoo(case).loaded) and len(sdsurgeon.gates(trainer.model)) == case.sites
 
 
-@by_name(GENERATIVE)
+@by_name(IN_PLACE)
 def test_save_pretrained_writes_a_folder_sdsurgeon_loads_back_with_the_same_gates(zoo, trained, case, tmp_path):
     model = trained(case).model
     model.save_pretrained(tmp_path / "gated")

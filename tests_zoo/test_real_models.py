@@ -30,11 +30,7 @@ LIVE = 2e-3  # a branch halved must move the output by 20x the 1e-4 relative tol
 
 # (model id, test) -> why it fails on today's sdsurgeon. strict: a fix turns the entry into a failure
 # (XPASS), so it is deleted with the fix. Failure classes are explained in the README's zoo section.
-KNOWN: dict[tuple[str, str], str] = {
-    # torch.fx cannot trace these; the torch.export capture is ATen-level and replaces the model whole
-    (model, "in_place"): "captured by torch.export: an ATen capture is not rewritten in place yet"
-    for model in ("timm_swin_tiny", "timm_beit_base", "timm_eva02_tiny")
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 # Compiling takes 12 s to 3.3 min a model here (34 min for all 28). `make test` (and so CI) compiles one model of each kind of
