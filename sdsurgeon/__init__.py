@@ -20,6 +20,8 @@ from .errors import SurgeonError
 from .gate import StochasticDepth
 from .io.checkpoint import load_weights
 from .io.trust import trust
+from . import schedules
+from .schedules import load_training_state, training_state
 from .sdfile import load, save
 from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
 from .surgery.inject import apply_recipe, gates, inject
@@ -44,6 +46,7 @@ __all__ = [
     "gates",
     "inject",
     "load",
+    "load_training_state",
     "load_weights",
     "plan",
     "prune",
@@ -51,6 +54,8 @@ __all__ = [
     "register_leaf",
     "remove_gates",
     "save",
+    "schedules",
+    "training_state",
     "trust",
     "verify",
 ]

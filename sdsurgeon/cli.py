@@ -15,9 +15,9 @@ from rich.table import Table
 
 from . import pipeline
 from .analysis.plan import Plan
-from .analysis.schedule import RULES
+from .analysis.schedule import KINDS, RULES, ScheduleSpec
 from .capture.inputs import InputSpec, parse_shape
-from .errors import ConfigError, SurgeonError
+from .errors import ConfigError, SurgeonError, option_error
 from .gate import MODES, SCALINGS
 from .io.checkpoint import parse_arch_kwargs
 from .io.files import check_output, clean_up_on_signals
@@ -111,6 +111,19 @@ def _surgery(pL: float, rule: str, set_: list[str], include: list[str], exclude:
              capture: str, keep_existing: bool, **gate) -> pipeline.SurgeryOptions:
     return pipeline.SurgeryOptions(pL, rule, tuple(set_), tuple(include), tuple(exclude), tuple(leaf), capture,
                                    keep_existing, **gate)
+
+
+def _schedule_options(kind: Optional[str], theta: float, rule: str, gamma: float, warmup: int,
+                      ramp: int) -> dict | None:
+    if kind is None:
+        for name, value, default in (("--gamma", gamma, 0.001), ("--warmup", warmup, 0), ("--ramp", ramp, 0)):
+            if value != default:
+                raise option_error(name, "applies to a schedule over training steps: give --schedule too")
+        return None
+    try:
+        return ScheduleSpec(kind, theta, rule, warmup, ramp, gamma).to_dict()
+    except ConfigError as exc:
+        raise option_error("--schedule", str(exc)) from None
 
 
 def _fmt_flops(n: int | None) -> str:
@@ -271,6 +284,15 @@ def inject_cmd(
     input_: list[str] = INPUT,
     capture: str = CAPTURE,
     keep_existing: bool = KEEP_EXISTING,
+    schedule: Optional[str] = typer.Option(None, "--schedule", help=f"Record how p_L moves over training steps, "
+                                           f"{' | '.join(KINDS)}: fixed (the rule at --pL throughout), warmup (no "
+                                           "drops for --warmup steps, then a linear ramp to --theta over --ramp "
+                                           "steps), pld (Progressive Layer Dropping: theta(t) = (1 - theta) "
+                                           "e^(-gamma t) + theta). Step it with sdsurgeon.schedules.schedule(model)."),
+    theta: Optional[float] = typer.Option(None, "--theta", help="The schedule's final p_L (default: --pL)."),
+    gamma: float = typer.Option(0.001, "--gamma", help="pld: how fast theta(t) falls towards --theta per step."),
+    warmup: int = typer.Option(0, "--warmup", help="warmup: steps without drops."),
+    ramp: int = typer.Option(0, "--ramp", help="warmup: steps of the linear ramp after them."),
     json_: bool = JSON,
 ) -> None:
     """Gate every residual block with stochastic depth and write a model to train.
@@ -281,10 +303,13 @@ def inject_cmd(
     Example: sdsurgeon inject model.pt --arch mymodels:resnet110 --pL 0.5 -o model.sd.pt
 
     Example: sdsurgeon inject --arch mymodels:resnet110 --weights model.pt --pL 0.5   (the same model)
+
+    Example: sdsurgeon inject model.pt --arch mymodels:resnet110 --schedule pld --theta 0.5 --gamma 0.001
     """
     specs = _input_specs(input_shape, input_)
+    over_steps = _schedule_options(schedule, pL if theta is None else theta, rule, gamma, warmup, ramp)
     surgery = _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing, mode=mode, scaling=scaling,
-                       seed=seed, sync_ranks=not per_rank)
+                       seed=seed, sync_ranks=not per_rank, schedule=over_steps)
     result = pipeline.inject(_ref(model, arch, arch_kwargs, trust_pickle, weights), surgery, specs, output=output)
     record = result.to_dict()
     if json_:

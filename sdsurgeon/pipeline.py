@@ -98,6 +98,7 @@ class SurgeryOptions:
     scaling: str = "paper"
     seed: int | None = None
     sync_ranks: bool = True
+    schedule: dict | None = None  # p_L over training steps, recorded in the recipe (ScheduleSpec as a dict)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None) -> nn.
         model, options.pL, rule=options.rule, mode=options.mode, scaling=options.scaling, seed=options.seed,
         overrides=list(options.overrides), include=list(options.include), exclude=list(options.exclude),
         leaves=list(options.leaves), inputs=specs, sync_ranks=options.sync_ranks, example_inputs=example,
-        capture=options.capture, keep_existing=options.keep_existing,
+        capture=options.capture, keep_existing=options.keep_existing, schedule=options.schedule,
     )
 
 

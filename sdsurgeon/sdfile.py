@@ -13,6 +13,7 @@ from torch import nn
 
 from .capture.inputs import DTYPES
 from .errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError, WriteError, first_line
+from .analysis.schedule import ScheduleSpec
 from .io import hf
 from .io.checkpoint import (
     FORMAT,
@@ -129,7 +130,7 @@ def _from_state_dict(
 _RECIPE_KINDS: dict[str, tuple[type, ...]] = {
     "sites": (list,), "mode": (str,), "scaling": (str,), "seed": (int, type(None)), "p_L": (int, float, type(None)),
     "rule": (str, type(None)), "leaves": (list,), "inputs": (list, type(None)), "capture": (str,),
-    "sync_ranks": (bool,), "keep_existing": (bool,), "replaced": (list,),
+    "sync_ranks": (bool,), "keep_existing": (bool,), "replaced": (list,), "schedule": (dict, type(None)),
 }
 
 
@@ -172,6 +173,8 @@ def _check_recipe(d) -> None:
         _need(name is None or (isinstance(name, str) and name.isidentifier()), "a recipe input's name is not a name")
         _need(high is None or (isinstance(high, int) and not isinstance(high, bool) and 0 < high < 2**62),
               "a recipe input's value range is not a positive integer")
+    if d.get("schedule") is not None:
+        ScheduleSpec.from_dict(d["schedule"])  # ConfigError: reported as an unusable recipe
     for entry in d.get("replaced", []):
         _need(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
               and _is_number(entry[1]), "a replaced drop path is not [module path, rate]")

@@ -20,6 +20,7 @@ FLOORS = {
     "gate": 2,  # the gate module the passes place: depends on errors only
     "layers": 2,  # a name kept for models pickled before gate/ (it re-exports gate)
     "capture": 3, "analysis": 4, "surgery": 5, "deploy": 6,
+    "schedules": 6,  # steps the gates of an injected model over training: above surgery
     "sdfile": 7,  # rebuilds a recorded surgery: above surgery
     "report": 8, "plot": 8,  # records -> text and pictures
     "pipeline": 9,  # plan / inject / convert: what the CLI and batch call

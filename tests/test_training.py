@@ -446,32 +446,39 @@ DDP_SCRIPT = textwrap.dedent("""
     from sdsurgeon.models import cifar_resnet
 
     rank, world, init, out, sync = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4] == "sync"
+    variant = sys.argv[5]  # plain | static (static_graph=True) | accumulate (two micro-batches, no_sync on the first)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)  # same weights on both ranks
     model = sdsurgeon.inject(cifar_resnet(8, width=4), 0.5, sync_ranks=sync)
     torch.manual_seed(100 + rank)  # different data (and global RNG state) per rank
-    ddp = DDP(model)
+    ddp = DDP(model, static_graph=variant == "static")
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     draws = []
     for step in range(6):
-        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
         opt.zero_grad()
-        F.cross_entropy(ddp(x), y).backward()
+        micro = 2 if variant == "accumulate" else 1
+        for k in range(micro):
+            x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+            if k < micro - 1:
+                with ddp.no_sync():  # gradients accumulate locally; the last micro-batch all-reduces
+                    F.cross_entropy(ddp(x), y).backward()
+            else:
+                F.cross_entropy(ddp(x), y).backward()
+            draws.append([bool(g._last_draw < g.p) for g in sdsurgeon.gates(model)])
         opt.step()
-        draws.append([bool(g._last_draw < g.p) for g in sdsurgeon.gates(model)])
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     json.dump({"draws": draws, "params": params.tolist()}, open(out, "w"))
     dist.destroy_process_group()
 """)
 
 
-def _run_ddp(tmp_path, sync: bool):
+def _run_ddp(tmp_path, sync: bool, variant: str = "plain"):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     init = f"file://{tmp_path / 'rendezvous'}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / f"r{r}.json"),
-                               "sync" if sync else "free"], env=env, stderr=subprocess.PIPE, text=True)
+                               "sync" if sync else "free", variant], env=env, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     for p in procs:
         try:
@@ -487,8 +494,10 @@ def _run_ddp(tmp_path, sync: bool):
 
 
 @pytest.mark.multiprocess
-def test_ddp_two_ranks_skip_the_same_blocks_and_stay_identical(tmp_path):
-    r0, r1 = _run_ddp(tmp_path, sync=True)
+@pytest.mark.parametrize("variant", ["plain", "static", "accumulate"],
+                         ids=["default", "static_graph", "no_sync accumulation"])
+def test_ddp_two_ranks_skip_the_same_blocks_and_stay_identical(tmp_path, variant):
+    r0, r1 = _run_ddp(tmp_path, sync=True, variant=variant)
     assert r0["draws"] == r1["draws"]
     flat = [d for step in r0["draws"] for d in step]
     assert any(flat) and not all(flat), "some blocks must be dropped for the test to mean anything"

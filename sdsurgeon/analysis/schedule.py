@@ -1,9 +1,10 @@
-"""Survival-probability rules p_l, per-site overrides, expected depth and expected training cost."""
+"""Survival-probability rules p_l over depth and over training steps, per-site overrides, expected depth and cost."""
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Hashable, Iterable, Sequence
 
 from ..errors import ConfigError, option_error
@@ -110,3 +111,62 @@ def expected_flops_ratio(
                 survival[n] = survival.get(n, 1.0) * p
     saved = sum(node_flops.get(n, 0) * (1.0 - s) for n, s in survival.items())
     return (total - saved) / total
+
+
+# --- over training steps: the depth rule's p_L as a function of the step -----------------------------------
+
+KINDS = ("fixed", "warmup", "pld")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What a schedule does, as data (recorded in the recipe as a dict; unknown keys are refused).
+
+    ``fixed``: the p_l inject chose, at every step (theta(t) = p_L; ``--set`` overrides kept). ``warmup``: no drops for ``warmup`` steps,
+    then theta falls linearly to p_L over ``ramp`` steps. ``pld`` (Progressive Layer Dropping, Zhang &
+    He 2020): theta(t) = (1 - theta_bar) e^(-gamma t) + theta_bar, with theta_bar = ``p_L``. Every
+    kind applies theta(t) through the depth rule: p_l(t) = rule(L, theta(t)) over the model's gates.
+    """
+
+    kind: str = "fixed"
+    p_L: float = 0.5
+    rule: str = "linear"
+    warmup: int = 0
+    ramp: int = 0
+    gamma: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown schedule {self.kind!r}; use one of: {', '.join(KINDS)}")
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; use one of: {', '.join(RULES)}")
+        if not (0.0 < self.p_L <= 1.0):
+            raise ConfigError(f"schedule: theta / p_L {self.p_L} is outside (0, 1]")
+        if self.warmup < 0 or self.ramp < 0:
+            raise ConfigError(f"schedule: warm-up and ramp are step counts, got {self.warmup} and {self.ramp}")
+        if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"schedule: gamma {self.gamma} must be a finite number >= 0")
+
+    def theta(self, step: int) -> float:
+        """The depth rule's p_L at ``step`` (0 before the first ``Schedule.step()``)."""
+        if self.kind == "fixed":
+            return self.p_L
+        if self.kind == "warmup":
+            if step < self.warmup:
+                return 1.0
+            done = 1.0 if self.ramp == 0 else min(1.0, (step - self.warmup) / self.ramp)
+            return 1.0 - done * (1.0 - self.p_L)
+        return (1.0 - self.p_L) * math.exp(-self.gamma * step) + self.p_L
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScheduleSpec:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a schedule is a mapping, not {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ConfigError(f"unknown schedule key {unknown[0]!r}; valid keys: {', '.join(known)}")
+        return cls(**d)

@@ -12,7 +12,7 @@ from torch import nn
 from ..analysis.detect import ResidualSite
 from ..analysis.locate import locate
 from ..analysis.owners import WHOLE, rewrites, written_in_place
-from ..analysis.schedule import Override, assign
+from ..analysis.schedule import Override, ScheduleSpec, assign
 from ..capture.drop_path import find_drop_paths, switch_off
 from ..capture import in_place
 from ..capture.fx import Capture
@@ -42,6 +42,7 @@ def inject(
     sync_ranks: bool = True,
     capture: str = "auto",
     keep_existing: bool = False,
+    schedule: ScheduleSpec | dict | None = None,
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
@@ -55,10 +56,14 @@ def inject(
     Under torch.distributed the gates draw alike on every rank unless ``sync_ranks=False``.
     ``capture`` picks the front-end (``auto``, ``fx``, ``export``: see capture.capture; export needs
     example inputs). Drop-path modules the model
-    already has are switched off (the gates replace them) unless ``keep_existing``.
+    already has are switched off (the gates replace them) unless ``keep_existing``. ``schedule``
+    (``ScheduleSpec`` or its dict) is recorded in the recipe for ``sdsurgeon.schedules.schedule(model)``,
+    which steps p_l over training; the gates get the rule's p_l at ``p_L`` until then.
     Raises NoResidualSitesError if nothing is gated.
     """
     _check_gate_options(mode, scaling)
+    if isinstance(schedule, dict):
+        schedule = ScheduleSpec.from_dict(schedule)
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
     work = copy.deepcopy(model)
     if example_inputs is None and inputs is not None:
@@ -82,6 +87,7 @@ def inject(
         sites=[(s.id, p) for s, p in chosen], mode=mode, scaling=scaling, seed=seed, p_L=p_L, rule=rule,
         leaves=list(leaves), inputs=None if inputs is None else list(inputs), sync_ranks=sync_ranks,
         capture=cap.method, keep_existing=keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
+        schedule=None if schedule is None else schedule.to_dict(),
     )
     return _apply(work, cap, chosen, recipe)
 

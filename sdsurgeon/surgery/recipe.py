@@ -25,6 +25,7 @@ class Recipe:
     sync_ranks: bool = True  # under torch.distributed, every rank draws the same gates
     keep_existing: bool = False  # drop-path modules the model had keep their rates (else switched off)
     replaced: list[list] = field(default_factory=list)  # [module path, rate] of drop paths switched off
+    schedule: dict | None = None  # p_L over training steps (analysis.schedule.ScheduleSpec as a dict), if any
 
     def to_dict(self) -> dict:
         d = asdict(self)
