@@ -1,10 +1,12 @@
-"""DDP train-step time, 2 ranks over gloo on this machine: original vs stochastic depth (batch mode), interleaved.
+"""DDP or FSDP2 train-step time, 2 ranks over gloo on this machine: original vs stochastic depth (batch mode), interleaved.
 
-Run: .venv/bin/python benchmarks/ddp_step.py   (--depth 20 --steps 3 for a quick smoke run; --help for options)
+Run: .venv/bin/python benchmarks/ddp_step.py [--wrap ddp|fsdp2]   (--depth 20 --steps 3 for a quick smoke run)
 
-Each rank holds both models wrapped in DistributedDataParallel with its default settings
-(find_unused_parameters=False) and alternates one step of each; rank 0 reports the median per-round
-ratio. The gates draw alike on both ranks (sdsurgeon's default), so no rank waits on another's blocks.
+Each rank holds both models, wrapped in DistributedDataParallel with its default settings
+(find_unused_parameters=False) or sharded with FSDP2 the usual way (``fully_shard`` on each residual
+block, then the root), and alternates one step of each; rank 0 reports the median per-round ratio.
+The gates draw alike on both ranks (sdsurgeon's default), so no rank waits on another's blocks; under
+FSDP2 a dropped block is not called, so its weights are neither gathered nor its gradients reduced.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=15, help="timed rounds (default 15)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     ap.add_argument("--pL", type=float, default=0.5, help="survival probability of the last block (default 0.5)")
+    ap.add_argument("--wrap", choices=["ddp", "fsdp2"], default="ddp", help="how each rank holds the models")
     return ap.parse_args()
 
 
@@ -47,7 +50,14 @@ def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: s
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     steps = {}
     for name, m in models.items():
-        ddp = DDP(m.train())
+        if args.wrap == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in m.layers:
+                fully_shard(block)
+            ddp = fully_shard(m.train())
+        else:
+            ddp = DDP(m.train())
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
 
         def step(ddp=ddp, opt=opt) -> None:
@@ -67,7 +77,7 @@ def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: s
     if rank == 0:
         ratio = statistics.median(b / o for b, o in zip(times["batch"], times["original"]))
         with open(out, "w") as f:
-            json.dump({"depth": args.depth, "per_rank_batch": args.batch, "ranks": world, "rounds": args.steps,
+            json.dump({"wrap": args.wrap, "depth": args.depth, "per_rank_batch": args.batch, "ranks": world, "rounds": args.steps,
                        "median_seconds": {k: round(statistics.median(v), 4) for k, v in times.items()},
                        "median_ratio": round(ratio, 4), "torch": torch.__version__}, f)
     dist.destroy_process_group()
@@ -79,7 +89,7 @@ def main() -> None:
         out = os.path.join(tmp, "result.json")
         mp.spawn(rank_main, args=(2, f"file://{tmp}/rendezvous", args, out), nprocs=2, join=True)
         res = json.load(open(out))
-    print(f"DDP, 2 ranks (gloo, 1 thread each), CIFAR ResNet-{res['depth']}, batch {res['per_rank_batch']} per rank, "
+    print(f"{res['wrap'].upper()}, 2 ranks (gloo, 1 thread each), CIFAR ResNet-{res['depth']}, batch {res['per_rank_batch']} per rank, "
           f"{res['rounds']} interleaved rounds")
     print(f"original {res['median_seconds']['original']:.3f} s/step, stochastic depth (batch mode, p_L {args.pL}) "
           f"{res['median_seconds']['batch']:.3f} s/step: median ratio {res['median_ratio']:.3f}")

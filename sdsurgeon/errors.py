@@ -60,6 +60,10 @@ class CaptureError(SurgeonError):
     """No part of the model could be turned into a graph."""
 
 
+class SpecializedCallError(SurgeonError):
+    """A module rewritten on its recorded call got another value for an argument its graph fixed."""
+
+
 class ConfigError(SurgeonError):
     """An option, input spec or schedule setting is invalid."""
 

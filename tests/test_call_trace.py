@@ -12,7 +12,8 @@ from torch import nn
 
 from sdsurgeon import inject, plan
 from sdsurgeon.capture import in_place
-from sdsurgeon.capture.call_trace import Call, SpecializedCallError, record_calls, returned_submodule, trace_call
+from sdsurgeon.capture.call_trace import Call, record_calls, returned_submodule, trace_call
+from sdsurgeon.errors import SpecializedCallError
 from sdsurgeon.surgery.fold import fold_with_report
 
 

@@ -5,6 +5,7 @@ import os
 import sys
 import textwrap
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -572,3 +573,71 @@ def test_a_torch_without_a_name_cond_backward_needs_keeps_its_own_backward_with_
     finally:
         monkeypatch.undo()
         assert cond_backward.install()
+
+
+FSDP2_RUN = Path(__file__).resolve().parent / "fsdp2_run.py"
+
+
+def _run_fsdp2(tmp_path, world: int, mode: str = "sync"):
+    """Run tests/fsdp2_run.py on ``world`` ranks (gloo); the processes and their JSON records, bounded in time."""
+    init = f"file://{tmp_path / f'rendezvous{world}{mode}'}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(FSDP2_RUN), str(r), str(world), init,
+                               str(tmp_path / f"{mode}{world}r{r}.json"), mode],
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    errors = []
+    for p in procs:
+        try:
+            errors.append(p.communicate(timeout=180)[1])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the FSDP2 run did not finish in 180 s (a hang)")
+    return procs, errors
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_units_whose_gates_drop_are_neither_gathered_nor_reduced_and_training_equals_one_process(tmp_path):
+    import json
+
+    procs, errors = _run_fsdp2(tmp_path, 1)
+    assert procs[0].returncode == 0, errors[0][-2000:]
+    procs, errors = _run_fsdp2(tmp_path, 2)
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-2000:]
+    single, r0, r1 = (json.loads((tmp_path / name).read_text()) for name in ("sync1r0.json", "sync2r0.json",
+                                                                              "sync2r1.json"))
+    assert r0["draws"] == r1["draws"] == single["draws"]  # seeded gates: the same draws on every rank and alone
+    ran = [sum(d is None or d for d in step) for step in r0["draws"]]  # units with their gate kept (p 1: no draw)
+    assert [step[2] for step in r0["draws"]] == [False] * 6  # unit 2 skipped in every step
+    assert r0["draws"][0][0] is False and r0["draws"][-1][1] is False  # unit 0 first step, unit 1 last step
+    # FSDP2 gathers the root's weights once and each unit that runs twice (forward, backward), and
+    # reduce-scatters the root's and each running unit's gradients: a skipped unit costs nothing
+    assert r0["gathers"] == r1["gathers"] == [1 + 2 * k for k in ran], (r0["gathers"], ran)
+    assert r0["scatters"] == r1["scatters"] == [1 + k for k in ran], (r0["scatters"], ran)
+    for name, value in single["params"].items():  # the same global batch, split over the two ranks
+        torch.testing.assert_close(torch.tensor(r0["params"][name]), torch.tensor(value), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_with_per_rank_draws_is_refused_in_one_line_on_every_rank(tmp_path):
+    procs, errors = _run_fsdp2(tmp_path, 2, mode="per-rank")
+    for p, err in zip(procs, errors):
+        assert p.returncode != 0
+        line = next(line for line in err.splitlines() if "sdsurgeon.errors.ConfigError:" in line)
+        assert "Block is sharded with FSDP2" in line and "sync_ranks=False" in line and "hang" in line, err[-2000:]
+
+
+@pytest.mark.multiprocess
+def test_the_fsdp2_example_skips_gathers_of_dropped_blocks_and_resumes_two_ranks_bit_exactly():
+    import re
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_train.py"
+    result = subprocess.run([sys.executable, str(example), "--steps", "8"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = re.findall(r"blocks run +(\d+) of +(\d+) +all-gathers +(\d+)", result.stdout)
+    assert len(steps) == 8
+    assert all(int(g) == 1 + 2 * int(ran) for ran, _, g in steps)  # the root once; each block run twice
+    assert any(int(ran) < int(total) for ran, total, _ in steps), "some block must drop for the test to mean anything"
+    assert "weights identical to the run" in result.stdout

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from ..errors import CaptureError, SurgeonError
+from ..errors import CaptureError, SpecializedCallError
 from .fx import ModeDependentForward, is_default_leaf, trace, untouched
 from .inputs import normalize_inputs
 from .modes import modes_kept
@@ -23,10 +23,6 @@ _FIXABLE = (type(None), bool, int, float, str)
 PROBE = "sdsurgeon_other_keywords"
 # GraphModule.meta key: the modules (paths in the traced module) that receive keywords the call did not record.
 ROUTES = "sdsurgeon_routes"
-
-
-class SpecializedCallError(SurgeonError):
-    """A rewritten module was called with a value its graph was traced for as a constant."""
 
 
 @has_side_effect  # a check: graph passes must keep it though nothing reads its result

@@ -8,10 +8,14 @@ import inspect
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
+
+from ..errors import ConfigError
+from ..gate import StochasticDepth
 
 FORWARD = "forward"
 
@@ -37,6 +41,8 @@ class GraphForward:
         # modules: capture.call_trace); None: nowhere, Python refuses them as for any function
         self.routes = routes
         self._names = frozenset(list(inspect.signature(self._fn).parameters)[1:])
+        self._unit_class: type | None = None  # the owner's class when _unit was decided (fully_shard changes it)
+        self._unit = False  # whether a sharded owner may skip its call (see _unit_call)
 
     @classmethod
     def of(cls, owner: nn.Module, graph: fx.Graph, routes: tuple[str, ...] | None = None) -> GraphForward:
@@ -44,6 +50,7 @@ class GraphForward:
         return cls(owner, graph, code.src, code.globals, routes)
 
     def __call__(self, *args, **kwargs):
+        _unit(self)
         if self.routes is None or kwargs.keys() <= self._names:
             return self._fn(self.owner, *args, **kwargs)
         others = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._names}
@@ -86,6 +93,106 @@ def _passed_on(modules: list[nn.Module], keywords: dict[str, Any]) -> Iterator[N
     finally:
         for handle in handles:
             handle.remove()
+
+
+# --- FSDP2: a unit whose every gate dropped is not called, so its weights are neither gathered nor reduced ---
+
+
+def _unit(forward: GraphForward) -> bool:
+    """Whether ``forward``'s owner is a sharded unit that may skip its call; decided again when its class changes."""
+    if forward._unit_class is not type(forward.owner):
+        forward._unit_class = type(forward.owner)
+        forward._unit = _sharded(forward.owner) and _skippable(forward.owner, forward.graph)
+    return forward._unit
+
+
+def prepare_units(model: nn.Module, _args) -> None:
+    """Forward pre-hook on an injected model: before any of its blocks runs, each sharded one learns to skip
+    (FSDP2 gathers a unit's weights before its own forward, too late to decide there)."""
+    if torch.compiler.is_compiling():  # a compiled model calls every block (the gates decide inside the graph)
+        return
+    for _, module in rewritten(model):
+        _unit(graph_forward(module))
+
+
+def watch_units(model: nn.Module) -> None:
+    """Register ``prepare_units`` on ``model`` (once)."""
+    if not any(hook is prepare_units for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(prepare_units)
+
+
+def unwatch_units(model: nn.Module) -> None:
+    """Take ``prepare_units`` off ``model`` (fold: no graph forward is left)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is prepare_units:
+            del model._forward_pre_hooks[key]
+
+
+def _fsdp_module() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule  # public since torch 2.6
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def _sharded(owner: nn.Module) -> bool:
+    """Whether ``owner`` is an FSDP2 unit (``fully_shard``); its class then learns to skip dropped calls.
+
+    FSDP2 gathers a unit's weights in a forward pre-hook, before the gates inside decide. A unit not
+    called at all is neither gathered nor reduce-scattered that step (FSDP2's final backward callback
+    expects that), so the decision is drawn before the call (``_unit_call``), every rank alike.
+    """
+    fsdp = _fsdp_module()
+    if fsdp is None or not isinstance(owner, fsdp):
+        return False
+    gates = [m for m in owner.modules() if _is_gate(m)]
+    if dist.is_available() and dist.is_initialized() and any(not g.sync_ranks for g in gates):
+        own = next(c for c in type(owner).__mro__ if not issubclass(c, fsdp))  # the class FSDP2 wrapped
+        raise ConfigError(f"{own.__name__} is sharded with FSDP2 and its gates draw per rank "
+                          "(sync_ranks=False, --per-rank-draws): ranks would gather different units and hang; "
+                          "inject with the default sync_ranks=True")
+    cls = type(owner)
+    if cls.__dict__.get("__call__") is not _unit_call:
+        cls.__call__ = _unit_call  # FSDP2's own generated class for this module class (FSDPModule, cls)
+    return True
+
+
+def _is_gate(module: nn.Module) -> bool:
+    return isinstance(module, StochasticDepth)
+
+
+def _skippable(owner: nn.Module, graph: fx.Graph) -> bool:
+    """Whether ``graph`` (the owner's, gates not looked into) reads none of the owner's parameters outside
+    its gates' branches, every gate draws per batch and the graph calls each itself (none nested in another's
+    branch, where a decision drawn ahead might never be used): then a call with every gate dropped needs none."""
+    gates = [m for m in owner.modules() if _is_gate(m)]
+    called = {id(owner.get_submodule(n.target)) for n in graph.nodes if n.op == "call_module"}
+    if not gates or any(g.mode != "batch" or id(g) not in called for g in gates):
+        return False
+    def into_gates_only(node: fx.Node) -> bool:  # a weight read only to be handed to gates (their branches')
+        return all(u.op == "call_module" and _is_gate(owner.get_submodule(u.target)) for u in node.users)
+
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(_resolve(owner, node.target), nn.Parameter) and not into_gates_only(node):
+            return False
+        if node.op == "call_module" and not _is_gate(module := owner.get_submodule(node.target)):
+            if any(True for _ in module.parameters()):
+                return False
+    return True
+
+
+def _unit_call(self: nn.Module, *args, **kwargs):
+    """``__call__`` of a sharded unit running a graph forward: in training, its gates decide first; if every
+    one drops and the graph reads no weight outside their branches, the graph runs without the FSDP hooks
+    (no gather, no reduce-scatter, nor any other hook: the unit is absent from the step)."""
+    forward = graph_forward(self)
+    if forward is None or not self.training or torch.compiler.is_compiling() or not _unit(forward):
+        return nn.Module.__call__(self, *args, **kwargs)
+    kept = [g.draw_ahead() for g in self.modules() if _is_gate(g)]
+    if any(k is None or k for k in kept):
+        return nn.Module.__call__(self, *args, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def _retrace(owner: nn.Module, fn) -> fx.Graph:

@@ -19,14 +19,24 @@ def zero_gradient_anchor(out: torch.Tensor, branch: Callable, branch_inputs: tup
     """``out`` plus zero times one element of each of the branch's parameters.
 
     DDP (find_unused_parameters=False) needs a gradient for every parameter: a dropped branch gives zeros.
-    The branch's own modules hold them, or (ATen graphs) the graph passes them in.
+    The branch's own modules hold them, or (ATen graphs) the graph passes them in. Parameters FSDP2 holds
+    sharded (DTensors: their unit was not called this step, see capture.in_place) are left out: the unit
+    is absent from the step, and FSDP2 reduces nothing for it.
     """
     owned = branch.parameters() if isinstance(branch, nn.Module) else ()
     params = [*owned, *(t for t in branch_inputs if isinstance(t, nn.Parameter))]
-    anchor = [p.reshape(-1)[:1] for p in params if p.requires_grad]
+    anchor = [p.reshape(-1)[:1] for p in params if p.requires_grad and not _sharded(p)]
     if anchor:
         out = out + torch.cat(anchor).sum().to(out.dtype) * 0
     return out
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor  # public since torch 2.5
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def dropped(spec: GateSpec, branch: Callable, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:

@@ -126,8 +126,19 @@ class StochasticDepth(nn.Module):
         return self._draws.keep(self._spec)
 
     def draw(self, skip: torch.Tensor) -> bool | torch.Tensor | None:
-        """This call's decision: keep or not (batch mode), the kept rows (row mode); None when nothing is drawn."""
+        """This call's decision: keep or not (batch mode), the kept rows (row mode); None when nothing is drawn.
+        A decision drawn ahead (``draw_ahead``) is this call's."""
+        if "_ahead" in self.__dict__:
+            return self.__dict__.pop("_ahead")
         return self._draws.decide(self._spec, self.training, skip)
+
+    def draw_ahead(self) -> bool | None:
+        """Draw the next call's batch-mode decision now (a sharded unit decides before it gathers its weights)."""
+        if self._spec.mode != "batch":
+            raise ValueError("only a batch-mode gate decides without seeing its input")
+        decision = self._draws.decide(self._spec, self.training, None)
+        self.__dict__["_ahead"] = decision
+        return decision
 
     def decides_in_graph(self) -> bool:
         """Whether a compiled model can decide this gate with torch.cond: batch mode, training, p < 1,

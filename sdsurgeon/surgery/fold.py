@@ -691,6 +691,8 @@ def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool
             else:
                 in_place.install(owner, gm)
     report.sites.sort(key=lambda s: s.index)
+    if not in_place.rewritten(result):
+        in_place.unwatch_units(result)
     _untag(result)
     return result.eval(), report
 

@@ -134,6 +134,8 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
             result = _replace(result, rewrite.path, rewrite.gm)
         else:
             in_place.install(work.get_submodule(rewrite.path), rewrite.gm, routes=rewrite.routes)
+    if in_place.rewritten(result):
+        in_place.watch_units(result)  # FSDP2 units whose gates all drop are then not called at all
     tag(result, RECIPE_ATTR, recipe)
     carry_recipe(result, recipe.to_dict())  # save_pretrained writes it to config.json: sdsurgeon.load regates
     for name in ("sdsurgeon_source",):
