@@ -50,11 +50,15 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(FAST_TIER) --check-marks --slow-guard=5 --check-modules=sdsurgeon
 
 # The zoo tier also runs the default tier's checks of the private torch names compiled gates rely on,
-# and its compiled layout tests, on its own torch: both versions are checked. Compiled training of the
+# its compiled layout tests, and the FSDP2 tests (skipping relies on FSDP2 gathering in a forward
+# pre-hook), on its own torch: both versions are checked. Compiled training of the
 # zoo models marked slow (minutes each; see tests_zoo/test_real_models.py) runs in test-zoo-all.
 ZOO_TRAINING := tests/test_training.py::test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_installed_by_gates_only \
 	tests/test_training.py::test_compiled_torchvision_style_blocks_train_like_the_eager_original \
-	tests/test_training.py::test_compiled_convnext_style_blocks_train_like_the_eager_original
+	tests/test_training.py::test_compiled_convnext_style_blocks_train_like_the_eager_original \
+	tests/test_training.py::test_fsdp2_units_whose_gates_drop_are_neither_gathered_nor_reduced_and_training_equals_one_process \
+	tests/test_training.py::test_fsdp2_with_per_rank_draws_is_refused_in_one_line_on_every_rank \
+	tests/test_training.py::test_the_fsdp2_example_skips_gathers_of_dropped_blocks_and_resumes_two_ranks_bit_exactly
 
 test-zoo: $(ZOO_STAMP)
 	$(ZOO_BIN)/python -m pytest -q --durations=25 -m "not slow" tests_zoo $(ZOO_TRAINING)
