@@ -13,6 +13,7 @@ from .gate import StochasticDepth
 from .surgery.inject import gates
 from .surgery.recipe import RECIPE_ATTR
 
+
 class Schedule:
     """Steps a model's gates through a ScheduleSpec, as an LR scheduler steps an optimizer.
 
@@ -98,17 +99,10 @@ def schedule(model: nn.Module, spec: ScheduleSpec | None = None, **kwargs) -> Sc
 def training_state(model: nn.Module, sched: Schedule | None = None) -> dict[str, Any]:
     """What a checkpoint needs besides weights and optimizer for a resumed run to draw exactly as an
     uninterrupted one: each seeded gate's generator state, torch's global CPU RNG state where a gate
-    draws from it (unseeded gates), and the schedule's position."""
-    streams = {}
-    unseeded = False
-    for gate in gates(model):
-        generator = gate._draws.stream(gate.spec)
-        if generator is None:
-            unseeded = True
-        else:
-            streams[gate.site_id] = generator.get_state()
+    draws from it (unseeded gates), and the schedule's position. No collective: any rank may call it."""
+    streams = {gate.site_id: gate.rng_state() for gate in gates(model) if not gate.uses_global_rng()}
     state: dict[str, Any] = {"gates": streams}
-    if unseeded:
+    if any(gate.uses_global_rng() for gate in gates(model)):
         state["torch_rng"] = torch.get_rng_state()
     if sched is not None:
         state["schedule"] = sched.state_dict()
@@ -123,12 +117,11 @@ def load_training_state(model: nn.Module, state: dict[str, Any], sched: Schedule
     if unknown:
         raise ConfigError(f"the training state names gate {unknown[0]!r}, which this model does not have")
     for site_id, gate in by_id.items():
-        generator = gate._draws.stream(gate.spec)
-        if (generator is None) != (site_id not in saved):
+        if gate.uses_global_rng() != (site_id not in saved):
             raise ConfigError(f"gate {site_id!r} is seeded in one run and not in the other: resume the model "
                               "the state was saved from")
-        if generator is not None:
-            generator.set_state(saved[site_id])
+        if site_id in saved:
+            gate.set_rng_state(saved[site_id])
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
     if sched is not None:

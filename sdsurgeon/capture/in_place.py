@@ -50,7 +50,8 @@ class GraphForward:
         return cls(owner, graph, code.src, code.globals, routes)
 
     def __call__(self, *args, **kwargs):
-        _unit(self)
+        if not torch.compiler.is_compiling():  # compiled, every unit is called (and dynamo would guard on the flag)
+            _unit(self)
         if self.routes is None or kwargs.keys() <= self._names:
             return self._fn(self.owner, *args, **kwargs)
         others = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._names}

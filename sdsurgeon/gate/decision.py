@@ -70,6 +70,23 @@ class Draws:
             self.generator = torch.Generator().manual_seed((seed * 1_000_003 + spec.index) % 2**63)
         return self.generator
 
+    def uses_global_rng(self, spec: GateSpec) -> bool:
+        """Whether draws come from torch's global generator (no seed, and no seed agreed between ranks)."""
+        return spec.seed is None and not (_distributed() and spec.sync_ranks)
+
+    def rng_state(self) -> torch.Tensor | None:
+        """The own stream's position; None before its first draw (it then starts from its seed again)."""
+        return None if self.generator is None else self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        """Continue the own stream from ``state`` (``rng_state``); None: start it afresh at the next draw."""
+        if state is None:
+            self.generator = None
+        else:
+            self.generator = torch.Generator()
+            self.generator.set_state(state)
+        self.records.clear()
+
     def rand(self, spec: GateSpec, *shape: int) -> torch.Tensor:
         """Uniform draws on the CPU; a checkpoint recompute gets the draws its forward got (see the class)."""
         generator = self.stream(spec)

@@ -132,6 +132,18 @@ class StochasticDepth(nn.Module):
             return self.__dict__.pop("_ahead")
         return self._draws.decide(self._spec, self.training, skip)
 
+    def uses_global_rng(self) -> bool:
+        """Whether this gate draws from torch's global generator (unseeded, not agreeing a seed with other ranks)."""
+        return self._draws.uses_global_rng(self._spec)
+
+    def rng_state(self) -> torch.Tensor | None:
+        """Its own stream's position (None: not started, or drawing from torch's global generator)."""
+        return self._draws.rng_state()
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        """Continue its own stream from ``rng_state()``; None starts it afresh."""
+        self._draws.set_rng_state(state)
+
     def draw_ahead(self) -> bool | None:
         """Draw the next call's batch-mode decision now (a sharded unit decides before it gathers its weights)."""
         if self._spec.mode != "batch":
