@@ -112,6 +112,9 @@ def prepare_units(model: nn.Module, _args) -> None:
     (FSDP2 gathers a unit's weights before its own forward, too late to decide there)."""
     if torch.compiler.is_compiling():  # a compiled model calls every block (the gates decide inside the graph)
         return
+    fsdp = _fsdp_module()
+    if fsdp is None or not isinstance(model, fsdp):  # sharded the usual way, the root is a unit too; else
+        return  # nothing to walk on every step (a block sharded alone still learns at its first call)
     for _, module in rewritten(model):
         _unit(graph_forward(module))
 
