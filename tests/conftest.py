@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 import sys
@@ -125,6 +127,11 @@ def _watch_all() -> None:
     import torch.onnx
 
     _running = getattr(torch.compile, "_tier_running", _running)  # this session's, or the outer one's
+    if "matplotlib.font_manager" not in sys.modules:
+        # On a fresh machine matplotlib builds its font cache on first import by running fc-list (a
+        # subprocess): done here, before the watch, so no plot test is charged with starting a process.
+        with contextlib.suppress(ImportError):
+            import matplotlib.font_manager  # noqa: F401
     _watch(torch, "compile", "compile")
     _watch(torch.onnx, "export", "onnx")
     _watch(subprocess.Popen, "__init__", "multiprocess")
