@@ -13,18 +13,18 @@ ZOO_STAMP := $(ZOO_VENV)/.installed
 
 .PHONY: demo test test-fast test-default test-zoo test-zoo-all zoo-venv bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c constraints-test.txt -e '.[test]'
 	touch $(STAMP)
 
 # torch first, alone: installing it with timm in one resolve could pick another build.
-$(ZOO_STAMP): pyproject.toml constraints-zoo.txt
+$(ZOO_STAMP): pyproject.toml constraints-zoo.txt constraints-test.txt
 	$(PYTHON) -m venv $(ZOO_VENV)
 	$(ZOO_BIN)/python -m pip install --quiet --upgrade pip
 	$(ZOO_BIN)/python -m pip install --quiet -c constraints-zoo.txt torch torchvision
-	$(ZOO_BIN)/python -m pip install --quiet -c constraints-zoo.txt timm -e '.[test]'
+	$(ZOO_BIN)/python -m pip install --quiet -c constraints-zoo.txt -c constraints-test.txt timm -e '.[test]'
 	touch $(ZOO_STAMP)
 
 zoo-venv: $(ZOO_STAMP)
