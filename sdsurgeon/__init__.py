@@ -1,13 +1,20 @@
 """sdsurgeon: stochastic depth for any PyTorch checkpoint — find residual blocks, gate them, fold them."""
 
+import os as _os
 import sys as _sys
 
+if _sys.argv[:1] == ["-m"]:
+    # `python -m sdsurgeon`: runpy put the current folder first on sys.path, so a json.py or zipfile.py there
+    # would shadow the standard library. Dropped before any other import, with sys and os alone (both loaded
+    # at start-up); a folder that is also the standard library's or site-packages' stays.
+    _here = _os.path.realpath(_os.getcwd())
+    _site = _sys.modules.get("site")
+    _kept = {_os.path.realpath(_os.path.dirname(_os.__file__)),
+             *(_os.path.realpath(p) for p in (_site.getsitepackages() if _site else []))}
+    _sys.path[:] = [p for p in _sys.path
+                    if not (p in ("", ".") or _os.path.realpath(p) == _here) or _os.path.realpath(p) in _kept]
+
 from ._version import __version__
-
-if _sys.argv[:1] == ["-m"]:  # `python -m sdsurgeon`: runpy put the current folder first; drop it before torch loads
-    from .io.trust import drop_current_folder as _drop_current_folder
-
-    _drop_current_folder()
 
 from .analysis.detect import ResidualSite, find_residuals
 from .analysis.influence import block_influence

@@ -18,6 +18,7 @@ from .io import hf
 from .io.checkpoint import (
     FORMAT,
     TRUST_PICKLE,
+    TensorBudget,
     build,
     check_regular,
     fit_state,
@@ -50,6 +51,7 @@ def load(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     arch_folders: Iterable[str | os.PathLike] | None = None,
+    remember_arch: bool = True,
 ) -> nn.Module:
     """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
 
@@ -61,14 +63,15 @@ def load(
       is one you trust (built in, named with ``arch`` before, or ``sdsurgeon.trust``d);
     - no path: a fresh model from ``arch``.
 
-    ``arch`` is trusted from then on (remembered in the user's trust store). It is imported from the
-    installed packages, else from ``arch_folders`` (default: the current folder).
+    ``arch`` is trusted from then on once it has built a model (remembered in the user's trust store;
+    with ``remember_arch=False`` for this process only, as ``plan`` and batch configs name it). It is
+    imported from the installed packages, else from ``arch_folders`` (default: the current folder).
     """
     if arch_kwargs and not arch:
         raise ConfigError("--arch-kwargs needs --arch package.module:factory")
 
     def named() -> nn.Module:
-        return build(arch, arch_kwargs, folders=arch_folders)
+        return build(arch, arch_kwargs, folders=arch_folders, remember=remember_arch)
 
     if path is None:
         if not arch:
@@ -229,10 +232,12 @@ def _from_sdsurgeon_file(
     arch, what = source["arch"], f"the architecture it records ({source['arch']})"
     if named is not None:
         model, what = named(), "--arch"
-    elif source["kind"] == "hf":
-        model = hf.build(arch, source.get("arch_kwargs") or {})
-    else:
-        model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path)
+    else:  # what the file describes may build no more tensors than it holds
+        holds = TensorBudget.of(payload["state_dict"], str(path))
+        if source["kind"] == "hf":
+            model = hf.build(arch, source.get("arch_kwargs") or {}, holds=holds, recorded_in=path)
+        else:
+            model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path, holds=holds)
     if recipe is not None:
         model = apply_recipe(model, recipe)
     load_state_strictly(model, payload["state_dict"], path, what)
@@ -287,7 +292,7 @@ def rebuild_architecture(model: nn.Module) -> nn.Module | None:
         return None
     if source.kind == "hf":
         return hf.build(source.arch, source.arch_kwargs)
-    return build(source.arch, source.arch_kwargs)
+    return build(source.arch, source.arch_kwargs, recorded_in="the model's recorded source")
 
 
 def default_output(path: str | os.PathLike | None, suffix: str = ".sd.pt", arch: str | None = None) -> Path:

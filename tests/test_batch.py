@@ -462,7 +462,8 @@ def test_checkpoint_with_weights_loads_the_trained_weights_into_the_checkpoints_
 def test_help_names_the_options_and_an_example():
     result = invoke("batch", "--help")
     assert_ok(result)
-    for option in ("--jobs", "--fail-fast", "--force", "--check", "--report-dir", "--json", "Example"):
+    for option in ("--jobs", "--fail-fast", "--force", "--check", "--report-dir", "--json", "--trust-pickle",
+                   "Example"):
         assert option in result.stdout, option
 
 
@@ -561,6 +562,10 @@ def test_mixed_batch_files(mixed):
                                 "good_tiny.sd.pt", "good_tiny.sdsurgeon.json"]  # nothing for failed jobs, no temp files
     for name in ("good_tiny", "good_resnet8"):
         onnx.checker.check_model(onnx.load(str(out / f"{name}.onnx")), full_check=True)
+    # A config trusts its architectures for its own run only: loading its output later takes the user's word.
+    with pytest.raises(sdsurgeon.SurgeonError, match="not trusted"):
+        sdsurgeon.load(out / "good_tiny.sd.pt")
+    sdsurgeon.trust("archs:tiny_resnet", folder=folder)
     injected = sdsurgeon.load(out / "good_tiny.sd.pt")  # save_injected: weights-only, gated, seeded
     assert len(sdsurgeon.gates(injected)) == 2
     assert not [f for f in files_under(folder) if f.endswith(".tmp")]

@@ -493,3 +493,273 @@ def test_item9_check_refuses_job_names_no_file_can_have(tmp_path, name, why):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("models:\n  - {name: " + json.dumps(name) + ", arch: 'sdsurgeon.models:cifar_resnet'}\n")
     assert why in assert_user_error(invoke("batch", cfg, "--check"))
+
+
+# === Round 2 (issue 25): specs, trust store, transformers prompts, start-up imports, bounds ===============
+
+
+def _canary_kwargs(tmp_path: Path) -> tuple[Path, dict]:
+    canary = tmp_path / "shell.ran"
+    return canary, {"command": f"touch {canary}"}
+
+
+@pytest.mark.parametrize("spec", [
+    "sdsurgeon.models:torch.serialization.os.system",  # a dotted walk out of a built-in module
+    "sdsurgeon.models:os.system",
+    "sdsurgeon.models:__builtins__",  # dunder
+    "sdsurgeon.models:CifarResNet",  # in the built-in module, but not one of the exact built-in factories
+    "os:system", "posix:system", "builtins:eval", "subprocess:getoutput",
+])
+def test_round2_a_recorded_spec_runs_nothing_it_names(tmp_path, spec, own_imports):
+    canary, kwargs = _canary_kwargs(tmp_path)
+    path = sd_file(tmp_path / "evil.sd.pt", spec, arch_kwargs=kwargs)
+    line = assert_user_error(invoke("plan", path))
+    assert spec in line and ("not trusted" in line or "expected package.module:factory" in line), line
+    assert not canary.exists()
+
+
+def test_round2_a_recorded_torch_load_cannot_unpickle_a_payload(tmp_path, own_imports):
+    payload = tmp_path / "payload.pt"
+    canary = tmp_path / "unpickled.ran"
+    payload.write_bytes(b"cos\nsystem\n(V" + f"touch {canary}".encode() + b"\ntR.")
+    for spec in ("sdsurgeon.models:torch.load", "torch:load", "torch.serialization:load"):
+        path = sd_file(tmp_path / "evil.sd.pt", spec, arch_kwargs={"f": str(payload), "weights_only": False})
+        assert_user_error(invoke("plan", path))
+    assert not canary.exists()
+
+
+def test_round2_a_user_spec_is_one_name_defined_in_its_module(tmp_path, monkeypatch, own_imports):
+    (tmp_path / "reexports.py").write_text("from os import system\nimport torch\nfrom torch.nn import Linear\n")
+    monkeypatch.chdir(tmp_path)
+    for spec, why in (("reexports:system", "not defined in 'reexports'"),
+                      ("reexports:Linear", "not defined in 'reexports'"),
+                      ("reexports:torch.nn.Linear", "expected package.module:factory")):
+        with pytest.raises(sdsurgeon.SurgeonError, match=why):
+            sdsurgeon.load(arch=spec)
+    # Defined in a submodule of the package named: the usual way libraries export their classes.
+    assert isinstance(sdsurgeon.load(arch="torch.nn:Identity"), torch.nn.Identity)
+
+
+def test_round2_only_inject_and_export_remember_an_arch_and_only_once_it_built_a_module(
+        tmp_path, trust_store, monkeypatch, own_imports):
+    (tmp_path / "mymodels.py").write_text(USER_MODULE + "\n\ndef not_a_model():\n    return {'fc': 1}\n")
+    monkeypatch.chdir(tmp_path)
+
+    def stored() -> set:
+        return set(json.loads(trust_store.read_text())["factories"]) if trust_store.exists() else set()
+
+    before = stored()
+    assert_user_error(invoke("inject", "--arch", "mymodels:not_a_model", "-o", tmp_path / "x.sd.pt"))
+    assert_ok(invoke("plan", "--arch", "mymodels:net", "--json"))
+    assert_ok(invoke("plan", "--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", '{"depth": 8, "width": 4}',
+                     "--json"))
+    assert stored() == before  # plan writes nothing; a dict is no model; built-ins need no entry
+    assert_ok(invoke("inject", "--arch", "mymodels:net", "-o", tmp_path / "m.sd.pt"))
+    assert stored() == before | {"mymodels:net"}
+    result = invoke("trust", "list", "--json")
+    assert_ok(result)
+    assert "mymodels:net" in json.loads(result.stdout)["factories"]
+    assert_ok(invoke("trust", "forget", "mymodels:net"))
+    assert stored() == before
+    assert "not in the trust store" in assert_user_error(invoke("trust", "forget", "mymodels:net"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_round2_a_batch_config_never_writes_the_trust_store(tmp_path, trust_store):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymodels.py").write_text(USER_MODULE)
+    (project / "cfg.yaml").write_text("defaults: {input_shape: [1, 8], format: safetensors}\n"
+                                      "models:\n  - {name: m, arch: 'mymodels:net'}\n")
+    before = trust_store.read_text() if trust_store.exists() else None
+    result = invoke("batch", project / "cfg.yaml", "--report-dir", project / "reports")
+    assert_ok(result)  # the config's own architecture runs for this run
+    assert (trust_store.read_text() if trust_store.exists() else None) == before
+    # ... and a stranger's file naming the same spec later is still refused.
+    stranger = sd_file(project / "stranger.sd.pt", "mymodels:net")
+    assert "not trusted" in assert_user_error(invoke("plan", stranger))
+
+
+# --- transformers: auto_map at any depth, and no question on stdin ----------------------------------------
+
+
+@pytest.mark.parametrize("where", ["folder", "sd-file"])
+def test_round2_auto_map_in_a_sub_config_is_refused_before_transformers_reads_it(tmp_path, where, monkeypatch):
+    canary = tmp_path / "remote-code.ran"
+    config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+              "vision_config": {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}}
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(canary)!r}).write_text('ran')\n")
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("y\ny\ny\n"))
+    if where == "folder":
+        (folder / "config.json").write_text(json.dumps(config))
+        path = folder
+    else:
+        path = tmp_path / "evil.sd.pt"
+        torch.save({"format": "sdsurgeon", "version": 1, "recipe": None, "state_dict": {},
+                    "source": {"kind": "hf", "arch": "LlavaForConditionalGeneration", "arch_kwargs": config}}, path)
+    monkeypatch.chdir(folder)
+    with pytest.raises(UnsafeLoadError, match="auto_map"):
+        sdsurgeon.load(path)
+    assert not canary.exists()
+
+
+@pytest.mark.hf
+def test_round2_no_transformers_call_can_prompt(monkeypatch):
+    from transformers import dynamic_module_utils
+
+    from sdsurgeon.io import hf
+
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("y\n"))
+    with hf.quiet(), pytest.raises(ValueError):  # transformers' own refusal, never its question
+        dynamic_module_utils.resolve_trust_remote_code(None, "folder", has_local_code=False, has_remote_code=True)
+    assert dynamic_module_utils.TIME_OUT_REMOTE_CODE > 0 and sys.stdin.read() == "y\n"  # both given back
+
+
+@pytest.mark.parametrize("depth", [200, 100_000])
+def test_round2_a_deeply_nested_config_json_is_one_line(work, depth):
+    (work / "deep").mkdir()
+    (work / "deep" / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * depth + "]" * depth + "}")
+    assert "nest" in assert_user_error(invoke("plan", work / "deep"))
+
+
+# --- the current folder, before anything is imported ------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_round2_python_m_imports_nothing_from_the_current_folder(tmp_path):
+    names = ("json", "zipfile", "pickletools", "contextlib", "typing", "importlib")
+    for name in names:
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / (name + '.ran'))!r}, 'w').write('shadowed')\n")
+    proc = cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.ran")) == []
+
+
+# --- bounds: what a tiny file can make the tool compute or allocate ----------------------------------------
+
+
+def test_round2_a_compressed_checkpoint_is_refused_unread(work):
+    import zipfile
+
+    torch.save({"w": torch.zeros(4)}, work / "plain.pt")
+    with zipfile.ZipFile(work / "plain.pt") as src, zipfile.ZipFile(work / "packed.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    line = assert_user_error(invoke("plan", work / "packed.pt", *RESNET8))
+    assert "compressed member" in line, line
+
+
+def test_round2_a_recorded_factory_may_not_build_more_than_the_file_holds(work, monkeypatch):
+    from sdsurgeon.models import cifar_resnet
+
+    small = cifar_resnet(depth=8, width=4)
+    path = sd_file(work / "huge.sd.pt", "sdsurgeon.models:cifar_resnet", small.state_dict(),
+                   {"depth": 6 * 100_000 + 2, "width": 4})
+    built = []
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters", lambda self: built.append(self))
+    line = assert_user_error(invoke("plan", path))
+    assert "far more than" in line and "not built" in line, line
+    assert len(built) < 200  # stopped at the first tensors past the budget, not after 600k blocks
+    # The same factory with what the file holds builds as before.
+    good = sd_file(work / "good.sd.pt", "sdsurgeon.models:cifar_resnet", small.state_dict(), {"depth": 8, "width": 4})
+    assert isinstance(sdsurgeon.load(good), torch.nn.Module)
+
+
+@pytest.mark.hf
+def test_round2_a_recorded_transformers_config_may_not_build_more_than_the_file_holds(work):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=16384, num_hidden_layers=200, num_attention_heads=32,
+                         vocab_size=128_000).to_dict()
+    path = work / "huge.sd.pt"
+    torch.save({"format": "sdsurgeon", "version": 1, "recipe": None, "state_dict": {"x": torch.zeros(1)},
+                "source": {"kind": "hf", "arch": "LlamaForCausalLM", "arch_kwargs": config}}, path)
+    line = assert_user_error(invoke("plan", path))
+    assert "far more than" in line, line
+
+
+# --- fuzz: recorded specs ----------------------------------------------------------------------------------
+
+_MODULES = ["sdsurgeon.models", "sdsurgeon", "sdsurgeon.io.trust", "os", "posix", "subprocess", "builtins", "torch",
+            "torch.serialization", "torch.nn", "evilmod", "__main__", "sys", "importlib", "this", "pickle"]
+_ATTRS = ["cifar_resnet", "vit", "CifarResNet", "system", "getoutput", "eval", "exec", "load", "import_module",
+          "Net", "torch.serialization.os.system", "os.system", "__builtins__", "__class__", "__import__", "loads",
+          "Linear", "trust", "popen", "_remember"]
+
+
+@pytest.mark.slow  # 60 examples, a few through the CLI: about 5 s
+def test_round2_fuzz_a_recorded_spec_imports_and_calls_nothing_but_the_built_in_factories(tmp_path, monkeypatch,
+                                                                                          own_imports):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    import subprocess as subprocess_module
+
+    from sdsurgeon.io.trust import BUILTIN_FACTORIES
+
+    canary = hostile_folder(tmp_path)  # evilmod.py in the current folder
+    monkeypatch.chdir(tmp_path)
+    called = []
+    monkeypatch.setattr(os, "system", lambda *a, **k: called.append(("os.system", a)))
+    monkeypatch.setattr(subprocess_module.Popen, "__init__", lambda *a, **k: called.append(("Popen", a)))
+    weights_only_load = torch.load
+
+    def load(f, *args, **kwargs):  # the loader's own weights-only reads go through; anything else is recorded
+        if kwargs.get("weights_only") is not True or Path(f) != tmp_path / "fuzz.sd.pt":
+            called.append(("torch.load", f))
+            return None
+        return weights_only_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(torch.serialization, "load", load)
+    before = set(sys.modules)
+    specs = st.one_of(st.builds("{}:{}".format, st.sampled_from(_MODULES), st.sampled_from(_ATTRS)),
+                      st.text(alphabet=st.sampled_from("ab_.:os_"), max_size=24), st.text(max_size=24))
+    values = st.one_of(st.text(max_size=12), st.booleans(), st.integers(-3, 10**9), st.none())
+    kwargs = st.dictionaries(st.sampled_from(["command", "f", "weights_only", "depth", "width", "cmd", "args"]),
+                             values, max_size=3)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(spec=specs, arch_kwargs=kwargs, through_cli=st.booleans())
+    def run(spec, arch_kwargs, through_cli):
+        path = tmp_path / "fuzz.sd.pt"
+        torch.save({"format": "sdsurgeon", "version": 1, "recipe": None, "state_dict": {},
+                                  "source": {"kind": "arch", "arch": spec, "arch_kwargs": arch_kwargs}}, path)
+        if through_cli:
+            result = invoke("plan", path, "--json")
+            if result.exit_code != 0:
+                assert_user_error(result)
+            else:
+                assert spec in BUILTIN_FACTORIES
+        else:
+            try:
+                sdsurgeon.load(path)
+            except sdsurgeon.SurgeonError as exc:
+                assert "\n" not in str(exc)
+            else:
+                assert spec in BUILTIN_FACTORIES
+        assert called == [] and not canary.exists()
+        named = spec.partition(":")[0]
+        imported = set(sys.modules) - before
+        assert "evilmod" not in sys.modules and (spec in BUILTIN_FACTORIES or named not in imported), named
+
+    run()
+
+
+@pytest.mark.hf
+def test_round2_a_folder_whose_config_asks_for_far_more_than_its_weights_is_not_built(work):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    small.save_pretrained(work / "llama")
+    config = json.loads((work / "llama" / "config.json").read_text())
+    sdsurgeon.load(work / "llama")  # as saved: loads
+    (work / "llama" / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=100_000, hidden_size=1024,
+                                                                intermediate_size=4096, num_attention_heads=8)))
+    line = assert_user_error(invoke("plan", work / "llama"))
+    assert "far more than" in line and "config.json" in line, line

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError, LoadError, UnsafeLoadError, first_line
 from ..io.files import not_regular
 from ..io.source import tag
-from ..io.trust import import_factory, unsafe_globals
+from ..io.trust import import_factory, remember as trust_named, unsafe_globals
 from .source import SOURCE_ATTR, ModelSource
 
 # Wrapper keys under which training scripts commonly nest a state_dict.
@@ -23,12 +25,16 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 
 
 def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.PathLike | None = None,
-          folders: Iterable[str | os.PathLike] | None = None) -> nn.Module:
+          folders: Iterable[str | os.PathLike] | None = None, remember: bool = False,
+          holds: "TensorBudget | None" = None) -> nn.Module:
     """Call an architecture factory and check that it gives an nn.Module.
 
     ``recorded_in``: the file that names the factory (then it must be one the user trusts, see
     ``trust.import_factory``); None when the user named it, found on the installed packages and then
-    in ``folders`` (default: the current folder).
+    in ``folders`` (default: the current folder). A factory the user named is trusted for this process
+    once it has built a module, and with ``remember`` (the command line's ``--arch``) from then on.
+    ``holds``: the tensors the file holds; arguments read from a file may not make the factory register
+    more (a tiny file recording ``depth: 10**6`` is refused before it is built).
     """
     kwargs = dict(arch_kwargs or {})
     if recorded_in is None:
@@ -37,16 +43,102 @@ def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.P
     else:
         label, given = f"the architecture {arch!r} recorded in {recorded_in}", "its recorded arguments"
     factory = import_factory(arch, recorded_in=recorded_in, folders=folders or ())
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
-        shown = json.dumps(kwargs, default=repr)
-        shown = shown if len(shown) <= 200 else shown[:200] + "..."
-        raise LoadError(f"{label} with {given} {shown} failed: {first_line(exc)}") from None
+    model = call_bounded(lambda: factory(**kwargs), holds, f"{label} with {given} {_shown_kwargs(kwargs)}")
     if not isinstance(model, nn.Module):
         raise LoadError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
+    if recorded_in is None:
+        trust_named(arch, persist=remember)
     tag(model, SOURCE_ATTR, ModelSource("arch", arch, kwargs))
     return model
+
+
+def _shown_kwargs(kwargs: dict) -> str:
+    shown = json.dumps(kwargs, default=repr)
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
+@dataclass(frozen=True)
+class TensorBudget:
+    """What a file holds: its tensors and their bytes. A model built from the file's own description may
+    register about as much, never arbitrarily more."""
+
+    tensors: int
+    nbytes: int
+    where: str
+
+    @classmethod
+    def of(cls, state: dict, where: str) -> "TensorBudget":
+        storages = {}
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[(storage.data_ptr(), storage.device.type)] = storage.nbytes()
+        return cls(len(state), sum(storages.values()), where)
+
+    def allows(self, tensors: int, nbytes: int) -> bool:
+        # Slack for what a state_dict leaves out (non-persistent buffers, tied weights saved once).
+        return tensors <= 2 * self.tensors + 64 and nbytes <= 2 * self.nbytes + 2**26
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def probe_bounded(make: Callable[[], Any], holds: TensorBudget, label: str) -> bool:
+    """Run ``make()`` on the meta device while counting the parameters and buffers modules register, and
+    stop at the first one past ``holds``: neither memory nor time grows with a number read from a file.
+    False when ``make`` cannot build on meta (some factories compute on their tensors)."""
+    try:
+        with _counting(holds), torch.device("meta"):
+            make()
+    except _OverBudget as exc:
+        raise _too_much(label, holds, exc) from None
+    except Exception:
+        return False
+    return True
+
+
+def call_bounded(make: Callable[[], Any], holds: TensorBudget | None, label: str) -> Any:
+    """``make()`` (a factory call), probed first under ``holds`` (``probe_bounded``), then built for real,
+    still counted. Errors are one line naming ``label``."""
+    if holds is not None:
+        probe_bounded(make, holds, label)
+    try:
+        with _counting(holds) if holds is not None else contextlib.nullcontext():
+            return make()
+    except _OverBudget as exc:
+        raise _too_much(label, holds, exc) from None
+    except Exception as exc:  # the factory rejected its arguments (TypeError, ValueError, ...)
+        raise LoadError(f"{label} failed: {first_line(exc)}") from None
+
+
+def _too_much(label: str, holds: TensorBudget, exc: _OverBudget) -> LoadError:
+    return LoadError(f"{label} would hold {exc}, far more than {holds.where} holds ({holds.tensors} tensors, "
+                     f"{holds.nbytes:,} bytes); it was not built")
+
+
+@contextlib.contextmanager
+def _counting(holds: TensorBudget) -> Iterator[None]:
+    """Count the parameters and buffers modules register meanwhile (torch's global registration hooks)."""
+    from torch.nn.modules import module as module_hooks
+
+    seen: dict[int, int] = {}
+
+    def count(_module, _name, tensor):
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen[id(tensor)] = tensor.numel() * tensor.element_size()
+            total = sum(seen.values())
+            if not holds.allows(len(seen), total):
+                raise _OverBudget(f"more than {len(seen)} tensors of {total:,} bytes")
+        return None
+
+    handles = [module_hooks.register_module_parameter_registration_hook(count),
+               module_hooks.register_module_buffer_registration_hook(count)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def parse_arch_kwargs(text: str | None) -> dict:
@@ -78,21 +170,28 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def _zip_names(path: Path) -> list[str]:
-    """The member names of a zip file; none for anything else, or a zip damaged in any way zipfile can fail."""
+def _zip_members(path: Path) -> list[zipfile.ZipInfo]:
+    """The members of a zip file; none for anything else, or a zip damaged in any way zipfile can fail."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return zf.namelist()
+            return zf.infolist()
     except Exception:  # BadZipFile, NotImplementedError (an odd version), struct.error, ...: torch.load says more
         return []
 
 
 def torch_load(path: Path, trust_pickle: bool) -> Any:
-    if any(n.endswith("constants.pkl") for n in _zip_names(path)):
+    members = _zip_members(path)
+    if any(m.filename.endswith("constants.pkl") for m in members):
         raise LoadError(
             f"{path} is a TorchScript archive, which has no Python module to rewrite; load the model "
             "in Python, save model.state_dict(), and pass that file with --arch package.module:factory"
         )
+    # torch.save stores members uncompressed, so the work of reading a checkpoint grows with its size; a
+    # compressed member (a 41 kB file inflating to a 40 MiB pickle) is something torch never wrote.
+    packed = next((m for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise LoadError(f"{path} holds a compressed member ({packed.filename!r}), which torch.save never writes; "
+                        "it was not read. Save the checkpoint again with torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -29,16 +31,68 @@ def _transformers():
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """transformers reports config oddities and loading progress on its own logger; keep the CLI clean."""
-    logging = _transformers().utils.logging
+    """Around every call into transformers: its logger kept quiet (the CLI stays clean), and no way for it to
+    ask on stdin whether to run a folder's code (it does for an ``auto_map`` it meets while
+    ``trust_remote_code`` is unset, as in a composite config's sub-configs): its prompt is switched off and
+    stdin reads as closed, so such a question can only end in its refusal."""
+    transformers = _transformers()
+    logging = transformers.utils.logging
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    dynamic = getattr(transformers, "dynamic_module_utils", None)
+    timeout = getattr(dynamic, "TIME_OUT_REMOTE_CODE", None)
+    stdin = sys.stdin
     try:
+        if timeout is not None:
+            dynamic.TIME_OUT_REMOTE_CODE = 0
+        sys.stdin = io.StringIO()
         yield
     finally:
+        sys.stdin = stdin
+        if timeout is not None:
+            dynamic.TIME_OUT_REMOTE_CODE = timeout
         logging.set_verbosity(level)
         logging.enable_progress_bar()
+
+
+MAX_CONFIG_DEPTH = 64  # a real config nests a few levels (text_config.rope_scaling...); deeper is refused unread
+
+
+def check_config(config: Any, where: str) -> None:
+    """Refuse a config that maps anything to a folder's own code (``auto_map`` at any depth: a composite
+    model's ``vision_config`` may carry one) or nests deeper than any model needs; iterative, so no
+    nesting makes it recurse."""
+    stack = [(config, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise LoadError(f"{where} nests more than {MAX_CONFIG_DEPTH} levels deep, which no model config needs; "
+                            "it was not read")
+        if isinstance(value, dict):
+            if "auto_map" in value:
+                raise UnsafeLoadError(
+                    f"{where} maps its model to Python code in the folder (auto_map); sdsurgeon never runs a "
+                    "folder's own code (transformers' trust_remote_code stays off). Save the model with a "
+                    "transformers class, or its state_dict and use --arch package.module:factory")
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def read_config(path: Path) -> dict:
+    """A folder's config.json as a dict, checked (``check_config``) before transformers sees it."""
+    where = str(path / "config.json")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except RecursionError:
+        raise LoadError(f"{where} nests too deeply to read, which no model config needs") from None
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{where} is not readable JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{where} is not a JSON object")
+    check_config(config, where)
+    return config
 
 
 def model_class(name: str | None):
@@ -58,21 +112,11 @@ def load_folder(path: str | Path) -> nn.Module:
 
     path = Path(path)
     transformers = _transformers()
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{path / 'config.json'} is not readable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise LoadError(f"{path / 'config.json'} is not a JSON object")
+    config = read_config(path)
     names = config.get("architectures")
     cls = model_class(names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None)
-    if cls is transformers.AutoModel and config.get("auto_map"):
-        raise UnsafeLoadError(
-            f"{path / 'config.json'} maps its model to Python code in the folder (auto_map); sdsurgeon never runs "
-            "a folder's own code (transformers' trust_remote_code stays off). Save the model with a transformers "
-            "class, or its state_dict and use --arch package.module:factory"
-        )
     with quiet():
+        _probe_folder(transformers, cls, path)
         try:
             model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager",
                                         trust_remote_code=REMOTE_CODE)
@@ -85,17 +129,54 @@ def load_folder(path: str | Path) -> nn.Module:
     return model
 
 
-def build(name: str, config: dict) -> nn.Module:
-    """A fresh model of transformers class ``name`` from a recorded config (random weights)."""
+def _probe_folder(transformers, cls, path: Path) -> None:
+    """Build the folder's model on the meta device first, counted against the weights the folder holds:
+    transformers would fill what the weights lack with fresh tensors, so a config.json asking for 10,000
+    layers beside a 1 kB weights file would otherwise be built in full."""
+    from ..io.checkpoint import TensorBudget, probe_bounded
+
+    files = [f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    tensors = 0
+    for f in files:
+        if f.suffix != ".safetensors":
+            tensors += f.stat().st_size // 4  # unknown without unpickling: as many as the bytes allow
+            continue
+        with contextlib.suppress(Exception):  # an unreadable header: from_pretrained says what is wrong
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as opened:
+                tensors += len(list(opened.keys()))
+    holds = TensorBudget(tensors, sum(f.stat().st_size for f in files), f"{path}'s weights")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=REMOTE_CODE)
+    except Exception:  # from_pretrained below says what is wrong with it
+        return
+    if cls is transformers.AutoModel:
+        probe_bounded(lambda: transformers.AutoModel.from_config(config), holds, f"{path}'s config.json")
+    else:
+        probe_bounded(lambda: cls(config), holds, f"{path}'s config.json")
+
+
+def build(name: str, config: dict, *, holds=None, recorded_in=None) -> nn.Module:
+    """A fresh model of transformers class ``name`` from a recorded config (random weights).
+
+    ``recorded_in``/``holds``: the file the config was read from and the tensors it holds; the config is
+    checked as a folder's is, and may not make the model register more tensors than that.
+    """
+    from ..io.checkpoint import call_bounded
     from ..io.source import SOURCE_ATTR, ModelSource, tag
 
+    if recorded_in is not None:
+        check_config(config, f"the transformers config recorded in {recorded_in}")
     cls = model_class(name)
-    with quiet():
-        try:  # eager attention, as load_folder chooses it (the config carries the choice)
-            config = {k: v for k, v in config.items() if k != RECIPE_KEY}
-            model = cls(cls.config_class.from_dict(dict(config, _attn_implementation="eager")))
+    config = {k: v for k, v in config.items() if k != RECIPE_KEY}
+    with quiet():  # eager attention, as load_folder chooses it (the config carries the choice)
+        try:
+            # As a keyword: transformers 5.25 ignores a private `_attn_implementation` key in the dict.
+            made = cls.config_class.from_dict(config, attn_implementation="eager")
         except Exception as exc:  # a config this transformers version cannot read
             raise LoadError(f"cannot rebuild {name} from its recorded config ({first_line(exc)})") from None
+        model = call_bounded(lambda: cls(made), holds, f"{name} from its recorded config")
     tag(model, SOURCE_ATTR, ModelSource("hf", name, dict(config)))
     return model
 

@@ -1,10 +1,11 @@
 """Who is trusted: what a file may import or call, the user's trusted factories, pickles, bounded YAML, sys.path."""
 
 # A file never vouches for itself. What a weights-only file may import or call is what the *user*
-# trusts: factories named with --arch / arch= (remembered in the user's trust store, never in the
-# file), factories trusted with sdsurgeon.trust(), and the built-in sdsurgeon.models ones. Pickled
-# code runs only with --trust-pickle; transformers folders load with trust_remote_code=False.
-# This module imports no torch at load time: `python -m sdsurgeon` calls it before torch is imported.
+# trusts: factories named with --arch on the command line (remembered in the user's trust store,
+# never in the file), factories trusted with sdsurgeon.trust(), and the exact built-in factories of
+# BUILTIN_FACTORIES. A factory spec is `module:attribute`, the attribute defined in that module's
+# package, never a dotted or dunder path. Pickled code runs only with --trust-pickle; transformers
+# folders load with trust_remote_code=False. This module imports no torch at load time.
 
 from __future__ import annotations
 
@@ -26,14 +27,17 @@ from typing import Any, Callable, Iterable
 from ..errors import ConfigError, LoadError, SurgeonError, UnsafeLoadError
 from ..io.files import atomic_write
 
-BUILTIN_MODULES = ("sdsurgeon.models",)  # factories trusted without being named
+# Factories trusted without being named: an exact list, never a module prefix (a prefix let a file
+# record `sdsurgeon.models:torch.serialization.os.system`).
+BUILTIN_FACTORIES = frozenset({"sdsurgeon.models:cifar_resnet", "sdsurgeon.models:vit"})
 REMOTE_CODE = False  # transformers' trust_remote_code: never on, so a folder's own .py files never run
 STORE_FILE = "trusted.json"
 MAX_YAML_BYTES = 2**20  # a batch config is small; more is refused unread
 MAX_YAML_SIZE = 2**21  # nodes plus scalar characters of the document with every alias expanded
 MAX_PICKLE_BYTES = 2**28  # a data.pkl larger than this is not scanned for globals
 
-# Trust given in this process, by store path: kept even where the store cannot be written.
+# Trust given in this process, by store path: kept even where the store cannot be written, and all a
+# batch config or `plan` gives (they name factories for this run only and never write the store).
 _given: dict[str, dict[str, str | None]] = {}
 
 
@@ -101,9 +105,12 @@ def trusted_factories() -> dict[str, str | None]:
     return {**_stored(path), **_given.get(str(path), {})}
 
 
-def _remember(spec: str, root: str | None) -> None:
+def _remember(spec: str, root: str | None, *, persist: bool = True) -> None:
+    """Trust ``spec`` (imported from ``root``) in this process and, with ``persist``, in the user's store."""
     path = store_path()
     _given.setdefault(str(path), {})[spec] = root
+    if not persist or spec in BUILTIN_FACTORIES:  # built-ins need no entry: the store lists the user's own
+        return
     stored = _stored(path)
     if spec in stored and stored[spec] == root:
         return
@@ -143,8 +150,28 @@ def _find(top: str):
 
 
 def _builtin(spec: str) -> bool:
-    module_name = spec.partition(":")[0]
-    return module_name in BUILTIN_MODULES
+    return spec in BUILTIN_FACTORIES
+
+
+def forget(spec: str) -> bool:
+    """Stop trusting ``spec`` (``sdsurgeon trust forget``); False when the store did not hold it."""
+    path = store_path()
+    _given.get(str(path), {}).pop(spec, None)
+    stored = _stored(path)
+    if spec not in stored:
+        return False
+    del stored[spec]
+    text = json.dumps({"version": 1, "factories": {s: {"root": r} for s, r in sorted(stored.items())}}, indent=1)
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as exc:
+        raise LoadError(f"cannot write the trust store {path}: {exc.strerror}") from None
+    return True
+
+
+def stored_factories() -> dict[str, str | None]:
+    """The user's trust store as written (``sdsurgeon trust list``): spec -> folder it is imported from."""
+    return _stored(store_path())
 
 
 def _root(spec) -> str | None:
@@ -163,10 +190,17 @@ def _root(spec) -> str | None:
 
 
 def parse_factory(spec: str) -> tuple[str, str]:
+    """``module:attribute`` -> (module, attribute): dotted module names, one plain attribute, no dunder anywhere.
+
+    A dotted attribute (``sdsurgeon.models:torch.serialization.os.system``) would walk from a trusted
+    module to anything it imports; a dunder one (``__builtins__``, ``__class__``) to Python's internals.
+    """
     module_name, sep, attr = str(spec).partition(":")
-    names = module_name.split(".") + attr.split(".")
-    if not sep or not all(n.isidentifier() for n in names):
-        raise ConfigError(f"--arch {spec!r}: expected package.module:factory, e.g. mymodels.resnet:resnet110")
+    names = module_name.split(".") + [attr]
+    if not sep or not all(n.isidentifier() and not n.startswith("__") for n in names):
+        raise ConfigError(f"--arch {spec!r}: expected package.module:factory (one name after the colon, no "
+                          "dotted or __dunder__ parts), e.g. mymodels.resnet:resnet110",
+                          what=f"{spec!r}: expected package.module:factory", option="--arch")
     return module_name, attr
 
 
@@ -175,9 +209,11 @@ def import_factory(spec: str, *, recorded_in: str | os.PathLike | None = None,
     """Resolve ``package.module:factory``; the one place sdsurgeon imports an architecture.
 
     Named by the user (``recorded_in`` None): imported from the installed packages, else from
-    ``folders`` (the current folder, a batch config's folder), appended after them; then remembered
-    as trusted. Recorded in a file: imported only if the user trusts it, from the folder it was
-    trusted in; else refused before anything is imported.
+    ``folders`` (the current folder, a batch config's folder), appended after them. Recorded in a
+    file: imported only if it is built in or the user trusts it, from the folder it was trusted in;
+    else refused before anything is imported. Either way the attribute must be defined in the named
+    module or a submodule of it. Nothing is remembered here: ``remember`` does that once the factory
+    has built a model.
     """
     module_name, attr = parse_factory(spec)
     top = module_name.partition(".")[0]
@@ -194,16 +230,25 @@ def import_factory(spec: str, *, recorded_in: str | os.PathLike | None = None,
             f"{label}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
             "install the package or run from the folder that contains it"
         ) from None
-    obj: Any = module
-    for atom in attr.split("."):
-        if not hasattr(obj, atom):
-            raise LoadError(f"{label}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, atom)
+    try:  # one plain name (parse_factory): a lazy module (transformers) resolves it on first access
+        obj = getattr(module, attr)
+    except Exception:
+        raise LoadError(f"{label}: module {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
         raise LoadError(f"{label}: {attr!r} is not callable; point at a class or function that builds the model")
-    if recorded_in is None and not _builtin(spec):
-        _remember(spec, _root(_find(top)))
+    defined_in = getattr(obj, "__module__", None)
+    if not isinstance(defined_in, str) or not (defined_in == module_name or defined_in.startswith(module_name + ".")):
+        raise LoadError(f"{label}: {attr!r} is not defined in {module_name!r} (it comes from "
+                        f"{defined_in if isinstance(defined_in, str) else 'nowhere it names'}); name a class or "
+                        "function by the module that defines it")
     return obj
+
+
+def remember(spec: str, *, persist: bool) -> None:
+    """Trust a factory the user named, once it has built an ``nn.Module``: for this process, and with
+    ``persist`` in the user's store (the command line's ``--arch`` only: never a config or ``plan``)."""
+    if not _builtin(spec):
+        _remember(spec, _root(_find(parse_factory(spec)[0].partition(".")[0])), persist=persist)
 
 
 def _check_trusted(spec: str, top: str, recorded_in) -> None:
@@ -317,7 +362,8 @@ def load_yaml(text: str, where: str):
     """(data, root node) of a YAML document, read with the safe loader and bounded before it is built.
 
     Aliases share nodes, so a few lines can stand for billions of values (an alias bomb) that later
-    code would expand; the document's expanded size is counted on the node graph first.
+    code would expand; the document's expanded size is counted on the node graph first. A key given twice
+    in one mapping, at any depth, is an error (PyYAML would keep the last one without a word).
     """
     import yaml
 
@@ -380,6 +426,26 @@ def _check_expanded_size(root, where: str) -> None:
             continue
         if key in open_:
             raise ConfigError(f"{where}:{node.start_mark.line + 1}: an alias refers to its own anchor (a recursive document)")
+        if isinstance(node, yaml.MappingNode):
+            _check_unique_keys(node, where)
         open_.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in children(node) if id(c) not in sizes)
+
+
+def _check_unique_keys(node, where: str) -> None:
+    """A mapping's keys, once each: ``trust_pickle`` given twice must not let the last one win unseen."""
+    import yaml
+
+    lines: dict[tuple[str, str], int] = {}
+    for key, _value in node.value:
+        # A merge key (<<) brings another mapping's keys in on purpose; a key that is itself a collection
+        # has no text to compare (PyYAML refuses it when it builds the mapping).
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key.start_mark.line + 1
+        if (key.tag, key.value) in lines:
+            what = f"duplicate key {key.value!r} (also at line {lines[key.tag, key.value]})"
+            raise ConfigError(f"{where}:{line}: {what}; give each key once", what=what, where=f"{where}:{line}",
+                              hint="give each key once")
+        lines[key.tag, key.value] = line
