@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .deploy.export import OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, check_format, load_plain, refuse_unless_plain, write_pretrained, \
     write_safetensors
 from .deploy.verify import Verification, verify, verify_module
-from .errors import ConfigError
+from .errors import ConfigError, option_error
 from .gate import gates
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration
 from .io.files import check_output, staged, staged_folder
@@ -53,6 +54,7 @@ class ModelRef:
     weights: Path | None = None
     trust_pickle: bool = False
     arch_folders: tuple[str, ...] | None = None  # where ``arch`` may be imported from (default: the current folder)
+    remember_arch: bool = False  # trust ``arch`` from then on (the command line's inject/export): see sdfile.load
 
     @property
     def name(self) -> str:
@@ -76,7 +78,7 @@ class ModelRef:
                 what="weights given twice", where=str(self.path), option="--weights",
             )
         model = load(self.path, trust_pickle=self.trust_pickle, arch=self.arch, arch_kwargs=dict(self.arch_kwargs),
-                     arch_folders=self.arch_folders)
+                     arch_folders=self.arch_folders, remember_arch=self.remember_arch)
         if self.weights is not None:
             load_weights(model, self.weights)
         return model
@@ -117,6 +119,15 @@ class ConvertOptions:
     drop_sites: str | None = None  # or those whose site id matches this regex
     calibration: Path | None = None  # inputs the pruning is measured on (default: random ones)
     format: str = "onnx"  # onnx | safetensors (the original architecture's state_dict) | hf (a save_pretrained folder)
+
+    def __post_init__(self) -> None:
+        # Checked when made, so export's options and a batch config's keys (both built into this) are refused
+        # before any work. NaN compares false with everything: `rtol < 0` would let it through to onnxruntime.
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise option_error(f"--{name}", f"must be a finite number, zero or more (got {value!r})")
 
     @property
     def prunes(self) -> bool:
@@ -317,8 +328,6 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     ``save_injected``) appears together only once verified, or none does. ``timings`` gets seconds per stage.
     """
     started = time.perf_counter()
-    if options.rtol < 0 or options.atol < 0:
-        raise ConfigError("--rtol and --atol must be zero or positive")
     if options.calibration is not None and not options.prunes:
         raise ConfigError("--calibration measures a pruned model: give it with --drop N or --drop-sites REGEX",
                           option="--calibration")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from .._version import __version__
 from ..capture.inputs import InputSpec
 from ..deploy.plain import FORMATS, SUFFIXES
 from ..errors import ConfigError, SurgeonError
-from ..io.files import output_problem
+from ..io.files import InputSet, output_problem
 from ..io.trust import load_yaml
 
 
@@ -172,8 +173,12 @@ def _option_value(key: str, value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_config(path: str | os.PathLike) -> BatchConfig:
-    """Read and validate a batch config; every mistake is a ConfigError naming file, line, key and the valid keys."""
+def load_config(path: str | os.PathLike, *, allow_trust_pickle: bool = False) -> BatchConfig:
+    """Read and validate a batch config; every mistake is a ConfigError naming file, line, key and the valid keys.
+
+    A config is the user's own, like a Makefile, but it never grants itself ``trust_pickle``: a ``true``
+    there is refused unless ``allow_trust_pickle`` (the command line's ``--trust-pickle``) says so.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -187,6 +192,12 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
     def fail(where: tuple, message: str):
         raise ConfigError(f"{path}:{located.line(*where)}: {message}")
 
+    def check_trust(opts: dict, where: tuple) -> None:
+        if opts.get("trust_pickle") and not allow_trust_pickle:  # a file never vouches for itself
+            fail(where + ("trust_pickle",), "trust_pickle: true would unpickle code from the checkpoint, which a "
+                                            "config cannot allow by itself; pass --trust-pickle too "
+                                            f"(sdsurgeon batch {path} --trust-pickle)")
+
     if not isinstance(data, dict):
         fail((), f"expected a mapping with keys {', '.join(_TOP_KEYS)} (see `sdsurgeon batch --help`)")
     for key in data:
@@ -195,7 +206,9 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
     defaults_raw = data.get("defaults") or {}
     if not isinstance(defaults_raw, dict):
         fail(("defaults",), "defaults: expected a mapping of options")
-    defaults = JobOptions(**_checked_options(defaults_raw, ("defaults",), fail, allow_entry_keys=False))
+    defaults_opts = _checked_options(defaults_raw, ("defaults",), fail, allow_entry_keys=False)
+    check_trust(defaults_opts, ("defaults",))
+    defaults = JobOptions(**defaults_opts)
     _check_option_values(defaults, ("defaults",), fail)
     models_raw = data.get("models")
     if models_raw is None:
@@ -208,6 +221,7 @@ def load_config(path: str | os.PathLike) -> BatchConfig:
         if not isinstance(raw, dict):
             fail(where, f"models[{i}]: expected a mapping with name and checkpoint or arch")
         opts = _checked_options(raw, where, fail, allow_entry_keys=True)
+        check_trust(opts, where)
         entry = {k: raw.get(k) for k in _ENTRY_KINDS}
         label = f"models[{i}]" + (f" ({entry['name']})" if isinstance(entry["name"], str) else "")
         for key, kind in _ENTRY_KINDS.items():
@@ -274,8 +288,9 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     from ..analysis.schedule import RULES, Override
     from ..capture.fx import CAPTURE_METHODS
     from ..gate import MODES, SCALINGS
+    from ..pipeline import ConvertOptions
 
-    if not 0 < o.pL <= 1:
+    if not 0 < o.pL <= 1:  # NaN too
         fail(where + ("pL",), f"pL: {o.pL} is outside (0, 1]")
     for key, value, choices in (("rule", o.rule, RULES), ("mode", o.mode, MODES), ("scaling", o.scaling, SCALINGS),
                                 ("capture", o.capture, CAPTURE_METHODS)):
@@ -291,11 +306,14 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
                 parse(text)
             except SurgeonError as exc:  # about a command-line option: this key stands where it stood
                 fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
-    if o.rtol < 0 or o.atol < 0:
-        fail(where, "rtol and atol must be zero or positive")
+    try:
+        ConvertOptions(rtol=o.rtol, atol=o.atol)  # the rule export's --rtol and --atol obey
+    except SurgeonError as exc:
+        key = (exc.option or "").lstrip("-")
+        fail(where + (key,), f"{key}: {exc.what}" if key in ("rtol", "atol") else str(exc))
     _check_prune_values(o, where, fail)
-    if o.timeout is not None and o.timeout <= 0:
-        fail(where + ("timeout",), "timeout: must be a positive number of seconds")
+    if o.timeout is not None and not (math.isfinite(o.timeout) and o.timeout > 0):  # NaN > 0 is false too
+        fail(where + ("timeout",), f"timeout: must be a positive number of seconds (got {o.timeout}); null for none")
     if _bad_path(o.output_dir):
         fail(where + ("output_dir",), f"output_dir: {o.output_dir!r} {_bad_path(o.output_dir)}")
     if o.input_shape is not None:
@@ -375,8 +393,10 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
                 stamp_path=str(out_dir / f"{name}.sdsurgeon.json"), import_paths=(str(base),),
                 where=f"{config.path}:{entry.line}", weights=weights,
             ))
-    inputs = [config.path] + [p for j in jobs for p in j.inputs]
-    for job in jobs:  # any job's output against every job's input: a batch never destroys what it reads
+    # Any job's output against every job's input: a batch never destroys what it reads. The inputs' identities
+    # are worked out once, so this is one pass over inputs and one over outputs, not one over inputs per output.
+    inputs = InputSet([config.path] + [p for j in jobs for p in j.inputs])
+    for job in jobs:
         for output in job.outputs + [job.stamp_path]:
             problem = output_problem(output, inputs, folder=output == job.output_path and job.options.format == "hf")
             if problem:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .._version import __version__
 from ..capture.inputs import InputSpec, parse_shape
-from ..errors import SurgeonError, first_line
+from ..errors import ConfigError, SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
-from ..io.trust import trust
 from ..report import JobRecord
 from .config import Job, JobOptions
 
@@ -155,8 +159,17 @@ def _remove_leftovers(job: Job) -> None:
 # --- many jobs ----------------------------------------------------------------------------------------------
 
 
-def _worker(conn, threads: int) -> None:
-    """A worker process: run the jobs it is sent until it gets None."""
+def _worker(conn, threads: int, undo: dict) -> None:
+    """A worker process: run the jobs it is sent until it gets None.
+
+    It started with SIGINT ignored (see ``_starting_worker``) and keeps it so: a terminal's Ctrl-C reaches the
+    whole process group, and the parent decides what stops (it stops workers with SIGTERM).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited so already, unless the parent could not (a thread)
+    _restore_env(undo["env"])  # what the start changed, as the parent has it
+    if "cwd" in undo:
+        with contextlib.suppress(OSError):
+            os.chdir(undo["cwd"])
     clean_up_on_signals()  # stopped by the parent (or a CI cancel): its temp files go with it
     import torch
 
@@ -177,6 +190,67 @@ def _worker(conn, threads: int) -> None:
         with quiet():
             record = run_job(job)
         conn.send(("done", record))
+
+
+@contextlib.contextmanager
+def _starting_worker(empty_folder: Callable[[], str]) -> Iterator[dict]:
+    """Around starting a worker process; yields what the worker puts back once it runs (``_worker``).
+
+    spawn starts ``python -c ...``, which puts the current folder first on sys.path while it imports
+    multiprocessing, pickle and more, before the parent's sys.path is restored: a multiprocessing.py there would
+    run in every worker. On Python 3.11+ PYTHONSAFEPATH keeps that folder off; 3.10 has no such switch, so the
+    worker starts in an empty folder and moves to the parent's once its sys.path is the parent's (jobs carry
+    absolute paths anyway). SIGINT is ignored meanwhile, which the worker inherits from its first instruction
+    on; a Ctrl-C to the parent in these few milliseconds is lost (pressed again, it stops the batch).
+
+    The first start also starts multiprocessing's resource tracker, which reclaims the semaphores of a worker
+    stopped mid-job (tqdm's lock, made inside torch.fx) and would warn about each on stderr: told to keep quiet.
+    """
+    undo: dict = {"env": {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONWARNINGS")}}
+    old_sigint = _ignore_sigint()
+    try:
+        quiet_tracker = "ignore::UserWarning:multiprocessing.resource_tracker"
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (undo["env"]["PYTHONWARNINGS"], quiet_tracker)))
+        if sys.version_info >= (3, 11):
+            os.environ["PYTHONSAFEPATH"] = "1"
+        else:
+            undo["cwd"] = os.getcwd()
+            os.chdir(empty_folder())
+        yield undo
+    finally:
+        _restore_env(undo["env"])
+        if "cwd" in undo:
+            os.chdir(undo["cwd"])
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
+
+
+def _ignore_sigint():
+    """Ignore SIGINT; the handler to put back, or None where it cannot be (not the main thread, a C handler)."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old is None:
+        return None
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return old
+
+
+def _restore_env(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _deferring_ctrl_c() -> Iterator[None]:
+    """A second Ctrl-C must not cut short the cleanup of the first (a KeyboardInterrupt goes on after it)."""
+    old = _ignore_sigint()
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
 
 
 @dataclass
@@ -208,16 +282,23 @@ class BatchResult:
 
 
 def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, force: bool = False,
-              on_event: Callable[[BatchEvent], None] | None = None) -> BatchResult:
+              on_event: Callable[[BatchEvent], None] | None = None, allow_trust_pickle: bool = False) -> BatchResult:
     """Run jobs in ``workers`` processes (torch threads split between them); results in job order.
 
     Up-to-date jobs are skipped unless ``force``. A job whose process dies or outlives its timeout is
     reported failed and its worker replaced, so a crash never stops the other jobs and never hangs.
-    With ``fail_fast``, jobs not yet started after the first failure are reported skipped.
+    With ``fail_fast``, jobs not yet started after the first failure are reported skipped. A job with
+    ``trust_pickle`` is refused up front unless ``allow_trust_pickle`` (the command line's --trust-pickle).
+    Interrupted (Ctrl-C, or any error here), it stops the running jobs, removes their temp files and re-raises.
     """
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
+    trusting = next((j for j in jobs if j.options.trust_pickle), None)
+    if trusting is not None and not allow_trust_pickle:  # as load_config: a config never grants itself trust
+        at = f"{trusting.where}: " if trusting.where else ""
+        raise ConfigError(f"{at}job {trusting.name}: trust_pickle would unpickle code from the checkpoint, which "
+                          "a config cannot allow by itself; pass --trust-pickle too")
     emit = on_event or (lambda _e: None)
     records: dict[str, JobRecord] = {}
     todo: deque[Job] = deque()
@@ -229,17 +310,22 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
             todo.append(job)
     workers = max(1, min(workers, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    for job in todo:  # the config's architectures are the user's: trusted once here, not by racing workers
-        if job.arch:
-            with contextlib.suppress(SurgeonError):  # not findable: the job's own load says why
-                trust(job.arch, folder=job.import_paths[0] if job.import_paths else None)
+    # A config's architectures are imported by each job from the config's folder, for that run only: a config
+    # never writes the user's trust store (a later stranger's file naming the same spec must still be refused).
     ctx = mp.get_context("spawn")  # not fork: torch's thread pools do not survive a fork safely
     slots: list[_Slot] = []
+    start_folder: list[str] = []  # Python 3.10: the empty folder workers start in (see _starting_worker)
+
+    def empty_folder() -> str:
+        if not start_folder:
+            start_folder.append(tempfile.mkdtemp(prefix="sdsurgeon-worker-"))
+        return start_folder[0]
 
     def start_slot() -> _Slot:
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
-        process.start()
+        with _starting_worker(empty_folder) as undo:
+            process = ctx.Process(target=_worker, args=(child, threads, undo), daemon=True)
+            process.start()
         child.close()
         return _Slot(process, parent)
 
@@ -299,11 +385,21 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                         failed = True
                         slots.remove(slot)
         finally:
-            for slot in slots:
-                with contextlib.suppress(OSError, BrokenPipeError):
-                    slot.conn.send(None)
-            for slot in slots:
-                slot.process.join(timeout=5)
-                if slot.process.is_alive():
-                    slot.process.kill()
+            with _deferring_ctrl_c():
+                stopped = [s.job for s in slots if s.job]  # interrupted mid-job: Ctrl-C, or an error here
+                for slot in slots:
+                    if slot.job:
+                        slot.process.terminate()  # as for SIGTERM: its handler removes its temp files
+                    else:
+                        with contextlib.suppress(OSError, BrokenPipeError):
+                            slot.conn.send(None)
+                for slot in slots:
+                    slot.process.join(timeout=5)
+                    if slot.process.is_alive():
+                        slot.process.kill()
+                        slot.process.join()
+                for job in stopped:  # what a worker killed outright (or deaf to SIGTERM for 5 s) left behind
+                    _remove_leftovers(job)
+                if start_folder:
+                    shutil.rmtree(start_folder[0], ignore_errors=True)
     return BatchResult([records[j.name] for j in jobs])
