@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import pipeline
 from .analysis.plan import Plan
@@ -22,6 +23,7 @@ from .gate import MODES, SCALINGS
 from .io.checkpoint import parse_arch_kwargs
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
+from .report import printable
 from .surgery.fold import FoldReport
 
 app = typer.Typer(
@@ -38,8 +40,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _Console(Console):
+    """A rich console that never sends a control character from a file (a tensor name, a path, a message
+    quoting either) to the terminal: every string it renders, table cells and titles included, passes
+    through ``render_str``, where they are shown escaped (``\\x1b``). Its own styles are added after.
+
+    Strings are plain text, not rich markup (``markup=False``): a name like ``[/x]`` is shown as it is, never
+    parsed (a stray closing tag would be a MarkupError); a style is given as a Text, never spelled in a string.
+    """
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        return super().render_str(printable(text), **kwargs)
+
+
+out = _Console(highlight=False, soft_wrap=True, markup=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def user_errors(command: Callable) -> Callable:
@@ -53,6 +69,10 @@ def user_errors(command: Callable) -> Callable:
                 return command(*args, **kwargs)
         except SurgeonError as exc:
             err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: the library has cleaned up on its way out (typer would exit 130 mute)
+            err.print("error: interrupted (Ctrl-C); no half-written output is left: run the command again",
+                      markup=False)
             raise typer.Exit(1) from None
 
     return run
@@ -103,8 +123,9 @@ def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpe
 
 
 def _ref(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str], trust: bool,
-         weights: Optional[Path] = None) -> pipeline.ModelRef:
-    return pipeline.ModelRef(model, arch, parse_arch_kwargs(arch_kwargs), weights, trust)
+         weights: Optional[Path] = None, *, remember: bool = True) -> pipeline.ModelRef:
+    """The model the command names; its --arch is remembered as trusted unless ``remember`` is off (plan)."""
+    return pipeline.ModelRef(model, arch, parse_arch_kwargs(arch_kwargs), weights, trust, remember_arch=remember)
 
 
 def _surgery(pL: float, rule: str, set_: list[str], include: list[str], exclude: list[str], leaf: list[str],
@@ -247,7 +268,7 @@ def plan_cmd(
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for --prune-curve in plan; "
                           "add --prune-curve")
     curve = pipeline.CurveOptions(drop_by, calibration) if prune_curve else None
-    result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights),
+    result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights, remember=False),
                            _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs, plot=plot,
                            curve=curve)
     if json_:  # the plot is written before any output, so a failed write leaves stdout empty
@@ -483,7 +504,7 @@ class _BatchDisplay:
             table.add_column(col)
         colour = {"ok": "green", "failed": "red", "skipped": "dim", "running": "yellow", "queued": "dim"}
         for name, status in self.status.items():
-            table.add_row(name, f"[{colour[status]}]{status}[/]", self.notes.get(name, ""))
+            table.add_row(name, Text(status, style=colour[status]), self.notes.get(name, ""))
         return table
 
     def __enter__(self):
@@ -523,6 +544,10 @@ def batch_cmd(
     check: bool = typer.Option(False, "--check", help="Validate the config and list the jobs; run nothing."),
     report_dir: Path = typer.Option(Path("sdsurgeon-report"), "--report-dir", help="Where report.json, junit.xml and summary.md go."),
     json_: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of progress and a summary."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Let jobs whose config sets trust_pickle: true "
+                                      "unpickle a full model, which runs code from the file. The config is your own, "
+                                      "like a Makefile, but unpickling code needs the command line's word: without "
+                                      "this flag such a config is refused."),
 ) -> None:
     """Inject, fold, export and verify many models in one run, as CI does; writes reports CI systems read.
 
@@ -532,7 +557,8 @@ def batch_cmd(
     when every job is ok or skipped, 1 when any failed. Paths in the config are relative to its folder.
 
     Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, fold, input_shape or
-    inputs, opset, static_batch, rtol, atol, output_dir, trust_pickle, save_injected, timeout. Each entry of
+    inputs, opset, static_batch, rtol, atol, output_dir, trust_pickle (with --trust-pickle only), save_injected,
+    timeout. Each entry of
     models takes name and checkpoint (a file or a glob: one job per match, named by file stem) or arch
     (package.module:factory, with arch_kwargs and weights), plus any of those options.
 
@@ -546,7 +572,7 @@ def batch_cmd(
         raise ConfigError("--jobs must be 1 or more")
     if report_dir.exists() and not report_dir.is_dir():
         raise ConfigError(f"--report-dir {report_dir} is a file; give a folder (it is created if missing)")
-    cfg = load_config(config)
+    cfg = load_config(config, allow_trust_pickle=trust_pickle)
     job_list = plan_jobs(cfg)
     check_jobs(job_list)
     for name in REPORT_FILES:
@@ -560,7 +586,8 @@ def batch_cmd(
         return
     display = _BatchDisplay([j.name for j in job_list], live=out.is_terminal, enabled=not json_)
     with display:
-        result = run_batch(job_list, workers=jobs, fail_fast=fail_fast, force=force, on_event=display)
+        result = run_batch(job_list, workers=jobs, fail_fast=fail_fast, force=force, on_event=display,
+                           allow_trust_pickle=trust_pickle)
     written = write_reports(result.records, report_dir)
     if json_:
         print(to_json(result.records))
@@ -575,12 +602,52 @@ def batch_cmd(
         raise typer.Exit(1)
 
 
+trust_app = typer.Typer(
+    help="The architecture factories you trust: a weights-only file that records one of them (or a built-in "
+    "one) rebuilds with it; any other is refused before anything is imported. inject and export add what "
+    "--arch names once it has built a model; plan and batch configs add nothing.",
+    no_args_is_help=True,
+)
+app.add_typer(trust_app, name="trust")
+
+
+@trust_app.command("list")
+@user_errors
+def trust_list_cmd(json_out: bool = JSON) -> None:
+    """List the trust store: each factory and the folder it is imported from; built-ins are always trusted."""
+    from .io.trust import BUILTIN_FACTORIES, store_path, stored_factories
+
+    stored = stored_factories()
+    if json_out:
+        out.print_json(json.dumps({"store": str(store_path()), "factories": stored,
+                                   "builtin": sorted(BUILTIN_FACTORIES)}))
+        return
+    out.print(f"trust store: {store_path()}", markup=False)
+    for spec, root in sorted(stored.items()):
+        out.print(f"  {spec}  (from {root or 'the installed packages'})", markup=False)
+    if not stored:
+        out.print("  (empty: trust a factory by naming it with --arch to inject or export)")
+    out.print(f"built in: {', '.join(sorted(BUILTIN_FACTORIES))}", markup=False)
+
+
+@trust_app.command("forget")
+@user_errors
+def trust_forget_cmd(spec: str = typer.Argument(..., metavar="SPEC", help="package.module:factory, as listed.")) -> None:
+    """Stop trusting SPEC: files that record it are refused again until --arch names it."""
+    from .io.trust import forget, parse_factory, store_path
+
+    parse_factory(spec)
+    if not forget(spec):
+        raise ConfigError(f"{spec} is not in the trust store {store_path()}; `sdsurgeon trust list` shows what is")
+    out.print(f"forgot {spec}", markup=False)
+
+
 def _reflow(doc: str) -> str:
     """Docstring paragraphs as single lines, so help wraps to the terminal instead of at source line ends."""
     return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
 
 
-for _info in app.registered_commands:
+for _info in app.registered_commands + trust_app.registered_commands:
     _info.help = _reflow(_info.callback.__doc__ or "")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,15 @@ from .errors import WriteError
 from .io.files import atomic_write
 
 STATUSES = ("ok", "failed", "skipped")
+
+# C0 controls but tab and newline, DEL and C1 (0x9b is a one-byte CSI): a name or message from a file holding
+# them would steer the terminal it is printed on (colours, the window title, the cursor) or break an XML report.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but tab and newline shown escaped (``\\x1b``), never emitted."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 @dataclass
@@ -55,11 +65,11 @@ def to_junit(records: list[JobRecord], suite: str = "sdsurgeon") -> str:
                        skipped=str(skipped), time=f"{total:.3f}")
     for r in records:
         case = ET.SubElement(ts, "testcase", classname=suite, name=r.name, time=f"{r.timings.get('total', 0.0):.3f}")
-        if r.status == "failed":
-            failure = ET.SubElement(case, "failure", message=r.error or "failed", type="failure")
-            failure.text = r.traceback or r.error or ""
+        if r.status == "failed":  # XML 1.0 cannot hold most control characters: shown escaped
+            failure = ET.SubElement(case, "failure", message=printable(r.error or "failed"), type="failure")
+            failure.text = printable(r.traceback or r.error or "")
         elif r.status == "skipped":
-            ET.SubElement(case, "skipped", message=r.error or "skipped")
+            ET.SubElement(case, "skipped", message=printable(r.error or "skipped"))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
@@ -69,7 +79,7 @@ def _cell(value) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.2g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return printable(str(value).replace("|", "\\|").replace("\n", " "))
 
 
 def to_markdown(records: list[JobRecord]) -> str:

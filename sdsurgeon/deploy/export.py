@@ -18,7 +18,7 @@ from ..capture.inputs import normalize_inputs
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
 from ..errors import ConfigError, ExportError, first_line
-from ..io.files import staged
+from ..io.files import staged, writing
 from ..io.quiet import quiet
 
 # Ops that would make inference random; a correct export of a folded model holds none.
@@ -151,7 +151,8 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
         if opset is not None and written != opset:
             raise ExportError(f"the exporter cannot write opset {opset} for this model (it offers {written}); "
                               f"use --opset {written} or leave --opset out")
-        program.save(str(dest), external_data=False)
+        with writing(dest):  # a full disk names the output this temp file stands for
+            program.save(str(dest), external_data=False)
 
 
 def _describe(path: Path, seconds: float) -> OnnxExport:

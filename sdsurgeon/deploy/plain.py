@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, WriteError, first_line
 from ..io import hf
+from ..io.files import output_of, writing
 from ..surgery.fold import FoldedSite, FoldReport
 
 FORMATS = ("onnx", "safetensors", "hf")
@@ -65,9 +66,10 @@ def write_safetensors(model: nn.Module, dest: str | os.PathLike) -> PlainExport:
 
     started = time.perf_counter()
     try:
-        save_model(model, str(dest))
+        with writing(dest):  # a full disk
+            save_model(model, str(dest))
     except OSError as exc:
-        raise WriteError(f"cannot write {dest}: {exc.strerror}; choose another output with -o") from None
+        raise WriteError(f"cannot write {output_of(dest)}: {exc.strerror}; choose another output with -o") from None
     return PlainExport(str(dest), "safetensors", len(model.state_dict()), Path(dest).stat().st_size,
                        time.perf_counter() - started)
 
@@ -79,10 +81,12 @@ def write_pretrained(model: nn.Module, dest: str | os.PathLike) -> PlainExport:
         raise ConfigError(f"--format hf writes a transformers save_pretrained folder, but {type(model).__name__} is "
                           "not a transformers model; use --format safetensors", option="--format")
     try:
-        with hf.quiet():
+        with writing(dest), hf.quiet():  # a full disk
             model.save_pretrained(str(dest), safe_serialization=True)
     except OSError as exc:
-        raise WriteError(f"cannot write {dest}: {exc.strerror}; choose another output with -o") from None
+        raise WriteError(f"cannot write {output_of(dest)}: {exc.strerror}; choose another output with -o") from None
+    except WriteError:
+        raise
     except Exception as exc:  # transformers refuses (a config it cannot serialise, ...)
         raise WriteError(f"transformers could not save {type(model).__name__}: {first_line(exc)}") from None
     size = sum(f.stat().st_size for f in Path(dest).rglob("*") if f.is_file())

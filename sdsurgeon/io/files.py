@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import io
 import os
 import re
@@ -16,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..errors import WriteError
+from ..errors import SurgeonError, WriteError
 
 # Temp files are named .<output>.sdsurgeon-<host>-<pid>-<random>.tmp: recognisably ours, with the owner
 # process, so a later run can remove those whose owner died (SIGKILL) and never another's.
@@ -71,22 +73,55 @@ def _input_identities(inputs: Iterable[str | os.PathLike | None]) -> dict[tuple[
     return ids
 
 
-def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+class InputSet:
+    """Inputs that outputs are checked against, each input's identity worked out once.
+
+    ``output_problem`` takes one where many outputs meet the same inputs (a batch: every job's outputs
+    against every job's inputs), so the check costs one pass over the inputs, not one per output.
+    """
+
+    def __init__(self, inputs: Iterable[str | os.PathLike | None]) -> None:
+        self.paths = [i for i in inputs if i is not None]
+        self._real: dict[str, str | os.PathLike] = {}  # real path -> the first input spelled to reach it
+        for i in self.paths:
+            self._real.setdefault(os.path.realpath(i), i)
+        self._sorted = sorted(self._real)
+        self._ids: dict[tuple[int, int], Path] | None = None  # stat'ed only once an output exists
+
+    def at(self, real: str) -> str | os.PathLike | None:
+        """The input whose real path is ``real``."""
+        return self._real.get(real)
+
+    def inside(self, real_folder: str) -> str | os.PathLike | None:
+        """An input inside the folder whose real path is ``real_folder``."""
+        prefix = real_folder + os.sep
+        n = bisect.bisect_left(self._sorted, prefix)  # paths under the folder sort right after its prefix
+        return self._real[self._sorted[n]] if n < len(self._sorted) and self._sorted[n].startswith(prefix) else None
+
+    def same_file(self, st: os.stat_result) -> Path | None:
+        """The input that is the file ``st`` describes (a hard link, a file in an input folder)."""
+        if self._ids is None:
+            self._ids = _input_identities(self.paths)
+        return self._ids.get((st.st_dev, st.st_ino))
+
+
+def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] | InputSet,
                    folder: bool = False) -> str | None:
     """Why ``output`` may not be written, or None: it exists and is not a regular file (``folder``: not a
     folder), or it is an input.
 
     An input is matched by path and by inode, so another spelling, a symbolic or a hard link of an
     input, or a file inside an input folder, all count; an output folder may not hold an input either.
+    ``inputs`` may be an InputSet, made once for many outputs.
     """
     output = Path(output)
-    inputs = [i for i in inputs if i is not None]
+    known = inputs if isinstance(inputs, InputSet) else InputSet(inputs)
     kind = not_regular(output)
     if folder:
         real = os.path.realpath(output)
         if output.is_file():
             return f"{output}: it is a file; give a folder name"
-        inside = next((i for i in inputs if os.path.realpath(i).startswith(real + os.sep)), None)
+        inside = known.inside(real)
         if inside is not None:
             return f"{output} holds the input {inside}; sdsurgeon never overwrites its input"
         kind = None if kind == "a folder" else kind
@@ -94,13 +129,12 @@ def output_problem(output: str | os.PathLike, inputs: Iterable[str | os.PathLike
         return f"{output}: it is a folder; give a file name"
     if kind:
         return f"{output}: it is {kind}, not a regular file; sdsurgeon writes regular files only"
-    real = os.path.realpath(output)
-    for i in inputs:
-        if os.path.realpath(i) == real:
-            return f"{output} is the input {i}; sdsurgeon never overwrites its input"
+    same = known.at(os.path.realpath(output))
+    if same is not None:
+        return f"{output} is the input {same}; sdsurgeon never overwrites its input"
     st = _stat(output)
     if st is not None:
-        same = _input_identities(inputs).get((st.st_dev, st.st_ino))
+        same = known.same_file(st)
         if same is not None:
             return f"{output} is the input {same} (the same file); sdsurgeon never overwrites its input"
     return None
@@ -117,6 +151,77 @@ def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None, o
 
 
 # --- staged writes -----------------------------------------------------------------------------------
+
+# Write failures the user fixes (not bugs), and what to do about each.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "free space or choose another output with -o",
+    errno.EDQUOT: "free space (or raise the quota) or choose another output with -o",
+    errno.EFBIG: "choose another output with -o on a filesystem that takes larger files, or raise ulimit -f",
+    errno.EIO: "check the disk, or choose another output with -o",
+    errno.EROFS: "choose another output with -o on a writable filesystem",
+}
+_FULL_BELOW = 1 << 20  # bytes free: a write that failed with less left than this failed on a full disk
+_outputs: dict[str, Path] = {}  # staged temp path -> the output it becomes, to name in errors
+
+
+def failed_write(exc: BaseException, folder: str | os.PathLike) -> int | None:
+    """The errno of the failed write behind ``exc`` (a full disk, a quota, a file too large, an I/O error, a
+    read-only filesystem), or None when ``exc`` is anything else: a SurgeonError stays as it is, a bug keeps
+    its traceback.
+
+    Libraries wrap the OS error (torch's zip writer raises RuntimeError with it as the context, safetensors
+    quotes it in its message); a library error that carries none counts only if ``folder``'s filesystem is
+    full now (checked before the temp file goes).
+    """
+    if isinstance(exc, SurgeonError):
+        return None
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            return e.errno
+        text = str(e)
+        code = next((n for n in _WRITE_FAILURES if os.strerror(n) in text), None)
+        if code is not None:
+            return code
+        todo += [e.__cause__, e.__context__]
+    library = type(exc).__module__ != "builtins" or isinstance(exc, (OSError, RuntimeError))
+    return errno.ENOSPC if library and _full(folder) else None
+
+
+def _full(folder: str | os.PathLike) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BELOW or (st.f_files > 0 and st.f_favail == 0)
+
+
+def _write_error(output: Path, code: int) -> WriteError:
+    what = f"cannot write {output}: {os.strerror(code)}"
+    return WriteError(f"{what}; {_WRITE_FAILURES[code]}", what=what, where=str(output), hint=_WRITE_FAILURES[code])
+
+
+def output_of(dest: str | os.PathLike) -> Path:
+    """The output a staged temp path (or a file inside a staged folder) stands for; ``dest`` itself otherwise."""
+    full = Path(os.path.abspath(dest))
+    return next((_outputs[str(p)] for p in (full, *full.parents) if str(p) in _outputs), Path(dest))
+
+
+@contextlib.contextmanager
+def writing(dest: str | os.PathLike) -> Iterator[None]:
+    """Around a library's own write into ``dest`` (a staged temp path): a failed write becomes one WriteError
+    naming the output, even where another output's ``staged`` block is the first to see it."""
+    try:
+        yield
+    except Exception as exc:
+        code = failed_write(exc, Path(dest).parent)
+        if code is None:
+            raise
+        raise _write_error(output_of(dest), code) from None
 
 
 def _check_destination(path: Path) -> None:
@@ -135,7 +240,8 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
     """A temp path in ``path``'s folder, renamed to ``path`` only if the block succeeds.
 
     Readers never see a partial file, and a failure (a write error, a failed check, SIGTERM) leaves
-    none. Stale temp files of earlier runs killed outright are swept from the folder first.
+    none; a write the disk refuses (full, quota, too large, read-only) is one WriteError naming ``path``.
+    Stale temp files of earlier runs killed outright are swept from the folder first.
     """
     path = Path(path)
     _check_destination(path)
@@ -147,17 +253,20 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
         raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
     os.close(fd)
     _live.add(tmp)
+    _outputs[os.path.abspath(tmp)] = path
     try:
-        yield Path(tmp)
-        _check_destination(path)  # a FIFO or a folder may have appeared there meanwhile
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
+        with writing(tmp):  # a full disk: one WriteError naming the output (checked while the temp file is there)
+            yield Path(tmp)
+            _check_destination(path)  # a FIFO or a folder may have appeared there meanwhile
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         _live.discard(tmp)
+        _outputs.pop(os.path.abspath(tmp), None)
 
 
 @contextlib.contextmanager
@@ -183,19 +292,22 @@ def staged_folder(path: str | os.PathLike, *, marker: str) -> Iterator[Path]:
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
     _live.add(tmp)
+    _outputs[os.path.abspath(tmp)] = path
     old = None
     try:
-        yield Path(tmp)
-        if path.exists():  # moved aside first, so the new folder appears in one rename
-            old = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
+        with writing(tmp):
+            yield Path(tmp)
+            if path.exists():  # moved aside first, so the new folder appears in one rename
+                old = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+                os.rmdir(old)
+                os.replace(path, old)
+            os.replace(tmp, path)
     finally:
         for leftover in (tmp, old):
             if leftover:
                 shutil.rmtree(leftover, ignore_errors=True)
         _live.discard(tmp)
+        _outputs.pop(os.path.abspath(tmp), None)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
