@@ -763,3 +763,44 @@ def test_round2_a_folder_whose_config_asks_for_far_more_than_its_weights_is_not_
                                                                 intermediate_size=4096, num_attention_heads=8)))
     line = assert_user_error(invoke("plan", work / "llama"))
     assert "far more than" in line and "config.json" in line, line
+
+
+# --- fuzz: batch configs ------------------------------------------------------------------------------------
+
+_CONFIG_KEYS = ["pL", "rule", "trust_pickle", "rtol", "atol", "timeout", "input_shape", "format", "output_dir",
+                "seed", "drop", "arch", "name", "checkpoint", "weights", "arch_kwargs", "bogus", "<<"]
+_CONFIG_VALUES = ["0.5", ".nan", ".inf", "-.inf", "true", "false", "null", "'os:system'", "'evilmod:Net'",
+                  "'sdsurgeon.models:torch.serialization.os.system'", "'sdsurgeon.models:cifar_resnet'", "[1, 3, 8, 8]",
+                  "{command: 'touch x'}", "'m.pt'", "'*.pt'", "1e308", "-1", "'a\\x1bb'", "&a [1]", "*a", "!!python/object:os.system {}"]
+
+
+@pytest.mark.slow  # 80 configs through `batch --check`: a few seconds
+def test_round2_fuzz_a_batch_config_checks_or_fails_in_one_line_and_imports_or_trusts_nothing(
+        tmp_path, trust_store, monkeypatch, own_imports):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    canary = hostile_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "m.pt")
+    called = []
+    monkeypatch.setattr(os, "system", lambda *a, **k: called.append(a))
+    store = trust_store.read_text() if trust_store.exists() else None
+    pair = st.tuples(st.sampled_from(_CONFIG_KEYS), st.sampled_from(_CONFIG_VALUES))
+    entry = st.lists(pair, max_size=5).map(lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}")
+    config = st.tuples(st.lists(pair, max_size=4), st.lists(entry, max_size=3), st.sampled_from(["", "bogus: 1\n"]))
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(parts=config)
+    def run(parts):
+        defaults, entries, extra = parts
+        text = ("defaults: {" + ", ".join(f"{k}: {v}" for k, v in defaults) + "}\n" + extra
+                + "models:\n" + "".join(f"  - {e}\n" for e in entries))
+        (tmp_path / "cfg.yaml").write_text(text)
+        result = invoke("batch", tmp_path / "cfg.yaml", "--check")
+        if result.exit_code != 0:
+            assert_user_error(result)
+        assert called == [] and not canary.exists() and "evilmod" not in sys.modules
+        assert (trust_store.read_text() if trust_store.exists() else None) == store
+
+    run()
