@@ -804,3 +804,9 @@ def test_round2_fuzz_a_batch_config_checks_or_fails_in_one_line_and_imports_or_t
         assert (trust_store.read_text() if trust_store.exists() else None) == store
 
     run()
+
+
+def test_round2_deeply_nested_arch_kwargs_are_one_line(work):
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    line = assert_user_error(invoke("plan", "--arch", "sdsurgeon.models:cifar_resnet", "--arch-kwargs", deep))
+    assert "nests too deeply" in line and len(line) < 300, line

@@ -53,7 +53,10 @@ def build(arch: str, arch_kwargs: dict | None = None, *, recorded_in: str | os.P
 
 
 def _shown_kwargs(kwargs: dict) -> str:
-    shown = json.dumps(kwargs, default=repr)
+    try:
+        shown = json.dumps(kwargs, default=repr)
+    except (RecursionError, ValueError):  # nested past what json writes, or a circular value: not shown
+        return "{...}"
     return shown if len(shown) <= 200 else shown[:200] + "..."
 
 
@@ -147,7 +150,9 @@ def parse_arch_kwargs(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--arch-kwargs is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+        raise ConfigError(f"--arch-kwargs is not valid JSON ({exc.msg} at column {exc.colno}): {text[:80]!r}") from None
+    except RecursionError:
+        raise ConfigError("--arch-kwargs nests too deeply to read; a factory's arguments need a few levels at most") from None
     if not isinstance(value, dict):
         raise ConfigError(f"--arch-kwargs must be a JSON object like '{{\"depth\": 110}}', got {text!r}")
     return value
