@@ -463,7 +463,7 @@ def test_help_names_the_options_and_an_example():
     result = invoke("batch", "--help")
     assert_ok(result)
     for option in ("--jobs", "--fail-fast", "--force", "--check", "--report-dir", "--json", "--trust-pickle",
-                   "Example"):
+                   "--shard", "Example"):
         assert option in result.stdout, option
 
 

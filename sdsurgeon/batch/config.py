@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import yaml
 from .._version import __version__
 from ..capture.inputs import InputSpec
 from ..deploy.plain import FORMATS, SUFFIXES
-from ..errors import ConfigError, SurgeonError
+from ..errors import ConfigError, SurgeonError, option_error
 from ..io.files import InputSet, output_problem
 from ..io.trust import load_yaml
 
@@ -402,6 +403,51 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
             if problem:
                 raise ConfigError(f"{job.where}: job {job.name}: output {problem}; change output_dir or the name")
     return jobs
+
+
+
+# --- shards: one config's jobs split over the machines of a CI matrix ------------------------------------
+
+_SHARD = re.compile(r"([0-9]{1,9})/([0-9]{1,9})")  # ASCII digits only (int() would take any script's)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (``--shard 2/4``: shard I of N, counted from 1) -> ``(I, N)``; a ConfigError about --shard
+    otherwise."""
+    match = _SHARD.fullmatch(text)
+    if match is None:
+        raise option_error("--shard", f"{text!r} is not I/N (this run's shard I of N shards, counted from 1), e.g. 2/4")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise option_error("--shard", f"{text}: N, the number of shards, must be 1 or more")
+    if not 1 <= index <= count:
+        raise option_error("--shard", f"{text}: I must be from 1 to {count} (shards count from 1)")
+    return index, count
+
+
+def shard_of(name: str, count: int) -> int:
+    """The shard (1 to ``count``) that the job named ``name`` belongs to.
+
+    A stable hash of the job's name, modulo ``count``, rather than its position in the config: a job stays in
+    its shard when other entries are added, removed or reordered (a new checkpoint matching a glob, say), so a
+    CI matrix that caches each shard's outputs (and their up-to-date stamps) keeps its cache. sha256, not
+    ``hash()``, which Python salts per process. The price: shards balance only on average (each job picks a
+    shard at random, in effect), so a few jobs over many shards can leave some shards empty; jobs differ in
+    cost anyway, so equal counts would not mean equal times.
+    """
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def shard_jobs(jobs: list[Job], index: int, count: int) -> list[Job]:
+    """The jobs of shard ``index`` of ``count`` (counted from 1, as ``--shard I/N``), in config order.
+
+    Every job falls in exactly one shard (``shard_of`` its name), the same one on every machine and every run of
+    the same config; a shard may hold no job (more shards than jobs, or an unlucky draw), which is no error.
+    """
+    if isinstance(count, bool) or isinstance(index, bool) or count < 1 or not 1 <= index <= count:
+        raise ConfigError(f"shard {index} of {count}: need 1 <= index <= count (shards count from 1)")
+    return [job for job in jobs if shard_of(job.name, count) == index]
 
 
 def check_jobs(jobs: list[Job]) -> None:
