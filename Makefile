@@ -11,7 +11,7 @@ ZOO_VENV := .venv-zoo
 ZOO_BIN := $(ZOO_VENV)/bin
 ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test test-fast test-default test-zoo test-zoo-all zoo-venv bench clean
+.PHONY: demo test test-fast test-default test-zoo test-zoo-all zoo-venv dist-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt constraints-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 test: test-default
+	$(MAKE) --no-print-directory dist-check
 	$(MAKE) --no-print-directory test-zoo
 
 test-default: $(STAMP)
@@ -66,8 +67,19 @@ test-zoo: $(ZOO_STAMP)
 test-zoo-all: $(ZOO_STAMP)
 	$(ZOO_BIN)/python -m pytest -q --durations=25 tests_zoo $(ZOO_TRAINING)
 
+# The sdist and the wheel built from it (python -m build: an isolated build env with the build-system's setuptools),
+# then checked as PyPI would take them (twine check --strict: metadata, the README rendered as the long description),
+# and that both carry LICENSE (setuptools only warns when license-files matches nothing).
+dist-check: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --quiet --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+	$(BIN)/python -c "import glob, sys, tarfile, zipfile; \
+	names = zipfile.ZipFile(*glob.glob('dist/*.whl')).namelist() + tarfile.open(*glob.glob('dist/*.tar.gz')).getnames(); \
+	sys.exit(0 if sum(n.endswith('/LICENSE') for n in names) == 2 else 'dist-check: LICENSE is missing from the wheel or the sdist')"
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) build dist *.egg-info

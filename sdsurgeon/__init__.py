@@ -16,24 +16,69 @@ if _sys.argv[:1] == ["-m"]:
 
 from ._version import __version__
 
-from .analysis.detect import ResidualSite, find_residuals
-from .analysis.influence import block_influence
-from .analysis.plan import Plan, plan
-from .capture.fx import register_leaf
-from .capture.inputs import InputSpec
-from .deploy.export import export_onnx
-from .deploy.verify import verify
-from .errors import SurgeonError
-from .gate import StochasticDepth
-from .io.checkpoint import load_weights
-from .io.trust import trust
-from . import schedules
-from .schedules import load_training_state, training_state
-from .sdfile import load, save
-from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
-from .surgery.inject import apply_recipe, gates, inject
-from .surgery.prune import PruneReport, prune, prune_curve
-from .surgery.recipe import Recipe
+from typing import TYPE_CHECKING
+
+# The public API is imported on first use (PEP 562), so `import sdsurgeon` (and with it `sdsurgeon --help` and
+# `--version`) does not import torch. Each name of __all__ -> the module that defines it; `sdsurgeon.inject`,
+# `from sdsurgeon import inject` and `from sdsurgeon import *` import that module then.
+_PUBLIC = {
+    "ResidualSite": ".analysis.detect", "find_residuals": ".analysis.detect",
+    "block_influence": ".analysis.influence",
+    "Plan": ".analysis.plan", "plan": ".analysis.plan",
+    "register_leaf": ".capture.fx",
+    "InputSpec": ".capture.inputs",
+    "export_onnx": ".deploy.export",
+    "verify": ".deploy.verify",
+    "SurgeonError": ".errors",
+    "StochasticDepth": ".gate",
+    "load_weights": ".io.checkpoint",
+    "trust": ".io.trust",
+    "schedules": ".schedules",  # the module itself
+    "load_training_state": ".schedules", "training_state": ".schedules",
+    "load": ".sdfile", "save": ".sdfile",
+    "find_folds": ".surgery.fold", "fold": ".surgery.fold", "fold_with_report": ".surgery.fold",
+    "remove_gates": ".surgery.fold",
+    "apply_recipe": ".surgery.inject", "gates": ".surgery.inject", "inject": ".surgery.inject",
+    "PruneReport": ".surgery.prune", "prune": ".surgery.prune", "prune_curve": ".surgery.prune",
+    "Recipe": ".surgery.recipe",
+}
+
+if TYPE_CHECKING:  # what type checkers and editors read; the same names as _PUBLIC (tests/test_cli_startup.py)
+    from . import schedules
+    from .analysis.detect import ResidualSite, find_residuals
+    from .analysis.influence import block_influence
+    from .analysis.plan import Plan, plan
+    from .capture.fx import register_leaf
+    from .capture.inputs import InputSpec
+    from .deploy.export import export_onnx
+    from .deploy.verify import verify
+    from .errors import SurgeonError
+    from .gate import StochasticDepth
+    from .io.checkpoint import load_weights
+    from .io.trust import trust
+    from .schedules import load_training_state, training_state
+    from .sdfile import load, save
+    from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
+    from .surgery.inject import apply_recipe, gates, inject
+    from .surgery.prune import PruneReport, prune, prune_curve
+    from .surgery.recipe import Recipe
+
+
+def __getattr__(name: str):
+    where = _PUBLIC.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(where, __name__)
+    value = module if where == "." + name else getattr(module, name)
+    globals()[name] = value  # found once; later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "InputSpec",

@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sdsurgeon"
 # First name of a module path -> its floor; a module may import its own floor or lower ones.
 FLOORS = {
     "errors": 0, "_version": 0, "models": 0,  # nothing of sdsurgeon below them
+    "choices": 0,  # the fixed choices --help names (gate modes, scalings), without torch
     "io": 1,  # bytes in and out, and who is trusted
-    "gate": 2,  # the gate module the passes place: depends on errors only
+    "gate": 2,  # the gate module the passes place: depends on errors and choices only
     "layers": 2,  # a name kept for models pickled before gate/ (it re-exports gate)
     "capture": 3, "analysis": 4, "surgery": 5, "deploy": 6,
     "schedules": 6,  # steps the gates of an injected model over training: above surgery

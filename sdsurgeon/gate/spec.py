@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import MODES, SCALINGS
 from ..errors import ConfigError
-
-MODES = ("batch", "row")
-SCALINGS = ("paper", "inverted")
 
 
 @dataclass(frozen=True)
