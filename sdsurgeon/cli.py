@@ -7,24 +7,28 @@ import inspect
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import pipeline
-from .analysis.plan import Plan
+# Only modules without torch here: --help, COMMAND --help and --version answer without importing it (a few
+# seconds). What does the work (pipeline, capture, io.checkpoint, ...) is imported by the command that runs it.
+from ._version import __version__
 from .analysis.schedule import KINDS, RULES, ScheduleSpec
-from .capture.inputs import InputSpec, parse_shape
+from .choices import MODES, SCALINGS
 from .errors import ConfigError, SurgeonError, option_error
-from .gate import MODES, SCALINGS
-from .io.checkpoint import parse_arch_kwargs
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
 from .report import printable
-from .surgery.fold import FoldReport
+
+if TYPE_CHECKING:
+    from . import pipeline
+    from .analysis.plan import Plan
+    from .capture.inputs import InputSpec
+    from .surgery.fold import FoldReport
 
 app = typer.Typer(
     name="sdsurgeon",
@@ -36,9 +40,24 @@ app = typer.Typer(
         "--pL 0.5 --input-shape 1,3,32,32"
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish and PowerShell
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"sdsurgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    # No docstring: the app's help above is the one shown. Only options that apply before any command live here.
+    pass
 
 
 class _Console(Console):
@@ -117,6 +136,8 @@ KEEP_EXISTING = typer.Option(False, "--keep-existing", help="Leave drop-path mod
 
 
 def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpec] | None:
+    from .capture.inputs import InputSpec, parse_shape
+
     specs = [InputSpec(None, parse_shape(input_shape))] if input_shape else []
     specs += [InputSpec.parse(text) for text in inputs]
     return specs or None
@@ -125,11 +146,16 @@ def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpe
 def _ref(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str], trust: bool,
          weights: Optional[Path] = None, *, remember: bool = True) -> pipeline.ModelRef:
     """The model the command names; its --arch is remembered as trusted unless ``remember`` is off (plan)."""
+    from . import pipeline
+    from .io.checkpoint import parse_arch_kwargs
+
     return pipeline.ModelRef(model, arch, parse_arch_kwargs(arch_kwargs), weights, trust, remember_arch=remember)
 
 
 def _surgery(pL: float, rule: str, set_: list[str], include: list[str], exclude: list[str], leaf: list[str],
              capture: str, keep_existing: bool, **gate) -> pipeline.SurgeryOptions:
+    from . import pipeline
+
     return pipeline.SurgeryOptions(pL, rule, tuple(set_), tuple(include), tuple(exclude), tuple(leaf), capture,
                                    keep_existing, **gate)
 
@@ -263,6 +289,8 @@ def plan_cmd(
 
     Example: sdsurgeon plan trained.sd.pt --prune-curve --calibration batch.pt --plot curve.png
     """
+    from . import pipeline
+
     specs = _input_specs(input_shape, input_)
     if not prune_curve and (calibration is not None or drop_by != "schedule"):
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for --prune-curve in plan; "
@@ -327,6 +355,8 @@ def inject_cmd(
 
     Example: sdsurgeon inject model.pt --arch mymodels:resnet110 --schedule pld --theta 0.5 --gamma 0.001
     """
+    from . import pipeline
+
     specs = _input_specs(input_shape, input_)
     over_steps = _schedule_options(schedule, pL if theta is None else theta, rule, gamma, warmup, ramp)
     surgery = _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing, mode=mode, scaling=scaling,
@@ -442,6 +472,8 @@ def export_cmd(
 
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt --format safetensors -o plain.safetensors
     """
+    from . import pipeline
+
     specs = _input_specs(input_shape, input_)
     if drop is None and drop_sites is None and (calibration is not None or drop_by != "schedule"):
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for pruning: "
@@ -548,6 +580,13 @@ def batch_cmd(
                                       "unpickle a full model, which runs code from the file. The config is your own, "
                                       "like a Makefile, but unpickling code needs the command line's word: without "
                                       "this flag such a config is refused."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Run only shard I of N (counted from "
+                                        "1), one machine of a CI matrix: a job's shard is a hash of its name, so the N "
+                                        "machines running the same config with I = 1..N share its jobs out, each job "
+                                        "in exactly one shard, and a job keeps its shard when entries are added. A "
+                                        "shard may get no job (exit 0, a report of zero jobs). The reports say which "
+                                        "shard they are; `sdsurgeon batch-report` joins them. With --check: lists the "
+                                        "shard's jobs."),
 ) -> None:
     """Inject, fold, export and verify many models in one run, as CI does; writes reports CI systems read.
 
@@ -563,43 +602,99 @@ def batch_cmd(
     (package.module:factory, with arch_kwargs and weights), plus any of those options.
 
     Example: sdsurgeon batch examples/ci/sdsurgeon.yaml --jobs 2
+
+    Example, a CI matrix of 4 machines: machine I (1 to 4) runs sdsurgeon batch models.yaml --shard I/4
+    --report-dir reports-I and uploads its folder; one last job downloads them all and runs sdsurgeon
+    batch-report reports-* -o reports (examples/ci/github-workflow.yml does this on GitHub Actions).
     """
-    from .batch.config import check_jobs, load_config, plan_jobs
+    from .batch.config import check_jobs, load_config, parse_shard, plan_jobs, shard_jobs
     from .batch.runner import run_batch
     from .report import REPORT_FILES, to_json, write_reports
 
     if jobs < 1:
         raise ConfigError("--jobs must be 1 or more")
+    part = parse_shard(shard) if shard is not None else None
     if report_dir.exists() and not report_dir.is_dir():
         raise ConfigError(f"--report-dir {report_dir} is a file; give a folder (it is created if missing)")
     cfg = load_config(config, allow_trust_pickle=trust_pickle)
-    job_list = plan_jobs(cfg)
-    check_jobs(job_list)
+    all_jobs = plan_jobs(cfg)
+    job_list = shard_jobs(all_jobs, *part) if part else all_jobs
+    check_jobs(job_list)  # this shard's inputs: the others' are their machines' business
     for name in REPORT_FILES:
         check_output(report_dir / name, config, *(j.checkpoint for j in job_list), option="--report-dir")
+    lead = ""
+    if part:
+        lead = f"shard {part[0]}/{part[1]}: " + ("" if job_list else
+                                                 f"no jobs (the config's {len(all_jobs)} all fall in other shards); ")
     if check:
         if json_:
-            print(json.dumps({"config": str(config), "jobs": [{"name": j.name, "checkpoint": j.checkpoint,
-                                                               "arch": j.arch, "outputs": j.outputs} for j in job_list]}))
+            print(json.dumps({"config": str(config), "shard": list(part) if part else None,
+                              "jobs": [{"name": j.name, "checkpoint": j.checkpoint, "arch": j.arch,
+                                        "outputs": j.outputs} for j in job_list]}))
+        elif part:
+            out.print(f"{config}: valid, shard {part[0]}/{part[1]}: {len(job_list)} of {len(all_jobs)} jobs"
+                      + (f": {', '.join(j.name for j in job_list)}" if job_list else
+                         " (the other shards hold them all; this one would report zero jobs)"), markup=False)
         else:
             out.print(f"{config}: valid, {len(job_list)} jobs: {', '.join(j.name for j in job_list)}", markup=False)
         return
-    display = _BatchDisplay([j.name for j in job_list], live=out.is_terminal, enabled=not json_)
+    display = _BatchDisplay([j.name for j in job_list], live=out.is_terminal and bool(job_list), enabled=not json_)
     with display:
         result = run_batch(job_list, workers=jobs, fail_fast=fail_fast, force=force, on_event=display,
                            allow_trust_pickle=trust_pickle)
-    written = write_reports(result.records, report_dir)
-    if json_:
-        print(to_json(result.records))
+    written = write_reports(result.records, report_dir, shard=part)
+    _report_outcome(result.records, report_dir, written, to_json(result.records, shard=part) if json_ else None, lead)
+
+
+def _report_outcome(records, folder: Path, written, json_text: str | None, lead: str = "") -> None:
+    """What batch and batch-report print once the reports are written (report.json itself with --json), and
+    exit 1 with one error line when any job failed."""
+    if json_text is not None:
+        print(json_text)
     else:
-        counts = {s: sum(r.status == s for r in result.records) for s in ("ok", "failed", "skipped")}
-        out.print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
-                  f"reports in {report_dir}: {', '.join(written)}", markup=False)
-    failed = [r.name for r in result.records if r.status == "failed"]
+        counts = {s: sum(r.status == s for r in records) for s in ("ok", "failed", "skipped")}
+        out.print(f"{lead}{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
+                  f"reports in {folder}: {', '.join(written)}", markup=False)
+    failed = [r.name for r in records if r.status == "failed"]
     if failed:
-        err.print(f"error: {len(failed)} of {len(result.records)} jobs failed ({', '.join(failed)}); "
-                  f"see {report_dir / 'summary.md'}", markup=False)
+        err.print(f"error: {len(failed)} of {len(records)} jobs failed ({', '.join(failed)}); "
+                  f"see {folder / 'summary.md'}", markup=False)
         raise typer.Exit(1)
+
+
+@app.command("batch-report")
+@user_errors
+def batch_report_cmd(
+    folders: list[Path] = typer.Argument(..., metavar="DIR", show_default=False,
+                                         help="Report folders that `sdsurgeon batch --report-dir` wrote: every shard's "
+                                         "of one --shard I/N run (or whole runs)."),
+    output: Path = typer.Option(Path("sdsurgeon-report"), "--output", "-o",
+                                help="Where the merged report.json, junit.xml and summary.md go (created if missing)."),
+    json_: bool = typer.Option(False, "--json", help="Print the merged report.json on stdout instead of a summary."),
+) -> None:
+    """Join the reports of a batch's shards into one report: report.json, junit.xml and summary.md.
+
+    Each folder's report.json is read and checked; the merged one lists every shard's jobs in shard order.
+    Refused, with one line: a missing or damaged report.json, reports of different sdsurgeon versions,
+    shards of different N, a shard given twice or missing, a job in two reports. Exit 1 when any merged
+    job failed (as batch), 0 otherwise.
+
+    Example, a CI matrix of 4 machines: machine I (1 to 4) runs sdsurgeon batch models.yaml --shard I/4
+    --report-dir reports-I and uploads reports-I; the last job downloads the four folders and runs
+    sdsurgeon batch-report reports-* -o reports (see examples/ci/github-workflow.yml).
+    """
+    from .report import REPORT_FILES, merge_reports, read_reports, to_json, write_reports
+
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"-o {output} is a file; give a folder (it is created if missing)")
+    reports = read_reports(folders)
+    merged = merge_reports(reports)
+    for name in REPORT_FILES:  # never over a report it reads (-o one of the DIRs)
+        check_output(output / name, *(folder / "report.json" for folder in folders), option="-o")
+    written = write_reports(merged.records, output, merged=merged.merged, version=merged.version)
+    json_text = to_json(merged.records, merged=merged.merged, version=merged.version) if json_ else None
+    shards = f"{len(reports)} shards" if reports[0].shard else f"{len(reports)} reports"
+    _report_outcome(merged.records, output, written, json_text, f"merged {shards}: ")
 
 
 trust_app = typer.Typer(
