@@ -125,12 +125,14 @@ def _counting(holds: TensorBudget) -> Iterator[None]:
     """Count the parameters and buffers modules register meanwhile (torch's global registration hooks)."""
     from torch.nn.modules import module as module_hooks
 
-    seen: dict[int, int] = {}
+    seen: set[int] = set()
+    total = 0
 
     def count(_module, _name, tensor):
+        nonlocal total
         if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
-            seen[id(tensor)] = tensor.numel() * tensor.element_size()
-            total = sum(seen.values())
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
             if not holds.allows(len(seen), total):
                 raise _OverBudget(f"more than {len(seen)} tensors of {total:,} bytes")
         return None

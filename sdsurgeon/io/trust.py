@@ -115,11 +115,15 @@ def _remember(spec: str, root: str | None, *, persist: bool = True) -> None:
     if spec in stored and stored[spec] == root:
         return
     stored[spec] = root
-    text = json.dumps({"version": 1, "factories": {s: {"root": r} for s, r in sorted(stored.items())}}, indent=1)
     # A store that cannot be written (read-only home) only costs the user an --arch later.
     with contextlib.suppress(OSError, SurgeonError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(text.encode()))
+        _write_store(path, stored)
+
+
+def _write_store(path: Path, stored: dict[str, str | None]) -> None:
+    text = json.dumps({"version": 1, "factories": {s: {"root": r} for s, r in sorted(stored.items())}}, indent=1)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def trust(spec: str, *, folder: str | os.PathLike | None = None) -> None:
@@ -161,11 +165,7 @@ def forget(spec: str) -> bool:
     if spec not in stored:
         return False
     del stored[spec]
-    text = json.dumps({"version": 1, "factories": {s: {"root": r} for s, r in sorted(stored.items())}}, indent=1)
-    try:
-        atomic_write(path, lambda f: f.write(text.encode()))
-    except OSError as exc:
-        raise LoadError(f"cannot write the trust store {path}: {exc.strerror}") from None
+    _write_store(path, stored)  # a failure is a WriteError naming the store
     return True
 
 
