@@ -15,6 +15,14 @@ import pytest
 
 pytest_plugins = ["pytester"]  # tests/test_tiers.py runs the tier checks below on generated tests
 
+# OpenMP threads that wait for work sleep instead of spinning. A spinning thread that the OS keeps off the CPU
+# (2 cores, other jobs) burns CPU time doing nothing: on this machine a schedule test took 0.5 s of CPU alone
+# and 1.3-10 s with three busy loops beside it, failing the fast tier's CPU guard for no fault of its own;
+# sleeping, it took 0.5-0.7 s both ways, and the suite's wall time is the same. libgomp reads the variable
+# when it loads, so it is set before anything imports torch (test_tiers checks that nothing did).
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+TORCH_LOADED_BEFORE_CONFTEST = "torch" in sys.modules
+
 # Tests never write the real ~/.config/sdsurgeon: a store for the session, set before anything (module
 # fixtures, spawned batch workers, subprocesses) can trust a factory.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="sdsurgeon-home-"))

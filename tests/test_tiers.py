@@ -91,3 +91,13 @@ def test_check_modules_fails_a_session_that_imported_not_every_module_of_the_pac
                                           "--check-modules=tierpkg")
     assert result.ret == 1
     result.stdout.fnmatch_lines(["--check-modules: no test of this run imported tierpkg.sub, tierpkg.sub.unused: *"])
+
+
+def test_openmp_threads_sleep_when_idle_so_the_cpu_guard_measures_work_not_spinning():
+    import os
+
+    from tests import conftest
+
+    # Set before torch loaded: libgomp reads it once. A plugin or fixture that imports torch first undoes it.
+    assert not conftest.TORCH_LOADED_BEFORE_CONFTEST
+    assert os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
