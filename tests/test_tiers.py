@@ -93,10 +93,14 @@ def test_check_modules_fails_a_session_that_imported_not_every_module_of_the_pac
     result.stdout.fnmatch_lines(["--check-modules: no test of this run imported tierpkg.sub, tierpkg.sub.unused: *"])
 
 
-def test_openmp_threads_sleep_when_idle_so_the_cpu_guard_measures_work_not_spinning():
+def test_openmp_threads_sleep_when_idle_so_the_cpu_guard_measures_work_not_spinning(pytestconfig):
     import os
 
-    from tests import conftest
+    # The conftest pytest loaded, not a fresh import of it (tests/ is no package: `from tests import conftest`
+    # would run it again, after torch, and read True).
+    path = Path(__file__).with_name("conftest.py")
+    [conftest] = [plugin for plugin in pytestconfig.pluginmanager.get_plugins()
+                  if getattr(plugin, "__file__", None) and Path(plugin.__file__) == path]
 
     # Set before torch loaded: libgomp reads it once. A plugin or fixture that imports torch first undoes it.
     assert not conftest.TORCH_LOADED_BEFORE_CONFTEST
