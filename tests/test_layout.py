@@ -17,8 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sdsurgeon"
 FLOORS = {
     "errors": 0, "_version": 0, "models": 0,  # nothing of sdsurgeon below them
     "choices": 0,  # the fixed choices --help names (gate modes, scalings), without torch
+    "_torch": 0,  # every private torch name, looked up at use (the cond patch keeps its own fence, in gate/)
+    "progress": 0,  # the progress reporter interface long work reports stages to (the CLI draws it on stderr)
     "io": 1,  # bytes in and out, and who is trusted
-    "gate": 2,  # the gate module the passes place: depends on errors and choices only
+    "gate": 2,  # the gate module the passes place: depends on errors, choices and _torch only
     "layers": 2,  # a name kept for models pickled before gate/ (it re-exports gate)
     "capture": 3, "analysis": 4, "surgery": 5, "deploy": 6,
     "schedules": 6,  # steps the gates of an injected model over training: above surgery

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from .. import _torch
 from ..capture.inputs import normalize_inputs
 from ..capture.modes import modes_kept
 
@@ -43,10 +43,10 @@ def main_output(out) -> tuple[str, torch.Tensor]:
         return "output", out
     if hasattr(out, "keys") and "logits" in out.keys() and isinstance(out["logits"], torch.Tensor):
         return "logits", out["logits"]
-    leaves, _ = pytree.tree_flatten_with_path(out)
+    leaves, _ = _torch.tree_flatten_with_path(out)
     for path, leaf in leaves:
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return "output" + pytree.keystr(path), leaf
+            return "output" + _torch.keystr(path), leaf
     raise ValueError("the model returns no floating-point tensor to compare")
 
 
@@ -81,10 +81,10 @@ def outputs_and_parameters(model: nn.Module, inputs) -> tuple[object, int]:
             p.requires_grad_(True)
         with modes_kept(model, training=False), torch.enable_grad():
             out = model(*args, **kwargs)
-            leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            leaves = [t for t in _torch.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
             grads = torch.autograd.grad(sum(t.float().sum() for t in leaves), params, allow_unused=True) if leaves else ()
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     used = sum(p.numel() for p, g in zip(params, grads) if g is not None)
-    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out), used
+    return _torch.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out), used

@@ -9,6 +9,8 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
+from .. import _torch
+
 _aten = torch.ops.aten
 
 # Ops whose result describes a tensor's shape, not its values: an edge through them is not a data
@@ -21,17 +23,7 @@ SHAPE_FUNCTIONS = frozenset(
 
 # Checks whose only effect is to raise (timm's `_assert(x.ndim == 4)`, export's shape asserts): a
 # branch may carry them along, so they never make a value count as used outside it.
-CHECK_FUNCTIONS = frozenset(
-    f for f in (
-        torch._assert,
-        getattr(_aten, "_assert_async", None) and _aten._assert_async.default,
-        getattr(_aten, "_assert_async", None) and _aten._assert_async.msg,
-        getattr(_aten, "_assert_scalar", None) and _aten._assert_scalar.default,
-        getattr(_aten, "sym_constrain_range", None) and _aten.sym_constrain_range.default,
-        getattr(_aten, "sym_constrain_range_for_size", None) and _aten.sym_constrain_range_for_size.default,
-        getattr(_aten, "_assert_tensor_metadata", None) and _aten._assert_tensor_metadata.default,
-    ) if f
-)
+CHECK_FUNCTIONS = _torch.check_functions()
 _INPLACE_OPERATORS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv})
 
 
@@ -69,7 +61,7 @@ def has_effect(n: fx.Node) -> bool:
         return False
     if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace"):
         return True
-    if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+    if (schema := _torch.op_schema(n.target)) is not None and schema.is_mutable:
         return True
     try:
         return n.is_impure()
@@ -123,8 +115,9 @@ def writes_in_place(n: fx.Node, gm: fx.GraphModule | None = None) -> bool:
         return False
     if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace"):
         return True
-    if isinstance(n.target, torch._ops.OpOverload):
-        mutated = n.target._schema.arguments[:1]
+    schema = _torch.op_schema(n.target)
+    if schema is not None:
+        mutated = schema.arguments[:1]
         return bool(mutated) and mutated[0].alias_info is not None and mutated[0].alias_info.is_write
     return False
 
@@ -135,8 +128,8 @@ def is_view(n: fx.Node) -> bool:
         return n.target in VIEW_METHODS
     if n.op != "call_function":
         return False
-    if isinstance(n.target, torch._ops.OpOverload):
-        schema = n.target._schema
+    schema = _torch.op_schema(n.target)
+    if schema is not None:
         return (bool(schema.returns) and schema.returns[0].alias_info is not None
                 and not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments))
     return n.target in VIEW_FUNCTIONS

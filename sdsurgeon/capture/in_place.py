@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
+from .. import _torch
 from ..errors import ConfigError
 from ..gate import StochasticDepth
 
@@ -36,7 +36,7 @@ class GraphForward:
         self._graph = graph
         self.src = src
         self._globals = {k: v for k, v in globals_.items() if not k.startswith("__")}
-        self._fn = _forward_from_src(src, self._globals)
+        self._fn = _torch.forward_from_src(src, self._globals)
         # where keywords the graph does not name go (a forward taking **kwargs passes them to these
         # modules: capture.call_trace); None: nowhere, Python refuses them as for any function
         self.routes = routes
@@ -70,7 +70,7 @@ class GraphForward:
 
     def __reduce__(self):
         # as a GraphModule pickles: its code and the imports that code needs, never the graph itself
-        return (_rebuild, (self.owner, self.src, _format_import_block(self._globals, sys_importer), self.routes))
+        return (_rebuild, (self.owner, self.src, _torch.format_import_block(self._globals, sys_importer), self.routes))
 
     def __repr__(self) -> str:
         return f"GraphForward({type(self.owner).__name__})"

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils import _pytree
 
+from .. import _torch
 from ..capture.inputs import DTYPES, InputSpec
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
@@ -124,7 +124,7 @@ def verify_module(model: nn.Module, other: nn.Module, example_inputs, *, what: s
 
 
 def _tensors(out) -> list[torch.Tensor]:
-    return [t for t in _pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return [t for t in _torch.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _run_eval(model: nn.Module, args: tuple, kwargs: dict):

@@ -6,9 +6,9 @@ import contextlib
 import operator
 
 import torch
-import torch._dynamo  # assume_constant_result, below
 from torch import nn
 
+from .. import _torch
 from . import cond_backward
 from .eager import scaled
 from .spec import GateSpec
@@ -45,7 +45,7 @@ def _stats_branch(branch) -> tuple[torch.fx.GraphModule, list[nn.Module]] | None
         if n.op == "output":
             break
         module = branch.get_submodule(n.target) if n.op == "call_module" else None
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        if isinstance(module, _torch.batch_norm_classes()) and module.track_running_stats:
             if module.momentum is None:
                 return None
             ref = graph.get_attr(n.target)
@@ -78,10 +78,9 @@ def _install_while_compiling() -> bool:
     return cond_backward.install(compiling=True)
 
 
-# Run for real while dynamo traces the gate, not traced into the graph. The name is private to torch: where it
-# is missing, a graph break around the install does the same, at one break per gate.
-_install_while_compiling = getattr(torch._dynamo, "assume_constant_result", torch.compiler.disable)(
-    _install_while_compiling)
+# Run for real while dynamo traces the gate, not traced into the graph (_torch says what stands in where the
+# private decorator is missing).
+_install_while_compiling = _torch.assume_constant_result(_install_while_compiling)
 
 
 def _marked():

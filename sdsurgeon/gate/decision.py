@@ -7,6 +7,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
+from .. import _torch
 from .spec import GateSpec
 
 # One seed per process group, agreed once: every rank's gates then draw the same stream.
@@ -94,7 +95,7 @@ class Draws:
             draw = torch.rand(shape)
         else:
             key = int(torch.randint(0, 2**62, ()))
-            replay = self.records.pop(key, None) if torch._C._current_graph_task_id() != -1 else None
+            replay = self.records.pop(key, None) if _torch.in_backward() else None
             if replay is not None and tuple(replay.shape) == shape:
                 draw = replay
             else:  # a first forward; or a recompute that did not restore the RNG state: a fresh draw

@@ -8,7 +8,7 @@ import logging
 import warnings
 from typing import Iterator
 
-_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "onnx_ir")
+from .._torch import NOISY_LOGGERS as _NOISY_LOGGERS
 
 
 @contextlib.contextmanager

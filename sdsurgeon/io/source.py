@@ -23,6 +23,6 @@ def tag(module: nn.Module, name: str, value) -> None:
     """Attach a plain attribute that survives copy.deepcopy, also on a GraphModule (which drops others)."""
     setattr(module, name, value)
     if isinstance(module, fx.GraphModule):
-        from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+        from .. import _torch
 
-        module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+        module.meta.setdefault(_torch.user_preserved_attributes_key(), {})[name] = value

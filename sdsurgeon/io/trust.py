@@ -290,9 +290,9 @@ def unsafe_globals(path: str | os.PathLike) -> list[str]:
 
     Nothing is unpickled. Empty when the file names nothing beyond weights, or is not a readable pickle.
     """
-    from torch import _weights_only_unpickler as weights_only
+    from .. import _torch
 
-    allowed = set(weights_only._get_allowed_globals()) | set(weights_only._get_user_allowed_globals())
+    allowed = _torch.weights_only_allowed_globals()
     return sorted(name for name in _pickled_globals(Path(path)) if name not in allowed)
 
 
