@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -22,6 +26,7 @@ from .choices import MODES, SCALINGS
 from .errors import ConfigError, SurgeonError, option_error
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
+from .progress import SILENT, Progress
 from .report import printable
 
 if TYPE_CHECKING:
@@ -77,6 +82,68 @@ out = _Console(highlight=False, soft_wrap=True, markup=False)
 err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
+def _stderr_is_terminal() -> bool:
+    """Whether progress may be drawn on stderr: it is a terminal, or rich's TTY_COMPATIBLE says so (1; 0 says
+    not). FORCE_COLOR is not enough: colours in a CI log are welcome, lines redrawn in place are not."""
+    said = os.environ.get("TTY_COMPATIBLE", "")
+    if said in ("0", "1"):
+        return said == "1"
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError, OSError):  # replaced, or closed
+        return False
+
+
+class _StderrProgress(Progress):
+    """The library's progress reports drawn on stderr: one line per open stage (a bar where its steps are
+    counted), gone once the work ends, before any result is printed."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, SpinnerColumn, TextColumn, \
+            TimeElapsedColumn
+        from rich.progress import Progress as Bars
+
+        class Counted(ProgressColumn):  # a column shown only for stages whose steps are counted
+            def __init__(self, column: ProgressColumn) -> None:
+                super().__init__()
+                self.column = column
+
+            def render(self, task):
+                return Text("") if task.total is None else self.column.render(task)
+
+        self.bars = Bars(SpinnerColumn(), TextColumn("{task.description}", markup=False),
+                         Counted(BarColumn(bar_width=30)), Counted(MofNCompleteColumn()), TimeElapsedColumn(),
+                         console=console, transient=True, redirect_stdout=False, redirect_stderr=True)
+
+    def start(self, name: str, total: int | None = None):
+        return self.bars.add_task(printable(name), total=total)
+
+    def advance(self, handle, steps: int = 1) -> None:
+        with contextlib.suppress(KeyError):
+            self.bars.advance(handle, steps)
+
+    def end(self, handle) -> None:
+        with contextlib.suppress(KeyError):
+            self.bars.remove_task(handle)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, json_: bool = False) -> Iterator[Progress]:
+    """What a command's long work reports to: a display on stderr while it runs, where stderr is a terminal;
+    nothing with --quiet or --json, or where it is not (a pipe, a file, a CI log). stdout never gets any."""
+    if quiet or json_ or not _stderr_is_terminal():
+        yield SILENT
+        return
+    # The stderr of now, held: while an exporter runs, io.quiet points sys.stderr at a buffer for a while.
+    console = _Console(file=sys.stderr, force_terminal=True, highlight=False, markup=False)
+    if not console.is_interactive:  # TERM=dumb: no redrawing a line in place
+        yield SILENT
+        return
+    reporter = _StderrProgress(console)
+    with reporter.bars:
+        yield reporter
+
+
 def user_errors(command: Callable) -> Callable:
     """SurgeonError -> one line on stderr and exit 1; library warnings stay quiet."""
 
@@ -121,6 +188,9 @@ LEAF = typer.Option([], "--leaf", help="Module class (name or module.Class) that
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Shape of a single float32 input, e.g. 1,3,32,32.")
 INPUT = typer.Option([], "--input", help="Named input NAME:SHAPE[:DTYPE], e.g. ids:1,16:int64 (repeatable).")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
+QUIET = typer.Option(False, "--quiet", "-q", help="Show no progress. Progress (the stage running, and counts "
+                     "where steps are counted) is drawn on stderr, and only when stderr is a terminal and --json is "
+                     "not given; results and errors are printed either way.")
 CAPTURE = typer.Option("auto", "--capture", help="How to read the model's graph: fx (torch.fx, Python level), export "
                        "(torch.export on the example inputs, ATen level: transformers models), or auto (fx if it "
                        "traces the whole model, else export).")
@@ -185,17 +255,54 @@ def _fmt_flops(n: int | None) -> str:
 _CAPTURES = {"fx": "torch.fx (Python-level graph)", "export": "torch.export (ATen-level graph)"}
 
 
+def _site_table(title: str, columns: list[tuple[str, str]], rows: list[list[str]], site: int,
+                droppable: tuple[int, ...]) -> None:
+    """Print a table whose column ``site`` (site ids, which users copy into --set) never wraps. Where the
+    table does not fit the terminal it loses its borders first, then the ``droppable`` columns in that order
+    (a note names them; --json has them all); the other columns fold."""
+    width = out.width
+    shown = list(range(len(columns)))
+    unbounded = out.options.update_width(10_000)  # a measure within the terminal is clipped to it
+
+    def fits(table: Table) -> bool:
+        return out.measure(table, options=unbounded).maximum <= width
+
+    def build(compact: bool) -> Table:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+                      show_edge=not compact, pad_edge=not compact)
+        for i in shown:
+            col, justify = columns[i]
+            if i == site:
+                longest = max([len(col), *(len(r[i]) for r in rows)])
+                table.add_column(col, justify=justify, no_wrap=True, overflow="ignore", min_width=longest)
+            else:
+                table.add_column(col, justify=justify, overflow="fold")
+        for r in rows:
+            table.add_row(*(r[i] for i in shown))
+        return table
+
+    table = build(False)
+    left_out: list[str] = []
+    if not fits(table):
+        table = build(True)
+        for i in droppable:
+            if fits(table):
+                break
+            shown.remove(i)
+            left_out.append(columns[i][0])
+            table = build(True)
+    out.print(table)
+    if left_out:
+        out.print(f"(left out at this width: {', '.join(left_out)}; --json has them)")
+
+
 def _render_plan(p: Plan, name: str) -> None:
-    table = Table(title=f"residual sites of {name}", title_justify="left")
-    for col, justify in (("#", "right"), ("site", "left"), ("p_l", "right"), ("params", "right"),
-                         ("FLOPs", "right"), ("share", "right"), ("shortcut", "left")):
-        table.add_column(col, justify=justify, overflow="fold")  # long site ids wrap, never cut
-    for s in p.sites:
-        share = "-" if s.flops_share is None else f"{100 * s.flops_share:.1f}%"
-        table.add_row(str(s.index), s.id, f"{s.p:.4f}" if s.gated else "1 (no gate)", f"{s.params:,}",
-                      _fmt_flops(s.flops), share, s.shortcut)
+    columns = [("#", "right"), ("site", "left"), ("p_l", "right"), ("params", "right"), ("FLOPs", "right"),
+               ("share", "right"), ("shortcut", "left")]
+    rows = [[str(s.index), s.id, f"{s.p:.4f}" if s.gated else "1 (no gate)", f"{s.params:,}", _fmt_flops(s.flops),
+             "-" if s.flops_share is None else f"{100 * s.flops_share:.1f}%", s.shortcut] for s in p.sites]
     if p.sites:
-        out.print(table)
+        _site_table(f"residual sites of {name}", columns, rows, site=1, droppable=(6, 5, 4, 3))
     out.print(f"sites: {p.num_sites} found, {p.num_gated} gated ({p.rule} rule, p_L = {p.p_L})")
     out.print(f"expected depth: {p.expected_depth:.2f} of {p.num_sites} blocks")
     if p.expected_train_flops_ratio is None:
@@ -211,10 +318,31 @@ def _render_plan(p: Plan, name: str) -> None:
         what = "kept at their rates (--keep-existing)" if p.keep_existing else "switched off: the gates replace them"
         out.print(f"existing drop-path modules: {len(p.drop_paths)} ({p.drop_paths[0].cls}, rates "
                   f"{rates[0]:.4g} to {rates[-1]:.4g}), {what}")
-    for module, reason in p.untraced:
-        out.print(f"not traced: {module or '(root)'}: {reason}", markup=False)
+    if p.outputs:
+        out.print("outputs: " + "; ".join(_fmt_reach(r) for r in p.outputs), markup=False)
+    if p.untraced and p.sites:
+        # The partial capture's normal path, not a failure: the modules inside these were captured and searched.
+        # Only adds written in these modules' own forward went unsearched; --json keeps each module's reason.
+        paths = list(dict.fromkeys(m or "(root)" for m, _ in p.untraced))
+        shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+        out.print(f"captured in parts: {shown} could not be traced whole, so only adds written in their own forward "
+                  "were not searched; the modules inside them were (--json gives each reason)", markup=False)
+    else:
+        for module, reason in p.untraced:
+            out.print(f"not traced: {module or '(root)'}: {reason}", markup=False)
     for refused in p.refused:
         out.print(f"not gated: {refused.id}: {refused.reason}", markup=False)
+
+
+_FORMAT_NAMES = {"onnx": "ONNX", "safetensors": "safetensors", "hf": "hf"}
+
+
+def _fmt_reach(r) -> str:
+    """``ONNX yes``, ``hf no (not a transformers model)``, ``ONNX not checked (give --input-shape ...)``."""
+    name = _FORMAT_NAMES.get(r.format, r.format)
+    if r.ok:
+        return f"{name} yes"
+    return f"{name} {'no' if r.ok is False else 'not checked'} ({r.why})"
 
 
 def _surgery_summary(rewrites) -> str:
@@ -238,15 +366,12 @@ def _fmt_share(x: float | None) -> str:
 
 
 def _render_curve(curve) -> None:
-    table = Table(title=f"prune curve ({curve.by} order), against the unpruned model on {curve.calibration}",
-                  title_justify="left")
-    for col in ("removed", "site removed last", "params used", "rel error", "cosine", "top-1 agreement"):
-        table.add_column(col, justify="left" if col == "site removed last" else "right", overflow="fold")
-    for pt in curve.points:
-        f = pt.fidelity
-        table.add_row(str(pt.removed), pt.site or "-", f"{pt.params:,}", f"{f.rel_error:.3g}", f"{f.cosine:.4f}",
-                      _fmt_share(f.top1))
-    out.print(table)
+    columns = [(col, "left" if col == "site removed last" else "right")
+               for col in ("removed", "site removed last", "params used", "rel error", "cosine", "top-1 agreement")]
+    rows = [[str(pt.removed), pt.site or "-", f"{pt.params:,}", f"{pt.fidelity.rel_error:.3g}",
+             f"{pt.fidelity.cosine:.4f}", _fmt_share(pt.fidelity.top1)] for pt in curve.points]
+    _site_table(f"prune curve ({curve.by} order), against the unpruned model on {curve.calibration}", columns, rows,
+                site=1, droppable=(2, 5, 4))
 
 
 @app.command("plan")
@@ -268,16 +393,17 @@ def plan_cmd(
     capture: str = CAPTURE,
     keep_existing: bool = KEEP_EXISTING,
     json_: bool = JSON,
-    plot: Optional[Path] = typer.Option(  # `\\[plot]`: rich markup would swallow a bare [plot]
+    plot: Optional[Path] = typer.Option(
         None, "--plot", help="Also draw the schedule to this image (.png, .svg or .pdf): p_l per site as a line "
         "and, with --input-shape, each site's share of the FLOPs as bars. Needs matplotlib: "
-        "pip install 'sdsurgeon\\[plot]'. Example: --plot schedule.png"),
+        "pip install matplotlib. Example: --plot schedule.png"),
     prune_curve: bool = typer.Option(False, "--prune-curve", help="Also measure how far the gated model can be "
                                      "pruned: for k = 0..L blocks removed (in --drop-by order), the output's relative "
                                      "error, cosine similarity and top-1 agreement against the unpruned model. "
                                      "--plot then draws this curve."),
     drop_by: str = DROP_BY,
     calibration: Optional[Path] = CALIBRATION,
+    quiet: bool = QUIET,
 ) -> None:
     """Show the residual sites found and the survival probability each would get; --plot draws it.
 
@@ -296,9 +422,10 @@ def plan_cmd(
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for --prune-curve in plan; "
                           "add --prune-curve")
     curve = pipeline.CurveOptions(drop_by, calibration) if prune_curve else None
-    result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights, remember=False),
-                           _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs, plot=plot,
-                           curve=curve)
+    with _progress(quiet, json_) as progress:
+        result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights, remember=False),
+                               _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs,
+                               plot=plot, curve=curve, progress=progress)
     if json_:  # the plot is written before any output, so a failed write leaves stdout empty
         print(json.dumps(result.to_dict()))
     else:
@@ -343,6 +470,7 @@ def inject_cmd(
     warmup: int = typer.Option(0, "--warmup", help="warmup: steps without drops."),
     ramp: int = typer.Option(0, "--ramp", help="warmup: steps of the linear ramp after them."),
     json_: bool = JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Gate every residual block with stochastic depth and write a model to train.
 
@@ -361,7 +489,9 @@ def inject_cmd(
     over_steps = _schedule_options(schedule, pL if theta is None else theta, rule, gamma, warmup, ramp)
     surgery = _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing, mode=mode, scaling=scaling,
                        seed=seed, sync_ranks=not per_rank, schedule=over_steps)
-    result = pipeline.inject(_ref(model, arch, arch_kwargs, trust_pickle, weights), surgery, specs, output=output)
+    with _progress(quiet, json_) as progress:
+        result = pipeline.inject(_ref(model, arch, arch_kwargs, trust_pickle, weights), surgery, specs, output=output,
+                                 progress=progress)
     record = result.to_dict()
     if json_:
         print(json.dumps(record))
@@ -454,6 +584,7 @@ def export_cmd(
                                 "that plain transformers' from_pretrained loads). safetensors and hf need every gate "
                                 "folded into weights; they are checked by loading them back into a fresh model."),
     json_: bool = JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Fold the gates into the weights and export a deterministic ONNX graph, verified with onnxruntime.
 
@@ -480,7 +611,9 @@ def export_cmd(
                           "add --drop N (or --drop-sites REGEX)")
     options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose, drop, drop_by,
                                       drop_sites, calibration, format_)
-    result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output)
+    with _progress(quiet or verbose, json_) as progress:  # --verbose: the exporter's own output, undrawn over
+        result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output,
+                                  progress=progress)
     record = result.to_dict()
     if json_:
         print(json.dumps(record))
@@ -518,17 +651,15 @@ def _render_plain(result, rtol: float, atol: float) -> None:
 
 
 class _BatchDisplay:
-    """Per-job status: a live table on a terminal, one plain line per finished job otherwise."""
+    """Each job's outcome on stdout: one plain line per finished job, or, on a terminal, a table of them all once
+    the run is over. While it runs, progress is on stderr (``_progress``): a live table on stdout would fight it for
+    the terminal, and stdout carries results only."""
 
-    def __init__(self, names: list[str], live: bool, enabled: bool) -> None:
+    def __init__(self, names: list[str], table: bool, enabled: bool) -> None:
         self.status = {n: "queued" for n in names}
         self.notes: dict[str, str] = {}
-        self.live = None
         self.enabled = enabled
-        if enabled and live:
-            from rich.live import Live
-
-            self.live = Live(self._table(), console=out, refresh_per_second=4, transient=False)
+        self.table = enabled and table
 
     def _table(self) -> Table:
         table = Table(title="sdsurgeon batch", title_justify="left")
@@ -540,13 +671,11 @@ class _BatchDisplay:
         return table
 
     def __enter__(self):
-        if self.live:
-            self.live.__enter__()
         return self
 
-    def __exit__(self, *exc):
-        if self.live:
-            self.live.__exit__(*exc)
+    def __exit__(self, exc_type, *exc):
+        if self.table and exc_type is None:  # an interrupted run prints its error line alone
+            out.print(self._table())
 
     def __call__(self, event) -> None:
         if event.kind == "start":
@@ -559,10 +688,8 @@ class _BatchDisplay:
                 f"max abs error {r.max_abs_error:.2g}, "
                 f"{r.timings.get('total', 0):.1f} s"
             )
-            if self.enabled and not self.live:
+            if self.enabled and not self.table:
                 out.print(f"[{event.done}/{event.total}] {r.name}: {r.status} ({self.notes[event.job]})", markup=False)
-        if self.live:
-            self.live.update(self._table())
 
 
 @app.command("batch")
@@ -587,6 +714,7 @@ def batch_cmd(
                                         "shard may get no job (exit 0, a report of zero jobs). The reports say which "
                                         "shard they are; `sdsurgeon batch-report` joins them. With --check: lists the "
                                         "shard's jobs."),
+    quiet: bool = QUIET,
 ) -> None:
     """Inject, fold, export and verify many models in one run, as CI does; writes reports CI systems read.
 
@@ -595,9 +723,9 @@ def batch_cmd(
     others; a job whose outputs are newer than its inputs and whose settings are unchanged is skipped. Exit 0
     when every job is ok or skipped, 1 when any failed. Paths in the config are relative to its folder.
 
-    Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, fold, input_shape or
-    inputs, opset, static_batch, rtol, atol, output_dir, trust_pickle (with --trust-pickle only), save_injected,
-    timeout. Each entry of
+    Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, capture,
+    keep_existing, fold, drop, drop_by, drop_sites, format, input_shape or inputs, opset, static_batch, rtol,
+    atol, output_dir, trust_pickle (with --trust-pickle only), save_injected, timeout. Each entry of
     models takes name and checkpoint (a file or a glob: one job per match, named by file stem) or arch
     (package.module:factory, with arch_kwargs and weights), plus any of those options.
 
@@ -638,10 +766,10 @@ def batch_cmd(
         else:
             out.print(f"{config}: valid, {len(job_list)} jobs: {', '.join(j.name for j in job_list)}", markup=False)
         return
-    display = _BatchDisplay([j.name for j in job_list], live=out.is_terminal and bool(job_list), enabled=not json_)
-    with display:
+    display = _BatchDisplay([j.name for j in job_list], table=out.is_terminal and bool(job_list), enabled=not json_)
+    with display, _progress(quiet, json_) as progress:  # the progress is gone before the table is printed
         result = run_batch(job_list, workers=jobs, fail_fast=fail_fast, force=force, on_event=display,
-                           allow_trust_pickle=trust_pickle)
+                           allow_trust_pickle=trust_pickle, progress=progress)
     written = write_reports(result.records, report_dir, shard=part)
     _report_outcome(result.records, report_dir, written, to_json(result.records, shard=part) if json_ else None, lead)
 

@@ -29,6 +29,7 @@ from .gate import gates
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration
 from .io.files import check_output, staged, staged_folder
 from .io.source import SOURCE_ATTR
+from .progress import SILENT, Progress
 from .sdfile import default_output, load, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
 from .surgery.inject import inject as inject_model
@@ -144,11 +145,14 @@ def _examples(model: nn.Module, specs: Specs) -> tuple[list[InputSpec] | None, A
 
 
 @contextlib.contextmanager
-def stage(timings: dict[str, float] | None, name: str) -> Iterator[None]:
-    """Time a block into ``timings[name]`` (seconds), when timings are kept."""
+def stage(timings: dict[str, float] | None, name: str, progress: Progress = SILENT,
+          label: str | None = None) -> Iterator[None]:
+    """Time a block into ``timings[name]`` (seconds), when timings are kept; ``progress`` hears of it as
+    ``label`` (default: ``name``)."""
     started = time.perf_counter()
     try:
-        yield
+        with progress.stage(label or name):
+            yield
     finally:
         if timings is not None:
             timings[name] = round(time.perf_counter() - started, 3)
@@ -178,11 +182,12 @@ class CurveOptions:
 
 
 def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Specs = None, *,
-         plot: Path | None = None, curve: CurveOptions | None = None) -> PlanResult:
+         plot: Path | None = None, curve: CurveOptions | None = None, progress: Progress = SILENT) -> PlanResult:
     """The residual sites of a model file and the p_l each would get; ``plot`` also draws the schedule there.
 
     ``curve``: also the prune curve of the model gated as planned (of a gated model file: as it is);
-    ``plot`` then draws the curve instead of the schedule.
+    ``plot`` then draws the curve instead of the schedule. ``progress`` hears of each stage: loading, those of
+    analysis.plan, and with ``curve`` gating and the curve (advanced once per point), then the plot.
     """
     from .plot import image_format, plot_prune_curve, plot_schedule
 
@@ -190,36 +195,44 @@ def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Spec
     if plot is not None:  # fail before loading: matplotlib missing, a suffix it cannot write, the input itself
         image_format(check_output(plot, *ref.inputs, *extra, option="--plot"))
     calibration = read_calibration(extra[0]) if extra else None
-    model = ref.load()
+    with progress.stage("load model"):
+        model = ref.load()
     specs, example = _examples(model, inputs)
     p = plan_model(
         model, options.pL, rule=options.rule, overrides=list(options.overrides), include=list(options.include),
         exclude=list(options.exclude), leaves=list(options.leaves), example_inputs=example, capture=options.capture,
-        keep_existing=options.keep_existing,
+        keep_existing=options.keep_existing, progress=progress,
     )
     measured = None
     if curve is not None:
-        gated = model if gates(model) else gate(model, options, specs)
-        measured = prune_curve(gated, by=curve.drop_by, calibration=calibration, input_specs=specs)
-    if plot is not None:
-        if measured is not None:
-            plot_prune_curve(measured, plot, title=ref.name)
+        if gates(model):
+            gated = model
         else:
-            plot_schedule(p, plot, title=ref.name)
+            with progress.stage("inject gates for the prune curve"):
+                gated = gate(model, options, specs, progress=progress)
+        measured = prune_curve(gated, by=curve.drop_by, calibration=calibration, input_specs=specs,
+                               progress=progress)
+    if plot is not None:
+        with progress.stage("draw the plot"):
+            if measured is not None:
+                plot_prune_curve(measured, plot, title=ref.name)
+            else:
+                plot_schedule(p, plot, title=ref.name)
     return PlanResult(ref.name, p, plot, measured)
 
 
 # --- inject ---------------------------------------------------------------------------------------------
 
 
-def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None) -> nn.Module:
-    """Inject gates into a loaded model (inputs, a transformers model's completed, are recorded in its recipe)."""
+def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None, *, progress: Progress = SILENT) -> nn.Module:
+    """Inject gates into a loaded model (inputs, a transformers model's completed, are recorded in its recipe);
+    ``progress`` hears of surgery.inject's stages."""
     specs, example = _examples(model, inputs)
     return inject_model(
         model, options.pL, rule=options.rule, mode=options.mode, scaling=options.scaling, seed=options.seed,
         overrides=list(options.overrides), include=list(options.include), exclude=list(options.exclude),
         leaves=list(options.leaves), inputs=specs, sync_ranks=options.sync_ranks, example_inputs=example,
-        capture=options.capture, keep_existing=options.keep_existing, schedule=options.schedule,
+        capture=options.capture, keep_existing=options.keep_existing, schedule=options.schedule, progress=progress,
     )
 
 
@@ -249,13 +262,17 @@ class InjectResult:
 
 
 def inject(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Specs = None, *,
-           output: Path | None = None) -> InjectResult:
-    """Gate every residual block of a model file and write the model to train (default: <stem>.sd.pt)."""
+           output: Path | None = None, progress: Progress = SILENT) -> InjectResult:
+    """Gate every residual block of a model file and write the model to train (default: <stem>.sd.pt);
+    ``progress`` hears of each stage (load, those of surgery.inject, write)."""
     started = time.perf_counter()
     target = Path(output) if output else ref.default_output()
     check_output(target, *ref.inputs)
-    injected = gate(ref.load(), options, inputs)
-    save(injected, target)
+    with progress.stage("load model"):
+        model = ref.load()
+    injected = gate(model, options, inputs, progress=progress)
+    with progress.stage("write the injected model"):
+        save(injected, target)
     source = getattr(injected, SOURCE_ATTR, None)
     return InjectResult(ref.name, target, options, getattr(injected, RECIPE_ATTR),
                         source is not None and source.kind in ("arch", "hf"), time.perf_counter() - started)
@@ -319,13 +336,14 @@ class ConvertResult:
 
 def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptions(), inputs: Specs = None, *,
             output: Path | None = None, name: str | None = None, save_injected: Path | None = None,
-            timings: dict[str, float] | None = None) -> ConvertResult:
+            timings: dict[str, float] | None = None, progress: Progress = SILENT) -> ConvertResult:
     """Fold the gates into the weights, export ONNX and verify it with onnxruntime against the gated model;
     or (``options.format``) write the folded model as its plain architecture, checked by loading it back.
 
     ``source``: a model file (loaded here) or a model already loaded (batch, after inject). Input specs
     default to those its recipe remembers. Every output (the ONNX file, and the gated model at
-    ``save_injected``) appears together only once verified, or none does. ``timings`` gets seconds per stage.
+    ``save_injected``) appears together only once verified, or none does. ``timings`` gets seconds per stage,
+    and ``progress`` hears of each (load, save, fold, export, verify, and the extra exports that count nodes).
     """
     started = time.perf_counter()
     if options.calibration is not None and not options.prunes:
@@ -343,7 +361,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         if fmt != "hf" and target.suffix != SUFFIXES[fmt]:
             raise ConfigError(f"-o {target}: a {fmt} file name must end in {SUFFIXES[fmt]}")
         check_output(target, *ref.inputs, *([options.calibration] if options.calibration else []), folder=fmt == "hf")
-        with stage(timings, "load"):
+        with stage(timings, "load", progress, "load model"):
             model = ref.load()
         name = name or ref.name
     else:
@@ -355,38 +373,38 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
     example = make_example_inputs(specs)
     if fmt != "onnx":
-        return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started)
+        return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started, progress)
     with contextlib.ExitStack() as outputs:  # every output appears together, or none does
         onnx_tmp = outputs.enter_context(staged(target))
         if save_injected:
             sd_tmp = outputs.enter_context(staged(save_injected))
-            with stage(timings, "save"):
+            with stage(timings, "save", progress, "save the injected model"):
                 save(model, sd_tmp)
         pruned = None
-        with stage(timings, "fold"):
+        with stage(timings, "fold", progress, "prune and fold" if options.prunes else "fold the gates"):
             if options.prunes:
                 folded, pruned = prune(model, options.drop or 0, by=options.drop_by, sites=options.drop_sites,
                                        calibration=calibration, into_weights=options.fold, input_specs=specs)
                 report = pruned.fold
             else:
                 folded, report = fold_with_report(model, into_weights=options.fold)
-        with stage(timings, "export"):
+        with stage(timings, "export", progress, "export ONNX"):
             exported = write_onnx(folded, example, onnx_tmp, opset=options.opset, dynamic_batch=options.dynamic_batch,
                                   verbose=options.verbose)
-        with stage(timings, "verify"):
+        with stage(timings, "verify", progress, "verify with onnxruntime"):
             # against the gated model (the check covers the fold as well as the export); a pruned one is
             # another function, checked against itself in PyTorch (the report measures how far it moved)
             checked = verify(folded if pruned else model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
         unpruned_nodes = None
         if pruned is not None:  # before the outputs appear: a failure here leaves none
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, progress.stage("export the unpruned model (node count)"):
                 unpruned_nodes = export_onnx(fold_with_report(model, into_weights=options.fold)[0], example,
                                              Path(tmp) / "unpruned.onnx", opset=options.opset,
                                              dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     exported.path = str(target)
     original_nodes = None
     if options.compare:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, progress.stage("export the model without gates (--compare)"):
             original = remove_gates(model) if report.sites else model
             original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=options.opset,
                                          dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
@@ -395,7 +413,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
 
 
 def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: ConvertOptions, name: str | None,
-                   save_injected: Path | None, timings: dict[str, float] | None, started: float) -> ConvertResult:
+                   save_injected: Path | None, timings: dict[str, float] | None, started: float,
+                   progress: Progress = SILENT) -> ConvertResult:
     """Fold, and write the folded model as its plain architecture (safetensors or a save_pretrained folder);
     then load what was written into a fresh instance of that architecture, as a user without sdsurgeon
     would, and check it against the gated model in eval."""
@@ -407,15 +426,15 @@ def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: C
         tmp = outputs.enter_context(staged_folder(target, marker="config.json") if fmt == "hf" else staged(target))
         if save_injected:
             sd_tmp = outputs.enter_context(staged(save_injected))
-            with stage(timings, "save"):
+            with stage(timings, "save", progress, "save the injected model"):
                 save(model, sd_tmp)
-        with stage(timings, "fold"):
+        with stage(timings, "fold", progress, "fold the gates"):
             folded, report = fold_with_report(model)
         refuse_unless_plain(report, fmt)
         plain = _plain_architecture(folded, model)
-        with stage(timings, "export"):
+        with stage(timings, "export", progress, f"write {'the save_pretrained folder' if fmt == 'hf' else fmt}"):
             written = write_safetensors(plain, tmp) if fmt == "safetensors" else write_pretrained(plain, tmp)
-        with stage(timings, "verify"):
+        with stage(timings, "verify", progress, "load it back and verify"):
             fresh = rebuild_architecture(model)
             if fresh is None:  # built from a pickle: the folded model's own class, every tensor poisoned first
                 fresh = _poisoned(copy.deepcopy(plain))

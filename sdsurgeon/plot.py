@@ -10,7 +10,8 @@ from .surgery.prune import PruneCurve
 from .errors import ConfigError, MissingDependencyError, WriteError
 from .io.files import staged
 
-INSTALL_HINT = "pip install 'sdsurgeon[plot]'"
+# Not `pip install 'sdsurgeon[plot]'`: that names a distribution on PyPI, and sdsurgeon is installed from a clone.
+INSTALL_HINT = "pip install matplotlib"
 NO_FLOPS_NOTE = "FLOP shares not counted: give example inputs (--input-shape) to plan"
 P_COLOUR, FLOPS_COLOUR, UNGATED_COLOUR = "tab:blue", "tab:orange", "tab:gray"
 
@@ -97,7 +98,7 @@ def schedule_figure(plan: Plan, title: str | None = None):
 def plot_schedule(plan: Plan, path: str | os.PathLike, title: str | None = None):
     """Draw ``plan`` (see ``schedule_figure``) to ``path`` atomically, in the format its suffix names; returns the Figure.
 
-    Raises MissingDependencyError without matplotlib (``pip install 'sdsurgeon[plot]'``), ConfigError for a
+    Raises MissingDependencyError without matplotlib (``pip install matplotlib``), ConfigError for a
     suffix matplotlib cannot write, WriteError for a missing folder or a folder given as the file.
     """
     fmt = image_format(path)

@@ -161,3 +161,25 @@ class Uncapturable(nn.Module):
 
 def uncapturable(width: int = 8, blocks: int = 2) -> Uncapturable:
     return Uncapturable(width, blocks)
+
+
+# --- for tests/test_cli.py: site ids as long as real models' ----------------------------------------------------
+
+
+class LongNames(nn.Module):
+    """Residual blocks deep in long module names (site ids of 40-odd characters, as in transformers models)."""
+
+    def __init__(self, width: int = 8, blocks: int = 3) -> None:
+        super().__init__()
+        self.encoder_stack = nn.Module()
+        self.encoder_stack.attention_output_block = nn.ModuleList([Block(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.encoder_stack.attention_output_block:
+            x = block(x)
+        return self.head(x)
+
+
+def long_names(width: int = 8, blocks: int = 3) -> LongNames:
+    return LongNames(width, blocks)

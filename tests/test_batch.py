@@ -8,6 +8,7 @@ Config mistakes are checked through ``batch CONFIG --check``, which runs nothing
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 import time
@@ -465,6 +466,15 @@ def test_help_names_the_options_and_an_example():
     for option in ("--jobs", "--fail-fast", "--force", "--check", "--report-dir", "--json", "--trust-pickle",
                    "--shard", "Example"):
         assert option in result.stdout, option
+
+
+def test_help_lists_every_key_a_job_takes():
+    from dataclasses import fields
+
+    from sdsurgeon.batch.config import JobOptions
+
+    words = set(re.findall(r"[A-Za-z_]+", invoke("batch", "--help").stdout))
+    assert {f.name for f in fields(JobOptions)} - words == set()
 
 
 # --- a mixed batch: two good jobs, two broken ones, one run -----------------------------------------

@@ -146,6 +146,46 @@ def test_plan_text_with_input_shape_shows_flops_ratio(work):
     assert "expected training FLOPs: 0." in result.stdout and "of the original" in result.stdout
 
 
+def test_plan_says_which_outputs_the_model_can_reach(work):
+    """Before any training: ONNX needs the model captured by torch.export, hf a transformers model."""
+    import inspect
+
+    result = invoke("plan", *TINY, "--input-shape", "2,8")
+    assert_ok(result)
+    assert "outputs: ONNX yes; safetensors yes; hf no (not a transformers model)" in result.stdout.splitlines()
+    lines, start = inspect.getsourcelines(archs.DataDependent.forward)
+    where = f"archs.py:{start + next(i for i, t in enumerate(lines) if 'x.sum() > 0' in t)} in forward"
+    data_dependent = ["--arch", "archs:data_dependent", "--input-shape", "2,8"]
+    result = invoke("plan", *data_dependent)
+    assert_ok(result)  # it plans (its blocks are captured); export would fail after training, so plan says so now
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("outputs: ")]
+    assert line.startswith("outputs: ONNX no (") and "data-dependent control flow" in line and where in line, line
+    assert line.endswith("; safetensors yes; hf no (not a transformers model)"), line
+    onnx, safetensors, hf = json.loads(invoke("plan", *data_dependent, "--json").stdout)["outputs"]
+    assert (onnx["format"], onnx["reachable"], safetensors["reachable"], hf["reachable"]) == ("onnx", False, True, False)
+    assert where in onnx["why"]
+    result = invoke("plan", "--arch", "archs:data_dependent")  # no inputs: torch.export cannot be tried
+    assert_ok(result)
+    assert "outputs: ONNX not checked (give --input-shape" in result.stdout
+
+
+def test_site_ids_never_wrap_at_80_columns(work, monkeypatch):
+    """Site ids are what users copy into --set: whole on one line in the plan and prune-curve tables."""
+    from sdsurgeon import cli
+
+    monkeypatch.setattr(cli.out, "_width", 80)
+    args = ["--arch", "archs:long_names", "--input-shape", "2,8"]
+    ids = [s["id"] for s in json.loads(invoke("plan", *args, "--json").stdout)["sites"]]
+    assert len(ids) == 3 and all(len(i) >= 40 for i in ids), ids
+    result = invoke("plan", *args, "--prune-curve")
+    assert_ok(result)
+    lines = result.stdout.splitlines()
+    for site in ids:  # once in the plan's table, once in the curve's, in rows that fit the width
+        rows = [line for line in lines if site in line]
+        assert len(rows) == 2 and all(len(row) <= 80 for row in rows), (site, result.stdout)
+    assert any(line.startswith("(left out at this width: ") for line in lines)
+
+
 def test_plan_of_checkpoint_files(files):
     result = invoke("plan", files["sd"], *TINY, "--json")
     assert_ok(result)

@@ -152,7 +152,7 @@ def test_a_block_that_cannot_be_gated_is_named_with_its_reason_in_one_line(work)
     plan = sdsurgeon.plan(EscapingBranch(), 0.5)
     assert plan.num_sites == 0
     (refused,) = plan.refused
-    assert refused.id == "add" and "also used by output" in refused.reason
+    assert refused.id == "add" and "also used as an output of the model" in refused.reason
     assert sdsurgeon.plan(Negatives(), 0.5).refused == []  # adds that are no block are not reported at all
     torch.save(EscapingBranch().state_dict(), work / "escaping.pt")
     arch = ["--arch", "zoo:EscapingBranch"]
@@ -215,3 +215,62 @@ def test_branch_flops_count_the_attention_a_training_step_computes():
     linears = 2 * b * n * c * (3 * c) + 2 * b * n * c * c  # in and out projections (2 FLOPs per multiply-add)
     attention = 2 * (2 * b * n * n * c)  # q @ k^T and weights @ v, over all heads
     assert [s.flops for s in plan.sites] == [linears + attention]
+
+
+# --- refusals in the user's terms (issue 28, item 5) ------------------------------------------------------------
+
+
+class _HiddenEscapes(torch.nn.Module):
+    """x + fc(norm(x)) whose normalised value is also read after the block: no self-contained branch."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.norm(x)  # computed inside the branch
+        y = x + self.fc(h)
+        return y * torch.sigmoid(h)  # and used outside it
+
+
+def _line_of(text: str) -> int:
+    import inspect
+
+    lines, start = inspect.getsourcelines(_HiddenEscapes.forward)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+# Graph node names as torch.fx and torch.export make them (norm, fc, add_1, layer_norm, linear, mul, sigmoid, to_11).
+_NODE_NAME = __import__("re").compile(r"\b(?:norm|fc|add|mul|sigmoid|layer_norm|linear|to|getitem)(?:_\d+)?\b|used by")
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_refusal_names_the_source_lines_and_module_paths_never_graph_nodes(method):
+    import re
+
+    import sdsurgeon
+
+    plan = sdsurgeon.plan(_HiddenEscapes(), 0.5, capture=method, example_inputs=torch.randn(2, 8))
+    assert plan.capture == method and plan.num_sites == 0
+    (refused,) = plan.refused
+    reason = refused.reason
+    assert f"test_detect.py:{_line_of('h = self.norm(x)')}" in reason, reason
+    assert f"test_detect.py:{_line_of('return y * torch.sigmoid(h)')}" in reason, reason
+    assert "`norm` (LayerNorm)" in reason and "computed inside the branch" in reason, reason
+    words = re.sub(r"`[^`]*`", "", reason)  # what is left once module paths and quoted source are taken out
+    assert not _NODE_NAME.search(words), reason
+
+
+def test_an_untraced_reason_says_what_stopped_the_trace_in_words_at_the_users_line():
+    import inspect
+
+    import archs
+
+    cap = capture(archs.data_dependent(), example_inputs=torch.randn(2, 8))
+    lines, start = inspect.getsourcelines(archs.DataDependent.forward)
+    where = f"archs.py:{start + next(i for i, t in enumerate(lines) if 'x.sum() > 0' in t)} in forward"
+    fx_reason, export_reason = (u.reason for u in cap.untraced if u.path == "")
+    assert fx_reason.startswith("Python control flow on a tensor") and where in fx_reason
+    assert "data-dependent control flow" in export_reason and where in export_reason
+    assert not any(name in r for r in (fx_reason, export_reason)
+                   for name in ("TraceError", "GuardOnDataDependentSymNode", "Eq(u0"))

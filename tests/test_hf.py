@@ -614,6 +614,22 @@ def test_cli_plan_of_a_folder_reports_the_export_capture(zoo, work):
     assert d["total_flops"] > 0 and 0 < d["expected_train_flops_ratio"] < 1
 
 
+def test_cli_plan_of_a_folder_says_it_reaches_every_output_and_refuses_in_the_models_terms(zoo, work):
+    """A transformers folder reaches ONNX, safetensors and hf; Llama's attention add that cannot be gated is
+    explained by modeling_llama.py's lines and module paths, not by ATen node names (to_11, add_14)."""
+    import re
+
+    result = invoke("plan", zoo(CASES["llama"]).folder, *TOKENS)
+    assert_ok(result)
+    lines = result.stdout.splitlines()
+    assert "outputs: ONNX yes; safetensors yes; hf yes" in lines
+    refusals = [line.partition(": ")[2].partition(": ")[2] for line in lines if line.startswith("not gated: ")]
+    assert refusals
+    for reason in refusals:
+        assert re.search(r"modeling_llama\.py:\d+ in forward", reason) and "`model.layers." in reason, reason
+        assert not re.search(r"\b[a-z]+(?:_[a-z]+)*_\d+\b", re.sub(r"`[^`]*`", "", reason)), reason
+
+
 def test_cli_inject_then_export_a_folder_remembers_the_inputs(zoo, work):
     case = CASES["bert"]
     saved = zoo(case)

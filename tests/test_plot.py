@@ -115,7 +115,7 @@ def test_figure_marks_ungated_sites_and_says_when_flops_are_missing():
 def test_plot_schedule_without_matplotlib_raises_and_writes_nothing(tmp_path, monkeypatch):
     plan = sdsurgeon.plan(Uneven(WIDTH, HIDDEN, CLASSES), 0.5)
     hide_matplotlib(monkeypatch)
-    with pytest.raises(MissingDependencyError, match=r"pip install 'sdsurgeon\[plot\]'") as raised:
+    with pytest.raises(MissingDependencyError, match=r"pip install matplotlib$") as raised:
         plot_schedule(plan, tmp_path / "s.png")
     assert isinstance(raised.value, SurgeonError) and "\n" not in str(raised.value)
     assert list(tmp_path.iterdir()) == []
@@ -172,7 +172,7 @@ def test_plan_plot_json_names_the_file(work):
 def test_plan_plot_without_matplotlib_is_one_line_and_no_file(work, monkeypatch):
     hide_matplotlib(monkeypatch)
     line = assert_user_error(invoke("plan", *RESNET20, "--plot", "schedule.png"))
-    assert "pip install 'sdsurgeon[plot]'" in line
+    assert "pip install matplotlib" in line
     assert list(work.iterdir()) == []
     assert_ok(invoke("plan", *RESNET20))  # plan without --plot needs no matplotlib
 
@@ -215,5 +215,5 @@ def test_help_has_an_example(command):
 
 
 def test_plan_help_teaches_plot():
-    out = invoke("plan", "--help").stdout
-    assert "--plot" in out and "sdsurgeon[plot]" in out and "schedule.png" in out
+    out = " ".join(invoke("plan", "--help").stdout.replace("│", " ").split())  # the table's borders and wraps
+    assert "--plot" in out and "pip install matplotlib." in out and "schedule.png" in out

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.graph_facts import constant_nodes, dead_nodes, shape_only_nodes, write_edges
+from ..capture.where import describe, used_by
 
 _aten = torch.ops.aten
 ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor})
@@ -73,8 +74,9 @@ def module_scope(node: fx.Node) -> str:
 class _Graph:
     """Per-graph indexes shared by all matches (built once: keeps detection linear)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, part: str = "") -> None:
         self.gm = gm
+        self.part = part  # the module path of the captured module: messages name nodes by where they are
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
@@ -199,17 +201,20 @@ def _site_fields(g: _Graph, add: fx.Node, x: fx.Node, t: fx.Node, region: list[f
     params += g.own_attr_params(inputs, region_set)
     if params == 0:
         return None
+    # Reasons name values by the user's source line and module path (capture.where), never by graph node names.
     outside = [u for u in t.users if u is not add]
     if outside:
-        return f"its branch output {t.name} is also used by {outside[0].name}: gating it would change that use"
+        return (f"its branch output, {describe(t, g.part)}, is also used {used_by(outside[0], g.part)}: gating it "
+                "would change that use")
     for n in region:
         # An intermediate value escapes the branch; a shape may (the branch then reads its own copy).
         users = [u for u in n.users if u not in region_set]
         if n is not t and users and n not in g.shape_only:
-            return f"{n.name}, computed inside its branch, is also used by {users[0].name} outside it"
+            return (f"{describe(n, g.part)}, computed inside the branch, is also used {used_by(users[0], g.part)} "
+                    "outside it")
     later = next((i for i in inputs if g.order[i] > g.order[add]), None)
     if later is not None:
-        return f"its branch reads {later.name}, which is computed after the add"
+        return f"its branch reads {describe(later, g.part)}, which is computed after the add"
     inputs.sort(key=lambda n: (n is not x, g.order[n]))  # x first, then side inputs in order
     return dict(
         branch_output=t.name,
@@ -284,12 +289,12 @@ class RefusedAdd:
 
 def find_residuals(gm: fx.GraphModule, *, part: str = "") -> list[ResidualSite]:
     """Residual sites of ``gm`` in execution order (index from 1). Never modifies ``gm``."""
-    return _find(_Graph(gm), part)[0]
+    return _find(_Graph(gm, part), part)[0]
 
 
 def detect(gm: fx.GraphModule, *, part: str = "") -> tuple[list[ResidualSite], list[RefusedAdd]]:
     """``find_residuals`` and the blocks it had to refuse, each with its reason. Never modifies ``gm``."""
-    return _find(_Graph(gm), part)
+    return _find(_Graph(gm, part), part)
 
 
 def _find(g: _Graph, part: str) -> tuple[list[ResidualSite], list[RefusedAdd]]:

@@ -21,6 +21,7 @@ from .._version import __version__
 from ..capture.inputs import InputSpec, parse_shape
 from ..errors import ConfigError, SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
+from ..progress import SILENT, Progress
 from ..report import JobRecord
 from .config import Job, JobOptions
 
@@ -90,8 +91,9 @@ def _in_config_terms(exc: SurgeonError) -> str:
 _PRUNE_KEYS = {"--drop": "drop", "--drop-by": "drop_by", "--drop-sites": "drop_sites"}  # found out only once loaded
 
 
-def run_job(job: Job) -> JobRecord:
-    """load -> inject -> (save) -> fold -> export -> verify. Never raises: failures become the record's error."""
+def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
+    """load -> inject -> (save) -> fold -> export -> verify. Never raises: failures become the record's error.
+    ``progress`` hears of each stage, as the pipeline functions report them."""
     from .. import pipeline
     from ..surgery.recipe import RECIPE_ATTR
 
@@ -103,21 +105,21 @@ def run_job(job: Job) -> JobRecord:
         Path(job.output_path).parent.mkdir(parents=True, exist_ok=True)
         ref = pipeline.ModelRef(job.checkpoint, job.arch, job.arch_kwargs, weights=job.weights,
                                 trust_pickle=o.trust_pickle, arch_folders=job.import_paths)
-        with pipeline.stage(timings, "load"):
+        with pipeline.stage(timings, "load", progress, "load model"):
             model = ref.load()
         specs = _specs(o)
         if getattr(model, RECIPE_ATTR, None) is None:  # a plain model: gate it; an sdsurgeon file is already gated
             surgery = pipeline.SurgeryOptions(o.pL, o.rule, o.set, o.include, o.exclude, o.leaf, o.capture,
                                               o.keep_existing, mode=o.mode, scaling=o.scaling, seed=o.seed)
-            with pipeline.stage(timings, "inject"):
-                model = pipeline.gate(model, surgery, specs)
+            with pipeline.stage(timings, "inject", progress, "inject gates"):
+                model = pipeline.gate(model, surgery, specs, progress=progress)
             specs = None  # the recipe now holds them, completed from a transformers config where needed
         record.sites = len(getattr(model, RECIPE_ATTR).sites)  # known even if the job fails later
         converted = pipeline.convert(
             model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol, drop=o.drop,
                                            drop_by=o.drop_by, drop_sites=o.drop_sites, format=o.format), specs,
             output=Path(job.output_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
-            timings=timings,
+            timings=timings, progress=progress,
         )
         record.folded, record.multiplies = len(converted.report.folded), len(converted.report.multiplies)
         record.nodes = getattr(converted.exported, "nodes", None)  # ONNX only
@@ -179,6 +181,7 @@ def _worker(conn, threads: int, undo: dict) -> None:
 
     from ..io.quiet import quiet
 
+    progress = _ToParent(conn)
     while True:
         try:
             job = conn.recv()
@@ -188,8 +191,31 @@ def _worker(conn, threads: int, undo: dict) -> None:
             return
         conn.send(("started", None))  # the timeout counts from here, not from the worker's imports
         with quiet():
-            record = run_job(job)
+            record = run_job(job, progress)
         conn.send(("done", record))
+
+
+class _ToParent(Progress):
+    """A worker's reporter: sends the parent the innermost stage its job is in (``("stage", name)``), which the
+    parent reports as that job's (see ``_Reporting``)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.open: list[tuple[object, str]] = []
+
+    def start(self, name: str, total: int | None = None) -> object:
+        handle = object()
+        self.open.append((handle, name))
+        self._send()
+        return handle
+
+    def end(self, handle: object) -> None:
+        self.open = [(h, name) for h, name in self.open if h is not handle]
+        self._send()
+
+    def _send(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the parent gone: it stops this worker anyway
+            self.conn.send(("stage", self.open[-1][1] if self.open else None))
 
 
 @contextlib.contextmanager
@@ -272,6 +298,39 @@ class BatchEvent:
     total: int = 0
 
 
+class _Reporting:
+    """A run's events, told to ``on_event`` (starts and ends) and to a progress reporter: the stage "jobs",
+    advanced once per job done (skipped ones included), and one stage per running job, named after the job
+    and, once its worker reports one, the stage it is in ("resnet: export ONNX")."""
+
+    def __init__(self, progress: Progress, total: int, on_event: Callable[[BatchEvent], None] | None) -> None:
+        self.progress, self.on_event = progress, on_event
+        self.overall = progress.start("jobs", total=total)
+        self.running: dict[str, Any] = {}  # job name -> its stage's handle
+
+    def __call__(self, event: BatchEvent) -> None:
+        if event.kind == "start":
+            self.stage(event.job, None)
+        else:
+            self._end(event.job)
+            self.progress.advance(self.overall)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def stage(self, job: str, doing: str | None) -> None:
+        self._end(job)
+        self.running[job] = self.progress.start(f"{job}: {doing}" if doing else job)
+
+    def _end(self, job: str) -> None:
+        if job in self.running:
+            self.progress.end(self.running.pop(job))
+
+    def close(self) -> None:
+        for job in list(self.running):
+            self._end(job)
+        self.progress.end(self.overall)
+
+
 @dataclass
 class BatchResult:
     records: list[JobRecord] = field(default_factory=list)
@@ -282,7 +341,8 @@ class BatchResult:
 
 
 def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, force: bool = False,
-              on_event: Callable[[BatchEvent], None] | None = None, allow_trust_pickle: bool = False) -> BatchResult:
+              on_event: Callable[[BatchEvent], None] | None = None, allow_trust_pickle: bool = False,
+              progress: Progress = SILENT) -> BatchResult:
     """Run jobs in ``workers`` processes (torch threads split between them); results in job order.
 
     Up-to-date jobs are skipped unless ``force``. A job whose process dies or outlives its timeout is
@@ -290,6 +350,8 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
     With ``fail_fast``, jobs not yet started after the first failure are reported skipped. A job with
     ``trust_pickle`` is refused up front unless ``allow_trust_pickle`` (the command line's --trust-pickle).
     Interrupted (Ctrl-C, or any error here), it stops the running jobs, removes their temp files and re-raises.
+    ``on_event`` hears of each job's start and end; ``progress`` of the jobs done (stage "jobs") and of each
+    running job, named ``NAME`` and then ``NAME: STAGE`` with the pipeline stage its worker is in.
     """
     import multiprocessing as mp
     from multiprocessing.connection import wait
@@ -299,7 +361,7 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
         at = f"{trusting.where}: " if trusting.where else ""
         raise ConfigError(f"{at}job {trusting.name}: trust_pickle would unpickle code from the checkpoint, which "
                           "a config cannot allow by itself; pass --trust-pickle too")
-    emit = on_event or (lambda _e: None)
+    emit = _Reporting(progress, len(jobs), on_event)
     records: dict[str, JobRecord] = {}
     todo: deque[Job] = deque()
     for job in jobs:
@@ -367,6 +429,9 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                             kind, record = "died", None
                         if kind == "started":
                             slot.started = time.monotonic()
+                        elif kind == "stage":  # the stage the job is in: a name, not a record
+                            emit.stage(slot.job.name, record)
+                            record = None
                     if record is not None:
                         finish(slot, record)
                         failed |= record.status == "failed"
@@ -402,4 +467,5 @@ def run_batch(jobs: list[Job], *, workers: int = 1, fail_fast: bool = False, for
                     _remove_leftovers(job)
                 if start_folder:
                     shutil.rmtree(start_folder[0], ignore_errors=True)
+                emit.close()
     return BatchResult([records[j.name] for j in jobs])

@@ -16,6 +16,7 @@ from .fx import ModeDependentForward, is_default_leaf, trace, untouched
 from .inputs import normalize_inputs
 from .modes import modes_kept
 from .torch_export import cache_off
+from .where import explain
 
 # Argument values a graph may be specialised on: fixed in the graph, checked on every call.
 _FIXABLE = (type(None), bool, int, float, str)
@@ -139,7 +140,7 @@ def _trace_call(module: nn.Module, call: Call, leaves: Iterable[str]) -> fx.Grap
             fixed = _fewest(fixed, lambda f: spec.trace(leaves, f, opaque))
             opaque = _deepest(module, opaque, lambda o: spec.trace(leaves, fixed, o))
             return spec.trace(leaves, fixed, opaque)
-    raise CaptureError(f"{type(module).__name__} does not trace on its recorded call: {failure}")
+    raise CaptureError(f"{type(module).__name__} does not trace on its recorded call: {explain(failure).reason}")
 
 
 def _callable_children(module: nn.Module, path: str) -> list[str]:

@@ -16,8 +16,9 @@ from torch import nn
 from ..capture.drop_path import find_drop_paths, leaf_classes, restore_calls
 from ..capture.graph_facts import dead_nodes
 from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph
-from ..errors import CaptureError, ConfigError, first_line
+from ..errors import CaptureError, ConfigError
 from .inputs import ExampleInputs, normalize_inputs
+from .where import calling_frame, explain
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
@@ -46,7 +47,7 @@ class UntracedPart:
     """A module whose own forward could not be traced (its children may have been)."""
 
     path: str
-    reason: str
+    reason: str  # in the user's terms: what stopped the trace, at which line of their code (see capture.where)
 
 
 @dataclass
@@ -67,6 +68,16 @@ class _LeafTracer(fx.Tracer):
         super().__init__()  # no arguments needed: GraphModule unpickling builds one bare
         self.leaf_names = leaf_names
         self.leaf_paths = leaf_paths
+
+    user_lines = False  # record on each node the line of user code that made it (where.calling_frame)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self.user_lines:
+            frame = calling_frame()
+            if frame is not None:
+                node.meta["stack_trace"] = frame.as_stack_trace()
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         cls = type(m)
@@ -150,7 +161,17 @@ def _trace_in_mode(module: nn.Module, training: bool, leaf_names: frozenset[str]
     with untouched(module):
         for m in module.modules():
             m.training = training
-        return _LeafTracer(leaf_names, leaf_paths).trace(module)
+        tracer = _LeafTracer(leaf_names, leaf_paths)
+        # The train-mode graph is the one kept: its nodes remember the user's source line (messages name it).
+        tracer.user_lines = training
+        return tracer.trace(module)
+
+
+def _untraced(path: str, exc: BaseException) -> UntracedPart:
+    """Why ``path`` did not trace, in the user's terms (our own errors already are)."""
+    if isinstance(exc, (CaptureError, ModeDependentForward)):
+        return UntracedPart(path, str(exc))
+    return UntracedPart(path, explain(exc).reason)
 
 
 _PROXY_TEXT = re.compile(r"Proxy\(\w+\)")  # node names inside traced strings (assert messages) may differ
@@ -270,21 +291,21 @@ def capture(model: nn.Module, *, leaves: Iterable[str] = (), method: str = "auto
                     check_train_eval(model, gm, *at_least_two(inputs), front_end="fx")
             return Capture("fx", [CapturedPart("", gm)])
         except Exception as exc:  # any tracing failure: try torch.export, then the children
-            root_failure = UntracedPart("", str(exc) if isinstance(exc, CaptureError) else first_line(exc))
+            root_failure = _untraced("", exc)
     else:
         root_failure = None
     export_failure = None
     if method == "auto" and inputs is not None:
         try:
             return _export(model, inputs)
-        except CaptureError as exc:
-            export_failure = exc.what or str(exc)  # without its advice: the combined message below advises
+        except CaptureError as exc:  # without its advice: the combined message below advises
+            export_failure = UntracedPart("", exc.what or str(exc))
     cap = _partial_fx(model, leaves, root_failure)
     if export_failure:
-        cap.untraced.insert(1 if root_failure else 0, UntracedPart("", export_failure))
+        cap.untraced.insert(1 if root_failure else 0, export_failure)
     if not cap.parts:
         fx_reason = cap.untraced[0].reason if cap.untraced else "no traceable module"
-        tried = f"torch.fx: {fx_reason}" + (f"; {export_failure}" if export_failure else "")
+        tried = f"torch.fx: {fx_reason}" + (f"; {export_failure.reason}" if export_failure else "")
         hint = "" if inputs is not None or method == "fx" else ", or give --input so torch.export can capture it"
         raise CaptureError(
             f"could not capture any part of {type(model).__name__} ({tried}); mark the module that fails as "
@@ -303,6 +324,28 @@ def _export(model: nn.Module, inputs: "ExampleInputs") -> Capture:
     return Capture("export", [CapturedPart("", gm)])
 
 
+def export_failure_of(model: nn.Module, example_inputs, *, training: bool = False) -> UntracedPart | None:
+    """Why torch.export (strict=False) cannot capture the whole ``model`` on the example inputs in ``training``
+    mode, or None where it can: what ONNX export (torch.onnx's dynamo exporter, in eval mode) needs first."""
+    args, kwargs = at_least_two(normalize_inputs(example_inputs))
+    with untouched(model), cache_off(model):
+        try:
+            export_graph(model, args, kwargs, training=training)
+        except CaptureError as exc:
+            return UntracedPart("", exc.what or str(exc))
+    return None
+
+
+def eval_trace_failure(model: nn.Module, leaves: Iterable[str] = ()) -> UntracedPart | None:
+    """Why torch.fx cannot trace the whole ``model`` in eval mode with ``leaves`` (class names) kept opaque,
+    or None where it can."""
+    try:
+        _trace_in_mode(model, False, frozenset(leaves), frozenset())
+    except Exception as exc:  # any tracing failure
+        return _untraced("", exc)
+    return None
+
+
 def _partial_fx(model: nn.Module, leaves: frozenset[str], root_failure: UntracedPart | None) -> Capture:
     """The largest traceable submodules, top-down, below a root that did not trace."""
     parts: list[CapturedPart] = []
@@ -315,7 +358,7 @@ def _partial_fx(model: nn.Module, leaves: frozenset[str], root_failure: Untraced
                 parts.append(CapturedPart(path, trace(module, leaves)))
                 return
             except Exception as exc:  # any tracing failure: fall back to the children
-                untraced.append(UntracedPart(path, first_line(exc)))
+                untraced.append(_untraced(path, exc))
         for name, child in module.named_children():
             container = isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
             if (is_default_leaf(child) and not container) or type(child) in LEAF_REGISTRY or _class_matches(

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
-import traceback
 from typing import Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.export import Dim
-from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, first_line
+from .. import _torch
+from ..errors import CaptureError
 from .modes import modes_kept
+from .where import explain, user_frame
 
 _aten = torch.ops.aten
 # Ops taking (input, p, train): captured in train mode with train=True baked in.
@@ -29,7 +28,7 @@ _SDPA_DROPOUT_ARG = 4  # aten.scaled_dot_product_attention(q, k, v, mask, dropou
 TRAINING = "training"  # the get_attr node that reads the GraphModule's own train/eval flag
 
 
-def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+def export_graph(model: nn.Module, args: tuple, kwargs: dict, *, training: bool = True) -> fx.GraphModule:
     """Capture ``model`` on example inputs as one ATen-level GraphModule that behaves like a module.
 
     The model is captured in train mode (so dropout and batch-norm statistics are in the graph) with
@@ -37,17 +36,20 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     ``at_least_two``: torch.export fixes size-1 dimensions). Then ``follow_train_eval`` makes those ops read the GraphModule's
     ``training`` flag, so ``.train()``/``.eval()`` work as on the original. The result shares
     parameters and buffers with ``model`` and has its state_dict keys. Capture transformers models
-    inside ``cache_off`` (a cache is not a training input).
+    inside ``cache_off`` (a cache is not a training input). ``training=False`` captures the eval-mode
+    function instead (what ONNX export captures).
     """
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    dynamic = {name: pytree.tree_map(_any_size, value) for name, value in bound.items()}
-    with modes_kept(model, training=True), _quiet_export():
+    dynamic = {name: _torch.tree_map(_any_size, value) for name, value in bound.items()}
+    with modes_kept(model, training=training), _quiet_export():
         try:
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
-            what = f"torch.export could not capture {type(model).__name__}{_where(exc)}: {_short(first_line(exc))}"
+            what = f"torch.export could not capture {type(model).__name__}: {explain(exc).reason}"
             hint = "try --capture fx (with --leaf CLASS for the module that fails) or another input spec"
-            raise CaptureError(f"{what}; {hint}", what=what, hint=hint) from None
+            frame = user_frame(exc)
+            raise CaptureError(f"{what}; {hint}", what=what, hint=hint,
+                               where=None if frame is None else str(frame)) from None
     gm = program.module(check_guards=False)
     # module() binds train()/eval() to methods that refuse: drop them so nn.Module's own apply.
     gm.__dict__.pop("train", None)
@@ -101,7 +103,7 @@ def follow_train_eval(gm: fx.GraphModule) -> fx.GraphModule:
             # without dropout does), and a view only works on the layout it was traced with.
             n.target = _aten.reshape.default
             continue
-        elif n.target is _aten._assert_tensor_metadata.default:
+        elif n.target is _torch.private_aten("_assert_tensor_metadata"):
             # dtype checks the capture recorded at every .to(): they would count as users of the
             # value they check and so hide residual branches; the ops themselves still check dtypes.
             graph.erase_node(n)
@@ -165,7 +167,7 @@ def _sdpa_dropout(n: fx.Node) -> float:
 
 def _written_through(n: fx.Node) -> bool:
     """Whether an in-place op writes into this view (then it must stay a view)."""
-    return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable
+    return any((schema := _torch.op_schema(u.target)) is not None and schema.is_mutable
                and u.args and u.args[0] is n for u in n.users)
 
 
@@ -205,7 +207,7 @@ def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: 
 
 
 def _leaves(output) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    return [t for t in _torch.tree_leaves(output) if isinstance(t, torch.Tensor)]
 
 
 def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
@@ -237,19 +239,5 @@ def at_least_two(inputs):
             return torch.cat([t, t])
         return t
 
-    return pytree.tree_map(grow, inputs)
+    return _torch.tree_map(grow, inputs)
 
-
-def _short(text: str, limit: int = 240) -> str:
-    """torch's messages run to paragraphs; the first sentence or so says what failed."""
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def _where(exc: BaseException) -> str:
-    """' in file:line (function)' for the innermost frame of the model's own code, if any."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if f"{os.sep}torch{os.sep}" not in f.filename and "sdsurgeon" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"

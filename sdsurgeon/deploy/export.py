@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..capture.inputs import normalize_inputs
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
+from ..capture.where import explain
 from ..errors import ConfigError, ExportError, first_line
 from ..io.files import staged, writing
 from ..io.quiet import quiet
@@ -142,7 +143,7 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)
         except Exception as exc:
-            cause = first_line(_root_cause(exc))
+            cause = explain(_root_cause(exc)).reason  # in the user's terms, at their line where it has one
             hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in cause else ""
             raise ExportError(f"torch.onnx.export failed: {cause}{hint} (--verbose shows the exporter's log)") from None
         if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:

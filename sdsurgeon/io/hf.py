@@ -25,7 +25,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise LoadError("reading a Hugging Face folder needs transformers: pip install 'sdsurgeon[hf]'") from None
+        raise LoadError("reading a Hugging Face folder needs transformers: pip install 'transformers>=5'") from None
     return transformers
 
 

@@ -13,14 +13,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .. import _torch
 from ..capture import in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.call_trace import record_calls, returned_submodule
 from ..capture.fx import is_default_leaf, trace_eval
 from ..capture.inputs import make_example_inputs
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
+from ..capture.where import describe
 from ..gate import StochasticDepth
 from ..io.hf import carry_recipe
 from ..surgery.recipe import RECIPE_ATTR
@@ -33,7 +34,7 @@ _aten = torch.ops.aten
 AFFINE_MODULES: tuple[type, ...] = (
     nn.Linear, nn.Bilinear,
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    *_torch.batch_norm_classes(), *_torch.instance_norm_classes(),
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
 )
 # Functions taking (input, weight, bias) at these positions; weight and bias must be graph attributes.
@@ -53,8 +54,7 @@ AFFINE_FUNCTIONS: dict[object, tuple[int, int]] = {
 HOMOGENEOUS_MODULES: tuple[type, ...] = (
     nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Flatten, nn.Unflatten,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,  # identity in eval
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    *_torch.pooling_classes(),
     nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.ChannelShuffle,
 )
 HOMOGENEOUS_FUNCTIONS = frozenset({
@@ -64,7 +64,7 @@ HOMOGENEOUS_FUNCTIONS = frozenset({
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pixel_shuffle,
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     torch.mean, torch.sum, torch.neg, operator.neg, operator.getitem, torch.clone,
-    _aten.relu.default, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default,
+    _aten.relu.default, _aten.view.default, _torch.private_aten("_unsafe_view"), _aten.reshape.default,
     _aten.permute.default, _aten.transpose.int, _aten.t.default, _aten.flatten.using_ints,
     _aten.squeeze.dim, _aten.unsqueeze.default, _aten.clone.default, _aten.alias.default,
     _aten.mean.dim, _aten.dropout.default, _aten.max_pool2d.default, _aten.avg_pool2d.default,
@@ -352,7 +352,7 @@ class _Walker:
             return self._opaque(node)
         if node.op == "get_attr":
             return f"the branch ends in the attribute {node.target}"
-        return f"the branch output {node.name} is one of its inputs"
+        return f"the branch output is one of its inputs ({describe(self._resolve(node), self.part)})"
 
     def _inside(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | None:
         """A module call with no rule here (a leaf kept for its train/eval switch, e.g. a BatchNorm2d
@@ -398,14 +398,14 @@ class _Walker:
         return found
 
     def _opaque(self, node: fx.Node) -> str:
-        what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-        return f"the branch ends in {what} ({node.name}), which is not positively homogeneous"
+        return f"the branch ends in {describe(node, self.part)}, which is not positively homogeneous"
 
     def _through(self, node: fx.Node, source) -> list[ScaleTarget] | str:
         if not isinstance(source, fx.Node):
             return self._opaque(node)
         if self._used(source) > 1:
-            return f"{source.name} feeds more than {node.name} in the branch, so its producer cannot be scaled"
+            return (f"{describe(self._resolve(source), self.part)} is used more than once in the branch, so its "
+                    "producer cannot be scaled")
         return self.targets(source)
 
     def _module(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | str:
@@ -414,7 +414,7 @@ class _Walker:
     def _module_at(self, node_name: str, target: str, module: nn.Module) -> list[ScaleTarget] | str:
         names = [n for n in ("weight", "bias") if isinstance(getattr(module, n, None), torch.Tensor)]
         if "weight" not in names:
-            return f"{type(module).__name__} {target} has no affine weight to scale"
+            return f"{type(module).__name__} `{'.'.join(p for p in (self.part, target) if p)}` has no affine weight to scale"
         tensors = [getattr(module, n) for n in names]
         return [ScaleTarget(
             "module", node_name, target, tuple(f"{target}.{n}" for n in names),
@@ -449,7 +449,7 @@ class _Walker:
 
         weight, bias = arg(w_pos, "weight"), arg(b_pos, "bias")
         if not self._is_tensor_attr(weight) or not (bias is None or self._is_tensor_attr(bias)):
-            return f"{node.name}: its weight and bias are not model attributes, so they cannot be scaled"
+            return f"{describe(node, self.part)}: its weight and bias are not model attributes, so they cannot be scaled"
         return [self._attr(t, node) for t in (weight, bias) if t is not None]
 
     def _mul(self, node: fx.Node) -> list[ScaleTarget] | str:
@@ -471,7 +471,7 @@ class _Walker:
             if not isinstance(found, str):
                 return found
             reasons.append(found)
-        return f"neither factor of {node.name} can take p ({'; '.join(reasons)})"
+        return f"neither factor of {describe(node, self.part)} can take p ({'; '.join(reasons)})"
 
     def _both(self, node: fx.Node) -> list[ScaleTarget] | str:
         operands = [v for v in node.args[:2] if isinstance(v, fx.Node)]
@@ -484,7 +484,7 @@ class _Walker:
                 return more
             found += more
         if len({t.target for t in found}) != len(found):
-            return f"{node.name} adds two values made with the same weights"
+            return f"{describe(node, self.part)} adds two values made with the same weights"
         return found
 
 
@@ -725,4 +725,4 @@ def _untag(model: nn.Module) -> None:
         delattr(model, RECIPE_ATTR)
     carry_recipe(model, None)
     if isinstance(model, fx.GraphModule):
-        model.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}).pop(RECIPE_ATTR, None)
+        model.meta.get(_torch.user_preserved_attributes_key(), {}).pop(RECIPE_ATTR, None)

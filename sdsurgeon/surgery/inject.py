@@ -22,6 +22,7 @@ from ..errors import NoResidualSitesError, RecipeMismatchError
 from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.hf import carry_recipe
 from ..io.source import tag
+from ..progress import SILENT, Progress
 from .recipe import RECIPE_ATTR, Recipe
 
 
@@ -43,6 +44,7 @@ def inject(
     capture: str = "auto",
     keep_existing: bool = False,
     schedule: ScheduleSpec | dict | None = None,
+    progress: Progress = SILENT,
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
@@ -59,6 +61,7 @@ def inject(
     already has are switched off (the gates replace them) unless ``keep_existing``. ``schedule``
     (``ScheduleSpec`` or its dict) is recorded in the recipe for ``sdsurgeon.schedules.schedule(model)``,
     which steps p_l over training; the gates get the rule's p_l at ``p_L`` until then.
+    ``progress`` hears of each stage (capture, FLOPs count, detection, rewriting the blocks).
     Raises NoResidualSitesError if nothing is gated.
     """
     _check_gate_options(mode, scaling)
@@ -69,7 +72,7 @@ def inject(
     if example_inputs is None and inputs is not None:
         example_inputs = make_example_inputs(inputs)
     replaced = [] if keep_existing else switch_off(work)
-    cap, sites = locate(work, leaves, example_inputs, method=capture)
+    cap, sites = locate(work, leaves, example_inputs, method=capture, progress=progress)
     if inputs is None and example_inputs is not None:
         inputs = complete_specs(model, specs_of(normalize_inputs(example_inputs)))
     ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
@@ -89,7 +92,8 @@ def inject(
         capture=cap.method, keep_existing=keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
         schedule=None if schedule is None else schedule.to_dict(),
     )
-    return _apply(work, cap, chosen, recipe)
+    with progress.stage("rewrite the blocks"):
+        return _apply(work, cap, chosen, recipe)
 
 
 def _failures(cap: Capture, most: int = 2) -> list[str]:

@@ -14,6 +14,7 @@ from ..analysis.influence import INFLUENCE_MEASURE, block_influence
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs
 from ..errors import NoResidualSitesError, SurgeonError, first_line, option_error
 from ..gate import StochasticDepth, gates
+from ..progress import SILENT, Progress
 from .fold import FoldReport, fold_with_report
 from .recipe import RECIPE_ATTR
 
@@ -212,27 +213,32 @@ class PruneCurve:
 
 
 def prune_curve(model: nn.Module, *, by: str = "schedule", calibration=None,
-                input_specs: Sequence[InputSpec] | None = None) -> PruneCurve:
+                input_specs: Sequence[InputSpec] | None = None, progress: Progress = SILENT) -> PruneCurve:
     """Fidelity and parameters for k = 0..L blocks removed in ``by``'s order, on the calibration inputs.
 
     Each point is the model with the first k blocks of the order removed: their gates give back the skip
     alone (what ``prune`` leaves), the others add their branch scaled by p_l; the injected model itself
     is not changed. Cheaper than L + 1 prunes: one forward (and one backward, for the parameter count)
-    per point, on the model as it is.
+    per point, on the model as it is. ``progress`` hears of the stage "prune curve", advanced once per point.
     """
     found, inputs, source = _start(model, by, calibration, input_specs)
     if inputs is None:
         raise option_error("--prune-curve", "measures the model on inputs: give --calibration FILE or the model's "
                            "input shape (--input-shape)")
-    reference = _checked_outputs(model, inputs)[0]
-    influence = block_influence(model, inputs) if by == "influence" else None
-    ids = order(model, by, influence)
-    curve = PruneCurve(by, source, influence=influence)
-    for k in range(len(ids) + 1):
-        removed = set(ids[:k])
-        with _skipping([g for g in found if g.site_id in removed]):
-            out, used = outputs_and_parameters(model, inputs)
-        curve.points.append(CurvePoint(k, ids[k - 1] if k else None, used, compare(out, reference)))
+    with progress.stage("prune curve", total=len(found) + 1) as advance:  # order() has one id per gate
+        reference = _checked_outputs(model, inputs)[0]
+        influence = None
+        if by == "influence":
+            with progress.stage("measure block influence"):
+                influence = block_influence(model, inputs)
+        ids = order(model, by, influence)
+        curve = PruneCurve(by, source, influence=influence)
+        for k in range(len(ids) + 1):
+            removed = set(ids[:k])
+            with _skipping([g for g in found if g.site_id in removed]):
+                out, used = outputs_and_parameters(model, inputs)
+            curve.points.append(CurvePoint(k, ids[k - 1] if k else None, used, compare(out, reference)))
+            advance()
     return curve
 
 
