@@ -1,6 +1,7 @@
 # `make demo` and `make test` each set everything up first (venv, pinned torch, the package).
-# `make test` runs the default tier (.venv, torch 2.13.0 CPU) and then the zoo tier (.venv-zoo: torch
-# 2.14.1, torchvision, timm); the first run installs the zoo venv (~5.5 GB of CUDA wheels, run on the CPU).
+# `make test` runs the default tier (.venv, torch 2.13.0 CPU), the packaging check and the docs build, and then the
+# zoo tier (.venv-zoo: torch 2.14.1, torchvision, timm); the first run installs the zoo venv (~5.5 GB of CUDA
+# wheels, run on the CPU).
 # `make test-fast` is the inner loop: the default tier without the tests marked compile, onnx, multiprocess,
 # hf or slow (pyproject.toml says what each means).
 PYTHON ?= python3
@@ -11,12 +12,12 @@ ZOO_VENV := .venv-zoo
 ZOO_BIN := $(ZOO_VENV)/bin
 ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test test-fast test-default test-zoo test-zoo-all zoo-venv dist-check bench clean
+.PHONY: demo test test-fast test-default test-zoo test-zoo-all zoo-venv dist-check docs bench clean
 
 $(STAMP): pyproject.toml constraints.txt constraints-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -c constraints-test.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c constraints-test.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 # torch first, alone: installing it with timm in one resolve could pick another build.
@@ -34,6 +35,7 @@ demo: $(STAMP)
 
 test: test-default
 	$(MAKE) --no-print-directory dist-check
+	$(MAKE) --no-print-directory docs
 	$(MAKE) --no-print-directory test-zoo
 
 test-default: $(STAMP)
@@ -50,11 +52,13 @@ FAST_TIER := -m "not (compile or onnx or multiprocess or hf or slow)"
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(FAST_TIER) --check-marks --slow-guard=5 --check-modules=sdsurgeon
 
-# The zoo tier also runs the default tier's checks of the private torch names compiled gates rely on,
+# The zoo tier also runs the default tier's checks of the private torch names (sdsurgeon/_torch.py and the ones
+# compiled gates rely on),
 # its compiled layout tests, and the FSDP2 tests (skipping relies on FSDP2 gathering in a forward
 # pre-hook), on its own torch: both versions are checked. Compiled training of the
 # zoo models marked slow (minutes each; see tests_zoo/test_real_models.py) runs in test-zoo-all.
 ZOO_TRAINING := tests/test_training.py::test_the_private_torch_names_cond_backward_needs_are_all_here_and_it_is_installed_by_gates_only \
+	tests/test_torch_private.py \
 	tests/test_training.py::test_compiled_torchvision_style_blocks_train_like_the_eager_original \
 	tests/test_training.py::test_compiled_convnext_style_blocks_train_like_the_eager_original \
 	tests/test_training.py::test_fsdp2_units_whose_gates_drop_are_neither_gathered_nor_reduced_and_training_equals_one_process \
@@ -69,7 +73,8 @@ test-zoo-all: $(ZOO_STAMP)
 
 # The sdist and the wheel built from it (python -m build: an isolated build env with the build-system's setuptools),
 # then checked as PyPI would take them (twine check --strict: metadata, the README rendered as the long description),
-# and that both carry LICENSE (setuptools only warns when license-files matches nothing).
+# that both carry LICENSE (setuptools only warns when license-files matches nothing), and that the sdist carries
+# CHANGELOG.md and CITATION.cff (MANIFEST.in).
 dist-check: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --quiet --outdir dist .
@@ -77,9 +82,17 @@ dist-check: $(STAMP)
 	$(BIN)/python -c "import glob, sys, tarfile, zipfile; \
 	names = zipfile.ZipFile(*glob.glob('dist/*.whl')).namelist() + tarfile.open(*glob.glob('dist/*.tar.gz')).getnames(); \
 	sys.exit(0 if sum(n.endswith('/LICENSE') for n in names) == 2 else 'dist-check: LICENSE is missing from the wheel or the sdist')"
+	$(BIN)/python -c "import glob, sys, tarfile; names = {n.split('/', 1)[-1] for n in tarfile.open(*glob.glob('dist/*.tar.gz')).getnames()}; \
+	missing = {'CHANGELOG.md', 'CITATION.cff'} - names; sys.exit('dist-check: the sdist lacks ' + ', '.join(sorted(missing)) if missing else 0)"
+
+# The documentation site (mkdocs.yml, docs/) built into site/, with every warning an error: a broken link or anchor,
+# a docstring mkdocstrings cannot render, a page left out of the nav. The CLI page is rendered from the typer app
+# at build time (docs/hooks.py); tests/test_readme.py runs the pages' code blocks.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) build dist site *.egg-info

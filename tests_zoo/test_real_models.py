@@ -29,7 +29,7 @@ COMPILE_STEPS = 4
 LIVE = 2e-3  # a branch halved must move the output by 20x the 1e-4 relative tolerance
 
 # (model id, test) -> why it fails on today's sdsurgeon. strict: a fix turns the entry into a failure
-# (XPASS), so it is deleted with the fix. Failure classes are explained in the README's zoo section.
+# (XPASS), so it is deleted with the fix. Failure classes are explained in docs/zoo.md (Real models).
 KNOWN: dict[tuple[str, str], str] = {}
 
 
