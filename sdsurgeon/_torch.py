@@ -40,6 +40,11 @@ PRIVATE: dict[tuple[str, str], str] = {
     ("torch.nn.modules.pooling", "_AvgPoolNd"): "the public AvgPool classes",
     ("torch.nn.modules.pooling", "_AdaptiveAvgPoolNd"): "the public AdaptiveAvgPool classes",
     ("torch.nn.modules.pooling", "_AdaptiveMaxPoolNd"): "the public AdaptiveMaxPool classes",
+    # torch.nn's transformer layers check masks and inputs in Python with these; traced as calls (capture.torch_nn)
+    ("torch.nn.functional", "_canonical_mask"): "torch.fx traces those layers only when their masks are None",
+    ("torch.nn.functional", "_none_or_dtype"): "torch.fx traces those layers only when their masks are None",
+    ("torch.nn.modules.transformer", "_get_seq_len"): "torch.fx cannot trace their stacks (torch.export can)",
+    ("torch.nn.modules.transformer", "_detect_is_causal_mask"): "torch.fx cannot trace their stacks (torch.export can)",
 }
 
 # Loggers the exporters write to (io.quiet silences them); a renamed one is only not silenced.
@@ -228,3 +233,18 @@ def pooling_classes() -> tuple[type, ...]:
                        ("AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d"))
             + _classes("torch.nn.modules.pooling", "_AdaptiveMaxPoolNd",
                        ("AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d")))
+
+
+def transformer_input_checks() -> list[tuple[Any, str]]:
+    """(module, name) of the functions torch.nn's transformer layers and stacks check their masks and inputs with
+    in Python (``if src.is_nested``): tracing records them as calls instead of running them on proxies. Those
+    this torch lacks are left out (its layers may then not trace: torch.export still captures them)."""
+    names = [(module, name) for module, name in PRIVATE
+             if module in ("torch.nn.functional", "torch.nn.modules.transformer")]
+    return [(importlib.import_module(module), name) for module, name in names if _lookup(module, name) is not _ABSENT]
+
+
+def transformer_shape_readers() -> frozenset:
+    """Of those, the ones that read only their tensor argument's shape (``_get_seq_len``): shape ops to detection."""
+    found = _lookup("torch.nn.modules.transformer", "_get_seq_len")
+    return frozenset() if found is _ABSENT else frozenset({found})

@@ -329,6 +329,46 @@ class BatchNormAct(nn.BatchNorm2d):
         return F.relu(x)
 
 
+class TanhBranchBlock(Scaled):
+    """A branch ending in tanh: no weight can take p (not positively homogeneous), so fold keeps a multiply."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.f = mlp(d)
+
+    def forward(self, x):
+        return x + self.s(torch.tanh(self.f(x)))
+
+
+class TorchEncoder(nn.Module):
+    """torch.nn's own transformer as PyTorch's tutorials build it: to torch.fx its layers are torch.nn leaves.
+    Sequence first (torch.nn's default), which keeps the reference off the fused fast path its hooks would miss."""
+
+    def __init__(self, norm_first=False, d=16):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+class TorchSeq2Seq(nn.Module):
+    """An encoder and a pre-norm decoder of torch.nn's layers; the decoder's causal mask made in forward."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0), 1,
+                                             enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, 2, 2 * d, dropout=0.0, norm_first=True), 1)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, src, tgt):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(0))
+        return self.head(self.decoder(tgt, self.encoder(src), tgt_mask=causal, tgt_is_causal=True))
+
+
 class PreActBlock(Scaled):
     """Pre-activation bottleneck (timm's ResNetV2): BN+act modules before each conv, projection on the normed input."""
 
@@ -454,6 +494,16 @@ def _scale_cifar(model: nn.Module, ps: list[float]) -> None:
         block.bn2.register_forward_hook(lambda _m, _i, out, p=p: out * p)
 
 
+def _scale_torch_nn(model: nn.Module, ps: list[float]) -> None:
+    # torch.nn's layers end each branch in a dropout (dropout1: attention, then dropout2, dropout3): its output
+    # times p_l, by hook, in execution order (the encoder's layers run before the decoder's).
+    ends = [d for m in model.modules() if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+            for d in (m.dropout1, m.dropout2, getattr(m, "dropout3", None)) if d is not None]
+    assert len(ends) == len(ps)
+    for end, p in zip(ends, ps):
+        end.register_forward_hook(lambda _m, _i, out, p=p: out * p)
+
+
 def _tokens():
     ids = torch.randint(0, 50, (2, 6))
     mask = torch.zeros(6, 6).masked_fill(torch.ones(6, 6).triu(1).bool(), -1e4)
@@ -488,7 +538,14 @@ ZOO = [
     ZooEntry("unused_values", lambda: Seq(UnusedValueBlock(8), UnusedValueBlock(8)), lambda: (torch.randn(2, 5, 8),),
              2, _scale_blocks),
     ZooEntry("multihead", lambda: Seq(MultiheadBlock(8), MultiheadBlock(8)), lambda: (torch.randn(2, 5, 8),), 2,
-             _scale_blocks, kept_multiply="MultiheadAttention"),  # a leaf fx cannot look into
+             _scale_blocks),  # a leaf to torch.fx, whose first output fold knows is its out_proj's
+    ZooEntry("tanh_branch", lambda: Seq(TanhBranchBlock(8), TanhBranchBlock(8)), lambda: (torch.randn(4, 8),), 2,
+             _scale_blocks, kept_multiply="not positively homogeneous"),
+    ZooEntry("torch_nn_encoder", TorchEncoder, lambda: (torch.randn(6, 2, 16),), 4, _scale_torch_nn),
+    ZooEntry("torch_nn_prenorm", lambda: TorchEncoder(norm_first=True), lambda: (torch.randn(6, 2, 16),), 4,
+             _scale_torch_nn),
+    ZooEntry("torch_nn_seq2seq", TorchSeq2Seq, lambda: (torch.randn(6, 2, 16), torch.randn(5, 2, 16)), 5,
+             _scale_torch_nn),
     ZooEntry("preact_bn_act", lambda: Seq(PreActBlock(4, 4), PreActBlock(4, 8), stem=nn.Conv2d(3, 4, 1)),
              lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "identity", 2: "projection"}),
     ZooEntry("bn_act_out", lambda: Seq(BNActOutBlock(4), BNActOutBlock(4), stem=nn.Conv2d(3, 4, 1)),

@@ -145,10 +145,13 @@ class _Graph:
         region: set[fx.Node] = set()
         data_dependent: set[fx.Node] = set()
         for n in sorted(seen, key=self.order.__getitem__):
-            if any(i is x or i in region for i in self.inputs(n)):
-                region.add(n)
             if any(i is x or i in data_dependent for i in self.data_inputs(n)) and n not in self.shape_only:
                 data_dependent.add(n)
+            # What reads only x's shape besides values from outside (an attention mask cut to x's length) is
+            # no part of the branch: it is computed before the gate, whether the branch runs or not.
+            if any(i is x or i in region for i in self.inputs(n)) and (
+                    n in data_dependent or n in self.shape_only or n in self.constant):
+                region.add(n)
         if t not in data_dependent:
             return None
         return sorted(region | self._hanging(region), key=self.order.__getitem__)

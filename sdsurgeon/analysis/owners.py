@@ -16,7 +16,7 @@ from ..analysis.detect import ResidualSite, detect, module_scope
 from ..capture.drop_path import find_drop_paths, leaf_classes
 from ..capture.call_trace import ROUTES, call_key, record_calls, trace_call
 from ..capture.fx import Capture, faithful_graph_module, is_default_leaf, trace_as_part
-from ..capture.graph_facts import is_view, writes_in_place
+from ..capture.graph_facts import is_view, shape_only_nodes, writes_in_place
 
 # How a rewrite reaches the model (plan shows it; inject does it).
 BLOCK = "block"  # the module owning the sites was traced alone and runs its gated graph; its class stays
@@ -81,9 +81,11 @@ def _join(*paths: str) -> str:
     return ".".join(p for p in paths if p)
 
 
-def _owner(nodes: dict[str, fx.Node], site: ResidualSite) -> str:
-    """The common scope of the site's add and branch nodes (``nodes``: the graph's, by name)."""
-    scopes = [module_scope(nodes[site.add])] + [module_scope(nodes[n]) for n in site.branch_nodes]
+def _owner(nodes: dict[str, fx.Node], site: ResidualSite, shape_only: set[fx.Node]) -> str:
+    """The common scope of the site's add and branch nodes (``nodes``: the graph's, by name), shape reads aside:
+    a stack that reads its input's length for its layers (torch.nn's encoder) leaves each layer the owner."""
+    scopes = [module_scope(nodes[site.add])] + [module_scope(nodes[n]) for n in site.branch_nodes
+                                                 if nodes[n] not in shape_only]
     common = scopes[0].split(".") if scopes[0] else []
     for scope in scopes[1:]:
         atoms = scope.split(".") if scope else []
@@ -156,7 +158,8 @@ def _blocks(
     tracing: _PartTracing | _CallTracing,
 ) -> list[Rewrite] | None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    owner_of = {site.id: _owner(nodes, site) for site in sites}
+    shape_only = shape_only_nodes(gm.graph.nodes)
+    owner_of = {site.id: _owner(nodes, site, shape_only) for site in sites}
     outer = _outermost(owner_of.values())
     grouped: dict[str, list[ResidualSite]] = {}
     for site in sites:

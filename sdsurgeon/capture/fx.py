@@ -18,6 +18,7 @@ from ..capture.graph_facts import dead_nodes
 from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph
 from ..errors import CaptureError, ConfigError
 from .inputs import ExampleInputs, normalize_inputs
+from .torch_nn import followable, is_composite
 from .where import calling_frame, explain
 
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
@@ -61,8 +62,8 @@ class Capture:
 
 
 class _LeafTracer(fx.Tracer):
-    """torch.fx tracer whose leaves are torch.nn layers, registered and named user classes, and the
-    modules (by path) that decide something on ``self.training`` (see ``trace``)."""
+    """torch.fx tracer whose leaves are torch.nn layers (not its composites: ``capture.torch_nn``), registered
+    and named user classes, and the modules (by path) that decide something on ``self.training`` (see ``trace``)."""
 
     def __init__(self, leaf_names: frozenset[str] = frozenset(), leaf_paths: frozenset[str] = frozenset()) -> None:
         super().__init__()  # no arguments needed: GraphModule unpickling builds one bare
@@ -83,7 +84,7 @@ class _LeafTracer(fx.Tracer):
         cls = type(m)
         if cls in LEAF_REGISTRY or _class_matches(cls, self.leaf_names) or module_qualified_name in self.leaf_paths:
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) and not is_composite(m)
 
 
 def _class_matches(cls: type, names: frozenset[str]) -> bool:
@@ -91,7 +92,8 @@ def _class_matches(cls: type, names: frozenset[str]) -> bool:
 
 
 def is_default_leaf(m: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(m, "")
+    """Whether tracing calls ``m`` rather than going into it, user leaves aside: torch.nn's layers."""
+    return fx.Tracer().is_leaf_module(m, "") and not is_composite(m)
 
 
 def faithful_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -158,7 +160,7 @@ def trace_eval(module: nn.Module) -> fx.GraphModule:
 
 
 def _trace_in_mode(module: nn.Module, training: bool, leaf_names: frozenset[str], leaf_paths: frozenset[str]) -> fx.Graph:
-    with untouched(module):
+    with untouched(module), followable():
         for m in module.modules():
             m.training = training
         tracer = _LeafTracer(leaf_names, leaf_paths)

@@ -19,7 +19,7 @@ SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "ge
 SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 SHAPE_FUNCTIONS = frozenset(
     {_aten.sym_size.int, _aten.sym_size.default, _aten.sym_numel.default, _aten.sym_stride.int}
-)
+) | _torch.transformer_shape_readers()  # torch.nn's transformer stacks read their input's length (capture.torch_nn)
 
 # Checks whose only effect is to raise (timm's `_assert(x.ndim == 4)`, export's shape asserts): a
 # branch may carry them along, so they never make a value count as used outside it.

@@ -16,6 +16,7 @@ from torch.package import sys_importer
 from .. import _torch
 from ..errors import ConfigError
 from ..gate import StochasticDepth
+from .torch_nn import followable
 
 FORWARD = "forward"
 
@@ -209,7 +210,8 @@ def _retrace(owner: nn.Module, fn) -> fx.Graph:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return True
 
-    return KeepModules().trace(shell)
+    with followable():  # torch.nn's input checks that the code calls are calls again, not run on proxies
+        return KeepModules().trace(shell)
 
 
 def graph_forward(module: nn.Module) -> GraphForward | None:

@@ -381,8 +381,9 @@ class _Walker:
         seen on a real call, the very tensor an affine submodule made (``capture.call_trace``): that
         submodule's weights take the scale."""
         opaque = f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous"
-        inner = None if self.observed is None else self.observed.returned(
-            ".".join(p for p in (self.part, node.target) if p), item)
+        inner = _attention_output_projection(module, item)
+        if inner is None and self.observed is not None:
+            inner = self.observed.returned(".".join(p for p in (self.part, node.target) if p), item)
         if inner is None:
             return opaque
         path = f"{node.target}.{inner}"
@@ -486,6 +487,15 @@ class _Walker:
         if len({t.target for t in found}) != len(found):
             return f"{describe(node, self.part)} adds two values made with the same weights"
         return found
+
+
+def _attention_output_projection(module: nn.Module, item: int | None) -> str | None:
+    """torch's own MultiheadAttention returns as its first output what its ``out_proj`` weight and bias make
+    (its forward ends in ``linear(attn, out_proj.weight, out_proj.bias)``, read at every call): "out_proj"."""
+    if item == 0 and _runs_torch_forward(module, (nn.MultiheadAttention,)) and isinstance(
+            getattr(module, "out_proj", None), nn.Linear):
+        return "out_proj"
+    return None
 
 
 def _runs_torch_forward(module: nn.Module, classes: tuple[type, ...]) -> bool:

@@ -18,6 +18,7 @@ from ..capture import in_place
 from ..capture.fx import Capture
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
+from ..capture.torch_nn import call_children_always
 from ..errors import NoResidualSitesError, RecipeMismatchError
 from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.hf import carry_recipe
@@ -138,6 +139,9 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
             result = _replace(result, rewrite.path, rewrite.gm)
         else:
             in_place.install(work.get_submodule(rewrite.path), rewrite.gm, routes=rewrite.routes)
+            names = rewrite.path.split(".")
+            for depth in range(len(names)):  # the modules around it: none may bypass its forward
+                call_children_always(work.get_submodule(".".join(names[:depth])))
     if in_place.rewritten(result):
         in_place.watch_units(result)  # FSDP2 units whose gates all drop are then not called at all
     tag(result, RECIPE_ATTR, recipe)
