@@ -997,3 +997,30 @@ def test_save_pretrained_writes_a_folder_sdsurgeon_loads_back_with_the_same_gate
     # plain transformers reads the same folder as the ungated architecture with the trained weights
     plain = getattr(transformers, case.cls).from_pretrained(tmp_path / "gated").eval()
     torch.testing.assert_close(logits(plain, x), logits(sdsurgeon.remove_gates(model), x), **TOL)
+
+
+@pytest.mark.hf
+def test_a_parallel_residual_layer_is_one_block_whose_body_is_both_paths():
+    # GPT-NeoX with use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)). One site per GPTNeoXLayer (the class
+    # transformers builds it from), and in eval its branch is attention and MLP together, times p_l: checked
+    # against the model's own dropouts after each path, scaled by hook.
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64, use_parallel_residual=True, max_position_embeddings=64)
+    model = GPTNeoXForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    layers = [m for m in model.modules() if isinstance(m, GPTNeoXLayer)]
+    plan = sdsurgeon.plan(model, 0.5, example_inputs={"input_ids": ids})
+    assert plan.num_sites == len(layers) == 3 and all(s.shortcut == "identity" for s in plan.sites)
+    injected = sdsurgeon.inject(model, 0.5, example_inputs={"input_ids": ids}).eval()
+    reference = copy.deepcopy(model)
+    for layer, p in zip([m for m in reference.modules() if isinstance(m, GPTNeoXLayer)], linear_ps(3, 0.5)):
+        for end in (layer.post_attention_dropout, layer.post_mlp_dropout):
+            end.register_forward_hook(lambda _m, _i, out, p=p: out * p)
+    with torch.no_grad():
+        got, want, unscaled = (m(input_ids=ids).logits for m in (injected, reference, model))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, unscaled, atol=1e-3)

@@ -99,6 +99,7 @@ def test_the_tutorials_model_with_its_masks_is_gated_layer_by_layer_and_equals_t
         torch.testing.assert_close(copied(ids, mask, padding), injected(ids, mask, padding))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # the original, on its fused path
 def test_batch_first_in_eval_with_a_padding_mask_runs_the_gated_layers_not_the_fused_nested_path():
     torch.manual_seed(0)
     model = Tutorial(batch_first=True).eval()

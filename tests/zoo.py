@@ -340,6 +340,33 @@ class TanhBranchBlock(Scaled):
         return x + self.s(torch.tanh(self.f(x)))
 
 
+class ParallelResidualBlock(Scaled):
+    """GPT-NeoX's parallel residual, x + attn(ln1(x)) + mlp(ln2(x)): one block whose body has two paths. The
+    attention reads a second input (as rotary angles are), so only the MLP is a chain back to x, and
+    ``mlp + attn`` has the shape of a projection block inside it (it is not one)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.mlp = mlp(d)
+
+    def forward(self, x, angles):
+        attn = self.o(torch.tanh(self.q(self.ln1(x))) * angles)
+        return self.s(self.mlp(self.ln2(x)) + attn) + x
+
+
+class ParallelStack(nn.Module):
+    def __init__(self, *blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x, angles):
+        for block in self.blocks:
+            x = block(x, angles)
+        return x
+
+
 class TorchEncoder(nn.Module):
     """torch.nn's own transformer as PyTorch's tutorials build it: to torch.fx its layers are torch.nn leaves.
     Sequence first (torch.nn's default), which keeps the reference off the fused fast path its hooks would miss."""
@@ -541,6 +568,8 @@ ZOO = [
              _scale_blocks),  # a leaf to torch.fx, whose first output fold knows is its out_proj's
     ZooEntry("tanh_branch", lambda: Seq(TanhBranchBlock(8), TanhBranchBlock(8)), lambda: (torch.randn(4, 8),), 2,
              _scale_blocks, kept_multiply="not positively homogeneous"),
+    ZooEntry("parallel_residual", lambda: ParallelStack(ParallelResidualBlock(8), ParallelResidualBlock(8)),
+             lambda: (torch.randn(4, 8), torch.randn(4, 8)), 2, _scale_blocks),
     ZooEntry("torch_nn_encoder", TorchEncoder, lambda: (torch.randn(6, 2, 16),), 4, _scale_torch_nn),
     ZooEntry("torch_nn_prenorm", lambda: TorchEncoder(norm_first=True), lambda: (torch.randn(6, 2, 16),), 4,
              _scale_torch_nn),

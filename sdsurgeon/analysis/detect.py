@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -327,4 +327,20 @@ def _find(g: _Graph, part: str) -> tuple[list[ResidualSite], list[RefusedAdd]]:
                 **fields,
             )
         )
-    return sites, refused
+    return _without_multi_branch_bodies(sites), refused
+
+
+def _without_multi_branch_bodies(sites: list[ResidualSite]) -> list[ResidualSite]:
+    """Drop the sums of parallel paths that look like projection blocks, and renumber.
+
+    GPT-NeoX's parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` adds two parameterised paths from the same x,
+    inside the branch of a residual from that x; ``mlp(ln2(x))`` is a chain back to x, so ``attn + mlp`` has the
+    shape of ``f(x) + proj(x)``. It is not one: the paths are one multi-branch body (dropping "the branch" would
+    drop the attention and keep the MLP). A ResNet's downsampling block ``f(x) + proj(x)`` is not inside a
+    residual of its own x, so it stays a block.
+    """
+    fork = {s.id: s.branch_inputs[0] if s.branch_inputs else None for s in sites}
+    body = {s.id for s in sites if s.shortcut == "projection" and any(
+        t is not s and s.add in t.branch_nodes and fork[t.id] == fork[s.id] for t in sites)}
+    kept = [s for s in sites if s.id not in body]
+    return [replace(s, index=i) for i, s in enumerate(kept, 1)] if body else sites
