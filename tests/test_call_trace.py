@@ -249,3 +249,91 @@ def test_the_returned_tensor_must_be_the_very_output_of_one_call_of_the_submodul
     module = Returns(how)
     assert returned_submodule(module, Call((torch.randn(2, 4),), {}), 0) == expected
     assert returned_submodule(module, Call((torch.randn(2, 4),), {}), 1) is None  # the input itself
+
+
+class _Core(nn.Module):
+    """Attention's inner part, which torch.fx cannot trace (it iterates a shape)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.value = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.value(x)).view(*x.shape[:-1], x.shape[-1])
+
+
+class _SelfOutput(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.dense, self.norm = nn.Linear(d, d), nn.LayerNorm(d)
+        self.scale = 1.0
+
+    def forward(self, h, input_tensor):
+        return self.norm(self.scale * self.dense(h) + input_tensor)
+
+
+class _OptionalQueryAttention(nn.Module):
+    """DeBERTa-v2's shape: the skip is an optional argument (None at call time) replaced inside by the input; and
+    its inner attention is a child named ``self``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.self = _Core(d)
+        self.output = _SelfOutput(d)
+
+    def forward(self, hidden, query_states=None):
+        out = self.self(hidden)
+        if query_states is None:
+            query_states = hidden
+        return self.output(out, query_states)
+
+
+class _OptionalQueryLayer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attention = _OptionalQueryAttention(d)
+        self.up, self.down, self.norm = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.LayerNorm(d)
+        self.scale = 1.0
+
+    def forward(self, hidden, query_states=None, output_attentions=False):
+        hidden = self.attention(hidden, query_states=query_states)
+        hidden = self.norm(hidden + self.scale * self.down(F.gelu(self.up(hidden))))
+        if output_attentions:  # a flag tested in Python: the layer traces only with it fixed
+            return hidden, None
+        return hidden
+
+
+class _OptionalQueryModel(nn.Module):
+    def __init__(self, d=16, layers=2):
+        super().__init__()
+        self.d = d
+        self.embed = nn.Embedding(32, d)
+        self.layers = nn.ModuleList(_OptionalQueryLayer(d) for _ in range(layers))
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids).view(*input_ids.shape, self.d)  # torch.fx cannot: export captures it
+        for layer in self.layers:
+            hidden = layer(hidden, query_states=None, output_attentions=False)
+        return hidden
+
+
+def test_a_skip_passed_as_an_optional_argument_is_the_value_that_really_flows_into_the_add():
+    # Traced with query_states as a placeholder, the attention takes the `is not None` path and adds the argument
+    # (None at run time): transformers' DeBERTa-v2 injected that way crashed on its first forward; here the layers
+    # could not be rewritten at all and the model was replaced whole. A trace must give what the layer gives on its
+    # recorded call, and depth comes before fewer constants: query_states is fixed to None, checked every call.
+    model = _OptionalQueryModel().eval()
+    ids = _ids()
+    injected = inject(model, 0.5, example_inputs={"input_ids": ids}).eval()
+    assert [path for path, _ in in_place.rewritten(injected)] == ["layers.0", "layers.1"]
+    reference = copy.deepcopy(model)
+    ps = iter([1 - l / 4 * 0.5 for l in range(1, 5)])
+    for layer in reference.layers:
+        layer.attention.output.scale, layer.scale = next(ps), next(ps)
+    with torch.no_grad():
+        torch.testing.assert_close(injected(ids), reference(ids))
+        assert not torch.allclose(injected(ids), model(ids))
+    injected.train()
+    injected(ids).sum().backward()
+    with pytest.raises(SpecializedCallError):
+        injected.layers[0](torch.randn(2, 6, 16), query_states=torch.randn(2, 6, 16))

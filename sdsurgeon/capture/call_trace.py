@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import has_side_effect
 
+from .. import _torch
 from ..errors import CaptureError, SpecializedCallError
 from .fx import ModeDependentForward, is_default_leaf, trace, untouched
 from .inputs import normalize_inputs
@@ -85,10 +86,11 @@ def trace_call(module: nn.Module, call: Call, leaves: Iterable[str] = ()) -> fx.
     The graph's forward names every parameter of the class's forward (unwrapped), with its defaults,
     and the keywords the call put into ``**kwargs`` (default None). Tried in order, the first that
     traces wins, so that the graph serves as many calls as it can and reaches as deep as it can:
-    every argument a placeholder, tracing into every child; then with children called as leaves,
-    then with non-tensor arguments fixed to their recorded values (None, flags), as few as trace.
-    Leaves are then pushed as deep as tracing allows (a failing attention module stays a leaf, the
-    projection after it is traced). A fixed argument is checked on every call (SpecializedCallError).
+    non-tensor arguments fixed to their recorded values (None, flags), tracing into every child; then
+    with children called as leaves (then the same with no argument fixed). Leaves are then pushed
+    as deep as tracing allows (a failing attention module stays a leaf, the projection after it is
+    traced), and then as few arguments fixed as that depth allows. A trace counts only if its graph
+    gives what the module gives on the call (``_check_replay``). A fixed argument is checked on every call (SpecializedCallError).
     Where the forward takes ``**kwargs``, the graph's ``meta[ROUTES]`` names the modules that keywords
     the call did not record go to (found with a probe keyword): ``capture.in_place`` passes them on.
     """
@@ -128,7 +130,7 @@ def _trace_call(module: nn.Module, call: Call, leaves: Iterable[str]) -> fx.Grap
     spec = _Spec.of(module, call)
     fixable = [n for n in spec.names if n in spec.values and isinstance(spec.values[n], _FIXABLE) and n != PROBE]
     failure: Exception | None = None
-    for fixed in ([], fixable):
+    for fixed in (fixable, []):  # every constant fixed first: the deepest trace, then as few as it needs
         for opaque in ([], _callable_children(module, "")):
             try:
                 spec.trace(leaves, fixed, opaque)
@@ -137,8 +139,10 @@ def _trace_call(module: nn.Module, call: Call, leaves: Iterable[str]) -> fx.Grap
             except Exception as exc:
                 failure = failure or exc
                 continue
-            fixed = _fewest(fixed, lambda f: spec.trace(leaves, f, opaque))
+            # Depth first (the adds inside children are what a trace is for), then as few constants as that
+            # depth allows: DeBERTa's attention traces only with its None query_states fixed.
             opaque = _deepest(module, opaque, lambda o: spec.trace(leaves, fixed, o))
+            fixed = _fewest(fixed, lambda f: spec.trace(leaves, f, opaque))
             return spec.trace(leaves, fixed, opaque)
     raise CaptureError(f"{type(module).__name__} does not trace on its recorded call: {explain(failure).reason}")
 
@@ -197,6 +201,7 @@ class _Spec:
     names: list[str]  # parameters after self, then the **kwargs keywords the call used
     defaults: dict[str, Any]
     values: dict[str, Any]  # name -> the value the call passed (or its default)
+    call: Call  # the recorded call itself: a trace must give what the module gives on it
 
     @classmethod
     def of(cls, module: nn.Module, call: Call) -> _Spec:
@@ -219,7 +224,7 @@ class _Spec:
                 values[name] = bound.arguments[name]
             elif name in defaults:
                 values[name] = defaults[name]
-        return cls(module, fn, names, defaults, values)
+        return cls(module, fn, names, defaults, values, call)
 
     def trace(self, leaves: Iterable[str], fixed: Sequence[str], opaque: Sequence[str]) -> fx.GraphModule:
         """Trace through a stand-in class whose forward passes every argument by name to the real one;
@@ -235,7 +240,28 @@ class _Spec:
         shell.__dict__ = self.module.__dict__  # the module itself, seen through a forward with named arguments
         gm = trace(shell, leaves, leaf_paths=opaque)
         _check_fixed(gm, {n: self.values[n] for n in fixed}, cls_name)
+        _check_replay(self.module, gm, self.call, cls_name)
         return gm
+
+
+def _check_replay(module: nn.Module, gm: fx.GraphModule, call: Call, cls_name: str) -> None:
+    """Raise unless ``gm`` gives what ``module`` gives on the recorded call (in eval, outputs' tensors alike).
+
+    Tracing cannot see ``is None``: an argument the call left None (DeBERTa's ``query_states``, replaced by
+    ``hidden_states`` inside) traced as a placeholder takes the other path, and the graph would add None. A trace
+    that does not reproduce its own call is rejected, so that the argument is fixed to its value instead."""
+    kwargs = {k: v for k, v in call.kwargs.items() if k != PROBE}
+    with untouched(module), modes_kept(module, training=False), torch.no_grad():
+        gm.training = False
+        want = _torch.tree_leaves(module(*call.args, **kwargs))
+        try:
+            got = _torch.tree_leaves(gm.forward(*call.args, **kwargs))  # not gm(): that prints its failures
+        except Exception as exc:
+            raise CaptureError(f"{cls_name} traced on its call does not run on it: {explain(exc).reason}") from None
+    want, got = ([t for t in out if isinstance(t, torch.Tensor)] for out in (want, got))
+    if len(want) != len(got) or not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+                                        for a, b in zip(want, got)):
+        raise CaptureError(f"{cls_name} traced on its call computes something else than on the call itself")
 
 
 def _shell(cls: type, forward) -> nn.Module:

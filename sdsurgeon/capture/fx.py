@@ -72,8 +72,10 @@ class _LeafTracer(fx.Tracer):
 
     user_lines = False  # record on each node the line of user code that made it (where.calling_frame)
 
-    def create_node(self, *args, **kwargs) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        if name is None and target == "self":  # a child named `self` (DeBERTa's attention): its value would be
+            name = "self_module"  # a local named self in the generated forward, shadowing the module itself
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.user_lines:
             frame = calling_frame()
             if frame is not None:
