@@ -806,7 +806,11 @@ def test_layerdrop_is_switched_off_like_a_drop_path_and_the_gates_replace_it():
     assert model.config.layerdrop == 0.1  # plan changed nothing
     injected = sdsurgeon.inject(model, 1.0, example_inputs=x)
     assert injected.sdsurgeon_recipe.replaced == [["config.layerdrop", 0.1]]
-    reference = _wav2vec2(layerdrop=0.0)  # the same weights (seed), no LayerDrop
+    _assert_same_in_train_and_eval(injected, _wav2vec2(layerdrop=0.0), x, "last_hidden_state")
+
+
+def _assert_same_in_train_and_eval(injected, reference, x: dict, output: str) -> None:
+    """``injected`` (at p_L = 1) gives what ``reference`` (the same weights, seed, without LayerDrop) gives."""
     for training in (True, False):
         injected.train(training)
         reference.train(training)
@@ -816,8 +820,8 @@ def test_layerdrop_is_switched_off_like_a_drop_path_and_the_gates_replace_it():
         with torch.random.fork_rng():
             torch.manual_seed(3)
             expected = reference(**x)
-        torch.testing.assert_close(got["last_hidden_state"] if isinstance(got, dict) else got[0],
-                                   expected.last_hidden_state, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[output] if isinstance(got, dict) else got[0], expected[output],
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.hf
@@ -826,6 +830,39 @@ def test_layerdrop_kept_says_what_stopped_the_capture_in_one_line():
         sdsurgeon.inject(_wav2vec2(), 0.5, example_inputs={"input_values": torch.randn(2, 1600)}, keep_existing=True)
     message = str(raised.value)
     assert "\n" not in message and "torch.export could not capture" in message and "LayerDrop" in message
+
+
+def _bart(layerdrop: float = 0.1):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=97, max_position_embeddings=64,
+        encoder_layerdrop=layerdrop, decoder_layerdrop=layerdrop)
+    return transformers.BartForConditionalGeneration(config)
+
+
+@pytest.mark.hf
+def test_an_encoder_decoder_whose_layers_copied_their_layerdrop_at_init_is_found_whole():
+    # BART's encoder and decoder copy the rate at init (self.layerdrop = config.encoder_layerdrop): switching
+    # the config alone left the draw in forward, and capture fell apart into parts that failed on their calls
+    import transformers
+
+    model = _bart()
+    x = {"input_ids": torch.randint(3, 97, (2, 7)), "decoder_input_ids": torch.randint(3, 97, (2, 5))}
+    plan = sdsurgeon.plan(model, 0.5, example_inputs=x)
+    layers = [m for m in model.modules()
+              if isinstance(m, (transformers.models.bart.modeling_bart.BartEncoderLayer,
+                                transformers.models.bart.modeling_bart.BartDecoderLayer))]
+    # each encoder layer adds attention and feed-forward, each decoder layer also cross-attention
+    expected = sum(3 if "Decoder" in type(m).__name__ else 2 for m in layers)
+    assert plan.capture == "export" and len([s for s in plan.sites if s.gated]) == expected == 10
+    assert {d["module"] for d in plan.to_dict()["existing_drop_paths"]} >= {
+        "model.encoder.layerdrop", "model.decoder.layerdrop"}
+    assert model.model.encoder.layerdrop == 0.1  # plan changed nothing
+    injected = sdsurgeon.inject(model, 1.0, example_inputs=x)
+    _assert_same_in_train_and_eval(injected, _bart(layerdrop=0.0), x, "logits")
 
 
 @pytest.mark.onnx

@@ -396,6 +396,62 @@ class TorchSeq2Seq(nn.Module):
         return self.head(self.decoder(tgt, self.encoder(src), tgt_mask=causal, tgt_is_causal=True))
 
 
+class PositionEmbedding(nn.Embedding):
+    """BART's learnt positions: made from the input's length unless given, so a trace not shown the call takes the
+    given-positions path and fails on the real one."""
+
+    def forward(self, ids, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1], device=self.weight.device).expand(ids.shape[0], -1)
+        else:
+            position_ids = position_ids.unsqueeze(0)
+        return super().forward(position_ids)
+
+
+class CrossBlock(Scaled):
+    """A decoder block: its branch reads the encoder's output."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.f = mlp(w)
+
+    def forward(self, x, memory):
+        return x + self.s(self.f(x) * torch.sigmoid(memory.mean(1, keepdim=True)))
+
+
+class LayerDropStack(nn.Module):
+    """Layers skipped at random in training, at a rate copied into the module at init (BART's encoder and
+    decoder: ``self.layerdrop = config.encoder_layerdrop``), drawn by torch.rand in Python: no graph holds it."""
+
+    def __init__(self, layers, layerdrop):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.layerdrop = layerdrop
+
+    def forward(self, x, *context):
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            x = layer(x, *context)
+        return x
+
+
+class LayerDropSeq2Seq(nn.Module):
+    """An encoder-decoder with its own LayerDrop and positions made from the input's length."""
+
+    def __init__(self, d=8, vocab=20, layerdrop=0.2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = PositionEmbedding(16, d)
+        self.encoder = LayerDropStack([PlusBlock(d), PlusBlock(d)], layerdrop)
+        self.decoder = LayerDropStack([CrossBlock(d), CrossBlock(d)], layerdrop)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, src, tgt):
+        memory = self.encoder(self.embed(src) + self.pos(src))
+        return self.head(self.decoder(self.embed(tgt) + self.pos(tgt), memory))
+
+
 class PreActBlock(Scaled):
     """Pre-activation bottleneck (timm's ResNetV2): BN+act modules before each conv, projection on the normed input."""
 
@@ -575,6 +631,8 @@ ZOO = [
              _scale_torch_nn),
     ZooEntry("torch_nn_seq2seq", TorchSeq2Seq, lambda: (torch.randn(6, 2, 16), torch.randn(5, 2, 16)), 5,
              _scale_torch_nn),
+    ZooEntry("layerdrop_seq2seq", LayerDropSeq2Seq, lambda: (torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5))),
+             4, _scale_blocks),
     ZooEntry("preact_bn_act", lambda: Seq(PreActBlock(4, 4), PreActBlock(4, 8), stem=nn.Conv2d(3, 4, 1)),
              lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "identity", 2: "projection"}),
     ZooEntry("bn_act_out", lambda: Seq(BNActOutBlock(4), BNActOutBlock(4), stem=nn.Conv2d(3, 4, 1)),

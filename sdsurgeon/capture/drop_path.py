@@ -16,8 +16,10 @@ from ..gate import StochasticDepth
 
 _CLASS = re.compile(r"DropPath|StochasticDepth")
 _RATE_ATTRS = ("drop_prob", "drop_rate", "p")  # timm/HF, some ports, torchvision
-# LayerDrop (Fan et al. 2019) as transformers configs carry it: the encoder's loop draws torch.rand per layer
+# LayerDrop (Fan et al. 2019) as transformers models carry it: the encoder's loop draws torch.rand per layer
 # in Python and skips the call; a rate of 0 skips the draw, so the model captures and the gates take over.
+# The rate lives in the config (read at forward: wav2vec2) or in a module attribute copied from it at init
+# (``self.layerdrop = config.encoder_layerdrop``: BART, Marian, Whisper): both are rates, both are switched.
 _LAYERDROP = re.compile(r"(^|_)layerdrop$")
 LAYERDROP = "LayerDrop"  # the class name recorded for a config rate
 
@@ -26,7 +28,7 @@ LAYERDROP = "LayerDrop"  # the class name recorded for a config rate
 class ExistingDropPath:
     """A drop-path module found in the model: where, its class, and the rate it drops at."""
 
-    path: str  # a module, or for a LayerDrop rate the config attribute (e.g. "config.layerdrop")
+    path: str  # a module, or for a LayerDrop rate its attribute ("config.layerdrop", "model.encoder.layerdrop")
     cls: str
     rate: float
 
@@ -50,31 +52,36 @@ def is_drop_path(module: nn.Module) -> bool:
 
 
 def _layerdrop_rates(model: nn.Module) -> Iterator[tuple[str, object, str]]:
-    """(path, config, attribute) of every LayerDrop rate in the configs the model's modules hold, once per config."""
+    """(path, holder, attribute) of every LayerDrop rate: in the configs the model's modules hold (once per config)
+    and in the modules' own attributes."""
     seen: set[int] = set()
     for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
         config = m.__dict__.get("config")
-        if config is None or id(config) in seen or not hasattr(config, "to_dict"):
-            continue
-        seen.add(id(config))
-        for attr, value in sorted(vars(config).items()):
-            if _LAYERDROP.search(attr) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                yield (f"{path}.config.{attr}" if path else f"config.{attr}"), config, attr
+        holders = [(f"{prefix}config.", config)] if config is not None and id(config) not in seen and hasattr(
+            config, "to_dict") else []
+        if holders:
+            seen.add(id(config))
+        holders.append((prefix, m))
+        for where, holder in holders:
+            for attr, value in sorted(vars(holder).items()):
+                if _LAYERDROP.search(attr) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    yield f"{where}{attr}", holder, attr
 
 
 def find_drop_paths(model: nn.Module) -> list[ExistingDropPath]:
     """Every drop-path module of ``model`` in module order, then its configs' LayerDrop rates (read-only)."""
     found = [ExistingDropPath(path, type(m).__name__, float(getattr(m, _rate_attr(m))))
              for path, m in model.named_modules() if _rate_attr(m) is not None]
-    return found + [ExistingDropPath(path, LAYERDROP, float(getattr(config, attr)))
-                    for path, config, attr in _layerdrop_rates(model)]
+    return found + [ExistingDropPath(path, LAYERDROP, float(getattr(holder, attr)))
+                    for path, holder, attr in _layerdrop_rates(model)]
 
 
 def _set_rates(model: nn.Module, rates: dict[str, float]) -> None:
-    configs = {path: (config, attr) for path, config, attr in _layerdrop_rates(model)}
+    holders = {path: (holder, attr) for path, holder, attr in _layerdrop_rates(model)}
     for path, rate in rates.items():
-        if path in configs:
-            setattr(*configs[path], rate)
+        if path in holders:
+            setattr(*holders[path], rate)
         else:
             module = model.get_submodule(path)
             setattr(module, _rate_attr(module), rate)
