@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import warnings
+from types import CodeType
 from typing import Any, Callable
 
 from .errors import MissingDependencyError
@@ -31,6 +33,11 @@ PRIVATE: dict[tuple[str, str], str] = {
     ("torch._weights_only_unpickler", "_get_user_allowed_globals"): "error",
     ("torch._dynamo", "assume_constant_result"): "a graph break around each gate's install",
     ("torch._C", "_current_graph_task_id"): "a checkpoint recompute draws its gates anew (one warning)",
+    ("torch._C", "_dispatch_get_all_op_names"): "a library's grouped matmul (MoE experts) counts no FLOPs",
+    # a gate's torch.cond that dynamo cannot capture restarts the trace with that gate deciding in Python
+    ("torch._dynamo.variables.higher_order_ops", "CondHigherOrderVariable"): "gates decide in Python under compile",
+    ("torch._dynamo.exc", "UncapturedHigherOrderOpError"): "gates decide in Python under compile",
+    ("torch._dynamo.exc", "RestartAnalysis"): "gates decide in Python under compile",
     ("torch._ops", "OpOverload"): "any callable carrying a schema is taken for an operator",
     ("torch._ops", "OpOverloadPacket"): "an op's description names it less well",
     ("torch", "_assert"): "not known as a check",
@@ -152,6 +159,45 @@ def assume_constant_result(fn: Callable) -> Callable:
     return getattr(torch._dynamo, "assume_constant_result", torch.compiler.disable)(fn)
 
 
+_COND_HOOKS: list[tuple[Callable[[CodeType], bool], Callable[[Exception], None]]] = []
+
+
+def restart_on_uncaptured_cond(is_ours: Callable[[CodeType], bool], on_refusal: Callable[[Exception], None]) -> bool:
+    """Where dynamo cannot capture a ``torch.cond`` whose true branch's code ``is_ours`` (a graph break or a side
+    effect inside it), call ``on_refusal`` with the error and make dynamo trace the frame again, instead of failing
+    the user's compile: ``on_refusal`` changes what the second trace takes. Installed once; False where this torch
+    lacks the names (the caller must then not rely on it)."""
+    hop = _lookup("torch._dynamo.variables.higher_order_ops", "CondHigherOrderVariable")
+    uncaptured = _lookup("torch._dynamo.exc", "UncapturedHigherOrderOpError")
+    restart = _lookup("torch._dynamo.exc", "RestartAnalysis")
+    if _ABSENT in (hop, uncaptured, restart):
+        return False
+    if not _COND_HOOKS:
+        original = hop.call_function
+
+        def call_function(self, tx, args, kwargs):
+            try:
+                return original(self, tx, args, kwargs)
+            except uncaptured as exc:
+                get_code = getattr(args[1], "get_code", None) if len(args) > 1 else None
+                code = get_code() if get_code is not None else None
+                hooks = [on for ours, on in _COND_HOOKS if code is not None and ours(code)]
+                if not hooks:
+                    raise
+                for on in hooks:
+                    on(exc)
+                # The second trace takes another path on purpose: dynamo's record of the first must not bind it.
+                speculation = getattr(tx, "speculation_log", None)
+                if speculation is not None and hasattr(speculation, "clear"):
+                    speculation.clear()
+                raise restart(restart_reason="a stochastic-depth gate's torch.cond") from None
+
+        hop.call_function = call_function
+    if (is_ours, on_refusal) not in _COND_HOOKS:
+        _COND_HOOKS.append((is_ours, on_refusal))
+    return True
+
+
 @functools.cache
 def _graph_task_id() -> Callable[[], int] | None:
     found = _lookup("torch._C", "_current_graph_task_id")
@@ -201,6 +247,23 @@ def is_aten_op(target: Any) -> bool:
     kinds = tuple(k for k in (_lookup("torch._ops", "OpOverload"), _lookup("torch._ops", "OpOverloadPacket"))
                   if k is not _ABSENT)
     return bool(kinds) and isinstance(target, kinds)
+
+
+def ops_named(pattern: "re.Pattern[str]") -> list[Any]:
+    """Every operator registered now (its overload packet), in any namespace (aten's, a library's custom ops),
+    whose name (``namespace::name``) matches ``pattern``."""
+    import torch
+
+    names = _lookup("torch._C", "_dispatch_get_all_op_names")
+    found = []
+    for full in (names() if names is not _ABSENT else []):
+        namespace, _, name = full.partition("::")
+        if not name or "." in name or not pattern.search(full):
+            continue
+        packet = getattr(getattr(torch.ops, namespace, None), name, None)
+        if packet is not None:
+            found.append(packet)
+    return found
 
 
 def check_functions() -> frozenset:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from sdsurgeon import gates, inject
 from sdsurgeon.gate import cond_backward
 from sdsurgeon.models import cifar_resnet
-from zoo import PlusBlock, Seq
+from zoo import MaskedProjection, PlusBlock, Seq
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +84,76 @@ def test_compiled_row_mode_still_draws_afresh_with_a_bounded_number_of_graphs():
     assert len(outs) > 3
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs <= 2 * 3 + 1, graphs  # row mode decides in Python: at most two continuations per gate
+
+
+class _Registry:
+    """Stands for a Python object a library's forward sets (transformers' output collector, a kernel hub's
+    registry of active kernels): a side effect dynamo cannot put inside a torch.cond."""
+
+    last_batch = None
+
+
+REGISTRY = _Registry()
+
+
+class RecordingProjection(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x, mask=None):
+        REGISTRY.last_batch = x.shape[0]
+        out = self.proj(x)
+        return out if mask is None else out * mask
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, child):
+        super().__init__()
+        self.ln, self.attn = torch.nn.LayerNorm(8), child
+
+    def forward(self, x, mask=None):
+        return x + self.attn(self.ln(x), mask)
+
+
+def _compiled_layers(child_cls, p_L: float, calls: int = 1):
+    """Gated layers whose child (kept a call: --leaf) gets the mask None, compiled: the original's output, the
+    outputs of ``calls`` train forwards, the graph count and sdsurgeon's warnings."""
+    import warnings
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters
+    model = torch.nn.Sequential(*(_Layer(child_cls(8)) for _ in range(3)))
+    reference = copy.deepcopy(model)
+    injected = inject(model, p_L, rule="uniform", leaves=[child_cls.__name__]).train()
+    compiled = torch.compile(injected)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [compiled(x) for _ in range(calls)]
+    outs[-1].sum().backward()
+    said = [str(w.message) for w in caught if "sdsurgeon" in str(w.message)]
+    return reference(x), outs, torch._dynamo.utils.counters["stats"]["unique_graphs"], said
+
+
+@pytest.mark.compile
+def test_a_branch_input_that_is_none_is_no_operand_of_the_cond_and_the_gate_still_decides_in_graph():
+    # torch.cond takes tensors only: the None the layer passes its child is a constant of the branch
+    expected, outs, graphs, said = _compiled_layers(MaskedProjection, 1 - 1e-7)
+    assert graphs == 1 and said == []
+    torch.testing.assert_close(outs[0], expected)  # every gate kept: the original model
+
+
+@pytest.mark.compile
+def test_a_branch_dynamo_cannot_take_inside_a_cond_falls_back_to_the_python_decision_with_one_warning():
+    # the user's compile does not fail: the gates decide in Python (a graph break each), said once
+    _, outs, graphs, said = _compiled_layers(RecordingProjection, 0.5, calls=12)
+    assert len(said) == 1 and "decide in Python" in said[0]
+    assert graphs > 1  # the graph breaks at each Python decision
+    assert len({tuple(o.detach().flatten().tolist()) for o in outs}) > 2  # still drawn afresh every call
+    assert REGISTRY.last_batch == 4
 
 
 def _compiled_resnet_step(p_L: float):

@@ -452,6 +452,95 @@ class LayerDropSeq2Seq(nn.Module):
         return self.head(self.decoder(self.embed(tgt) + self.pos(tgt), memory))
 
 
+class MaskedProjection(nn.Module):
+    """An attention-like child with an optional mask, multiplied in only when given."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x, mask=None):
+        out = self.proj(x)
+        return out if mask is None else out * mask
+
+
+class OptionalMaskLayer(Scaled):
+    def __init__(self, d):
+        super().__init__()
+        self.ln, self.attn = nn.LayerNorm(d), MaskedProjection(d)
+
+    def forward(self, x, mask=None):
+        return x + self.s(self.attn(self.ln(x), mask))
+
+
+class NoMaskStack(nn.Module):
+    """Layers called with their optional mask None, a constant to the whole model's trace: traced alone, a layer
+    sees a placeholder where the None was, and ``mask is None`` takes the other path."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList([OptionalMaskLayer(d), OptionalMaskLayer(d)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, None)
+        return x
+
+
+@torch.library.custom_op("sdsurgeon_zoo::grouped_mm", mutates_args=())
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[g-1]:offs[g] times weights[g]: a fused experts matmul, one op to every front end and counter."""
+    out, start = rows.new_zeros(rows.shape[0], weights.shape[-1]), 0
+    for group, end in enumerate(offs.tolist()):
+        out[start:end] = rows[start:end] @ weights[group]
+        start = end
+    return out
+
+
+@grouped_mm.register_fake
+def _(rows, weights, offs):
+    return rows.new_empty(rows.shape[0], weights.shape[-1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    rows, weights, offs = ctx.saved_tensors
+    grad_rows = grouped_mm(grad, weights.transpose(1, 2).contiguous(), offs)
+    grad_weights, start = torch.zeros_like(weights), 0
+    for group, end in enumerate(offs.tolist()):
+        grad_weights[group] = rows[start:end].T @ grad[start:end]
+        start = end
+    return grad_rows, grad_weights, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+class MoEBlock(Scaled):
+    """x + experts(x): a router sends each token to its top 2 of 4 experts (SwiGLU-less MLPs), all run as one
+    fused grouped matmul per projection over the tokens sorted by expert (Mixtral's, transformers' grouped_mm)."""
+
+    def __init__(self, d=8, experts=4, hidden=16, top=2):
+        super().__init__()
+        self.top, self.experts = top, experts
+        self.router = nn.Linear(d, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, d, hidden) / math.sqrt(d))
+        self.down = nn.Parameter(torch.randn(experts, hidden, d) / math.sqrt(hidden))
+
+    def forward(self, x):
+        return x + self.s(self.moe(x))
+
+    def moe(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.router(tokens).softmax(-1).topk(self.top, -1)
+        order = chosen.reshape(-1).argsort()
+        rows = tokens[order // self.top]
+        offs = torch.bincount(chosen.reshape(-1), minlength=self.experts).cumsum(0)
+        out = grouped_mm(torch.relu(grouped_mm(rows, self.up, offs)), self.down, offs)
+        routed = torch.zeros_like(out).index_put((order,), out)
+        return (routed.reshape(-1, self.top, x.shape[-1]) * weights[..., None]).sum(1).reshape(x.shape)
+
+
 class PreActBlock(Scaled):
     """Pre-activation bottleneck (timm's ResNetV2): BN+act modules before each conv, projection on the normed input."""
 
@@ -633,6 +722,9 @@ ZOO = [
              _scale_torch_nn),
     ZooEntry("layerdrop_seq2seq", LayerDropSeq2Seq, lambda: (torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5))),
              4, _scale_blocks),
+    ZooEntry("none_argument", NoMaskStack, lambda: (torch.randn(4, 8),), 2, _scale_blocks),
+    ZooEntry("moe_grouped_mm", lambda: Seq(MoEBlock(), MoEBlock()), lambda: (torch.randn(2, 5, 8),), 2, _scale_blocks,
+             kept_multiply="cannot be scaled"),
     ZooEntry("preact_bn_act", lambda: Seq(PreActBlock(4, 4), PreActBlock(4, 8), stem=nn.Conv2d(3, 4, 1)),
              lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "identity", 2: "projection"}),
     ZooEntry("bn_act_out", lambda: Seq(BNActOutBlock(4), BNActOutBlock(4), stem=nn.Conv2d(3, 4, 1)),

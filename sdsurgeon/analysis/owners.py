@@ -14,8 +14,8 @@ from torch import nn
 
 from ..analysis.detect import ResidualSite, detect, module_scope
 from ..capture.drop_path import find_drop_paths, leaf_classes
-from ..capture.call_trace import ROUTES, call_key, record_calls, trace_call
-from ..capture.fx import Capture, faithful_graph_module, is_default_leaf, trace_as_part
+from ..capture.call_trace import ROUTES, Call, call_key, record_calls, trace_call, trace_with_constants
+from ..capture.fx import CALLS, Capture, faithful_graph_module, is_default_leaf, op_names, trace_as_part
 from ..capture.graph_facts import is_view, shape_only_nodes, writes_in_place
 
 # How a rewrite reaches the model (plan shows it; inject does it).
@@ -120,19 +120,33 @@ class _PartTracing:
     """Owners inside an fx part: traced in one mode, calling what the part's trace called (``_leaf_paths``)."""
 
     def __init__(self, gm: fx.GraphModule, leaves: frozenset[str]) -> None:
-        self.leaves = leaves
+        self.gm, self.leaves = gm, leaves
         self.called = sorted({n.target for n in gm.graph.nodes
                               if n.op == "call_module" and not is_default_leaf(gm.get_submodule(n.target))})
+        self.calls = gm.meta.get(CALLS, {})  # each module's call in the part's trace
 
     def prepare(self, model: nn.Module, paths: list[str]) -> bool:
         return True
 
     def key(self, path: str, relative: str, owner: nn.Module) -> tuple:
-        return _structure(owner), frozenset(_leaf_paths(self.called, relative))
+        call = self.calls.get(relative)
+        return (_structure(owner), frozenset(_leaf_paths(self.called, relative)),
+                None if call is None else call_key(Call(*call)))
 
     def trace(self, path: str, relative: str, owner: nn.Module) -> fx.GraphModule:
+        leaf_paths = _leaf_paths(self.called, relative)
+        if relative in self.calls:  # on the call the part made: its None and flag arguments fixed as there
+            try:
+                return trace_with_constants(owner, Call(*self.calls[relative]), self.leaves, leaf_paths)
+            except Exception:  # any failure: as the part traced it, checked by faithful()
+                pass
         # one mode is enough: the part's trace already isolated what decides on self.training
-        return trace_as_part(owner, self.leaves, _leaf_paths(self.called, relative))
+        return trace_as_part(owner, self.leaves, leaf_paths)
+
+    def faithful(self, block_gm: fx.GraphModule, relative: str, alone: ResidualSite, in_part: ResidualSite) -> bool:
+        """Whether the owner traced alone computes a site's branch as the part did. Alone, an argument the part
+        passed as a constant (``layer(x, None)``) is a placeholder, and ``if mask is None`` takes the other path."""
+        return op_names(block_gm, alone.branch_nodes) == op_names(self.gm, in_part.branch_nodes, f"{relative}.")
 
 
 class _CallTracing:
@@ -151,6 +165,9 @@ class _CallTracing:
 
     def trace(self, path: str, relative: str, owner: nn.Module) -> fx.GraphModule:
         return trace_call(owner, self.calls[path], self.leaves)
+
+    def faithful(self, block_gm: fx.GraphModule, relative: str, alone: ResidualSite, in_part: ResidualSite) -> bool:
+        return True  # traced on its recorded call and replayed on it (call_trace)
 
 
 def _blocks(
@@ -190,6 +207,9 @@ def _blocks(
         wanted = [twin + s.id[len(path):] for s in expected]  # the ids as the twin's trace names them
         if any(w not in by_id for w in wanted):
             return None  # the block alone shows other sites (called twice, or traced otherwise)
+        if build is block_gm and not all(tracing.faithful(block_gm, relative, by_id[w], s)
+                                         for w, s in zip(wanted, expected)):
+            return None  # alone it computes a branch otherwise: the part is rewritten whole instead
         matched = [replace(by_id[w], id=s.id, index=s.index, part=path) for w, s in zip(wanted, expected)]
         found.append(Rewrite(path, BLOCK, matched, build, {s.id: copy_skip[s.id] for s in expected}, routes))
     return sorted(found, key=lambda r: min(s.index for s in r.sites))

@@ -103,6 +103,16 @@ def trace_call(module: nn.Module, call: Call, leaves: Iterable[str] = ()) -> fx.
     return _trace_call(module, call, leaves)
 
 
+def trace_with_constants(module: nn.Module, call: Call, leaves: Iterable[str], leaf_paths: Iterable[str]) -> fx.GraphModule:
+    """Trace ``module`` with the constants of a call a whole-model trace recorded (``capture.fx.CALLS``: its traced
+    values marked) fixed, defaults it left too, each checked on every call (SpecializedCallError): traced alone,
+    ``layer(x, None)``'s None would be a placeholder, and ``if mask is None`` would take the other path.
+    ``leaf_paths``: the modules that trace called."""
+    spec = _Spec.of(module, call)
+    fixed = [n for n in spec.names if n in spec.values and isinstance(spec.values[n], _FIXABLE)]
+    return spec.trace(leaves, fixed, list(leaf_paths), replay=False)
+
+
 def _takes_kwargs(module: nn.Module) -> bool:
     parameters = inspect.signature(inspect.unwrap(type(module).forward)).parameters.values()
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
@@ -226,9 +236,11 @@ class _Spec:
                 values[name] = defaults[name]
         return cls(module, fn, names, defaults, values, call)
 
-    def trace(self, leaves: Iterable[str], fixed: Sequence[str], opaque: Sequence[str]) -> fx.GraphModule:
+    def trace(self, leaves: Iterable[str], fixed: Sequence[str], opaque: Sequence[str],
+              replay: bool = True) -> fx.GraphModule:
         """Trace through a stand-in class whose forward passes every argument by name to the real one;
-        ``fixed`` arguments are passed as their recorded values, ``opaque`` children are leaves."""
+        ``fixed`` arguments are passed as their recorded values, ``opaque`` children are leaves. ``replay``:
+        check the graph on the recorded call (which needs its values: not a call recorded by a trace)."""
         cls_name = type(self.module).__name__
         params = [f"{n}=_d_{n}" if n in self.defaults else n for n in self.names]
         passed = [f"{n}=_v_{n}" if n in fixed else f"{n}={n}" for n in self.names]
@@ -240,7 +252,8 @@ class _Spec:
         shell.__dict__ = self.module.__dict__  # the module itself, seen through a forward with named arguments
         gm = trace(shell, leaves, leaf_paths=opaque)
         _check_fixed(gm, {n: self.values[n] for n in fixed}, cls_name)
-        _check_replay(self.module, gm, self.call, cls_name)
+        if replay:
+            _check_replay(self.module, gm, self.call, cls_name)
         return gm
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.drop_path import find_drop_paths, leaf_classes, restore_calls
-from ..capture.graph_facts import dead_nodes
+from ..capture.graph_facts import dead_nodes, shape_only_nodes
 from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph
 from ..errors import CaptureError, ConfigError
 from .inputs import ExampleInputs, normalize_inputs
@@ -61,6 +62,17 @@ class Capture:
     total_flops: int | None = None  # whole-model forward FLOPs, once annotate() has run
 
 
+class _Traced(enum.Enum):
+    """A value a trace computed (a graph node), where a module's recorded call has no constant."""
+
+    VALUE = "traced"
+
+
+TRACED = _Traced.VALUE
+# GraphModule.meta key: module path -> (args, kwargs) of its first call in the trace, TRACED for traced values.
+CALLS = "sdsurgeon_calls"
+
+
 class _LeafTracer(fx.Tracer):
     """torch.fx tracer whose leaves are torch.nn layers (not its composites: ``capture.torch_nn``), registered
     and named user classes, and the modules (by path) that decide something on ``self.training`` (see ``trace``)."""
@@ -69,6 +81,7 @@ class _LeafTracer(fx.Tracer):
         super().__init__()  # no arguments needed: GraphModule unpickling builds one bare
         self.leaf_names = leaf_names
         self.leaf_paths = leaf_paths
+        self.calls: dict[str, tuple[tuple, dict]] = {}
 
     user_lines = False  # record on each node the line of user code that made it (where.calling_frame)
 
@@ -81,6 +94,15 @@ class _LeafTracer(fx.Tracer):
             if frame is not None:
                 node.meta["stack_trace"] = frame.as_stack_trace()
         return node
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # what each module was called with, constants kept and traced values marked: traced alone later (the
+        # owner of a residual add), its None and flag arguments are fixed to these (analysis.owners)
+        path = self.path_of_module(m)
+        if path not in self.calls:
+            mark = lambda v: TRACED if isinstance(v, fx.Proxy) else v
+            self.calls[path] = (tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()})
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         cls = type(m)
@@ -138,7 +160,9 @@ def trace(module: nn.Module, leaves: Iterable[str] = (), leaf_paths: Iterable[st
         train, eval_ = (_trace_in_mode(module, mode, leaf_names, leaf_paths) for mode in (True, False))
         differing = _mode_dependent_scopes(train, eval_)
         if not differing:
-            return faithful_graph_module(module, train)
+            gm = faithful_graph_module(module, train)
+            gm.meta[CALLS] = train._sdsurgeon_calls
+            return gm
         if "" in differing:
             break
         leaf_paths |= differing
@@ -168,7 +192,9 @@ def _trace_in_mode(module: nn.Module, training: bool, leaf_names: frozenset[str]
         tracer = _LeafTracer(leaf_names, leaf_paths)
         # The train-mode graph is the one kept: its nodes remember the user's source line (messages name it).
         tracer.user_lines = training
-        return tracer.trace(module)
+        graph = tracer.trace(module)
+        graph._sdsurgeon_calls = tracer.calls  # read by trace(): the graph module's meta[CALLS]
+        return graph
 
 
 def _untraced(path: str, exc: BaseException) -> UntracedPart:
@@ -202,6 +228,21 @@ def _scope(node: fx.Node) -> str:
     if node.op == "call_module" and stack and stack[-1][0] == node.target:
         stack = stack[:-1]  # a leaf call belongs to the module calling it
     return stack[-1][0] if stack else ""
+
+
+def op_names(gm: fx.GraphModule, names: Iterable[str], prefix: str = "") -> list[tuple[str, str]]:
+    """Each named node of ``gm`` that computes on values (reads of shapes and attributes left out) as its op and
+    target, module paths with ``prefix`` taken off: what two traces of one region that took the same path agree
+    on, whether an argument was a constant or a placeholder."""
+    shape_only = shape_only_nodes(gm.graph.nodes)
+    nodes = {n.name: n for n in gm.graph.nodes if n not in shape_only}
+
+    def target(n: fx.Node) -> str:
+        if n.op in ("call_module", "get_attr") and n.target.startswith(prefix):
+            return n.target[len(prefix):]
+        return _target_name(n.target)
+
+    return [(nodes[name].op, target(nodes[name])) for name in names if name in nodes]
 
 
 def _mode_dependent_scopes(train: fx.Graph, eval_: fx.Graph) -> set[str]:

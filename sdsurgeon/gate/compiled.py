@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import operator
+import warnings
 
 import torch
 from torch import nn
@@ -67,6 +70,17 @@ def _stats_branch(branch) -> tuple[torch.fx.GraphModule, list[nn.Module]] | None
     return fx.GraphModule(branch, graph, class_name="CondBranch"), norms
 
 
+def _tensors_only(value) -> bool:
+    """Whether ``value`` is a tensor, or a tuple/list/dict of them all the way down: what torch.cond takes."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_tensors_only(v) for v in value)
+    if isinstance(value, dict):
+        return all(_tensors_only(v) for v in value.values())
+    return False
+
+
 def _random(module: nn.Module) -> bool:
     return isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and module.p > 0
 
@@ -74,13 +88,49 @@ def _random(module: nn.Module) -> bool:
 _RANDOM_FUNCTIONS = frozenset({torch.nn.functional.dropout, torch.dropout, torch.rand, torch.randn, torch.bernoulli})
 
 
-def _install_while_compiling() -> bool:
+def cond_key(branch) -> str | None:
+    """What a gate's cond is refused by: its branch's code (the same layers' branches share it, and so would
+    their refusal: one re-trace for them all, not one per layer)."""
+    return hashlib.sha1(branch.code.encode()).hexdigest()[:16] if isinstance(branch, torch.fx.GraphModule) else None
+
+
+_refused: set[str] = set()  # cond keys whose torch.cond dynamo could not capture: those gates decide in Python
+_tracing: list[str | None] = [None]  # the cond key of the gate dynamo is tracing now
+_warned = False
+
+
+def _ours(code) -> bool:
+    return code.co_name == "kept" and code.co_filename == __file__
+
+
+def _refuse(exc: Exception) -> None:
+    """Dynamo could not capture the traced gate's cond: it and its like decide in Python from the next trace on."""
+    global _warned
+    _refused.add(_tracing[0])
+    if not _warned:
+        _warned = True
+        reason = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), type(exc).__name__)
+        message = (f"sdsurgeon: torch.compile cannot take a gate's branch inside torch.cond ({reason}); those gates "
+                   "decide in Python, one graph break each")
+        logging.getLogger(__name__).warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def may_decide_in_graph(key: str | None) -> bool:
+    """Whether a gate whose branch has ``key`` may decide inside the compiled graph: not refused before, and a
+    refusal can restart dynamo's trace (else every gate decides in Python: a user's compile never fails on one)."""
+    return key is not None and key not in _refused and _torch.restart_on_uncaptured_cond(_ours, _refuse)
+
+
+def _entering(key: str | None) -> bool:
+    _tracing[0] = key
     return cond_backward.install(compiling=True)
 
 
 # Run for real while dynamo traces the gate, not traced into the graph (_torch says what stands in where the
 # private decorator is missing).
-_install_while_compiling = _torch.assume_constant_result(_install_while_compiling)
+may_decide_in_graph = _torch.assume_constant_result(may_decide_in_graph)
+_entering = _torch.assume_constant_result(_entering)
 
 
 def _marked():
@@ -89,13 +139,16 @@ def _marked():
     return annotate(dict(cond_backward.MARKER)) if annotate is not None else contextlib.nullcontext()
 
 
-def run_cond(spec: GateSpec, cond_branch: tuple, skip: torch.Tensor, branch_inputs: tuple) -> torch.Tensor:
+def run_cond(spec: GateSpec, cond_branch: tuple, skip: torch.Tensor, branch_inputs: tuple,
+             key: str | None = None) -> torch.Tensor:
     """The gate decided inside the compiled graph: ``torch.cond`` on a traced ``torch.rand``.
 
     Both sides are marked so that cond_backward recognises the cond as a gate's (and saves the kept
     branch's activations for its backward); it is installed here, the first time a gate compiles this way.
+    Where dynamo cannot capture the branch (a graph break or a side effect in it), the trace restarts with
+    gates of this ``key`` deciding in Python (``may_decide_in_graph``).
     """
-    _install_while_compiling()
+    _entering(key)
     branch, norms = cond_branch
     keep = torch.rand((), device=skip.device) < spec.p
     channels_last = cond_backward.channels_last_boundary()
@@ -108,10 +161,18 @@ def run_cond(spec: GateSpec, cond_branch: tuple, skip: torch.Tensor, branch_inpu
     # inference graph (no grad) keeps weights as they are, and so do they here.
     relaid = channels_last and torch.is_grad_enabled()
     weights = {n: w for n, w in branch.named_parameters() if w.dim() == 4} if relaid else {}
-    names, n_inputs = list(weights), len(branch_inputs)
+    names = list(weights)
 
-    def run(inputs, ws):
-        return torch.func.functional_call(branch, dict(zip(names, ws)), inputs) if names else branch(*inputs)
+    # torch.cond takes pytrees of tensors only: an input holding anything else (None for an absent mask or
+    # cache, an int) is closed over, a constant of the traced branch (Gemma-3's decoder layer).
+    passed = [i for i, x in enumerate(branch_inputs) if _tensors_only(x)]
+    fixed = {i: x for i, x in enumerate(branch_inputs) if not _tensors_only(x)}
+
+    def run(tensors, ws):
+        if fixed:
+            given = iter(tensors)
+            tensors = tuple(fixed[i] if i in fixed else next(given) for i in range(len(branch_inputs)))
+        return torch.func.functional_call(branch, dict(zip(names, ws)), tensors) if names else branch(*tensors)
 
     def kept(skip, *rest):
         with _marked():
@@ -126,7 +187,8 @@ def run_cond(spec: GateSpec, cond_branch: tuple, skip: torch.Tensor, branch_inpu
             return (pin(skip.clone()), *means, *variances)
 
     pinned = {}  # one pinned copy per tensor: the skip is often a branch input too (cond refuses aliases)
-    operands = (skip, *branch_inputs, *weights.values())
+    n_inputs = len(passed)
+    operands = (skip, *(branch_inputs[i] for i in passed), *weights.values())
     for t in operands:
         if id(t) not in pinned:
             pinned[id(t)] = pin(t)

@@ -80,6 +80,7 @@ class StochasticDepth(nn.Module):
         object.__setattr__(self, "branch", branch)  # not a registered submodule: see class doc
         # The branch as torch.cond runs it under torch.compile (built here, never while compiling).
         object.__setattr__(self, "_cond_branch", compiled._stats_branch(branch))
+        object.__setattr__(self, "_cond_key", compiled.cond_key(branch))
         self._draws = Draws()
 
     @property
@@ -115,6 +116,7 @@ class StochasticDepth(nn.Module):
             state["_draws"] = draws
         if "_cond_branch" not in state:
             state["_cond_branch"] = compiled._stats_branch(state.get("branch"))
+        state.setdefault("_cond_key", compiled.cond_key(state.get("branch")))
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
@@ -154,8 +156,10 @@ class StochasticDepth(nn.Module):
 
     def decides_in_graph(self) -> bool:
         """Whether a compiled model can decide this gate with torch.cond: batch mode, training, p < 1,
-        unseeded, single process, and a torch.fx branch whose only buffers are batch norms' with a momentum."""
-        return decides_in_graph(self._spec, self.training, self._cond_branch is not None)
+        unseeded, single process, a torch.fx branch whose only buffers are batch norms' with a momentum, and
+        not refused by dynamo before (see ``compiled.may_decide_in_graph``)."""
+        return decides_in_graph(self._spec, self.training, self._cond_branch is not None) and \
+            compiled.may_decide_in_graph(self._cond_key)
 
     def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor, decision=_DRAW) -> torch.Tensor:
         """``decision``: the result of ``draw`` for this call; the rewritten graph draws it just before
@@ -167,7 +171,7 @@ class StochasticDepth(nn.Module):
         if spec.p >= 1.0:
             return skip + self.branch(*branch_inputs)
         if decision is _IN_GRAPH:
-            return compiled.run_cond(spec, self._cond_branch, skip, branch_inputs)
+            return compiled.run_cond(spec, self._cond_branch, skip, branch_inputs, self._cond_key)
         if decision is _DRAW:
             decision = self.draw(skip)
         if spec.mode == "batch":
