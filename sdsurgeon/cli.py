@@ -629,12 +629,23 @@ def export_cmd(
                 else f" (the architecture without gates: {result.original_nodes})")
     batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
     out.print(f"ONNX: {exported.nodes} nodes{compared}, opset {exported.opset}, {batch}, {_fmt_bytes(exported.file_bytes)}")
+    if exported.upcast_from:
+        out.print(f"ONNX in float32: the model is {exported.upcast_from}, and onnxruntime's CPU provider lacks most "
+                  f"{exported.upcast_from} kernels")
+    if exported.experts:
+        out.print(f"experts exported as {', '.join(exported.experts)} (the ONNX exporter has no translation for the "
+                  "fused one; same numbers)")
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
     against = "the pruned model" if result.pruned else "the injected model" if report.sites else "the model"
     out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
               f"max abs error {checked.max_abs:.2g}, {100 * checked.tolerance_used:.2g}% of the tolerance "
-              f"(rtol {rtol:g}, atol {atol:g})")
+              f"({_tolerances(checked)})")
     out.print(f"wrote {result.output} in {record['seconds']:.1f} s", markup=False)
+
+
+def _tolerances(checked) -> str:
+    fitted = f", fitted to {checked.precision}" if checked.precision else ""
+    return f"rtol {checked.rtol:.2g}, atol {checked.atol:.2g}{fitted}"
 
 
 def _render_plain(result, rtol: float, atol: float) -> None:
@@ -646,7 +657,7 @@ def _render_plain(result, rtol: float, atol: float) -> None:
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
     out.print(f"loaded back into a fresh {written.format} model vs the injected model in eval, "
               f"{len(checked.batch_sizes)} random inputs (batch {sizes}): max abs error {checked.max_abs:.2g}, "
-              f"{100 * checked.tolerance_used:.2g}% of the tolerance (rtol {rtol:g}, atol {atol:g})")
+              f"{100 * checked.tolerance_used:.2g}% of the tolerance ({_tolerances(checked)})")
     out.print(f"wrote {result.output} in {result.seconds:.1f} s", markup=False)
 
 

@@ -26,7 +26,7 @@ from .deploy.plain import SUFFIXES, PlainExport, check_format, load_plain, refus
 from .deploy.verify import Verification, verify, verify_module
 from .errors import ConfigError, option_error
 from .gate import gates
-from .io.checkpoint import holds_weights_only, load_weights, read_calibration
+from .io.checkpoint import holds_weights_only, load_weights, read_calibration, take_dtypes
 from .io.files import check_output, staged, staged_folder
 from .io.source import SOURCE_ATTR
 from .progress import SILENT, Progress
@@ -322,6 +322,8 @@ class ConvertResult:
             "op_types": exported.op_types,
             "opset": exported.opset,
             "dynamic_inputs": exported.dynamic_inputs,
+            "experts": exported.experts,
+            "upcast_from": exported.upcast_from,
             "file_bytes": exported.file_bytes,
             "max_abs_error": checked.max_abs,
             "max_rel_error": checked.max_rel,
@@ -455,7 +457,9 @@ def _plain_architecture(folded: nn.Module, model: nn.Module) -> nn.Module:
         raise ConfigError(f"{type(folded).__name__} was captured whole (torch.export) from a pickled model, so no "
                           "plain architecture is left to hold its weights: give its state_dict with --arch "
                           "package.module:factory, or use --format onnx", option="--format")
-    fresh.load_state_dict(folded.state_dict())
+    state = folded.state_dict()
+    take_dtypes(fresh, state)
+    fresh.load_state_dict(state)
     return fresh.eval()
 
 

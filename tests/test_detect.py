@@ -217,6 +217,21 @@ def test_branch_flops_count_the_attention_a_training_step_computes():
     assert [s.flops for s in plan.sites] == [linears + attention]
 
 
+def test_a_mixture_of_experts_counts_the_experts_each_token_was_routed_to():
+    """A fused grouped matmul (the experts of an MoE layer, one op) has no formula in torch's counter: the plan
+    counted the router alone (Mixtral: 0.83 planned, 0.95 run)."""
+    import sdsurgeon
+    from zoo import MoEBlock, Seq
+
+    b, n, d, hidden, experts, top = 2, 5, 8, 16, 4, 2
+    plan = sdsurgeon.plan(Seq(MoEBlock(d, experts, hidden, top)), 0.5, example_inputs=torch.randn(b, n, d))
+    routed = b * n * top  # rows: each token once per expert it was sent to
+    router = 2 * b * n * d * experts
+    expert_mlps = 2 * routed * d * hidden + 2 * routed * hidden * d  # up and down, active experts only
+    assert [s.flops for s in plan.sites] == [router + expert_mlps]
+    assert plan.total_flops == router + expert_mlps
+
+
 # --- refusals in the user's terms (issue 28, item 5) ------------------------------------------------------------
 
 

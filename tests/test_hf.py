@@ -865,6 +865,47 @@ def test_an_encoder_decoder_whose_layers_copied_their_layerdrop_at_init_is_found
     _assert_same_in_train_and_eval(injected, _bart(layerdrop=0.0), x, "logits")
 
 
+def _mixtral():
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+@pytest.mark.hf
+def test_a_mixture_of_experts_lm_plans_the_flops_of_the_experts_its_tokens_were_routed_to():
+    model = _mixtral()
+    b, t, d, ffn, experts, top, vocab = 2, 6, 32, 64, 4, 2, 97
+    plan = sdsurgeon.plan(model, 0.5, example_inputs={"input_ids": torch.randint(0, vocab, (b, t))})
+    tokens = b * t
+    heads, kv_heads, head_dim = 2, 1, d // 2
+    attention = (2 * tokens * d * d * 2  # q and o projections
+                 + 2 * tokens * d * kv_heads * head_dim * 2  # k and v
+                 + 2 * (2 * b * heads * t * t * head_dim))  # scores and weighted values
+    # the router, then each token's 2 experts: gate+up (d -> 2 ffn) and down (ffn -> d)
+    moe = 2 * tokens * d * experts + 2 * tokens * top * (d * 2 * ffn + ffn * d)
+    assert sorted({s.flops for s in plan.sites}) == sorted({attention, moe})
+    assert plan.total_flops == 2 * (attention + moe) + 2 * tokens * d * vocab  # and the LM head
+
+
+@pytest.mark.onnx
+@pytest.mark.hf
+def test_a_mixture_of_experts_lm_exports_its_experts_in_an_implementation_onnx_takes(tmp_path):
+    # transformers' default experts run one fused grouped matmul, which has no ONNX translation
+    model = _mixtral()
+    x = {"input_ids": torch.randint(0, 97, (2, 6))}
+    injected = sdsurgeon.inject(model, 0.5, example_inputs=x)
+    before = injected.get_experts_implementation()
+    onnx_file, verification = export_verified(sdsurgeon.fold(injected), x, tmp_path / "moe.onnx", reference=injected)
+    assert verification.ok and onnx_file.experts == ["grouped_mm -> batched_mm"]
+    assert injected.get_experts_implementation() == before == {"": "grouped_mm"}  # the model's own, restored
+    (got,) = ort.InferenceSession(str(tmp_path / "moe.onnx")).run(None, {"input_ids": x["input_ids"].numpy()})[:1]
+    with torch.no_grad():
+        expected = injected.eval()(**x).logits
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.onnx
 @pytest.mark.hf
 def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
@@ -907,6 +948,29 @@ def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scale
     (work / "other" / "notes.txt").write_text("mine")
     assert "folder of other files" in assert_user_error(invoke("export", "m.sd.pt", "--format", "hf", "-o", "other"))
     assert (work / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.onnx
+def test_a_bfloat16_model_stays_bfloat16_through_inject_and_every_output(work):
+    # built from its recorded config, a model is float32: the stored weights' dtypes are taken back
+    case = CASES["llama"]
+    torch.manual_seed(0)
+    original = getattr(transformers, case.cls)(getattr(transformers, case.cls).config_class(**case.config))
+    original.to(torch.bfloat16).save_pretrained(work / "bf16")
+    assert_ok(invoke("inject", work / "bf16", *TOKENS, "-o", "m.sd.pt"))
+    assert {p.dtype for p in sdsurgeon.load("m.sd.pt").parameters()} == {torch.bfloat16}
+    folder = one_json(invoke("export", "m.sd.pt", "--format", "hf", "-o", "plain", "--json"))
+    assert folder["verify"]["ok"] and folder["verify"]["precision"] == "bfloat16"
+    assert json.loads((work / "plain" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert transformers.AutoModelForCausalLM.from_pretrained(work / "plain").dtype == torch.bfloat16
+    assert_ok(invoke("export", "m.sd.pt", "--format", "safetensors", "-o", "m.safetensors"))
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(work / "m.safetensors").values()} == {torch.bfloat16}
+    onnx_record = one_json(invoke("export", "m.sd.pt", "-o", "m.onnx", "--json"))
+    assert onnx_record["upcast_from"] == "bfloat16" and onnx_record["verify"]["ok"]
+    (got,) = ort.InferenceSession("m.onnx").run(None, {"input_ids": np.ones((1, 12), dtype=np.int64)})[:1]
+    assert got.dtype == np.float32
 
 
 def test_export_format_safetensors_of_a_transformers_model_loads_into_its_class(zoo, work):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import _torch
 from ..errors import CaptureError, ConfigError, SurgeonError, first_line
 from .fx import Capture
 from .inputs import bind_placeholders
@@ -18,11 +21,30 @@ def _cpu_flash_attention_flops(query, key, value, *_args, out_shape=None, **_kwa
     return flop_counter.sdpa_flop_count(query, key, value)
 
 
+# A grouped matmul (mixture-of-experts layers run their experts as one): aten's, and those libraries register
+# beside it (transformers::grouped_mm_fallback), by name. Not the scaled (quantised) or backward variants.
+_GROUPED_MM = re.compile(r"::_?grouped_mm(_fallback)?$")
+
+
+def _grouped_mm_flops(a_shape, b_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """2 * rows * K * N for each row against its own group's matrix: the experts each token was routed to."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # (tokens, K) x (groups, K, N): each row its group's
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # (groups, M, K) x (groups, K, N): batched
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (M, K) x (K, N), K split into groups
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[-1] * b_shape[-1]  # (groups, M, K) x (K, N) split by rows
+
+
 def flop_counter_mode() -> FlopCounterMode:
-    """torch's FLOP counter, taught the CPU's fused attention kernel: without it the attention of every
-    SDPA model on the CPU counts zero and branch shares leave it out."""
+    """torch's FLOP counter, taught the CPU's fused attention kernel (without it the attention of every SDPA
+    model on the CPU counts zero and branch shares leave it out) and grouped matmuls (a mixture of experts'
+    experts: without it an MoE layer counts its router only)."""
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     mapping = {} if kernel is None or kernel in flop_counter.flop_registry else {kernel: _cpu_flash_attention_flops}
+    mapping.update({op: _grouped_mm_flops for op in _torch.ops_named(_GROUPED_MM)
+                    if op not in flop_counter.flop_registry})
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

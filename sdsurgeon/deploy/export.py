@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -42,11 +45,14 @@ class OnnxExport:
     outputs: list[str]
     dynamic_inputs: list[str]  # inputs whose first axis (batch) is dynamic
     seconds: float
+    experts: list[str] = dataclasses.field(default_factory=list)  # implementations exported instead ("a -> b")
+    upcast_from: str | None = None  # the model's 16-bit dtype, written as float32
 
     def to_dict(self) -> dict:
         return {"path": self.path, "nodes": self.nodes, "scale_nodes": self.scale_nodes, "file_bytes": self.file_bytes,
                 "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
-                "dynamic_inputs": self.dynamic_inputs, "op_types": self.op_types, "seconds": round(self.seconds, 3)}
+                "dynamic_inputs": self.dynamic_inputs, "op_types": self.op_types, "seconds": round(self.seconds, 3),
+                "experts": self.experts, "upcast_from": self.upcast_from}
 
 
 # --- quiet exporter ---------------------------------------------------------------------------------------
@@ -121,8 +127,71 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def half_precision(model: nn.Module) -> torch.dtype | None:
+    """The 16-bit floating dtype (bfloat16, float16) of ``model``'s parameters, where it has one (the lowest)."""
+    found = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype.itemsize == 2}
+    return None if not found else (torch.bfloat16 if torch.bfloat16 in found else torch.float16)
+
+
+@contextlib.contextmanager
+def in_float32(model: nn.Module) -> Iterator[torch.dtype | None]:
+    """For the block, a bf16/fp16 ``model``'s floating parameters and buffers in float32 (exactly: the way back
+    is lossless); yields the dtype it had, None where it had none (nothing changes)."""
+    precision = half_precision(model)
+    changed: list[tuple[torch.Tensor, torch.dtype]] = []
+    if precision is not None:
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.is_floating_point() and t.dtype.itemsize == 2:
+                    changed.append((t, t.dtype))
+                    t.data = t.data.float()
+    try:
+        yield precision
+    finally:
+        with torch.no_grad():
+            for t, dtype in changed:
+                t.data = t.data.to(dtype)
+
+
+# Experts implementations (transformers' MoE layers) by what the ONNX exporter can take: the fused grouped matmul
+# has no ONNX translation, the per-expert loop branches on the routing (data-dependent), the batched one gathers
+# each token's experts' weights and multiplies them in one bmm: plain ops, the same numbers.
+_FOR_ONNX = {"grouped_mm": "batched_mm"}
+
+
+@contextlib.contextmanager
+def onnx_experts(model: nn.Module) -> Iterator[list[str]]:
+    """For the block, the outermost modules that choose their experts implementation (transformers'
+    ``set_experts_implementation``) run one the ONNX exporter can take; yields what it changed ("old -> new")."""
+    changed: list[tuple[nn.Module, object]] = []
+    said: list[str] = []
+    inside: set[str] = set()
+    for path, module in model.named_modules():
+        if any(path.startswith(f"{p}.") for p in inside) or not callable(getattr(module, "set_experts_implementation", None)):
+            continue
+        can_set = getattr(module, "_can_set_experts_implementation", None)
+        if not callable(getattr(module, "get_experts_implementation", None)) or (can_set is not None and not can_set()):
+            continue
+        inside.add(path)
+        current = module.get_experts_implementation()
+        chosen = ({k: _FOR_ONNX.get(v, v) for k, v in current.items()} if isinstance(current, dict)
+                  else _FOR_ONNX.get(current, current))
+        if chosen != current:
+            module.set_experts_implementation(chosen)
+            changed.append((module, current))
+            said += sorted({f"{v} -> {_FOR_ONNX[v]}" for v in (current.values() if isinstance(current, dict) else [current])
+                            if v in _FOR_ONNX})
+    try:
+        yield sorted(set(said))
+    finally:
+        for module, original in reversed(changed):
+            module.set_experts_implementation(original)
+
+
 def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opset: int | None,
-                dynamic_batch: bool, verbose: bool) -> None:
+                dynamic_batch: bool, verbose: bool) -> tuple[list[str], torch.dtype | None]:
+    """Write the ONNX file; returns the experts implementations exported instead of the model's ("a -> b"), and
+    the 16-bit dtype of a model written as float32 (onnxruntime's CPU provider lacks most bf16 kernels)."""
     named_inputs(model, args, kwargs)  # inputs that do not fit forward's signature: a clear error first
     with modes_kept(model, training=False), cache_off(model), torch.no_grad():
         try:
@@ -138,7 +207,8 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
     # Attention decomposed by its math kernel: the fused CPU kernel's decomposition ends in a view that a
     # symbolic batch cannot take (transformers' Swin with SDPA, captured or not: "Cannot view a tensor ...").
     # A key/value cache is generation's state, not the deployed function's output (transformers' use_cache).
-    with quiet(verbose), modes_kept(model, training=False), cache_off(model), sdpa_kernel([SDPBackend.MATH]):
+    with quiet(verbose), modes_kept(model, training=False), cache_off(model), sdpa_kernel([SDPBackend.MATH]), \
+            onnx_experts(model) as experts, in_float32(model) as precision:
         try:
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                                         opset_version=opset, verbose=verbose)
@@ -154,6 +224,7 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
                               f"use --opset {written} or leave --opset out")
         with writing(dest):  # a full disk names the output this temp file stands for
             program.save(str(dest), external_data=False)
+    return experts, precision
 
 
 def _describe(path: Path, seconds: float) -> OnnxExport:
@@ -194,8 +265,11 @@ def write_onnx(model: nn.Module, example_inputs, dest: str | os.PathLike, *, ops
     """Export and check, writing straight to ``dest`` (callers stage it; see ``export_onnx``)."""
     args, kwargs = args_kwargs(example_inputs)
     started = time.perf_counter()
-    _write_onnx(model, args, kwargs, Path(dest), opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
-    return _describe(Path(dest), time.perf_counter() - started)
+    experts, precision = _write_onnx(model, args, kwargs, Path(dest), opset=opset, dynamic_batch=dynamic_batch,
+                                     verbose=verbose)
+    result = _describe(Path(dest), time.perf_counter() - started)
+    result.experts, result.upcast_from = experts, None if precision is None else str(precision)[6:]
+    return result
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int | None = None,

@@ -247,6 +247,18 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def take_dtypes(model: nn.Module, state: dict) -> None:
+    """Give each floating parameter and buffer of a freshly built ``model`` the dtype its stored tensor in
+    ``state`` has (a bf16 checkpoint stays bf16: built from a config, a model is float32). The tensors stay the
+    same objects, so weights tied by sharing one parameter stay tied."""
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            stored = state.get(name)
+            if (isinstance(stored, torch.Tensor) and stored.is_floating_point() and tensor.is_floating_point()
+                    and stored.dtype != tensor.dtype):
+                tensor.data = tensor.data.to(stored.dtype)
+
+
 def load_state_strictly(model: nn.Module, state: dict, path: Path, what: str,
                   hint: str = "check --arch and --arch-kwargs") -> None:
     expected = set(model.state_dict())
@@ -257,6 +269,7 @@ def load_state_strictly(model: nn.Module, state: dict, path: Path, what: str,
             f"the weights in {path} do not fit {what}: {len(missing)} missing and {len(unexpected)} unexpected "
             f"keys (e.g. {example!r}); {hint}"
         )
+    take_dtypes(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
