@@ -627,7 +627,11 @@ def export_cmd(
         _render_pruned(result.pruned, result.unpruned_nodes, exported.nodes)
     compared = (f" ({exported.scale_nodes} from kept multiplies)" if result.original_nodes is None
                 else f" (the architecture without gates: {result.original_nodes})")
-    batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
+    if any(a for axes in exported.dynamic_axes.values() for a in axes[1:]):  # more than a batch axis
+        batch = "dynamic axes " + ", ".join(f"{name} [{', '.join(a or str(i) for i, a in enumerate(axes))}]"
+                                            for name, axes in exported.dynamic_axes.items())
+    else:
+        batch = f"dynamic batch ({', '.join(exported.dynamic_inputs)})" if exported.dynamic_inputs else "static batch"
     out.print(f"ONNX: {exported.nodes} nodes{compared}, opset {exported.opset}, {batch}, {_fmt_bytes(exported.file_bytes)}")
     if exported.upcast_from:
         out.print(f"ONNX in float32: the model is {exported.upcast_from}, and onnxruntime's CPU provider lacks most "
@@ -636,6 +640,8 @@ def export_cmd(
         out.print(f"experts exported as {', '.join(exported.experts)} (the ONNX exporter has no translation for the "
                   "fused one; same numbers)")
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
+    if checked.sequence_lengths:
+        sizes += "; sequence " + ", ".join(str(n) for n in checked.sequence_lengths)
     against = "the pruned model" if result.pruned else "the injected model" if report.sites else "the model"
     out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
               f"max abs error {checked.max_abs:.2g}, {100 * checked.tolerance_used:.2g}% of the tolerance "

@@ -322,6 +322,7 @@ class ConvertResult:
             "op_types": exported.op_types,
             "opset": exported.opset,
             "dynamic_inputs": exported.dynamic_inputs,
+            "dynamic_axes": exported.dynamic_axes,
             "experts": exported.experts,
             "upcast_from": exported.upcast_from,
             "file_bytes": exported.file_bytes,

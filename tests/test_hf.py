@@ -973,6 +973,27 @@ def test_a_bfloat16_model_stays_bfloat16_through_inject_and_every_output(work):
     assert got.dtype == np.float32
 
 
+@pytest.mark.onnx
+def test_a_language_models_onnx_takes_any_batch_and_sequence_length_with_named_inputs_and_outputs(zoo, work):
+    # Optimum's conventions: the forward's own input names, named outputs, batch and sequence axes dynamic
+    saved = zoo(CASES["llama"])
+    mask = ["--input", "attention_mask:2,12:int64"]
+    assert_ok(invoke("inject", saved.folder, *TOKENS, *mask, "-o", "m.sd.pt"))
+    record = one_json(invoke("export", "m.sd.pt", "-o", "m.onnx", "--json"))
+    assert record["dynamic_axes"] == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert len(set(record["verify"]["sequence_lengths"])) == 3 and len(set(record["verify"]["batch_sizes"])) == 2
+    session = ort.InferenceSession("m.onnx")
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    model = sdsurgeon.load("m.sd.pt").eval()
+    for batch, length in ((1, 5), (3, 9), (2, 17)):
+        ids = torch.randint(0, 97, (batch, length))
+        ones = torch.ones(batch, length, dtype=torch.int64)
+        (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": ones.numpy()})
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=ones).logits
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_export_format_safetensors_of_a_transformers_model_loads_into_its_class(zoo, work):
     case = CASES["llama"]
     saved = zoo(case)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import _torch
 from ..capture.inputs import normalize_inputs
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
@@ -45,6 +46,7 @@ class OnnxExport:
     outputs: list[str]
     dynamic_inputs: list[str]  # inputs whose first axis (batch) is dynamic
     seconds: float
+    dynamic_axes: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)  # input -> each axis' name
     experts: list[str] = dataclasses.field(default_factory=list)  # implementations exported instead ("a -> b")
     upcast_from: str | None = None  # the model's 16-bit dtype, written as float32
 
@@ -52,7 +54,7 @@ class OnnxExport:
         return {"path": self.path, "nodes": self.nodes, "scale_nodes": self.scale_nodes, "file_bytes": self.file_bytes,
                 "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
                 "dynamic_inputs": self.dynamic_inputs, "op_types": self.op_types, "seconds": round(self.seconds, 3),
-                "experts": self.experts, "upcast_from": self.upcast_from}
+                "dynamic_axes": self.dynamic_axes, "experts": self.experts, "upcast_from": self.upcast_from}
 
 
 # --- quiet exporter ---------------------------------------------------------------------------------------
@@ -85,19 +87,49 @@ def batch_inputs(tensors: list[torch.Tensor]) -> list[bool]:
     return [first is not None and t.dim() > 0 and t.shape[0] == first.shape[0] for t in tensors]
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
-    """torch.export spec making dim 0 of the batch inputs one shared dynamic "batch" dimension."""
-    batch = torch.export.Dim("batch")
+def sequence_inputs(named: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Input name -> the name of its sequence axis (axis 1), for token inputs: integer tensors of two or more
+    dimensions (ids, attention masks, token types, positions). Those named ``decoder_*`` share a decoder
+    sequence, the others the sequence; an input whose length differs from its group's first keeps it fixed."""
+    groups: dict[str, int] = {}
+    out = {}
+    for name, t in named.items():
+        if t.dim() < 2 or t.is_floating_point() or t.dtype == torch.bool:
+            continue
+        axis = "decoder_sequence" if name.startswith("decoder_") else "sequence"
+        if groups.setdefault(axis, t.shape[1]) == t.shape[1]:
+            out[name] = axis
+    return out
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, sequence: bool):
+    """torch.export spec making dim 0 of the batch inputs one shared dynamic "batch" dimension, and with
+    ``sequence`` dim 1 of the token inputs their sequence dimension (``sequence_inputs``)."""
+    dims = {"batch": torch.export.Dim("batch")}
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     tensors = [v for v in bound.arguments.values() if isinstance(v, torch.Tensor)]
     is_batch = iter(batch_inputs(tensors))
+    axes = sequence_inputs(named_inputs(model, args, kwargs)) if sequence else {}
     spec = {}
     for name, value in bound.arguments.items():
         if isinstance(value, torch.Tensor):
-            spec[name] = {0: batch} if next(is_batch) else None
+            dynamic = {0: dims["batch"]} if next(is_batch) else {}
+            if name in axes:
+                dynamic[1] = dims.setdefault(axes[name], torch.export.Dim(axes[name]))
+            spec[name] = dynamic or None
         else:
             spec[name] = None
     return spec
+
+
+def output_names(output) -> list[str] | None:
+    """The model's outputs by their names (transformers' ``logits``, ``last_hidden_state``; a dict's keys), in
+    the order the ONNX graph gives them; None where they have no names (a tensor, a tuple)."""
+    leaves, _ = _torch.tree_flatten_with_path(output)
+    names = [re.sub(r"[^0-9A-Za-z_]+", "_", _torch.keystr(path)).strip("_") for path, _ in leaves]
+    if not names or any(not n or n[0].isdigit() for n in names) or len(set(names)) != len(names):
+        return None
+    return names
 
 
 def _with_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
@@ -195,7 +227,7 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
     named_inputs(model, args, kwargs)  # inputs that do not fit forward's signature: a clear error first
     with modes_kept(model, training=False), cache_off(model), torch.no_grad():
         try:
-            model(*args, **kwargs)  # one forward: a wrong input shape is the user's, not the exporter's, error
+            names = output_names(model(*args, **kwargs))  # a wrong input shape is the user's, not the exporter's
         except Exception as exc:
             raise ConfigError(f"the model failed on the example inputs ({first_line(exc)}); "
                               "check --input-shape / --input") from None
@@ -203,17 +235,24 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
         if first is not None and first.shape[0] == 1:
             args, kwargs = _with_batch(args, kwargs, 2)
-    dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     # Attention decomposed by its math kernel: the fused CPU kernel's decomposition ends in a view that a
     # symbolic batch cannot take (transformers' Swin with SDPA, captured or not: "Cannot view a tensor ...").
     # A key/value cache is generation's state, not the deployed function's output (transformers' use_cache).
     with quiet(verbose), modes_kept(model, training=False), cache_off(model), sdpa_kernel([SDPBackend.MATH]), \
             onnx_experts(model) as experts, in_float32(model) as precision:
-        try:
-            program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
-                                        opset_version=opset, verbose=verbose)
-        except Exception as exc:
-            cause = explain(_root_cause(exc)).reason  # in the user's terms, at their line where it has one
+        # A sequence axis the model fixes (a length baked into a mask or a buffer) stops the export: the
+        # sequence is then fixed to the example's, and the batch alone is dynamic.
+        tries = [True, False] if dynamic_batch and sequence_inputs(named_inputs(model, args, kwargs)) else [False]
+        for sequence in tries:
+            dynamic = _dynamic_shapes(model, args, kwargs, sequence) if dynamic_batch else None
+            try:
+                program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
+                                            opset_version=opset, verbose=verbose, output_names=names)
+                break
+            except Exception as exc:
+                failure = exc
+        else:  # no try exported
+            cause = explain(_root_cause(failure)).reason  # in the user's terms, at their line where it has one
             hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in cause else ""
             raise ExportError(f"torch.onnx.export failed: {cause}{hint} (--verbose shows the exporter's log)") from None
         if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:
@@ -242,11 +281,14 @@ def _describe(path: Path, seconds: float) -> OnnxExport:
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     dynamic = [i.name for i in inputs if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param]
+    axes = {i.name: [d.dim_param or None for d in i.type.tensor_type.shape.dim] for i in inputs}
+    axes = {name: dims for name, dims in axes.items() if any(dims)}
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return OnnxExport(
         path=str(path), nodes=len(nodes), op_types=dict(Counter(n.op_type for n in nodes).most_common()),
         scale_nodes=sum(1 for n in nodes if _from_scale_module(n)), file_bytes=path.stat().st_size, opset=opset,
         inputs=[i.name for i in inputs], outputs=[o.name for o in proto.graph.output], dynamic_inputs=dynamic,
+        dynamic_axes=axes,
         seconds=seconds,
     )
 
