@@ -341,7 +341,7 @@ def _fmt_reach(r) -> str:
     """``ONNX yes``, ``hf no (not a transformers model)``, ``ONNX not checked (give --input-shape ...)``."""
     name = _FORMAT_NAMES.get(r.format, r.format)
     if r.ok:
-        return f"{name} yes"
+        return f"{name} yes" + (f" (dynamic {', '.join(r.dynamic)})" if r.dynamic else "")
     return f"{name} {'no' if r.ok is False else 'not checked'} ({r.why})"
 
 

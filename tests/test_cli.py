@@ -152,7 +152,7 @@ def test_plan_says_which_outputs_the_model_can_reach(work):
 
     result = invoke("plan", *TINY, "--input-shape", "2,8")
     assert_ok(result)
-    assert "outputs: ONNX yes; safetensors yes; hf no (not a transformers model)" in result.stdout.splitlines()
+    assert "outputs: ONNX yes (dynamic batch); safetensors yes; hf no (not a transformers model)" in result.stdout.splitlines()
     lines, start = inspect.getsourcelines(archs.DataDependent.forward)
     where = f"archs.py:{start + next(i for i, t in enumerate(lines) if 'x.sum() > 0' in t)} in forward"
     data_dependent = ["--arch", "archs:data_dependent", "--input-shape", "2,8"]

@@ -622,7 +622,7 @@ def test_cli_plan_of_a_folder_says_it_reaches_every_output_and_refuses_in_the_mo
     result = invoke("plan", zoo(CASES["llama"]).folder, *TOKENS)
     assert_ok(result)
     lines = result.stdout.splitlines()
-    assert "outputs: ONNX yes; safetensors yes; hf yes" in lines
+    assert "outputs: ONNX yes (dynamic batch, sequence); safetensors yes; hf yes" in lines
     refusals = [line.partition(": ")[2].partition(": ")[2] for line in lines if line.startswith("not gated: ")]
     assert refusals
     for reason in refusals:
@@ -978,6 +978,8 @@ def test_a_language_models_onnx_takes_any_batch_and_sequence_length_with_named_i
     # Optimum's conventions: the forward's own input names, named outputs, batch and sequence axes dynamic
     saved = zoo(CASES["llama"])
     mask = ["--input", "attention_mask:2,12:int64"]
+    planned = json.loads(invoke("plan", saved.folder, *TOKENS, *mask, "--json").stdout)
+    assert planned["outputs"][0]["dynamic"] == ["batch", "sequence"]  # said before training
     assert_ok(invoke("inject", saved.folder, *TOKENS, *mask, "-o", "m.sd.pt"))
     record = one_json(invoke("export", "m.sd.pt", "-o", "m.onnx", "--json"))
     assert record["dynamic_axes"] == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}

@@ -15,7 +15,7 @@ from ..analysis.owners import WHOLE, rewrites
 from ..analysis.schedule import Override, assign, expected_depth, expected_flops_ratio
 from ..capture.drop_path import ExistingDropPath, find_drop_paths, switched_off
 from ..capture.fx import LEAF_REGISTRY, Capture, eval_trace_failure, export_failure_of
-from ..capture.inputs import normalize_inputs
+from ..capture.inputs import normalize_inputs, sequence_inputs
 from ..gate import StochasticDepth, gates
 from ..io.hf import is_hf
 from ..io.source import SOURCE_ATTR
@@ -54,9 +54,11 @@ class Reach:
     format: str  # "onnx" | "safetensors" | "hf" (deploy.plain.FORMATS)
     ok: bool | None  # None: not checked (plan lacked what the check needs, e.g. example inputs)
     why: str
+    dynamic: list[str] | None = None  # ONNX: the axes export will make dynamic (batch, sequence, ...)
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "reachable": self.ok, "why": self.why}
+        return {"format": self.format, "reachable": self.ok, "why": self.why,
+                **({} if self.dynamic is None else {"dynamic": self.dynamic})}
 
 
 @dataclass
@@ -180,7 +182,13 @@ def reachable_outputs(model: nn.Module, cap: Capture, planned: Sequence[PlannedR
     mode, where training-only code such as LayerDrop's draw may be what stopped it); it names the line that stops
     it. A gated model (a .sd.pt) is first traced in eval mode with its gates opaque, since folding removes them.
     """
-    return [_onnx(model, cap, leaves, example_inputs), _safetensors(model, planned), _hf(model)]
+    onnx = _onnx(model, cap, leaves, example_inputs)
+    if onnx.ok and (inputs := normalize_inputs(example_inputs)) is not None:
+        # what export will try to make dynamic (it falls back to the batch alone where the model fixes a length)
+        tokens = sorted(set(sequence_inputs({f"{i}": t for i, t in enumerate(inputs[0]) if isinstance(t, torch.Tensor)}
+                                            | {k: t for k, t in inputs[1].items() if isinstance(t, torch.Tensor)}).values()))
+        onnx = Reach("onnx", True, onnx.why, ["batch", *tokens])
+    return [onnx, _safetensors(model, planned), _hf(model)]
 
 
 def _onnx(model: nn.Module, cap: Capture, leaves: Sequence[str], example_inputs) -> Reach:

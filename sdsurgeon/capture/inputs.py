@@ -143,3 +143,18 @@ def bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 
 
 ExampleInputs = tuple[tuple, dict]
+
+
+def sequence_inputs(named: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Input name -> the name of its sequence axis (axis 1), for token inputs: integer tensors of two or more
+    dimensions (ids, attention masks, token types, positions). Those named ``decoder_*`` share a decoder
+    sequence, the others the sequence; an input whose length differs from its group's first keeps it fixed."""
+    groups: dict[str, int] = {}
+    out = {}
+    for name, t in named.items():
+        if t.dim() < 2 or t.is_floating_point() or t.dtype == torch.bool:
+            continue
+        axis = "decoder_sequence" if name.startswith("decoder_") else "sequence"
+        if groups.setdefault(axis, t.shape[1]) == t.shape[1]:
+            out[name] = axis
+    return out

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import _torch
-from ..capture.inputs import normalize_inputs
+from ..capture.inputs import normalize_inputs, sequence_inputs
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
 from ..capture.where import explain
@@ -85,21 +85,6 @@ def batch_inputs(tensors: list[torch.Tensor]) -> list[bool]:
     """Which inputs share the batch axis: those whose first dimension equals the first input's."""
     first = next((t for t in tensors if t.dim() > 0), None)
     return [first is not None and t.dim() > 0 and t.shape[0] == first.shape[0] for t in tensors]
-
-
-def sequence_inputs(named: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Input name -> the name of its sequence axis (axis 1), for token inputs: integer tensors of two or more
-    dimensions (ids, attention masks, token types, positions). Those named ``decoder_*`` share a decoder
-    sequence, the others the sequence; an input whose length differs from its group's first keeps it fixed."""
-    groups: dict[str, int] = {}
-    out = {}
-    for name, t in named.items():
-        if t.dim() < 2 or t.is_floating_point() or t.dtype == torch.bool:
-            continue
-        axis = "decoder_sequence" if name.startswith("decoder_") else "sequence"
-        if groups.setdefault(axis, t.shape[1]) == t.shape[1]:
-            out[name] = axis
-    return out
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, sequence: bool):

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from .. import _torch
-from ..capture.inputs import DTYPES, InputSpec
+from ..capture.inputs import DTYPES, InputSpec, sequence_inputs
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
 from ..errors import ConfigError, VerificationError, first_line
 from ..io.files import staged
-from .export import OnnxExport, args_kwargs, batch_inputs, half_precision, named_inputs, sequence_inputs, write_onnx
+from .export import OnnxExport, args_kwargs, batch_inputs, half_precision, named_inputs, write_onnx
 
 
 @dataclass
