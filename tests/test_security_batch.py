@@ -156,9 +156,11 @@ def _batch_until_a_worker_writes(folder: Path) -> subprocess.Popen:
     write(folder, SLOW_CONFIG)
     out = folder / "out"
     out.mkdir()
+    # As a terminal's foreground job starts it: SIGINT at its default. A test run started in the background of a
+    # non-interactive shell has SIGINT ignored, which a child inherits (and Python then keeps ignoring it).
     proc = subprocess.Popen([sys.executable, "-m", "sdsurgeon", "batch", "cfg.yaml", "--report-dir", "reports"],
                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if any(TEMP.search(p.name) for p in out.iterdir()):
