@@ -560,8 +560,9 @@ def export_cmd(
     input_: list[str] = INPUT,
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch axis to the example's size (default: dynamic)."),
-    rtol: float = typer.Option(1e-4, "--rtol", help="Relative tolerance of the onnxruntime check."),
-    atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the onnxruntime check."),
+    rtol: float = typer.Option(1e-4, "--rtol", help="Relative tolerance of the onnxruntime check (widened to the "
+                               "dtype's precision for a bf16/fp16 model, and said)."),
+    atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the onnxruntime check (widened likewise)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (a state_dict of the injected "
                                            "model or of the original architecture: same keys) loaded before folding. "
                                            + WEIGHTS_RULE),
@@ -619,7 +620,7 @@ def export_cmd(
         print(json.dumps(record))
         return
     if record["format"] != "onnx":
-        _render_plain(result, rtol, atol)
+        _render_plain(result)
         return
     report, exported, checked = result.report, result.exported, result.checked
     _render_fold(report, fold)
@@ -654,7 +655,7 @@ def _tolerances(checked) -> str:
     return f"rtol {checked.rtol:.2g}, atol {checked.atol:.2g}{fitted}"
 
 
-def _render_plain(result, rtol: float, atol: float) -> None:
+def _render_plain(result) -> None:
     report, written, checked = result.report, result.exported, result.checked
     out.print(f"folded {len(report.folded)} of {len(report.sites)} gates into the weights: the model is its own "
               "architecture again")

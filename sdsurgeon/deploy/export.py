@@ -8,8 +8,7 @@ import os
 import re
 import time
 from collections import Counter
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -46,8 +45,8 @@ class OnnxExport:
     outputs: list[str]
     dynamic_inputs: list[str]  # inputs whose first axis (batch) is dynamic
     seconds: float
-    dynamic_axes: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)  # input -> each axis' name
-    experts: list[str] = dataclasses.field(default_factory=list)  # implementations exported instead ("a -> b")
+    dynamic_axes: dict[str, list[str | None]] = field(default_factory=dict)  # input -> each axis' name
+    experts: list[str] = field(default_factory=list)  # implementations exported instead ("a -> b")
     upcast_from: str | None = None  # the model's 16-bit dtype, written as float32
 
     def to_dict(self) -> dict:
@@ -295,7 +294,7 @@ def write_onnx(model: nn.Module, example_inputs, dest: str | os.PathLike, *, ops
     experts, precision = _write_onnx(model, args, kwargs, Path(dest), opset=opset, dynamic_batch=dynamic_batch,
                                      verbose=verbose)
     result = _describe(Path(dest), time.perf_counter() - started)
-    result.experts, result.upcast_from = experts, None if precision is None else str(precision)[6:]
+    result.experts, result.upcast_from = experts, None if precision is None else str(precision).removeprefix("torch.")
     return result
 
 

@@ -175,7 +175,7 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
                 fresh = _fresh_inputs(model, args, kwargs, batch, seed + attempt)
                 expected = _tensors(model(**_rebind(model, fresh, args, kwargs)))
             if sequence:
-                lengths += [t.shape[1] for n, t in fresh.items() if n in sequence_inputs(fresh)][:1]
+                lengths += [fresh[n].shape[1] for n in sequence_inputs(fresh)][:1]
             got = run(fresh)
             if len(got) != len(expected):
                 raise VerificationError(f"{what} has {len(got)} outputs but the model returns {len(expected)} tensors")
@@ -204,7 +204,7 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
     result = Verification(
         ok=failed_at is None, rtol=rtol, atol=atol, batch_sizes=[b for b in batches if b is not None],
         outputs=[OutputError(names[k], *v) for k, v in sorted(worst.items())],
-        seconds=time.perf_counter() - started, precision=None if precision is None else str(precision)[6:],
+        seconds=time.perf_counter() - started, precision=None if precision is None else str(precision).removeprefix("torch."),
         sequence_lengths=lengths,
     )
     if check and not result.ok:
