@@ -22,8 +22,8 @@ from rich.text import Text
 # seconds). What does the work (pipeline, capture, io.checkpoint, ...) is imported by the command that runs it.
 from ._version import __version__
 from .analysis.schedule import KINDS, RULES, ScheduleSpec
-from .choices import MODES, SCALINGS
-from .errors import ConfigError, SurgeonError, option_error
+from .choices import MODES, SCALING_CHOICES
+from .errors import ConfigError, SurgeonError, UnscaledSaveWarning, option_error
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
 from .progress import SILENT, Progress
@@ -444,7 +444,11 @@ def inject_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: <stem>.sd.pt beside MODEL)."),
     rule: str = RULE,
     mode: str = typer.Option("batch", "--mode", help=f"{' | '.join(MODES)}: one draw per step (skips compute) or per sample."),
-    scaling: str = typer.Option("paper", "--scaling", help=f"{' | '.join(SCALINGS)}: scale by p at inference, or by 1/p in training."),
+    scaling: str = typer.Option("auto", "--scaling", help=f"{' | '.join(SCALING_CHOICES)}: paper scales each branch by "
+                                "p at inference (export folds p into the weights); inverted by 1/p in training, so "
+                                "the trained weights are the inference model. auto: inverted for a model with its "
+                                "own save_pretrained (transformers: what Trainer.save_model writes then loads right "
+                                "in plain transformers), paper otherwise."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed the gates' draws for reproducible runs."),
     per_rank: bool = typer.Option(False, "--per-rank-draws", help="Under torch.distributed, let each rank draw "
                                   "its own gates (default: all ranks skip the same blocks, so none straggles)."),
@@ -489,14 +493,19 @@ def inject_cmd(
     over_steps = _schedule_options(schedule, pL if theta is None else theta, rule, gamma, warmup, ramp)
     surgery = _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing, mode=mode, scaling=scaling,
                        seed=seed, sync_ranks=not per_rank, schedule=over_steps)
-    with _progress(quiet, json_) as progress:
+    with _progress(quiet, json_) as progress, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", UnscaledSaveWarning)  # the one library warning inject's user must read
         result = pipeline.inject(_ref(model, arch, arch_kwargs, trust_pickle, weights), surgery, specs, output=output,
                                  progress=progress)
+    for warning in said:  # on stderr: --json keeps stdout one JSON object
+        if issubclass(warning.category, UnscaledSaveWarning):
+            err.print(f"note: {warning.message}", markup=False)
     record = result.to_dict()
     if json_:
         print(json.dumps(record))
         return
-    out.print(f"gated {record['num_gated']} residual blocks ({rule} rule, p_L = {pL}, {mode} mode, {scaling} scaling)")
+    out.print(f"gated {record['num_gated']} residual blocks ({rule} rule, p_L = {pL}, {mode} mode, "
+              f"{record['scaling']} scaling)")
     out.print(f"expected gated blocks active per step: {record['expected_depth']:.2f} of {record['num_gated']}")
     if result.recipe.replaced:
         out.print(f"switched off {len(result.recipe.replaced)} drop-path modules the model had (the gates replace them; "

@@ -94,3 +94,8 @@ class VerificationError(SurgeonError):
     def __init__(self, message: str, result=None, **fields) -> None:
         super().__init__(message, **fields)
         self.result = result
+
+
+class UnscaledSaveWarning(UserWarning):
+    """An injected model whose own save path (``save_pretrained``) will write weights that load unscaled: paper
+    scaling chosen for a model that brings one (surgery.inject.resolve_scaling)."""

@@ -98,7 +98,7 @@ class SurgeryOptions:
     capture: str = "auto"
     keep_existing: bool = False
     mode: str = "batch"
-    scaling: str = "paper"
+    scaling: str = "auto"  # choices.SCALING_CHOICES; the recipe records what auto became
     seed: int | None = None
     sync_ranks: bool = True
     schedule: dict | None = None  # p_L over training steps, recorded in the recipe (ScheduleSpec as a dict)
@@ -252,7 +252,7 @@ class InjectResult:
             "output": str(self.output),
             "num_gated": len(recipe.sites),
             "expected_depth": round(sum(p for _, p in recipe.sites), 4),
-            "rule": o.rule, "p_L": o.pL, "mode": o.mode, "scaling": o.scaling, "seed": o.seed,
+            "rule": o.rule, "p_L": o.pL, "mode": o.mode, "scaling": recipe.scaling, "seed": o.seed,
             "weights_only": self.weights_only,
             "capture": recipe.capture,
             "replaced_drop_paths": [{"module": path, "rate": round(rate, 6)} for path, rate in recipe.replaced],

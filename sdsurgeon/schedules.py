@@ -54,6 +54,13 @@ class Schedule:
         self.last_step += 1
         self._apply()
 
+    def seek(self, step: int) -> None:
+        """Go to ``step`` (a training loop that counts its own steps: a Trainer's global_step, a resumed run)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"a schedule's step is a whole number from 0 (got {step!r})")
+        self.last_step = step
+        self._apply()
+
     def _apply(self) -> None:
         for gate, p in zip(self.gates, self.probabilities()):
             if gate.p != p:

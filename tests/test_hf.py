@@ -202,12 +202,12 @@ class Saved:
 
     @functools.cached_property
     def injected(self) -> torch.nn.Module:
-        return sdsurgeon.inject(self.loaded, P_L, seed=SEED, example_inputs=self.example).eval()
+        return sdsurgeon.inject(self.loaded, P_L, scaling="paper", seed=SEED, example_inputs=self.example).eval()
 
     @functools.cached_property
     def injected_full(self) -> torch.nn.Module:
         """p_L = 1: every gate always keeps its block, so the model must compute what the original does."""
-        return sdsurgeon.inject(self.loaded, 1.0, seed=SEED, example_inputs=self.example).eval()
+        return sdsurgeon.inject(self.loaded, 1.0, scaling="paper", seed=SEED, example_inputs=self.example).eval()
 
     def full(self) -> torch.nn.Module:
         """A copy of ``injected_full`` to change."""
@@ -572,7 +572,7 @@ def test_keep_existing_leaves_the_drop_path_modules_dropping(zoo, case):
 @by_name(DROP_PATH_CASES)
 def test_keep_existing_folds_exports_and_verifies(zoo, case, tmp_path):
     saved = zoo(case)
-    model = sdsurgeon.inject(saved.loaded, P_L, seed=SEED, example_inputs=saved.example, keep_existing=True).eval()
+    model = sdsurgeon.inject(saved.loaded, P_L, scaling="paper", seed=SEED, example_inputs=saved.example, keep_existing=True).eval()
     folded, report = sdsurgeon.fold_with_report(model)
     assert report.multiplies == [] and len(report.folded) == case.sites
     path = tmp_path / "m.onnx"
@@ -589,6 +589,7 @@ def test_keep_existing_folds_exports_and_verifies(zoo, case, tmp_path):
 
 
 TOKENS = ["--input", "input_ids:2,12:int64"]
+PAPER = ["--scaling", "paper"]  # the fold is what these check: p_l into the weights (auto is inverted here)
 
 
 @pytest.fixture
@@ -633,7 +634,7 @@ def test_cli_plan_of_a_folder_says_it_reaches_every_output_and_refuses_in_the_mo
 def test_cli_inject_then_export_a_folder_remembers_the_inputs(zoo, work):
     case = CASES["bert"]
     saved = zoo(case)
-    injected = one_json(invoke("inject", saved.folder, *TOKENS, "--seed", "0", "-o", "x.sd.pt", "--json"))
+    injected = one_json(invoke("inject", *PAPER, saved.folder, *TOKENS, "--seed", "0", "-o", "x.sd.pt", "--json"))
     assert injected["capture"] == "export" and injected["weights_only"] is True and injected["num_gated"] == 4
     payload = torch.load(work / "x.sd.pt", weights_only=True)
     assert payload["source"]["kind"] == "hf"
@@ -934,7 +935,7 @@ def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
 def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scaled_model(zoo, case, work):
     saved = zoo(case)
     inputs = [arg for spec in case.inputs for arg in ("--input", spec)]
-    assert_ok(invoke("inject", saved.folder, *inputs, "-o", "m.sd.pt"))
+    assert_ok(invoke("inject", *PAPER, saved.folder, *inputs, "-o", "m.sd.pt"))
     record = one_json(invoke("export", "m.sd.pt", "--format", "hf", "-o", "plain", "--json"))
     assert record["format"] == "hf" and record["verify"]["ok"] and record["folded"] == case.sites
     assert (work / "plain" / "config.json").is_file()
@@ -957,7 +958,7 @@ def test_a_bfloat16_model_stays_bfloat16_through_inject_and_every_output(work):
     torch.manual_seed(0)
     original = getattr(transformers, case.cls)(getattr(transformers, case.cls).config_class(**case.config))
     original.to(torch.bfloat16).save_pretrained(work / "bf16")
-    assert_ok(invoke("inject", work / "bf16", *TOKENS, "-o", "m.sd.pt"))
+    assert_ok(invoke("inject", *PAPER, work / "bf16", *TOKENS, "-o", "m.sd.pt"))
     assert {p.dtype for p in sdsurgeon.load("m.sd.pt").parameters()} == {torch.bfloat16}
     folder = one_json(invoke("export", "m.sd.pt", "--format", "hf", "-o", "plain", "--json"))
     assert folder["verify"]["ok"] and folder["verify"]["precision"] == "bfloat16"
@@ -999,7 +1000,7 @@ def test_a_language_models_onnx_takes_any_batch_and_sequence_length_with_named_i
 def test_export_format_safetensors_of_a_transformers_model_loads_into_its_class(zoo, work):
     case = CASES["llama"]
     saved = zoo(case)
-    assert_ok(invoke("inject", saved.folder, *TOKENS, "-o", "m.sd.pt"))
+    assert_ok(invoke("inject", *PAPER, saved.folder, *TOKENS, "-o", "m.sd.pt"))
     assert_ok(invoke("export", "m.sd.pt", "--format", "safetensors"))
     from safetensors.torch import load_model
 
@@ -1076,15 +1077,15 @@ def test_generate_gives_the_tokens_of_a_hand_folded_copy_of_the_trained_model(zo
     assert torch.equal(got, reference.generate(prompt, **options))
 
 
-@by_name(IN_PLACE)
-def test_transformers_trainer_trains_the_injected_model_and_the_loss_falls(zoo, case, tmp_path):
-    model = copy.deepcopy(zoo(case).injected)
+def trainer_for(model, case: HFCase, out: Path, steps: int, callbacks=()) -> transformers.Trainer:
+    """A Trainer on 16 examples with a pattern to learn (tokens: every other token repeats the first; images: a
+    class from the mean of the first channel), logging every step, saving nothing unless asked."""
     x = some_inputs(case, 16, 12, seed=90)
     if case.task == "tokens":
-        x["input_ids"][:, 1::2] = x["input_ids"][:, :1]  # a pattern to learn: every other token repeats the first
+        x["input_ids"][:, 1::2] = x["input_ids"][:, :1]
     y = labels_for(case, x)
     if case.task == "image":
-        y = (x["pixel_values"][:, 0].mean((1, 2)) > 0).long()  # a class to learn from the image
+        y = (x["pixel_values"][:, 0].mean((1, 2)) > 0).long()
 
     class Examples(torch.utils.data.Dataset):
         def __len__(self):
@@ -1094,13 +1095,93 @@ def test_transformers_trainer_trains_the_injected_model_and_the_loss_falls(zoo, 
             return {**{name: value[k] for name, value in x.items()}, "labels": y[k]}
 
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=SEED)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Examples())
+    return transformers.Trainer(model=model, args=args, train_dataset=Examples(), callbacks=list(callbacks))
+
+
+@by_name(IN_PLACE)
+def test_transformers_trainer_trains_the_injected_model_and_the_loss_falls(zoo, case, tmp_path):
+    trainer = trainer_for(copy.deepcopy(zoo(case).injected), case, tmp_path, steps=12)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) * 0.9, losses
     assert type(trainer.model) is type(zoo(case).loaded) and len(sdsurgeon.gates(trainer.model)) == case.sites
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_trainer_save_model_writes_the_inference_model_plain_transformers_loads_and_sdsurgeon_resumes(zoo, name,
+                                                                                                     tmp_path):
+    """Issue 27's Trainer round trip, with inject's defaults: a transformers model is gated with inverted scaling
+    (it brings its own save_pretrained), so the folder Trainer.save_model writes is the trained model for plain
+    from_pretrained (no sdsurgeon), and sdsurgeon.load of it resumes with the same gates and weights."""
+    import warnings
+
+    case = CASES[name]
+    saved = zoo(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sdsurgeon.errors.UnscaledSaveWarning)
+        model = sdsurgeon.inject(saved.loaded, P_L, seed=SEED, example_inputs=saved.example)
+    assert model.sdsurgeon_recipe.scaling == "inverted"
+    assert {g.scaling for g in sdsurgeon.gates(model)} == {"inverted"} and min(g.p for g in sdsurgeon.gates(model)) < 1
+    trainer = trainer_for(model, case, tmp_path / "run", steps=6)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    model.eval()
+    x = some_inputs(case, 3, 9, seed=96)
+    trained = saved.original(model.state_dict()).eval()  # the plain architecture, the trained weights, by hand
+    assert not torch.allclose(logits(trained, x), logits(saved.original().eval(), x))  # training moved them
+    plain = getattr(transformers, case.cls).from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(logits(plain, x), logits(trained, x), **TOL)
+    torch.testing.assert_close(logits(model, x), logits(trained, x), **TOL)  # inverted: eval runs x + f(x)
+    back = sdsurgeon.load(tmp_path / "saved")
+    assert type(back) is type(model)
+    assert [(g.site_id, g.p, g.mode, g.scaling, g.seed) for g in sdsurgeon.gates(back)] == \
+        [(g.site_id, g.p, g.mode, g.scaling, g.seed) for g in sdsurgeon.gates(model)]
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+@pytest.mark.hf
+def test_paper_scaling_chosen_for_a_model_with_its_own_save_path_is_said_in_python_and_on_the_command_line(zoo, work):
+    saved = zoo(CASES["bert"])
+    with pytest.warns(sdsurgeon.errors.UnscaledSaveWarning, match="save_pretrained"):
+        sdsurgeon.inject(saved.loaded, P_L, scaling="paper", example_inputs=saved.example)
+    result = invoke("inject", *PAPER, saved.folder, *TOKENS, "-o", "p.sd.pt")
+    assert_ok(result)
+    assert "note: paper scaling on BertForSequenceClassification" in result.stderr and "paper scaling" in result.stdout
+    quiet = invoke("inject", saved.folder, *TOKENS, "-o", "a.sd.pt")
+    assert_ok(quiet)
+    assert "note:" not in quiet.stderr and "inverted scaling" in quiet.stdout
+
+
+@by_name([CASES["llama"]])
+def test_schedule_callback_steps_the_gates_with_the_trainers_global_step(zoo, case, tmp_path):
+    """inject's recorded warmup schedule, stepped by sdsurgeon.callbacks.schedule_callback in a Trainer: the p_l
+    each step trains with are the hand-computed ones (no drops for 2 steps, then theta ramps to p_L over 3)."""
+    from sdsurgeon.analysis.schedule import ScheduleSpec
+    from sdsurgeon.callbacks import schedule_callback
+
+    saved = zoo(case)
+    spec = ScheduleSpec("warmup", P_L, "linear", warmup=2, ramp=3)
+    model = sdsurgeon.inject(saved.loaded, P_L, seed=SEED, example_inputs=saved.example, schedule=spec)
+    seen = []
+
+    class Recorder(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append([g.p for g in sdsurgeon.gates(model)])
+
+    trainer = trainer_for(model, case, tmp_path, steps=7, callbacks=[schedule_callback(), Recorder()])
+    trainer.train()
+    L = case.sites
+    thetas = [1.0, 1.0, 1.0, 1 - (1 - P_L) / 3, 1 - 2 * (1 - P_L) / 3, P_L, P_L]
+    expected = [[1 - l / L * (1 - theta) for l in range(1, L + 1)] for theta in thetas]
+    assert len(seen) == 7
+    for got, want in zip(seen, expected):
+        assert got == pytest.approx(want)
+    depths = [e["sd_expected_depth"] for e in trainer.state.log_history if "loss" in e]
+    assert depths == pytest.approx([sum(p) for p in expected], abs=1e-4)
 
 
 @by_name(IN_PLACE)
@@ -1118,7 +1199,8 @@ def test_save_pretrained_writes_a_folder_sdsurgeon_loads_back_with_the_same_gate
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
     x = some_inputs(case, 3, 9, seed=95)
     torch.testing.assert_close(logits(back.eval(), x), logits(model.eval(), x), **TOL)
-    # plain transformers reads the same folder as the ungated architecture with the trained weights
+    # paper scaling (chosen here, warned at inject): plain transformers reads the ungated architecture with the
+    # trained weights, unscaled; the Trainer test above has the default, whose folder is the inference model
     plain = getattr(transformers, case.cls).from_pretrained(tmp_path / "gated").eval()
     torch.testing.assert_close(logits(plain, x), logits(sdsurgeon.remove_gates(model), x), **TOL)
 
@@ -1139,7 +1221,7 @@ def test_a_parallel_residual_layer_is_one_block_whose_body_is_both_paths():
     layers = [m for m in model.modules() if isinstance(m, GPTNeoXLayer)]
     plan = sdsurgeon.plan(model, 0.5, example_inputs={"input_ids": ids})
     assert plan.num_sites == len(layers) == 3 and all(s.shortcut == "identity" for s in plan.sites)
-    injected = sdsurgeon.inject(model, 0.5, example_inputs={"input_ids": ids}).eval()
+    injected = sdsurgeon.inject(model, 0.5, scaling="paper", example_inputs={"input_ids": ids}).eval()
     reference = copy.deepcopy(model)
     for layer, p in zip([m for m in reference.modules() if isinstance(m, GPTNeoXLayer)], linear_ps(3, 0.5)):
         for end in (layer.post_attention_dropout, layer.post_mlp_dropout):

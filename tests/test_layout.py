@@ -25,6 +25,7 @@ FLOORS = {
     "capture": 3, "analysis": 4, "surgery": 5, "deploy": 6,
     "schedules": 6,  # steps the gates of an injected model over training: above surgery
     "sdfile": 7,  # rebuilds a recorded surgery: above surgery
+    "callbacks": 7,  # training loops' callbacks (transformers' Trainer) that step the schedules
     "report": 8, "plot": 8,  # records -> text and pictures
     "pipeline": 9,  # plan / inject / convert: what the CLI and batch call
     "batch": 10, "cli": 11, "__main__": 11,

@@ -29,7 +29,7 @@ class JobOptions:
     pL: float = 0.5
     rule: str = "linear"
     mode: str = "batch"
-    scaling: str = "paper"
+    scaling: str = "auto"
     seed: int | None = None
     set: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
@@ -288,12 +288,13 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
     from ..analysis.schedule import RULES, Override
     from ..capture.fx import CAPTURE_METHODS
-    from ..gate import MODES, SCALINGS
+    from ..choices import SCALING_CHOICES
+    from ..gate import MODES
     from ..pipeline import ConvertOptions
 
     if not 0 < o.pL <= 1:  # NaN too
         fail(where + ("pL",), f"pL: {o.pL} is outside (0, 1]")
-    for key, value, choices in (("rule", o.rule, RULES), ("mode", o.mode, MODES), ("scaling", o.scaling, SCALINGS),
+    for key, value, choices in (("rule", o.rule, RULES), ("mode", o.mode, MODES), ("scaling", o.scaling, SCALING_CHOICES),
                                 ("capture", o.capture, CAPTURE_METHODS)):
         if value not in choices:
             fail(where + (key,), f"{key}: {value!r} is not one of {', '.join(choices)}")

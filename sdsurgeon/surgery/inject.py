@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
@@ -19,7 +20,8 @@ from ..capture.fx import Capture
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
 from ..capture.torch_nn import call_children_always
-from ..errors import NoResidualSitesError, RecipeMismatchError
+from ..choices import SCALING_CHOICES
+from ..errors import NoResidualSitesError, RecipeMismatchError, UnscaledSaveWarning, option_error
 from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.hf import carry_recipe
 from ..io.source import tag
@@ -33,7 +35,7 @@ def inject(
     *,
     rule: str = "linear",
     mode: str = "batch",
-    scaling: str = "paper",
+    scaling: str = "auto",
     seed: int | None = None,
     overrides: Sequence[Override | str] = (),
     include: Sequence[str] = (),
@@ -63,8 +65,10 @@ def inject(
     (``ScheduleSpec`` or its dict) is recorded in the recipe for ``sdsurgeon.schedules.schedule(model)``,
     which steps p_l over training; the gates get the rule's p_l at ``p_L`` until then.
     ``progress`` hears of each stage (capture, FLOPs count, detection, rewriting the blocks).
+    ``scaling`` ``auto`` is ``inverted`` for a model with its own save path, else ``paper`` (resolve_scaling).
     Raises NoResidualSitesError if nothing is gated.
     """
+    scaling = resolve_scaling(scaling, model)
     _check_gate_options(mode, scaling)
     if isinstance(schedule, dict):
         schedule = ScheduleSpec.from_dict(schedule)
@@ -119,6 +123,28 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
             "was it saved from a different architecture or with other --leaf settings?"
         )
     return _apply(work, cap, [(by_id[sid], p) for sid, p in recipe.sites], recipe)
+
+
+def resolve_scaling(scaling: str, model: nn.Module) -> str:
+    """``auto``: ``inverted`` when the model brings its own save path (``save_pretrained``: transformers, diffusers,
+    PEFT), else ``paper`` (the fold then puts p_l into the weights); any other value is returned as it is.
+
+    Why: such a model is saved by that path (``Trainer.save_model``, the user's own call) and loaded by code
+    without sdsurgeon. Its weights are the inference model only if the branches need no scale at inference,
+    which is inverted scaling (train: ``x + b*f(x)/p``, inference: ``x + f(x)``), as the drop paths of
+    transformers and timm scale. With paper scaling that folder would load unscaled and wrong, silently.
+    """
+    if scaling not in SCALING_CHOICES:
+        raise option_error("--scaling", f"must be one of {', '.join(SCALING_CHOICES)} (got {scaling!r})")
+    own_save = callable(getattr(model, "save_pretrained", None))
+    if scaling == "paper" and own_save:
+        warnings.warn(UnscaledSaveWarning(
+            f"paper scaling on {type(model).__name__}: what its own save_pretrained writes (Trainer.save_model too) "
+            "holds the training weights, which plain loading runs unscaled; ship it with `sdsurgeon export "
+            "--format hf`, or inject with the default scaling (inverted for such a model)"), stacklevel=3)
+    if scaling != "auto":
+        return scaling
+    return "inverted" if own_save else "paper"
 
 
 def _check_gate_options(mode: str, scaling: str) -> None:

@@ -1,0 +1,53 @@
+"""Training-loop callbacks that step an injected model's gates through its schedule (transformers' Trainer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .analysis.schedule import ScheduleSpec
+from .errors import ConfigError
+from .schedules import Schedule
+
+
+def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None = None) -> Any:
+    """A ``transformers.TrainerCallback`` that sets every gate's p_l for the Trainer's optimizer step.
+
+    ``Trainer(model=injected, ..., callbacks=[schedule_callback()])``: the schedule is the one ``spec`` gives,
+    else the one the model's recipe records (``inject --schedule``), else fixed. ``model`` defaults to the
+    Trainer's own. The position is the Trainer's ``global_step`` (optimizer steps, so gradient accumulation
+    and ``resume_from_checkpoint`` land on the right p_l without state of their own), and each log entry gains
+    ``sd_expected_depth`` (the sum of p_l). transformers is imported here, not by ``import sdsurgeon``.
+    """
+    try:
+        from transformers import TrainerCallback
+    except ImportError:
+        raise ConfigError("schedule_callback is for transformers' Trainer, and transformers is not installed") from None
+
+    class ScheduleCallback(TrainerCallback):
+        """Steps the gates' p_l with the Trainer's global step (sdsurgeon.callbacks.schedule_callback)."""
+
+        def __init__(self) -> None:
+            self.schedule: Schedule | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.schedule = Schedule(model if _given is None else _given, spec)
+            self.schedule.seek(state.global_step)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.schedule.seek(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or self.schedule is None:
+                return
+            depth = round(self.schedule.expected_depth(), 4)
+            logs["sd_expected_depth"] = depth  # for the reporters called after this callback
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["sd_expected_depth"] = depth  # the Trainer copied logs there first
+
+    _given = model
+    return ScheduleCallback()
+
+
+__all__ = ["schedule_callback"]
