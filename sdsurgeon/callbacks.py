@@ -1,4 +1,4 @@
-"""Training-loop callbacks that step an injected model's gates through its schedule (transformers' Trainer)."""
+"""Training-loop callbacks that step an injected model's gates through its schedule (transformers' Trainer, Lightning)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 from .analysis.schedule import ScheduleSpec
 from .errors import ConfigError
 from .schedules import Schedule
+from .surgery.recipe import RECIPE_ATTR
 
 
 def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None = None) -> Any:
@@ -32,7 +33,7 @@ def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None 
             self.schedule: Schedule | None = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.schedule = Schedule(model if _given is None else _given, spec)
+            self.schedule = Schedule(model if given is None else given, spec)
             self.schedule.seek(state.global_step)
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -46,8 +47,50 @@ def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None 
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1]["sd_expected_depth"] = depth  # the Trainer copied logs there first
 
-    _given = model
+    given = model
     return ScheduleCallback()
 
 
-__all__ = ["schedule_callback"]
+def lightning_callback(model: nn.Module | None = None, spec: ScheduleSpec | None = None) -> Any:
+    """A Lightning ``Callback`` that sets every gate's p_l for the Trainer's optimizer step.
+
+    ``lightning.Trainer(callbacks=[lightning_callback()])``: as ``schedule_callback``, from the Trainer's
+    ``global_step``; ``model`` defaults to the injected model the LightningModule holds (itself, or the one
+    submodule that carries an sdsurgeon recipe). Each training batch logs ``sd_expected_depth``.
+    ``lightning`` (or the older ``pytorch_lightning``) is imported here, not by ``import sdsurgeon``.
+    """
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback
+        except ImportError:
+            raise ConfigError("lightning_callback is for Lightning's Trainer, and lightning is not installed") from None
+
+    class ScheduleCallback(Callback):
+        """Steps the gates' p_l with Lightning's global step (sdsurgeon.callbacks.lightning_callback)."""
+
+        def __init__(self) -> None:
+            self.schedule: Schedule | None = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.schedule = Schedule(injected_in(pl_module) if given is None else given, spec)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.schedule.seek(trainer.global_step)
+            pl_module.log("sd_expected_depth", self.schedule.expected_depth(), on_step=True, on_epoch=False)
+
+    given = model
+    return ScheduleCallback()
+
+
+def injected_in(module: nn.Module) -> nn.Module:
+    """The one module under ``module`` (itself included) that an sdsurgeon inject returned (it has a recipe)."""
+    found = [m for m in module.modules() if hasattr(m, RECIPE_ATTR)]
+    if len(found) != 1:
+        raise ConfigError(f"{type(module).__name__} holds {len(found)} injected models; pass the one to schedule "
+                          "as lightning_callback(model=...)")
+    return found[0]
+
+
+__all__ = ["lightning_callback", "schedule_callback"]

@@ -176,3 +176,51 @@ def test_schedule_options_errors_are_one_line(tmp_path, args, message):
                                       "--arch-kwargs", '{"depth": 8}', *args])
     assert result.exit_code == 1 and message in result.output, result.output
     assert not list(tmp_path.glob("*.sd.pt"))
+
+
+@pytest.mark.slow  # Lightning's import and Trainer start take ~5 s of CPU
+def test_lightning_callback_steps_the_gates_with_lightnings_global_step(tmp_path):
+    """A LightningModule holding an injected model, trained by lightning.Trainer with lightning_callback: the p_l
+    each batch trains with are the hand-computed ones of the recorded warmup schedule (two micro-batches per
+    optimizer step, so the step advances every other batch), and sd_expected_depth is logged."""
+    import lightning  # a test dependency (pyproject's test extra)
+
+    from sdsurgeon.callbacks import lightning_callback
+
+    torch.manual_seed(0)
+    spec = ScheduleSpec("warmup", 0.5, "linear", warmup=1, ramp=2)
+    injected = inject(cifar_resnet(8), 0.5, seed=0, schedule=spec)
+    seen = []
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = injected
+
+        def training_step(self, batch, batch_idx):
+            seen.append([g.p for g in gates(self.net)])
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    trainer = lightning.Trainer(max_steps=4, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                callbacks=[lightning_callback()], default_root_dir=tmp_path)
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=2))
+    L = len(gates(injected))
+    thetas = [1.0, 1.0, 1 - 0.5 / 2, 0.5]  # optimizer steps 0..3: warm-up 1, then theta(t) ramps 1 -> p_L over 2
+    expected = [[1 - l / L * (1 - theta) for l in range(1, L + 1)] for theta in thetas for _ in range(2)]
+    assert len(seen) == 8
+    for got, want in zip(seen, expected):
+        assert got == pytest.approx(want)
+    assert float(trainer.callback_metrics["sd_expected_depth"]) == pytest.approx(sum(expected[-1]), abs=1e-5)
+
+
+def test_lightning_callback_names_what_to_pass_when_the_module_holds_no_injected_model():
+    from sdsurgeon.callbacks import injected_in
+
+    with pytest.raises(ConfigError, match="holds 0 injected models; pass the one to schedule"):
+        injected_in(torch.nn.Sequential(torch.nn.Linear(2, 2)))
