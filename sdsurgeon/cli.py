@@ -766,8 +766,8 @@ def batch_cmd(
     when every job is ok or skipped, 1 when any failed. Paths in the config are relative to its folder.
 
     Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, capture,
-    keep_existing, fold, drop, drop_by, drop_sites, format, input_shape or inputs, opset, static_batch, rtol,
-    atol, output_dir, trust_pickle (with --trust-pickle only), save_injected, timeout. Each entry of
+    keep_existing, fold, drop, drop_by, drop_sites, drop_layers, format, input_shape or inputs, opset, static_batch,
+    rtol, atol, output_dir, trust_pickle (with --trust-pickle only), save_injected, timeout. Each entry of
     models takes name and checkpoint (a file or a glob: one job per match, named by file stem) or arch
     (package.module:factory, with arch_kwargs and weights), plus any of those options.
 
