@@ -51,8 +51,9 @@ def find_layers(model: nn.Module) -> LayerList:
     """The model's layer list: a ModuleList whose every element holds at least one gated site.
 
     Where the model's config says ``num_hidden_layers``, the list must be that long (a list of attention heads or
-    experts is not the layers). Of those left the longest wins (a stack of stages each holding its blocks is not
-    the layers when one list holds every block); two of that length are refused, as no rule tells them apart.
+    experts is not the layers). A list whose elements hold such lists is a list of stages, not of layers. Of those
+    left the longest wins (the most blocks chosen one layer at a time); two of that length are refused, as no rule
+    tells them apart.
     Raises LayerError when no list qualifies. Nothing is changed.
     """
     expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
@@ -63,6 +64,7 @@ def find_layers(model: nn.Module) -> LayerList:
             held = tuple(tuple(_gated(layer)) for layer in module)
             if all(held):
                 found.append(LayerList(path, held))
+    found = [f for f in found if not any(g.path.startswith(f"{f.path}.") or (not f.path and g.path) for g in found)]
     if not found:
         said = f" of num_hidden_layers = {expected} (its config)" if expected is not None else ""
         raise LayerError(f"{type(model).__name__} has no layer list{said}: no nn.ModuleList whose every element holds a "
