@@ -196,7 +196,9 @@ CAPTURE = typer.Option("auto", "--capture", help="How to read the model's graph:
                        "traces the whole model, else export).")
 DROP_BY = typer.Option("schedule", "--drop-by", help="Which blocks go first: schedule (lowest p_l first, the deepest "
                        "first among equals) or influence (the lowest block influence on the calibration inputs first: "
-                       "1 - cos(skip, block output), ShortGPT's measure).")
+                       "1 - cos(skip, block output), ShortGPT's measure). With --drop-layers, per layer: the mean p_l "
+                       "of its blocks, their summed influence, or angular (the angular distance arccos(cos)/pi between "
+                       "the layer's input and output hidden states, averaged over tokens: Gromov et al.).")
 CALIBRATION = typer.Option(None, "--calibration", help="Inputs to measure pruning on: a file saved with torch.save "
                            "holding a tensor (one positional input), a tuple of tensors, or a dict of tensors named as "
                            "the forward's arguments (read weights-only). Default: 16 random samples of the input shape.")
@@ -539,16 +541,26 @@ def _render_fold(report: FoldReport, fold: bool) -> None:
             out.print(f"  {s.id} (p = {s.p:.4g}): {s.reason}", markup=False)
 
 
-def _render_pruned(pruned, nodes_before: int | None, nodes_after: int) -> None:
-    rule = {"schedule": "lowest p_l first", "influence": "lowest block influence first",
-            "sites": "--drop-sites"}[pruned.by]
+def _render_pruned(pruned, nodes_before: int | None = None, nodes_after: int | None = None) -> None:
+    from .surgery.prune import LAYER_RULES
+
+    layers = pruned.layers
+    if layers is not None and layers.by in LAYER_RULES:
+        rule = f"per layer, {LAYER_RULES[layers.by]} first"
+    else:
+        rule = {"schedule": "lowest p_l first", "influence": "lowest block influence first",
+                "sites": "--drop-sites"}[pruned.by]
     total = len(pruned.dropped) + len(pruned.kept)
     out.print(f"pruned: {len(pruned.dropped)} of {total} blocks removed ({rule}): "
               f"{', '.join(pruned.dropped) or 'none'}", markup=False)
-    sizes = [f"ONNX nodes {nodes_before} -> {nodes_after}"]
+    if layers is not None:
+        out.print(f"removed {len(layers.removed)} of {layers.total} layers (indices "
+                  f"{', '.join(map(str, layers.removed)) or 'none'}) of {layers.path}", markup=False)
+    sizes = [] if nodes_before is None else [f"ONNX nodes {nodes_before} -> {nodes_after}"]
     if pruned.params_before is not None:
         sizes.insert(0, f"parameters used {pruned.params_before:,} -> {pruned.params_after:,}")
-    out.print(", ".join(sizes))
+    if sizes:
+        out.print(", ".join(sizes))
     f = pruned.fidelity
     if f is None:
         out.print("fidelity: not measured (no inputs: give --calibration or --input-shape)")
@@ -587,12 +599,19 @@ def export_cmd(
     drop_by: str = DROP_BY,
     drop_sites: Optional[str] = typer.Option(None, "--drop-sites", help="Prune the blocks whose site id matches this "
                                              "regex (re.search) instead of a count; `plan` lists the ids."),
+    drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help="Prune whole layers instead: remove this "
+                                              "many (a count, or a share such as 25%) of the model's layer list (the "
+                                              "nn.ModuleList whose every element holds gated blocks), every block of "
+                                              "each, ranked per layer by --drop-by. With --format hf the layers are "
+                                              "deleted from the folder and its config."),
     calibration: Optional[Path] = CALIBRATION,
     format_: str = typer.Option("onnx", "--format", help="What to write: onnx (a graph, verified with onnxruntime), "
                                 "safetensors (the original architecture's state_dict with p_l in the weights: load it "
                                 "with safetensors.torch.load_model into the plain model) or hf (a save_pretrained folder "
                                 "that plain transformers' from_pretrained loads). safetensors and hf need every gate "
-                                "folded into weights; they are checked by loading them back into a fresh model."),
+                                "folded into weights; they are checked by loading them back into a fresh model. hf "
+                                "takes pruning that removes whole layers (--drop-layers, or sites that make up whole "
+                                "layers): they are deleted, with num_hidden_layers and the per-layer config lists."),
     json_: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -612,15 +631,17 @@ def export_cmd(
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt --drop 25% --drop-by influence --calibration batch.pt
 
     Example: sdsurgeon export model.sd.pt --weights trained_state.pt --format safetensors -o plain.safetensors
+
+    Example: sdsurgeon export llm.sd.pt --drop-layers 25% --drop-by angular --format hf -o llm-pruned
     """
     from . import pipeline
 
     specs = _input_specs(input_shape, input_)
-    if drop is None and drop_sites is None and (calibration is not None or drop_by != "schedule"):
+    if drop is None and drop_sites is None and drop_layers is None and (calibration is not None or drop_by != "schedule"):
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for pruning: "
-                          "add --drop N (or --drop-sites REGEX)")
+                          "add --drop N, --drop-layers N or --drop-sites REGEX")
     options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose, drop, drop_by,
-                                      drop_sites, calibration, format_)
+                                      drop_sites, calibration, format_, drop_layers)
     with _progress(quiet or verbose, json_) as progress:  # --verbose: the exporter's own output, undrawn over
         result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output,
                                   progress=progress)
@@ -668,10 +689,13 @@ def _render_plain(result) -> None:
     report, written, checked = result.report, result.exported, result.checked
     out.print(f"folded {len(report.folded)} of {len(report.sites)} gates into the weights: the model is its own "
               "architecture again")
+    if result.pruned is not None:
+        _render_pruned(result.pruned)
     what = "save_pretrained folder" if written.format == "hf" else "safetensors state_dict"
     out.print(f"{what}: {written.tensors} tensors, {_fmt_bytes(written.file_bytes)}")
     sizes = ", ".join(str(b) for b in checked.batch_sizes)
-    out.print(f"loaded back into a fresh {written.format} model vs the injected model in eval, "
+    against = "the pruned model" if result.pruned is not None else "the injected model"
+    out.print(f"loaded back into a fresh {written.format} model vs {against} in eval, "
               f"{len(checked.batch_sizes)} random inputs (batch {sizes}): max abs error {checked.max_abs:.2g}, "
               f"{100 * checked.tolerance_used:.2g}% of the tolerance ({_tolerances(checked)})")
     out.print(f"wrote {result.output} in {result.seconds:.1f} s", markup=False)
@@ -751,8 +775,8 @@ def batch_cmd(
     when every job is ok or skipped, 1 when any failed. Paths in the config are relative to its folder.
 
     Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, capture,
-    keep_existing, fold, drop, drop_by, drop_sites, format, input_shape or inputs, opset, static_batch, rtol,
-    atol, output_dir, trust_pickle (with --trust-pickle only), save_injected, timeout. Each entry of
+    keep_existing, fold, drop, drop_by, drop_sites, drop_layers, format, input_shape or inputs, opset, static_batch,
+    rtol, atol, output_dir, trust_pickle (with --trust-pickle only), save_injected, timeout. Each entry of
     models takes name and checkpoint (a file or a glob: one job per match, named by file stem) or arch
     (package.module:factory, with arch_kwargs and weights), plus any of those options.
 

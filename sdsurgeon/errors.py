@@ -72,6 +72,10 @@ class NoResidualSitesError(SurgeonError):
     """The model has no residual block to inject into."""
 
 
+class LayerError(ConfigError):
+    """Whole layers cannot be chosen or removed: no layer list, two candidates, or sites that are part of a layer."""
+
+
 class RecipeMismatchError(SurgeonError):
     """A saved surgery recipe does not fit the architecture it is applied to."""
 

@@ -21,10 +21,11 @@ from .capture import in_place
 from .capture.hf_inputs import complete_specs
 from .capture.inputs import InputSpec, make_example_inputs
 from .deploy.export import OnnxExport, export_onnx, write_onnx
-from .deploy.plain import SUFFIXES, PlainExport, check_format, load_plain, refuse_unless_plain, write_pretrained, \
-    write_safetensors
+from .analysis.layers import find_layers
+from .deploy.plain import SUFFIXES, PlainExport, check_format, delete_layers, load_plain, refuse_unless_plain, \
+    write_pretrained, write_safetensors
 from .deploy.verify import Verification, verify, verify_module
-from .errors import ConfigError, option_error
+from .errors import ConfigError, LayerError, option_error
 from .gate import gates
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration, take_dtypes
 from .io.files import check_output, staged, staged_folder
@@ -33,7 +34,7 @@ from .progress import SILENT, Progress
 from .sdfile import default_output, load, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
 from .surgery.inject import inject as inject_model
-from .surgery.prune import PruneCurve, PruneReport, prune, prune_curve
+from .surgery.prune import LayerRemoval, PruneCurve, PruneReport, prune, prune_curve
 from .surgery.recipe import RECIPE_ATTR, Recipe
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class ConvertOptions:
     drop_sites: str | None = None  # or those whose site id matches this regex
     calibration: Path | None = None  # inputs the pruning is measured on (default: random ones)
     format: str = "onnx"  # onnx | safetensors (the original architecture's state_dict) | hf (a save_pretrained folder)
+    drop_layers: str | None = None  # or prune this many whole layers (a count, or a share), ranked by drop_by
 
     def __post_init__(self) -> None:
         # Checked when made, so export's options and a batch config's keys (both built into this) are refused
@@ -132,7 +134,12 @@ class ConvertOptions:
 
     @property
     def prunes(self) -> bool:
-        return self.drop is not None or self.drop_sites is not None
+        return self.drop is not None or self.drop_sites is not None or self.drop_layers is not None
+
+    def prune(self, model: nn.Module, calibration, specs, *, into_weights: bool) -> tuple[nn.Module, PruneReport]:
+        """surgery.prune with these options."""
+        return prune(model, self.drop or 0, by=self.drop_by, sites=self.drop_sites, layers=self.drop_layers,
+                     calibration=calibration, into_weights=into_weights, input_specs=specs)
 
 
 Specs = Sequence[InputSpec] | None
@@ -306,7 +313,7 @@ class ConvertResult:
                     "tensors": exported.tensors, "file_bytes": exported.file_bytes,
                     "max_abs_error": checked.max_abs, "max_rel_error": checked.max_rel,
                     "tolerance_used": checked.tolerance_used, "verify": checked.to_dict(),
-                    "seconds": round(self.seconds, 3)}
+                    "seconds": round(self.seconds, 3), **({} if self.pruned is None else self.pruned.to_dict())}
         return {
             "model": self.name,
             "format": "onnx",
@@ -350,11 +357,14 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     """
     started = time.perf_counter()
     if options.calibration is not None and not options.prunes:
-        raise ConfigError("--calibration measures a pruned model: give it with --drop N or --drop-sites REGEX",
-                          option="--calibration")
+        raise ConfigError("--calibration measures a pruned model: give it with --drop N, --drop-layers N or "
+                          "--drop-sites REGEX", option="--calibration")
     fmt = check_format(options.format)
-    if fmt != "onnx" and (options.prunes or not options.fold):
-        why = "--drop removes blocks" if options.prunes else "--no-fold keeps a multiply per gate"
+    if (fmt == "safetensors" and options.prunes) or (fmt != "onnx" and not options.fold):
+        # hf prunes: whole layers go from the folder and its config (_convert_plain); a state_dict has no config
+        why = "--drop removes blocks" if options.fold else "--no-fold keeps a multiply per gate"
+        if options.fold:
+            why += " (--format hf deletes whole layers)"
         raise ConfigError(f"--format {fmt} writes the original architecture with scaled weights, and {why}, which "
                           "that architecture does not compute: use --format onnx", option="--format")
     calibration = None if options.calibration is None else read_calibration(options.calibration)
@@ -376,7 +386,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
     example = make_example_inputs(specs)
     if fmt != "onnx":
-        return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started, progress)
+        return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started, progress,
+                              calibration=calibration, specs=specs)
     with contextlib.ExitStack() as outputs:  # every output appears together, or none does
         onnx_tmp = outputs.enter_context(staged(target))
         if save_injected:
@@ -386,8 +397,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         pruned = None
         with stage(timings, "fold", progress, "prune and fold" if options.prunes else "fold the gates"):
             if options.prunes:
-                folded, pruned = prune(model, options.drop or 0, by=options.drop_by, sites=options.drop_sites,
-                                       calibration=calibration, into_weights=options.fold, input_specs=specs)
+                folded, pruned = options.prune(model, calibration, specs, into_weights=options.fold)
                 report = pruned.fold
             else:
                 folded, report = fold_with_report(model, into_weights=options.fold)
@@ -417,10 +427,14 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
 
 def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: ConvertOptions, name: str | None,
                    save_injected: Path | None, timings: dict[str, float] | None, started: float,
-                   progress: Progress = SILENT) -> ConvertResult:
+                   progress: Progress = SILENT, *, calibration=None, specs: Specs = None) -> ConvertResult:
     """Fold, and write the folded model as its plain architecture (safetensors or a save_pretrained folder);
     then load what was written into a fresh instance of that architecture, as a user without sdsurgeon
-    would, and check it against the gated model in eval."""
+    would, and check it against the gated model in eval.
+
+    Pruned (hf only): the chosen blocks must make up whole layers of the model's layer list, which are deleted
+    from the folded model and its config (deploy.plain.delete_layers); the model with those layers deleted is
+    checked against the pruned model (every block of them folded with p = 0), in memory and loaded back."""
     source = getattr(model, SOURCE_ATTR, None)
     if fmt == "hf" and not (source is not None and source.kind == "hf"):
         raise ConfigError(f"--format hf writes a transformers save_pretrained folder, but {type(model).__name__} did not "
@@ -431,10 +445,18 @@ def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: C
             sd_tmp = outputs.enter_context(staged(save_injected))
             with stage(timings, "save", progress, "save the injected model"):
                 save(model, sd_tmp)
+        pruned = reference = None
+        if options.prunes:
+            with stage(timings, "prune", progress, "choose the layers to remove"):
+                reference, pruned = options.prune(model, calibration, specs, into_weights=True)
+                pruned.layers = _whole_layers(model, pruned)
         with stage(timings, "fold", progress, "fold the gates"):
             folded, report = fold_with_report(model)
         refuse_unless_plain(report, fmt)
         plain = _plain_architecture(folded, model)
+        if pruned is not None:
+            with stage(timings, "delete", progress, "delete the layers"):
+                plain = _deleted(plain, pruned.layers, reference, example, options)
         with stage(timings, "export", progress, f"write {'the save_pretrained folder' if fmt == 'hf' else fmt}"):
             written = write_safetensors(plain, tmp) if fmt == "safetensors" else write_pretrained(plain, tmp)
         with stage(timings, "verify", progress, "load it back and verify"):
@@ -442,10 +464,46 @@ def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: C
             if fresh is None:  # built from a pickle: the folded model's own class, every tensor poisoned first
                 fresh = _poisoned(copy.deepcopy(plain))
             loaded = load_plain(fmt, tmp, fresh)
-            checked = verify_module(model, loaded, example, what=f"the {fmt} model loaded back", kept="nothing was written",
-                                    rtol=options.rtol, atol=options.atol)
+            checked = verify_module(model if reference is None else reference, loaded, example, what=f"the {fmt} model loaded back",
+                                    kept="nothing was written", rtol=options.rtol, atol=options.atol)
     written.path = str(target)
-    return ConvertResult(name or "", target, options, report, written, checked, None, time.perf_counter() - started)
+    return ConvertResult(name or "", target, options, report, written, checked, None, time.perf_counter() - started,
+                         pruned)
+
+
+def _whole_layers(model: nn.Module, pruned: PruneReport) -> LayerRemoval:
+    """The layers the pruned sites make up whole; a site that is part of a layer (or outside the layer list) is
+    refused in one line, as a folder of the architecture can lose a layer but not half of one."""
+    listed = find_layers(model)
+    whole, partial = listed.covering(pruned.dropped)
+    if partial:
+        layer_of = listed.layer_of()
+        shown = ", ".join(partial[:4]) + (f" and {len(partial) - 4} more" if len(partial) > 4 else "")
+        where = sorted({layer_of[s] for s in partial if s in layer_of})
+        part = f" (part of layer{'s' if len(where) > 1 else ''} {', '.join(map(str, where))} of {listed.path})" \
+            if where else f" (outside the layers of {listed.path})"
+        raise LayerError(f"--format hf deletes whole layers, but {len(partial)} dropped site(s) make up no whole "
+                         f"layer{part}: {shown}; choose whole layers with --drop-layers N, or use --format onnx",
+                         what="part of a layer dropped", where=listed.path, option="--format")
+    if pruned.layers is not None:
+        return pruned.layers
+    return LayerRemoval(listed.path, listed.count, whole, "sites")
+
+
+def _deleted(plain: nn.Module, layers: LayerRemoval, reference: nn.Module, example, options: ConvertOptions) -> nn.Module:
+    """``plain`` with ``layers`` deleted, once it computes what ``reference`` (the pruned model) does: a layer whose
+    every block is removed must be the identity (a norm after its adds, post-norm, would stay)."""
+    if not layers.removed:
+        return plain
+    deleted = delete_layers(plain, layers.path, layers.removed)
+    same = verify_module(reference, deleted, example, what="the model with its layers deleted", kept="",
+                         rtol=options.rtol, atol=options.atol, check=False)
+    if not same.ok:
+        raise LayerError(f"deleting layers {', '.join(map(str, layers.removed))} of {layers.path} does not give the "
+                         f"pruned model (max abs error {same.max_abs:.2g}): without their blocks those layers still "
+                         "compute something (a norm after the residual add, as in post-norm layers); use --format onnx",
+                         what="layers are not the identity without their blocks", where=layers.path, option="--format")
+    return deleted
 
 
 def _plain_architecture(folded: nn.Module, model: nn.Module) -> nn.Module:

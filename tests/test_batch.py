@@ -254,6 +254,19 @@ CONFIG_ERRORS = [
             drop: 2
             drop_sites: layer
         """, ("drop_sites:", 1), ["drop_sites names the blocks itself"]),
+    ("drop-layers-and-drop", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            drop: 2
+            drop_layers: 1
+        """, ("drop_layers:", 1), ["drop_layers counts whole layers and drop/drop_sites choose blocks"]),
+    ("drop-layers-share-over-100", """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            drop_layers: 150%
+        """, ("drop_layers:", 1), ["drop_layers: '150%': expected a count from 0 or a share"]),
     ("drop-by-unknown", """
         defaults:
           drop_by: random

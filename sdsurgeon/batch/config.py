@@ -52,6 +52,7 @@ class JobOptions:
     drop_by: str = "schedule"  # as --drop-by
     drop_sites: str | None = None  # as --drop-sites
     format: str = "onnx"  # as export --format: onnx | safetensors | hf
+    drop_layers: str | None = None  # as export --drop-layers: prune this many whole layers (a count or a share)
 
 
 _NULLABLE = {f.name for f in fields(JobOptions) if f.default is None}
@@ -169,7 +170,7 @@ def _option_value(key: str, value):
         return None
     if key == "pL" or key in ("rtol", "atol", "timeout"):
         return float(value)
-    if key == "drop":
+    if key in ("drop", "drop_layers"):
         return str(value)
     return tuple(value) if isinstance(value, list) else value
 
@@ -333,12 +334,17 @@ def _check_prune_values(o: JobOptions, where: tuple, fail: Callable) -> None:
         fail(where + ("drop_by",), f"drop_by: {o.drop_by!r} is not one of {', '.join(DROP_RULES)}")
     if o.drop is not None and o.drop_sites is not None:
         fail(where + ("drop_sites",), "drop_sites names the blocks itself: give it or drop, not both")
+    if o.drop_layers is not None and (o.drop is not None or o.drop_sites is not None):
+        fail(where + ("drop_layers",), "drop_layers counts whole layers and drop/drop_sites choose blocks: give one")
+    prunes = o.drop is not None or o.drop_sites is not None or o.drop_layers is not None
     if o.format not in FORMATS:
         fail(where + ("format",), f"format: {o.format!r} is not one of {', '.join(FORMATS)}")
-    elif o.format != "onnx" and (o.drop is not None or o.drop_sites is not None or not o.fold):
+    elif (o.format == "safetensors" and prunes) or (o.format != "onnx" and not o.fold):
         fail(where + ("format",), f"format: {o.format} writes the original architecture, which does not compute "
-                                  f"{'the multiplies that fold: false keeps' if not o.fold else 'a pruned model'}: use onnx")
-    for key, check in (("drop", lambda v: parse_drop(v)), ("drop_sites", lambda v: compile_pattern(v, "drop_sites"))):
+                                  f"{'the multiplies that fold: false keeps' if not o.fold else 'a pruned model'}: use "
+                                  f"onnx{'' if not o.fold else ' (hf deletes whole layers)'}")
+    for key, check in (("drop", lambda v: parse_drop(v)), ("drop_layers", lambda v: parse_drop(v, option="--drop-layers")),
+                       ("drop_sites", lambda v: compile_pattern(v, "drop_sites"))):
         value = getattr(o, key)
         if value is not None:
             try:
@@ -467,7 +473,7 @@ _OPTION_KINDS: dict[str, str] = {
     "inputs": "list[str]", "opset": "int", "static_batch": "bool", "rtol": "number", "atol": "number",
     "output_dir": "str", "trust_pickle": "bool", "save_injected": "bool", "timeout": "number",
     "capture": "str", "keep_existing": "bool", "drop": "count", "drop_by": "str", "drop_sites": "str",
-    "format": "str",
+    "format": "str", "drop_layers": "count",
 }
 
 

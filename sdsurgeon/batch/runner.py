@@ -88,7 +88,8 @@ def _in_config_terms(exc: SurgeonError) -> str:
     return str(exc)
 
 
-_PRUNE_KEYS = {"--drop": "drop", "--drop-by": "drop_by", "--drop-sites": "drop_sites"}  # found out only once loaded
+_PRUNE_KEYS = {"--drop": "drop", "--drop-by": "drop_by", "--drop-sites": "drop_sites",
+               "--drop-layers": "drop_layers"}  # found out only once loaded
 
 
 def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
@@ -117,7 +118,8 @@ def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
         record.sites = len(getattr(model, RECIPE_ATTR).sites)  # known even if the job fails later
         converted = pipeline.convert(
             model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol, drop=o.drop,
-                                           drop_by=o.drop_by, drop_sites=o.drop_sites, format=o.format), specs,
+                                           drop_by=o.drop_by, drop_sites=o.drop_sites, format=o.format,
+                                           drop_layers=o.drop_layers), specs,
             output=Path(job.output_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
             timings=timings, progress=progress,
         )

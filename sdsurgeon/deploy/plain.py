@@ -1,4 +1,5 @@
-"""The folded model shipped as its plain architecture: a safetensors state_dict or a save_pretrained folder."""
+"""The folded model shipped as its plain architecture: a safetensors state_dict or a save_pretrained folder, whole
+layers deleted from it when pruned."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Collection
 
 from torch import nn
 
-from ..errors import ConfigError, WriteError, first_line
+from ..errors import ConfigError, LayerError, WriteError, first_line
 from ..io import hf
 from ..io.files import output_of, writing
 from ..surgery.fold import FoldedSite, FoldReport
@@ -57,6 +59,61 @@ def refuse_unless_plain(report: FoldReport, fmt: str) -> None:
     raise ConfigError(
         f"--format {fmt} writes the original architecture with scaled weights, but {len(sites)} site(s) fold into "
         f"something else ({' and '.join(kinds)}): {shown}; export them as ONNX (--format onnx)", option="--format")
+
+
+def _configs(config: Any, count: int) -> list[Any]:
+    """``config`` and the configs nested in it (a multimodal model's ``text_config``) that say ``count`` layers."""
+    found, todo = [], [config]
+    while todo:
+        c = todo.pop()
+        if getattr(c, "num_hidden_layers", None) == count:
+            found.append(c)
+        todo += [v for v in vars(c).values() if hasattr(v, "to_dict") and hasattr(v, "num_hidden_layers")]
+    return found
+
+
+def _per_layer_keys(config: Any, count: int) -> list[str]:
+    """The config's lists with one entry per layer: every list ``count`` long, but those of the base config class
+    (``architectures``: about the model, not its layers) and token ids (``eos_token_id`` may be a list), which
+    name no layer."""
+    base = set(hf.base_config_keys())
+    return [k for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == count
+            and k not in base and not k.endswith(("token_id", "token_ids")) and not k.startswith("_")]
+
+
+def delete_layers(model: nn.Module, path: str, indices: Collection[int]) -> nn.Module:
+    """Delete the layers ``indices`` of the ModuleList at ``path``, as the tools that prune LLM layers do. Mutates
+    ``model`` and its config, and returns it.
+
+    The config is rewritten to say what is left: ``num_hidden_layers`` (in every nested config that says the old
+    count) and every per-layer list (``layer_types``, per-layer window sizes, ...: see _per_layer_keys) lose the
+    deleted entries. Every module of a kept layer that holds a ``layer_idx`` (the layer itself, its attention:
+    transformers' caches are indexed by it) gets the layer's new index.
+    """
+    layers = model.get_submodule(path)
+    count, gone = len(layers), set(indices)
+    if not gone <= set(range(count)) or len(gone) == count:
+        raise LayerError(f"cannot delete layers {sorted(gone)} of {count} at {path}: a model keeps at least one "
+                         "layer and deletes only those it has", where=path, option="--drop-layers")
+    kept = [layer for i, layer in enumerate(layers) if i not in gone]
+    config = getattr(model, "config", None)
+    configs = [] if config is None else _configs(config, count)
+    if config is not None and not configs:
+        raise LayerError(f"{type(model).__name__}'s config does not say num_hidden_layers = {count} (the layers at "
+                         f"{path}), so a folder with layers deleted would not load: use --format onnx",
+                         where=path, option="--format")
+    for c in configs:
+        for key in _per_layer_keys(c, count):
+            old = getattr(c, key)
+            setattr(c, key, type(old)(v for i, v in enumerate(old) if i not in gone))
+        c.num_hidden_layers = len(kept)
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, type(layers)(kept))
+    return model
 
 
 def write_safetensors(model: nn.Module, dest: str | os.PathLike) -> PlainExport:

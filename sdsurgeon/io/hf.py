@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import sys
@@ -194,6 +195,16 @@ def carry_recipe(model: nn.Module, recipe: dict | None) -> None:
         model.config.__dict__.pop(RECIPE_KEY, None)
     else:
         setattr(model.config, RECIPE_KEY, recipe)
+
+
+@functools.cache
+def base_config_keys() -> frozenset[str]:
+    """The keys every transformers config has (its base class's: ``architectures``, ``dtype``, ...), which say
+    nothing about one architecture's layers."""
+    transformers = _transformers()
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    with quiet():
+        return frozenset(base().to_dict())
 
 
 def is_hf(model: nn.Module) -> bool:

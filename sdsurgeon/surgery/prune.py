@@ -11,6 +11,7 @@ from torch import nn
 
 from ..analysis.fidelity import Fidelity, compare, outputs_and_parameters
 from ..analysis.influence import INFLUENCE_MEASURE, block_influence
+from ..analysis.layers import ANGULAR_MEASURE, LayerList, find_layers, layer_angular_distance
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs
 from ..errors import NoResidualSitesError, SurgeonError, first_line, option_error
 from ..gate import StochasticDepth, gates
@@ -18,8 +19,30 @@ from ..progress import SILENT, Progress
 from .fold import FoldReport, fold_with_report
 from .recipe import RECIPE_ATTR
 
-DROP_RULES = ("schedule", "influence")
+DROP_RULES = ("schedule", "influence", "angular")
+LAYER_RULES = {"schedule": "the lowest mean p_l of its blocks", "influence": "the lowest summed block influence",
+               "angular": "the lowest angular distance between its input and output"}  # each first, deepest first among equals
 CALIBRATION_BATCH = 16  # random calibration inputs: samples per input, so the fidelity figures average something
+
+
+@dataclass
+class LayerRemoval:
+    """Whole layers removed: which of the list at ``path``, and the figure each layer was ranked by."""
+
+    path: str  # the layer list's module path
+    total: int  # layers in the list
+    removed: list[int]  # indices into the list, ascending
+    by: str  # a LAYER_RULES key, or "sites" when the dropped sites happened to make up whole layers
+    scores: list[float] | None = None  # per layer, what ``by`` ranked (None for "sites")
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"list": self.path, "total": self.total, "removed": self.removed,
+                             "kept": self.total - len(self.removed), "by": self.by}
+        if self.scores is not None:
+            d["scores"] = [round(v, 6) for v in self.scores]
+            d["measure"] = {"schedule": "mean p_l of the layer's blocks", "influence": INFLUENCE_MEASURE + ", summed "
+                            "over the layer's blocks", "angular": ANGULAR_MEASURE}[self.by]
+        return d
 
 
 @dataclass
@@ -35,12 +58,14 @@ class PruneReport:
     params_before: int | None = None  # parameter elements the forward uses
     params_after: int | None = None
     fidelity: Fidelity | None = None
+    layers: LayerRemoval | None = None  # with --drop-layers, or whole layers deleted for --format hf
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"dropped": self.dropped, "kept": self.kept, "drop_by": self.by,
                              "calibration": self.calibration, "params_before": self.params_before,
                              "params_after": self.params_after,
-                             "fidelity": None if self.fidelity is None else self.fidelity.to_dict()}
+                             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+                             "layers": None if self.layers is None else self.layers.to_dict()}
         if self.influence is not None:
             d["influence"] = {"measure": INFLUENCE_MEASURE, "sites": {k: round(v, 6) for k, v in self.influence.items()}}
         return d
@@ -49,11 +74,12 @@ class PruneReport:
 # --- how many, which ----------------------------------------------------------------------------------------
 
 
-def parse_drop(drop: int | str, total: int | None = None) -> tuple[str, float]:
+def parse_drop(drop: int | str, total: int | None = None, option: str = "--drop") -> tuple[str, float]:
     """``("count", n)`` or ``("share", percent)``; raises unless it is a whole count >= 0 (at most ``total``,
-    when known) or a share from 0% to 100%."""
+    when known) or a share from 0% to 100%. ``option`` names what is counted: --drop blocks, --drop-layers layers."""
     text = str(drop).strip()
-    most = "" if total is None else f" to {total} (the model's gated blocks)"
+    what = "layers" if option == "--drop-layers" else "gated blocks"
+    most = "" if total is None else f" to {total} (the model's {what})"
     problem = f"{text!r}: expected a count from 0{most} or a share from 0% to 100%, e.g. 13 or 25%"
     try:
         if text.endswith("%"):
@@ -63,15 +89,16 @@ def parse_drop(drop: int | str, total: int | None = None) -> tuple[str, float]:
             return "share", share
         count = int(text)
     except ValueError:
-        raise option_error("--drop", problem) from None
+        raise option_error(option, problem) from None
     if count < 0 or (total is not None and count > total):
-        raise option_error("--drop", problem)
+        raise option_error(option, problem)
     return "count", count
 
 
-def drop_count(drop: int | str, total: int) -> int:
-    """``drop`` as a number of blocks out of ``total``: a count (``3``) or a share (``25%``, rounded half up)."""
-    kind, value = parse_drop(drop, total)
+def drop_count(drop: int | str, total: int, option: str = "--drop") -> int:
+    """``drop`` as a number of blocks (or layers) out of ``total``: a count (``3``) or a share (``25%``, rounded
+    half up)."""
+    kind, value = parse_drop(drop, total, option)
     return int(value) if kind == "count" else math.floor(total * value / 100 + 0.5)
 
 
@@ -85,7 +112,28 @@ def order(model: nn.Module, by: str, influence: dict[str, float] | None = None) 
         if influence is None:
             raise ValueError("order by influence needs the influence figures")
         return [g.site_id for g in sorted(found, key=lambda g: (influence[g.site_id], -g.index))]
+    if by == "angular":
+        raise option_error("--drop-by", "angular ranks whole layers (the distance between a layer's input and "
+                           "output): give --drop-layers N instead of --drop")
     raise option_error("--drop-by", f"{by!r}: use one of: {', '.join(DROP_RULES)}")
+
+
+def layer_scores(model: nn.Module, layers: LayerList, by: str, inputs=None,
+                 influence: dict[str, float] | None = None) -> list[float]:
+    """Per layer, the figure ``by`` ranks it by (lowest removed first): see LAYER_RULES."""
+    if by == "schedule":
+        p = {g.site_id: g.p for g in gates(model)}
+        return [sum(p[s] for s in held) / len(held) for held in layers.sites]
+    if by == "influence":
+        if influence is None:
+            raise ValueError("layers by influence need the influence figures")
+        return [sum(influence[s] for s in held) for held in layers.sites]
+    return layer_angular_distance(model, layers, inputs)
+
+
+def layer_order(scores: Sequence[float]) -> list[int]:
+    """Layer indices, lowest score first, deepest first among equals."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
 def matching(model: nn.Module, pattern: str) -> list[str]:
@@ -144,7 +192,7 @@ def _checked_outputs(model: nn.Module, inputs) -> tuple[Any, int]:
 
 
 def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites: str | None = None,
-          calibration=None, into_weights: bool = True,
+          layers: int | str | None = None, calibration=None, into_weights: bool = True,
           input_specs: Sequence[InputSpec] | None = None) -> tuple[nn.Module, PruneReport]:
     """A deterministic copy of an injected model with ``drop`` gated blocks removed and the rest folded.
 
@@ -152,13 +200,30 @@ def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites:
     projection). Which blocks: ``by="schedule"`` (lowest p_l first, deepest first among equals),
     ``by="influence"`` (lowest block influence on the calibration inputs first, see block_influence), or
     ``sites`` (a regular expression over site ids, instead of ``drop``). ``drop``: a count or a share
-    (``"25%"``). ``calibration``: the inputs the report's figures are measured on (a tensor, dict, tuple
+    (``"25%"``). ``layers`` (a count or a share, instead of ``drop``): remove that many whole layers of the model's
+    layer list (analysis.layers.find_layers), every block of each, ranked by ``by`` per layer (LAYER_RULES; also
+    ``"angular"``, Gromov et al.'s distance between a layer's input and output). ``calibration``: the inputs the report's figures are measured on (a tensor, dict, tuple
     or ``(args, kwargs)``); without it, random inputs from ``input_specs`` or the recipe's. ``model`` is unchanged.
     """
     found, inputs, source = _start(model, by, calibration, input_specs)
     reference, params_before = (None, None) if inputs is None else _checked_outputs(model, inputs)
-    influence = None
-    if sites is not None:
+    influence = removal = None
+    if layers is not None:
+        if sites is not None or str(drop).strip() not in ("0", ""):
+            other = "--drop-sites" if sites is not None else "--drop"
+            raise option_error("--drop-layers", f"counts whole layers and {other} chooses blocks: give one of them")
+        listed = find_layers(model)
+        count = drop_count(layers, listed.count, "--drop-layers")
+        if by in ("influence", "angular") and inputs is None:
+            raise option_error("--drop-by", f"{by} measures the layers on inputs: give --calibration FILE or the "
+                               "model's input shape")
+        if by == "influence":
+            influence = block_influence(model, inputs)
+        scores = layer_scores(model, listed, by, inputs, influence)
+        removed = sorted(layer_order(scores)[:count])
+        removal = LayerRemoval(listed.path, listed.count, removed, by, scores)
+        chosen = {s for i in removed for s in listed.sites[i]}
+    elif sites is not None:
         if str(drop).strip() not in ("0", ""):
             raise option_error("--drop-sites", "names the blocks itself: give it or --drop, not both")
         chosen, by = set(matching(model, sites)), "sites"
@@ -173,7 +238,7 @@ def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites:
     pruned, folded = fold_with_report(model, into_weights=into_weights, drop=chosen)
     dropped = [s.id for s in folded.dropped]
     report = PruneReport(by, dropped, [g.site_id for g in found if g.site_id not in set(dropped)], folded, source,
-                         influence)
+                         influence, layers=removal)
     if inputs is not None:
         report.params_before = params_before
         out, report.params_after = outputs_and_parameters(pruned, inputs)
