@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import tempfile
 import time
@@ -401,7 +402,10 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         with stage(timings, "verify", progress, "verify with onnxruntime"):
             # against the gated model (the check covers the fold as well as the export); a pruned one is
             # another function, checked against itself in PyTorch (the report measures how far it moved)
-            checked = verify(folded if pruned else model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
+            reference = folded if pruned else model
+            folded = None  # its weights (a copy) are not needed now: freed before onnxruntime loads its own
+            gc.collect()
+            checked = verify(reference, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
         unpruned_nodes = None
         if pruned is not None:  # before the outputs appear: a failure here leaves none
             with tempfile.TemporaryDirectory() as tmp, progress.stage("export the unpruned model (node count)"):

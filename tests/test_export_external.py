@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -12,6 +13,8 @@ from torch import nn
 
 import sdsurgeon
 from cli_helpers import assert_ok, invoke
+from sdsurgeon.batch.config import load_config, plan_jobs
+from sdsurgeon.batch.runner import run_job, skipped_record, up_to_date
 from sdsurgeon.deploy import export
 from sdsurgeon.errors import WriteError
 from sdsurgeon.io.files import staged_pair
@@ -173,6 +176,22 @@ def test_a_data_file_that_is_an_input_is_refused(work):
     assert listing(work) == ["m.onnx.data"]
 
 
+@pytest.mark.onnx
+def test_a_batch_job_lists_the_data_file_and_is_up_to_date_only_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("defaults:\n  input_shape: [1, 32]\nmodels:\n  - name: a\n    arch: archs:tiny_resnet\n"
+                   "    arch_kwargs: {width: 32}\n")  # tensors of 4 kB: under 256 bytes they stay in the graph
+    (job,) = plan_jobs(load_config(cfg))
+    record = run_job(job)
+    assert record.status == "ok", record.error
+    data = tmp_path / "out" / "a.onnx.data"
+    assert record.outputs == [str(tmp_path / "out" / "a.onnx"), str(data)] and data.is_file()
+    assert up_to_date(job) and skipped_record(job).outputs == record.outputs
+    data.unlink()  # the graph alone is no model: the job runs again
+    assert not up_to_date(job)
+
+
 # --- past 2 GB for real ---------------------------------------------------------------------------------------
 
 
@@ -187,6 +206,7 @@ def test_a_model_past_2_gb_exports_with_external_data(tmp_path):
     result = convert(model, ConvertOptions(), output=tmp_path / "big.onnx").to_dict()
     table = rows * dim * 4
     del model  # onnxruntime's copy below is the test's own
+    gc.collect()
     assert table > 2**31
     assert listing(tmp_path) == ["big.onnx", "big.onnx.data"]
     assert result["external_data"]["bytes"] == (tmp_path / "big.onnx.data").stat().st_size >= table
