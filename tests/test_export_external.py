@@ -16,7 +16,7 @@ from cli_helpers import assert_ok, invoke
 from sdsurgeon.batch.config import load_config, plan_jobs
 from sdsurgeon.batch.runner import run_job, skipped_record, up_to_date
 from sdsurgeon.deploy import export
-from sdsurgeon.errors import WriteError
+from sdsurgeon.errors import ExportError, WriteError
 from sdsurgeon.io.files import staged_pair
 from sdsurgeon.models import cifar_resnet
 from sdsurgeon.pipeline import ConvertOptions, convert
@@ -190,6 +190,24 @@ def test_a_batch_job_lists_the_data_file_and_is_up_to_date_only_with_it(tmp_path
     assert up_to_date(job) and skipped_record(job).outputs == record.outputs
     data.unlink()  # the graph alone is no model: the job runs again
     assert not up_to_date(job)
+
+
+@pytest.mark.onnx
+def test_a_graph_too_big_even_without_its_weights_is_one_error_and_no_file(tmp_path, monkeypatch):
+    """Large constants in the graph itself can still pass protobuf's limit: the error says so, nothing is left."""
+    from google.protobuf.message import EncodeError
+    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+    def save(self, destination, **_kwargs):
+        with open(destination, "wb") as f:
+            f.write(b"half a graph")
+        raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(ONNXProgram, "save", save)
+    model, _ = gated(256, 16)
+    with pytest.raises(ExportError, match=r"the ONNX graph is over 2 GB even with its 0\.00 GiB of weights"):
+        convert(model, ConvertOptions(), output=tmp_path / "m.onnx")
+    assert listing(tmp_path) == []
 
 
 # --- past 2 GB for real ---------------------------------------------------------------------------------------
