@@ -677,7 +677,9 @@ def export_cmd(
     out.print(f"onnxruntime vs {against} in eval, {len(checked.batch_sizes)} random inputs (batch {sizes}): "
               f"max abs error {checked.max_abs:.2g}, {100 * checked.tolerance_used:.2g}% of the tolerance "
               f"({_tolerances(checked)})")
-    out.print(f"wrote {result.output} in {record['seconds']:.1f} s", markup=False)
+    weights = (f" and its weights {exported.data_path} ({_fmt_bytes(exported.data_bytes)}: ONNX external data, "
+               "keep the two files together)" if exported.data_bytes is not None else "")
+    out.print(f"wrote {result.output}{weights} in {record['seconds']:.1f} s", markup=False)
 
 
 def _tolerances(checked) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import tempfile
 import time
@@ -15,20 +16,20 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .analysis.layers import find_layers
 from .analysis.plan import Plan
 from .analysis.plan import plan as plan_model
 from .capture import in_place
 from .capture.hf_inputs import complete_specs
 from .capture.inputs import InputSpec, make_example_inputs
-from .deploy.export import OnnxExport, export_onnx, write_onnx
-from .analysis.layers import find_layers
+from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, check_format, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
 from .deploy.verify import Verification, verify, verify_module
 from .errors import ConfigError, LayerError, option_error
 from .gate import gates
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration, take_dtypes
-from .io.files import check_output, staged, staged_folder
+from .io.files import check_output, companion_of, staged, staged_folder, staged_pair
 from .io.source import SOURCE_ATTR
 from .progress import SILENT, Progress
 from .sdfile import default_output, load, rebuild_architecture, save
@@ -333,6 +334,7 @@ class ConvertResult:
             "experts": exported.experts,
             "upcast_from": exported.upcast_from,
             "file_bytes": exported.file_bytes,
+            "external_data": exported.external_data(),
             "max_abs_error": checked.max_abs,
             "max_rel_error": checked.max_rel,
             "tolerance_used": checked.tolerance_used,
@@ -373,7 +375,10 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         target = Path(output) if output else ref.default_output(SUFFIXES[fmt] or "-hf")
         if fmt != "hf" and target.suffix != SUFFIXES[fmt]:
             raise ConfigError(f"-o {target}: a {fmt} file name must end in {SUFFIXES[fmt]}")
-        check_output(target, *ref.inputs, *([options.calibration] if options.calibration else []), folder=fmt == "hf")
+        reads = [*ref.inputs, *([options.calibration] if options.calibration else [])]
+        check_output(target, *reads, folder=fmt == "hf")
+        if fmt == "onnx":  # past 2 GB the weights go beside it, and an old one is replaced or removed
+            check_output(companion_of(target, DATA_SUFFIX), *reads)
         with stage(timings, "load", progress, "load model"):
             model = ref.load()
         name = name or ref.name
@@ -389,7 +394,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started, progress,
                               calibration=calibration, specs=specs)
     with contextlib.ExitStack() as outputs:  # every output appears together, or none does
-        onnx_tmp = outputs.enter_context(staged(target))
+        onnx_tmp = outputs.enter_context(staged_pair(target, DATA_SUFFIX))
         if save_injected:
             sd_tmp = outputs.enter_context(staged(save_injected))
             with stage(timings, "save", progress, "save the injected model"):
@@ -407,7 +412,10 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         with stage(timings, "verify", progress, "verify with onnxruntime"):
             # against the gated model (the check covers the fold as well as the export); a pruned one is
             # another function, checked against itself in PyTorch (the report measures how far it moved)
-            checked = verify(folded if pruned else model, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
+            reference = folded if pruned else model
+            folded = None  # its weights (a copy) are not needed now: freed before onnxruntime loads its own
+            gc.collect()
+            checked = verify(reference, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
         unpruned_nodes = None
         if pruned is not None:  # before the outputs appear: a failure here leaves none
             with tempfile.TemporaryDirectory() as tmp, progress.stage("export the unpruned model (node count)"):

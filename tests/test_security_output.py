@@ -55,13 +55,18 @@ class _FullDisk(io.FileIO):
 
 
 def full_disk_for(monkeypatch, output: str) -> None:
-    """The disk is full for the staged temp file of ``output`` (a file name): every write sdsurgeon does
-    there goes through ``open`` (torch.save into the staged file, onnx.save); other files write as usual."""
+    """The disk is full for the staged temp file of ``output`` (a file name), or for the files in its staged temp
+    folder (an ONNX file and its external data): every write sdsurgeon does there goes through ``open``
+    (torch.save into the staged file, onnx_ir's save); other files write as usual."""
     real_open = builtins.open
 
+    def staged_for_output(name: str) -> bool:
+        return bool(TEMP.match(name)) and name.startswith(f".{output}.")
+
     def open_(file, mode="r", *args, **kwargs):
-        name = os.path.basename(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
-        if "w" in mode and TEMP.match(name) and name.startswith(f".{output}."):
+        path = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        name, folder = os.path.basename(path), os.path.basename(os.path.dirname(path))
+        if "w" in mode and (staged_for_output(name) or staged_for_output(folder)):
             return _FullDisk(file, "wb")
         return real_open(file, mode, *args, **kwargs)
 

@@ -16,9 +16,10 @@ import yaml
 
 from .._version import __version__
 from ..capture.inputs import InputSpec
+from ..deploy.export import DATA_SUFFIX
 from ..deploy.plain import FORMATS, SUFFIXES
 from ..errors import ConfigError, SurgeonError, option_error
-from ..io.files import InputSet, output_problem
+from ..io.files import InputSet, companion_of, output_problem
 from ..io.trust import load_yaml
 
 
@@ -95,6 +96,11 @@ class Job:
     @property
     def outputs(self) -> list[str]:
         return [p for p in (self.output_path, self.sd_path) if p]
+
+    @property
+    def data_path(self) -> str | None:
+        """Where an ONNX output's weights go past 2 GB (external data), written only then; None for other formats."""
+        return str(companion_of(self.output_path, DATA_SUFFIX)) if self.options.format == "onnx" else None
 
     def settings_hash(self) -> str:
         """Everything that shapes the outputs, so a changed setting re-runs the job."""
@@ -405,7 +411,7 @@ def plan_jobs(config: BatchConfig) -> list[Job]:
     # are worked out once, so this is one pass over inputs and one over outputs, not one over inputs per output.
     inputs = InputSet([config.path] + [p for j in jobs for p in j.inputs])
     for job in jobs:
-        for output in job.outputs + [job.stamp_path]:
+        for output in job.outputs + [job.stamp_path] + ([job.data_path] if job.data_path else []):
             problem = output_problem(output, inputs, folder=output == job.output_path and job.options.format == "hf")
             if problem:
                 raise ConfigError(f"{job.where}: job {job.name}: output {problem}; change output_dir or the name")

@@ -31,13 +31,20 @@ from .config import Job, JobOptions
 # --- incremental runs ---------------------------------------------------------------------------------------
 
 
+def written(job: Job, record_outputs: list) -> list[str]:
+    """The job's outputs, with the ONNX file's external data where the run that wrote them wrote one (a stamp's
+    ``outputs`` name it; by file name, so a moved project still counts)."""
+    names = {Path(p).name for p in record_outputs if isinstance(p, str)}
+    return job.outputs + ([job.data_path] if job.data_path and Path(job.data_path).name in names else [])
+
+
 def up_to_date(job: Job) -> bool:
     """Outputs exist, are newer than the inputs, and were made with the same settings."""
     try:
         stamp = json.loads(Path(job.stamp_path).read_text())
         if stamp.get("settings_hash") != job.settings_hash():
             return False
-        oldest_output = min(Path(p).stat().st_mtime for p in job.outputs)
+        oldest_output = min(Path(p).stat().st_mtime for p in written(job, stamp.get("outputs") or []))
     except (OSError, ValueError, AttributeError):
         return False
     newest_input = max((_mtime(Path(p)) for p in job.inputs), default=0.0)
@@ -52,7 +59,7 @@ def _mtime(path: Path) -> float:
 
 
 def _write_stamp(job: Job, record: JobRecord) -> None:
-    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": job.outputs, "sdsurgeon": __version__,
+    text = json.dumps({"settings_hash": job.settings_hash(), "outputs": record.outputs, "sdsurgeon": __version__,
                        "record": record.to_dict()})
     atomic_write(job.stamp_path, lambda f: f.write(text.encode()))
 
@@ -61,7 +68,9 @@ def skipped_record(job: Job) -> JobRecord:
     """An up-to-date job's record: the figures of the run that made its outputs, status skipped."""
     record = JobRecord(job.name, "skipped", error="up to date; --force redoes it", outputs=job.outputs)
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        previous = json.loads(Path(job.stamp_path).read_text())["record"]
+        stamp = json.loads(Path(job.stamp_path).read_text())
+        record.outputs = written(job, stamp.get("outputs") or [])
+        previous = stamp["record"]
         for key in ("sites", "folded", "multiplies", "dropped", "nodes", "max_abs_error", "max_rel_error",
                     "tolerance_used"):
             setattr(record, key, previous.get(key))
@@ -128,7 +137,8 @@ def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
         record.dropped = None if converted.pruned is None else len(converted.pruned.dropped)
         record.max_abs_error, record.max_rel_error = converted.checked.max_abs, converted.checked.max_rel
         record.tolerance_used = converted.checked.tolerance_used
-        record.outputs = job.outputs
+        data = getattr(converted.exported, "data_path", None)  # ONNX past 2 GB: the weights beside it
+        record.outputs = job.outputs + ([data] if data else [])
         record.status = "ok"
         _write_stamp(job, record)
     except SurgeonError as exc:

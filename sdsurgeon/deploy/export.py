@@ -22,13 +22,18 @@ from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
 from ..capture.where import explain
 from ..errors import ConfigError, ExportError, first_line
-from ..io.files import staged, writing
+from ..io.files import companion_of, staged_pair, writing
 from ..io.quiet import quiet
 
 # Ops that would make inference random; a correct export of a folded model holds none.
 RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
                         "Bernoulli", "Multinomial", "Dropout"})
-_PROTOBUF_LIMIT = 2**31 - 1
+# Weights past this many bytes are written as ONNX external data: ``<name>.onnx`` holds the graph and names
+# ``<name>.onnx.data``, which holds the weights. A protobuf file cannot pass 2 GiB, and the graph's own size
+# (nodes, attributes, constants) is known only by serializing it, which is what fails past 2 GiB: so the switch
+# comes at 1.5 GiB of weights, leaving 0.5 GiB for the rest (torch.onnx's own threshold). Tests lower it.
+EXTERNAL_DATA_BYTES = 1536 * 2**20
+DATA_SUFFIX = ".data"
 
 
 @dataclass
@@ -48,12 +53,22 @@ class OnnxExport:
     dynamic_axes: dict[str, list[str | None]] = field(default_factory=dict)  # input -> each axis' name
     experts: list[str] = field(default_factory=list)  # implementations exported instead ("a -> b")
     upcast_from: str | None = None  # the model's 16-bit dtype, written as float32
+    data_bytes: int | None = None  # the external data file's size, where the weights are in one (past 2 GB)
+
+    @property
+    def data_path(self) -> str | None:
+        """The external data file beside ``path`` that holds the weights, where there is one."""
+        return None if self.data_bytes is None else str(companion_of(self.path, DATA_SUFFIX))
+
+    def external_data(self) -> dict | None:
+        return None if self.data_bytes is None else {"path": self.data_path, "bytes": self.data_bytes}
 
     def to_dict(self) -> dict:
         return {"path": self.path, "nodes": self.nodes, "scale_nodes": self.scale_nodes, "file_bytes": self.file_bytes,
                 "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
                 "dynamic_inputs": self.dynamic_inputs, "op_types": self.op_types, "seconds": round(self.seconds, 3),
-                "dynamic_axes": self.dynamic_axes, "experts": self.experts, "upcast_from": self.upcast_from}
+                "dynamic_axes": self.dynamic_axes, "experts": self.experts, "upcast_from": self.upcast_from,
+                "external_data": self.external_data()}
 
 
 # --- quiet exporter ---------------------------------------------------------------------------------------
@@ -239,25 +254,42 @@ def _write_onnx(model: nn.Module, args: tuple, kwargs: dict, dest: Path, *, opse
             cause = explain(_root_cause(failure)).reason  # in the user's terms, at their line where it has one
             hint = "; the batch axis may not be free: try --static-batch" if dynamic_batch and "batch" in cause else ""
             raise ExportError(f"torch.onnx.export failed: {cause}{hint} (--verbose shows the exporter's log)") from None
-        if program.model_proto.ByteSize() > _PROTOBUF_LIMIT:
-            raise ExportError("the model is over 2 GB, which needs ONNX external data; sdsurgeon does not write that yet")
-        written = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        # program.model is the ONNX graph in memory, its weights the model's own tensors; program.model_proto
+        # would copy them all into one protobuf message, which cannot pass 2 GB.
+        written = program.model.opset_imports.get("", program.model.opset_imports.get("ai.onnx"))
         if opset is not None and written != opset:
             raise ExportError(f"the exporter cannot write opset {opset} for this model (it offers {written}); "
                               f"use --opset {written} or leave --opset out")
-        with writing(dest):  # a full disk names the output this temp file stands for
-            program.save(str(dest), external_data=False)
+        _save(program, dest)
     return experts, precision
+
+
+def _save(program, dest: Path) -> None:
+    """Write the exported program at ``dest``: one file, or past ``EXTERNAL_DATA_BYTES`` of weights the graph at
+    ``dest`` and the weights in ``<dest>.data`` beside it, each tensor written straight from the model's memory."""
+    from google.protobuf.message import EncodeError
+
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    try:
+        with writing(dest):  # a full disk names the output this temp file stands for
+            program.save(str(dest), external_data=weights > EXTERNAL_DATA_BYTES)
+    except EncodeError:  # the graph without its weights is still over protobuf's 2 GB
+        raise ExportError(f"the ONNX graph is over 2 GB even with its {weights / 2**30:.2f} GiB of weights in an "
+                          "external data file (large constants in the graph itself?)") from None
 
 
 def _describe(path: Path, seconds: float) -> OnnxExport:
     import onnx
 
-    proto = onnx.load(str(path))
-    try:
-        onnx.checker.check_model(proto, full_check=True)
+    try:  # by its path: a model with external data is checked without loading its weights
+        onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejects the exported model: {first_line(exc)}") from None
+    proto = onnx.load(str(path), load_external_data=False)
+    data = companion_of(path, DATA_SUFFIX)
+    locations = {e.value for i in proto.graph.initializer for e in i.external_data if e.key == "location"}
+    if locations - {data.name}:
+        raise ExportError(f"the exported graph names external data {sorted(locations)}, not {data.name} beside it")
     nodes = list(proto.graph.node)
     random_ops = sorted({n.op_type for n in nodes} & RANDOM_OPS)
     if random_ops:
@@ -273,7 +305,7 @@ def _describe(path: Path, seconds: float) -> OnnxExport:
         scale_nodes=sum(1 for n in nodes if _from_scale_module(n)), file_bytes=path.stat().st_size, opset=opset,
         inputs=[i.name for i in inputs], outputs=[o.name for o in proto.graph.output], dynamic_inputs=dynamic,
         dynamic_axes=axes,
-        seconds=seconds,
+        seconds=seconds, data_bytes=data.stat().st_size if locations else None,
     )
 
 
@@ -304,9 +336,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, op
 
     ``example_inputs``: a tensor, tuple, dict or ``(args, kwargs)``. With ``dynamic_batch`` the first
     axis of every input that shares the first input's batch size is dynamic. The file is written
-    atomically and checked with ``onnx.checker``; a graph holding random ops is refused.
+    atomically and checked with ``onnx.checker``; a graph holding random ops is refused. Past
+    ``EXTERNAL_DATA_BYTES`` of weights they go to ``<path>.data`` beside it (``OnnxExport.data_path``).
     """
-    with staged(path) as tmp:
+    with staged_pair(path, DATA_SUFFIX) as tmp:
         result = write_onnx(model, example_inputs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
     result.path = str(path)
     return result

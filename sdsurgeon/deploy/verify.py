@@ -15,8 +15,8 @@ from ..capture.inputs import DTYPES, InputSpec, sequence_inputs
 from ..capture.modes import modes_kept
 from ..capture.torch_export import cache_off
 from ..errors import ConfigError, VerificationError, first_line
-from ..io.files import staged
-from .export import OnnxExport, args_kwargs, batch_inputs, half_precision, named_inputs, write_onnx
+from ..io.files import staged_pair
+from .export import DATA_SUFFIX, OnnxExport, args_kwargs, batch_inputs, half_precision, named_inputs, write_onnx
 
 
 @dataclass
@@ -258,7 +258,7 @@ def export_verified(model: nn.Module, example_inputs, path: str | os.PathLike, *
     onnxruntime is compared against ``reference`` (default: ``model``), e.g. the injected model
     before folding, so the check covers the fold as well as the export.
     """
-    with staged(path) as tmp:
+    with staged_pair(path, DATA_SUFFIX) as tmp:
         exported = write_onnx(model, example_inputs, tmp, opset=opset, dynamic_batch=dynamic_batch, verbose=verbose)
         checked = verify(reference if reference is not None else model, tmp, example_inputs, rtol=rtol, atol=atol)
     exported.path = str(path)

@@ -269,6 +269,24 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
         _outputs.pop(os.path.abspath(tmp), None)
 
 
+def _temp_folder(path: Path) -> str:
+    """A new temp folder beside ``path``, named for it (swept when its owner dies, removed on SIGTERM)."""
+    sweep(path.parent)
+    try:
+        tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.sdsurgeon-{_HOST}-{os.getpid()}-", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
+    _live.add(tmp)
+    _outputs[os.path.abspath(tmp)] = path
+    return tmp
+
+
+def _drop_temp_folder(tmp: str) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    _live.discard(tmp)
+    _outputs.pop(os.path.abspath(tmp), None)
+
+
 @contextlib.contextmanager
 def staged_folder(path: str | os.PathLike, *, marker: str) -> Iterator[Path]:
     """A temp folder beside ``path``, put in its place only if the block succeeds (``staged`` for folders).
@@ -285,29 +303,59 @@ def staged_folder(path: str | os.PathLike, *, marker: str) -> Iterator[Path]:
                          "name with -o")
     if not path.parent.is_dir():
         raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
-    sweep(path.parent)
-    prefix = f".{path.name}.sdsurgeon-{_HOST}-{os.getpid()}-"
-    try:
-        tmp = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror}; choose another output with -o") from None
-    _live.add(tmp)
-    _outputs[os.path.abspath(tmp)] = path
+    tmp = _temp_folder(path)
     old = None
     try:
         with writing(tmp):
             yield Path(tmp)
-            if path.exists():  # moved aside first, so the new folder appears in one rename
-                old = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-                os.rmdir(old)
-                os.replace(path, old)
+            if path.exists():  # moved aside into a temp folder first, so the new folder appears in one rename
+                old = _temp_folder(path)
+                os.replace(path, Path(old) / "old")
             os.replace(tmp, path)
     finally:
         for leftover in (tmp, old):
             if leftover:
-                shutil.rmtree(leftover, ignore_errors=True)
-        _live.discard(tmp)
-        _outputs.pop(os.path.abspath(tmp), None)
+                _drop_temp_folder(leftover)
+
+
+def companion_of(path: str | os.PathLike, suffix: str) -> Path:
+    """The file that goes with ``path`` (``model.onnx`` -> ``model.onnx.data``)."""
+    return Path(f"{os.fspath(path)}{suffix}")
+
+
+@contextlib.contextmanager
+def staged_pair(path: str | os.PathLike, companion: str) -> Iterator[Path]:
+    """``staged`` for a file that may come with a second file beside it, named ``<path><companion>`` (an ONNX
+    graph and its external data, which the graph names): the block writes both under their final names in a
+    temp folder beside ``path`` (it gets the path for ``path``), and they are put in place only if it succeeds.
+
+    The old pair goes as one: the old file is moved out of the way first (no reader sees an old file beside a
+    new companion), then the companion is put in place (or an old one removed where the new file has none),
+    then the file. A failure leaves neither new file, and a block that fails changes nothing.
+    """
+    path = Path(path)
+    other = companion_of(path, companion)
+    for dest in (path, other):
+        _check_destination(dest)
+    tmp = _temp_folder(path)
+    new, new_other = Path(tmp) / path.name, Path(tmp) / other.name
+    try:
+        with writing(tmp):
+            yield new
+            for dest in (path, other):
+                _check_destination(dest)  # a FIFO or a folder may have appeared there meanwhile
+            if not new.is_file():
+                raise WriteError(f"cannot write {path}: nothing was written")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, Path(tmp) / ".old")  # removed with the temp folder
+            if new_other.exists():
+                os.replace(new_other, other)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(other)
+            os.replace(new, path)
+    finally:
+        _drop_temp_folder(tmp)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
