@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from sdsurgeon.cli import app
@@ -27,3 +29,11 @@ def assert_user_error(result) -> str:
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stdout == "", result.stdout
     return lines[0]
+
+
+def one_json(result) -> dict:
+    """The one JSON object a successful ``--json`` command printed on stdout (and nothing else there)."""
+    assert_ok(result)
+    lines = result.stdout.strip("\n").splitlines()
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0])

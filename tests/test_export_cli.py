@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sdsurgeon
-from cli_helpers import assert_ok, assert_user_error, invoke
+from cli_helpers import assert_ok, assert_user_error, invoke, one_json
 from sdsurgeon.deploy.export import RANDOM_OPS
 from sdsurgeon.models import cifar_resnet
 
@@ -47,13 +47,6 @@ def assert_nothing_written(folder: Path, before: dict[str, bytes]) -> None:
     assert not [n for n in after if Path(n).name.startswith(".") and n.endswith(".tmp")], after.keys()
     assert after.keys() == before.keys()
     assert all(after[n] == before[n] for n in before), "a file was changed"
-
-
-def one_json(result) -> dict:
-    assert_ok(result)
-    lines = result.stdout.strip("\n").splitlines()
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:

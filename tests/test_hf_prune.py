@@ -19,7 +19,7 @@ import transformers
 from torch import nn
 
 import sdsurgeon
-from cli_helpers import assert_ok, assert_user_error, invoke
+from cli_helpers import assert_ok, assert_user_error, invoke, one_json
 from sdsurgeon.analysis.layers import find_layers, layer_angular_distance
 from sdsurgeon.deploy.plain import delete_layers
 from sdsurgeon.errors import LayerError
@@ -34,13 +34,6 @@ MODELS = {
               dict(TEXT, use_sliding_window=True, sliding_window=8, max_window_layers=2)),
     "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, TEXT),
 }
-
-
-def one_json(result) -> dict:
-    assert_ok(result)
-    lines = result.stdout.strip("\n").splitlines()
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
 
 
 @pytest.fixture(scope="module")

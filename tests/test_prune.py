@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdsurgeon
-from cli_helpers import assert_ok, assert_user_error, invoke
+from cli_helpers import assert_ok, assert_user_error, invoke, one_json
 from sdsurgeon.models import BasicBlock, cifar_resnet
 from zoo import POSITIVE, linear_ps
 
@@ -59,13 +58,6 @@ def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
 
 def ops(path: Path, op_type: str | None = None) -> int:
     return sum(1 for n in onnx.load(str(path)).graph.node if op_type is None or n.op_type == op_type)
-
-
-def one_json(result) -> dict:
-    assert_ok(result)
-    lines = result.stdout.strip("\n").splitlines()
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,18 @@ def block_influence(model: nn.Module, inputs) -> dict[str, float]:
         total[0] += float((1 - cos).sum())
         total[1] += cos.numel()
 
+    run_hooked(model, inputs, [(g, hook) for g in found])
+    return {sid: (s / n if n else float("nan")) for sid, (s, n) in sums.items()}
+
+
+def run_hooked(model: nn.Module, inputs, hooks, *, with_kwargs: bool = False) -> None:
+    """One forward of ``model`` on ``inputs`` in eval, without grad, with each ``(module, hook)`` of ``hooks`` as a
+    forward hook; the hooks are removed and the modes restored after, whatever happens (read-only)."""
     args, kwargs = normalize_inputs(inputs)
-    handles = [g.register_forward_hook(hook) for g in found]
+    handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook in hooks]
     try:
         with modes_kept(model, training=False), torch.no_grad():
             model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return {sid: (s / n if n else float("nan")) for sid, (s, n) in sums.items()}

@@ -9,10 +9,9 @@ from typing import Collection
 import torch
 from torch import nn
 
-from ..capture.inputs import normalize_inputs
-from ..capture.modes import modes_kept
 from ..errors import LayerError
 from ..gate import gates
+from .influence import run_hooked
 
 # What layer_angular_distance measures, in words (reports quote it).
 ANGULAR_MEASURE = ("angular distance = arccos(cos(layer input, layer output)) / pi over the hidden (last) dimension, "
@@ -112,13 +111,6 @@ def layer_angular_distance(model: nn.Module, layers: LayerList, inputs) -> list[
             sums[i][1] += cos.numel()
         return hook
 
-    args, kwargs = normalize_inputs(inputs)
-    modules = model.get_submodule(layers.path)
-    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(modules)]
-    try:
-        with modes_kept(model, training=False), torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, inputs, [(layer, hook_for(i)) for i, layer in enumerate(model.get_submodule(layers.path))],
+               with_kwargs=True)
     return [s / n if n else float("nan") for s, n in sums]
