@@ -33,6 +33,26 @@ HF_ZOO = [
            dict(TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
                 num_key_value_heads=1),
            ("input_ids:2,12:int64",), 2 * LAYERS, "tokens"),
+    # Mixture of experts (transformers' default experts implementation, one fused grouped matmul): each layer
+    # adds its attention and its sparse-MoE block
+    HFCase("mixtral", "MixtralForCausalLM",
+           dict(TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
+                num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2),
+           ("input_ids:2,12:int64",), 2 * LAYERS, "tokens"),
+    # parallel residual: x + attn(ln1(x)) + mlp(ln2(x)), one block per layer whose body is both paths
+    HFCase("gpt_neox", "GPTNeoXForCausalLM",
+           dict(TEXT, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64,
+                use_parallel_residual=True),
+           ("input_ids:2,12:int64",), LAYERS, "tokens"),
+    HFCase("bert_mlm", "BertForMaskedLM",
+           dict(TEXT, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64),
+           ("input_ids:2,12:int64",), 2 * LAYERS, "tokens"),
+    # encoder-decoder for generation: each encoder layer adds self-attention and feed-forward, each decoder layer
+    # self-attention, cross-attention and feed-forward
+    HFCase("bart", "BartForConditionalGeneration",
+           dict(TEXT, d_model=32, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64),
+           ("input_ids:2,12:int64", "decoder_input_ids:2,12:int64"), (2 + 3) * LAYERS, "tokens"),
     HFCase("vit", "ViTForImageClassification",
            dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=LAYERS,
                 num_attention_heads=2, intermediate_size=64, num_labels=3),

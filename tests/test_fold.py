@@ -276,3 +276,62 @@ def test_shared_layer_scale_parameter_is_copied_per_block():
         h = x + p1 * model.gamma * torch.tanh(model.f1(x))
         expected = h + p2 * model.gamma * torch.tanh(model.f2(h))
         torch.testing.assert_close(folded(x), expected)
+
+
+# --- a module kept whole whose output is proportional to one of its own parameters ------------------------------
+
+
+class LoopExperts(nn.Module):
+    """Mixtral's eager experts: the tokens routed to each expert hit, through its slice of fused 3-D weights
+    (silu(x G) * (x U), then D), weighted and added up. The loop over the experts hit does not trace (a leaf);
+    the output is linear in ``down`` (with ``bias``, in nothing of its own)."""
+
+    def __init__(self, d=8, experts=4, hidden=16, bias=False):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * hidden, d) / d ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, d, hidden) / hidden ** 0.5)
+        self.bias = nn.Parameter(torch.randn(d)) if bias else None
+
+    def forward(self, x, chosen, weights):
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, k = torch.where(chosen == e)
+            g, u = F.linear(x[token], self.gate_up[e]).chunk(2, -1)
+            out.index_add_(0, token, F.linear(F.silu(g) * u, self.down[e]) * weights[token, k, None])
+        return out if self.bias is None else out + self.bias
+
+
+class LoopMoEBlock(nn.Module):
+    def __init__(self, d=8, bias=False):
+        super().__init__()
+        self.norm, self.router, self.experts = nn.LayerNorm(d), nn.Linear(d, 4, bias=False), LoopExperts(d, bias=bias)
+
+    def forward(self, x):
+        h = self.norm(x).reshape(-1, x.shape[-1])
+        weights, chosen = self.router(h).softmax(-1).topk(2, -1)
+        return x + self.experts(h, chosen, weights).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_branch_ending_in_a_leaf_proportional_to_its_own_parameter_folds_into_that_parameter(bias):
+    """The experts module is called whole (a leaf): no submodule makes its output, but it is proportional to its
+    ``down`` weights (the router's weights stay): p goes there. With a bias added after, no parameter of its own
+    scales it: a multiply stays, said so."""
+    model = nn.Sequential(LoopMoEBlock(bias=bias), LoopMoEBlock(bias=bias)).eval()
+    x = torch.randn(2, 5, 8)
+    injected = inject(model, 0.5, scaling="paper", leaves=["LoopExperts"], example_inputs=(x,)).eval()
+    folded, report = fold_with_report(injected)
+    ps = linear_ps(2, 0.5)
+    torch.testing.assert_close(folded(x), injected(x))
+    if bias:
+        assert [s.how for s in report.sites] == ["multiply"] * 2
+        assert all("LoopExperts" in s.reason and "not positively homogeneous" in s.reason for s in report.sites)
+        return
+    assert [(s.how, s.params) for s in report.sites] == [("weights", ("0.experts.down",)), ("weights", ("1.experts.down",))]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for block, p in zip(reference, ps):
+            block.experts.down.mul_(p)
+    torch.testing.assert_close(folded(x), reference(x))
+    assert not torch.allclose(folded(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(injected.state_dict().values(), model.state_dict().values()))

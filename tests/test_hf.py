@@ -31,7 +31,7 @@ if str(TESTS_DIR) not in sys.path:  # `--arch archs:...` needs it
 import archs  # noqa: E402
 import sdsurgeon  # noqa: E402
 from cli_helpers import assert_ok, assert_user_error, invoke  # noqa: E402
-from hf_zoo import CASES, HF_ZOO, HFCase, save  # noqa: E402
+from hf_zoo import CASES, HF_ZOO, LAYERS, HFCase, build, save  # noqa: E402
 from sdsurgeon.capture.inputs import InputSpec  # noqa: E402
 from sdsurgeon.deploy.export import RANDOM_OPS
 from sdsurgeon.deploy.verify import export_verified  # noqa: E402
@@ -52,13 +52,16 @@ class Layout:
     """Where each architecture's residual blocks are, read off transformers' own module names.
 
     ``layer``: the class of one residual layer; ``sites``: the module path (relative to a layer) of each
-    residual add it holds, in execution order ("" = the layer itself); ``ends``: the affine module that ends
-    each of those residual branches (scaling its weight and bias by p scales the branch by p in eval).
+    residual add it holds, in execution order ("" = the layer itself); ``ends``: what ends each of those
+    residual branches: an affine module (scaling its weight and bias by p scales the branch by p in eval) or a
+    parameter the branch output is linear in (a mixture of experts' fused down projections), or a tuple of
+    those where the branch is several paths added (a parallel residual layer: each path's end takes p).
+    An architecture with layers of several classes (an encoder-decoder) has one Layout per class.
     """
 
     layer: str
     sites: tuple[str, ...]
-    ends: tuple[str, ...]
+    ends: tuple[str | tuple[str, ...], ...]
 
 
 LAYOUTS = {
@@ -66,12 +69,26 @@ LAYOUTS = {
     "bert": Layout("BertLayer", ("attention.output", "output"), ("attention.output.dense", "output.dense")),
     "gpt2": Layout("GPT2Block", ("", ""), ("attn.c_proj", "mlp.c_proj")),
     "llama": Layout("LlamaDecoderLayer", ("", ""), ("self_attn.o_proj", "mlp.down_proj")),
+    # the router's weights are not scaled: each token's output is sum_k w_k * expert_k(x), linear in every
+    # expert's down projection (transformers 5 fuses them into one 3-D parameter)
+    "mixtral": Layout("MixtralDecoderLayer", ("", ""), ("self_attn.o_proj", "mlp.experts.down_proj")),
+    # x + attn(ln1(x)) + mlp(ln2(x)): one block, both paths end it
+    "gpt_neox": Layout("GPTNeoXLayer", ("",), (("attention.dense", "mlp.dense_4h_to_h"),)),
+    "bart": (Layout("BartEncoderLayer", ("", ""), ("self_attn.out_proj", "fc2")),
+             Layout("BartDecoderLayer", ("", "", ""), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2"))),
     "vit": Layout("ViTLayer", ("", ""), ("attention.o_proj", "mlp.fc2")),
     "resnet": Layout("ResNetBasicLayer", ("",), ("layer.1.normalization",)),  # conv-BN, no activation, then + x
     "convnext": Layout("ConvNextLayer", ("",), ("pwconv2",)),  # then layer scale, drop path, + x
     "swin": Layout("SwinLayer", ("", ""), ("attention.o_proj", "mlp.fc2")),
 }
 LAYOUTS["vit_dropout"] = LAYOUTS["vit"]
+LAYOUTS["bert_mlm"] = LAYOUTS["bert"]
+
+
+def layouts(case: HFCase) -> dict[str, Layout]:
+    """The case's layouts by layer class."""
+    found = LAYOUTS[case.name]
+    return {layout.layer: layout for layout in (found if isinstance(found, tuple) else (found,))}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,8 +128,8 @@ def loss_of(case: HFCase, model, x: dict) -> torch.Tensor:
     ids = x["input_ids"]
     if logits.dim() == 2:  # sequence classification
         return F.cross_entropy(logits, ids[:, 0] % logits.shape[-1])
-    # language model: every position predicts the first token
-    return F.cross_entropy(logits.flatten(0, 1), ids[:, :1].expand_as(ids).flatten())
+    # language model: every position (of the decoder's, for an encoder-decoder) predicts the first token
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, :1].expand(logits.shape[:2]).flatten())
 
 
 def linear_ps(n: int, p_L: float) -> list[float]:
@@ -120,9 +137,16 @@ def linear_ps(n: int, p_L: float) -> list[float]:
     return [1 - l / n * (1 - p_L) for l in range(1, n + 1)]
 
 
+def layers(model: torch.nn.Module, case: HFCase) -> list[tuple[str, Layout]]:
+    """(module path, layout) of the residual layers, in the order the model runs them (an encoder-decoder's
+    encoder first)."""
+    found = layouts(case)
+    return [(name, found[type(m).__name__]) for name, m in model.named_modules() if type(m).__name__ in found]
+
+
 def layer_paths(model: torch.nn.Module, case: HFCase) -> list[str]:
     """Module paths of the residual layers, in the order the model runs them."""
-    return [name for name, m in model.named_modules() if type(m).__name__ == LAYOUTS[case.name].layer]
+    return [name for name, _ in layers(model, case)]
 
 
 def drop_path_modules(model: torch.nn.Module) -> list[tuple[str, str, float]]:
@@ -138,15 +162,22 @@ def no_drop_paths(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def scale_by_hand(model: torch.nn.Module, case: HFCase, ps: list[float]) -> torch.nn.Module:
-    """Multiply the weight and bias of the affine layer ending each residual branch by its p_l, in site order."""
-    ends = [f"{layer}.{end}" for layer in layer_paths(model, case) for end in LAYOUTS[case.name].ends]
+    """Multiply what ends each residual branch by its p_l, in site order: an affine layer's weight and bias, or a
+    parameter named as such; every end of a branch of several paths."""
+    ends = [[f"{layer}.{e}" for e in ((end,) if isinstance(end, str) else end)]
+            for layer, layout in layers(model, case) for end in layout.ends]
     assert len(ends) == len(ps) == case.sites
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in zip(ends, ps):
-            module = model.get_submodule(name)
-            module.weight.mul_(p)
-            if getattr(module, "bias", None) is not None:
-                module.bias.mul_(p)
+        for names, p in zip(ends, ps):
+            for name in names:
+                if name in params:
+                    params[name].mul_(p)
+                    continue
+                module = model.get_submodule(name)
+                module.weight.mul_(p)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.mul_(p)
     return model
 
 
@@ -266,8 +297,8 @@ def test_plan_finds_the_residual_adds_of_every_layer_and_nothing_else(zoo, case)
     assert plan.untraced == []
     # every site is a residual add of one transformer layer / residual block, in depth order: not a RoPE,
     # positional-embedding, attention-mask or relative-position-bias add (those live in other modules)
-    layers = layer_paths(saved.original(), case)
-    expected = [f"{layer}.{site}" if site else layer for layer in layers for site in LAYOUTS[case.name].sites]
+    expected = [f"{layer}.{site}" if site else layer
+                for layer, layout in layers(saved.original(), case) for site in layout.sites]
     assert [s.id.rpartition(":")[0] for s in plan.sites] == expected
     assert len(set(s.id for s in plan.sites)) == case.sites
     assert [s.index for s in plan.sites] == list(range(1, case.sites + 1))
@@ -834,14 +865,9 @@ def test_layerdrop_kept_says_what_stopped_the_capture_in_one_line():
 
 
 def _bart(layerdrop: float = 0.1):
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BartConfig(
-        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=97, max_position_embeddings=64,
-        encoder_layerdrop=layerdrop, decoder_layerdrop=layerdrop)
-    return transformers.BartForConditionalGeneration(config)
+    """The zoo's BART, with LayerDrop in encoder and decoder."""
+    case = CASES["bart"]
+    return build(replace(case, config=dict(case.config, encoder_layerdrop=layerdrop, decoder_layerdrop=layerdrop)))
 
 
 @pytest.mark.hf
@@ -867,11 +893,8 @@ def test_an_encoder_decoder_whose_layers_copied_their_layerdrop_at_init_is_found
 
 
 def _mixtral():
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    return transformers.MixtralForCausalLM(config).eval()
+    """The zoo's Mixtral: hidden 32, FFN 64, 2 layers, 2 heads (1 key-value head), 4 experts, top 2, vocabulary 97."""
+    return build(CASES["mixtral"]).eval()
 
 
 @pytest.mark.hf
@@ -911,8 +934,6 @@ def test_a_mixture_of_experts_lm_exports_its_experts_in_an_implementation_onnx_t
 @pytest.mark.hf
 def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
     # built in Python, transformers picks SDPA; its fused CPU kernel's decomposition failed a symbolic batch
-    from hf_zoo import build
-
     model = build(CASES["swin"]).eval()
     assert model.config._attn_implementation == "sdpa"
     x = {"pixel_values": torch.randn(2, 3, 32, 32)}
@@ -931,7 +952,7 @@ def test_a_model_with_sdpa_attention_exports_with_a_dynamic_batch(tmp_path):
 # --- 8. fold to a plain checkpoint: a save_pretrained folder and a safetensors file, loaded without sdsurgeon ---------
 
 
-@by_name([CASES[n] for n in ("llama", "gpt2", "bert", "vit")])
+@by_name([CASES[n] for n in ("llama", "gpt2", "bert", "vit", "mixtral", "gpt_neox", "bert_mlm", "bart")])
 def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scaled_model(zoo, case, work):
     saved = zoo(case)
     inputs = [arg for spec in case.inputs for arg in ("--input", spec)]
@@ -1014,7 +1035,7 @@ def test_export_format_safetensors_of_a_transformers_model_loads_into_its_class(
 # --- 9. surgery in place: the injected model is still the transformers model (its class, labels, generate, Trainer) ---
 
 IN_PLACE = [CASES[n] for n in ("llama", "gpt2", "bert", "vit")]
-GENERATIVE = [CASES[n] for n in ("llama", "gpt2")]
+GENERATIVE = [CASES[n] for n in ("llama", "gpt2", "mixtral", "gpt_neox")]
 
 
 def some_inputs(case: HFCase, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -1210,20 +1231,17 @@ def test_a_parallel_residual_layer_is_one_block_whose_body_is_both_paths():
     # GPT-NeoX with use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)). One site per GPTNeoXLayer (the class
     # transformers builds it from), and in eval its branch is attention and MLP together, times p_l: checked
     # against the model's own dropouts after each path, scaled by hook.
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                           intermediate_size=64, use_parallel_residual=True, max_position_embeddings=64)
-    model = GPTNeoXForCausalLM(config).eval()
-    ids = torch.randint(0, 64, (2, 8))
+    model = build(CASES["gpt_neox"]).eval()  # the zoo's (use_parallel_residual=True)
+    assert model.config.use_parallel_residual
+    ids = torch.randint(0, 97, (2, 8))
     layers = [m for m in model.modules() if isinstance(m, GPTNeoXLayer)]
     plan = sdsurgeon.plan(model, 0.5, example_inputs={"input_ids": ids})
-    assert plan.num_sites == len(layers) == 3 and all(s.shortcut == "identity" for s in plan.sites)
+    assert plan.num_sites == len(layers) == LAYERS and all(s.shortcut == "identity" for s in plan.sites)
     injected = sdsurgeon.inject(model, 0.5, scaling="paper", example_inputs={"input_ids": ids}).eval()
     reference = copy.deepcopy(model)
-    for layer, p in zip([m for m in reference.modules() if isinstance(m, GPTNeoXLayer)], linear_ps(3, 0.5)):
+    for layer, p in zip([m for m in reference.modules() if isinstance(m, GPTNeoXLayer)], linear_ps(LAYERS, 0.5)):
         for end in (layer.post_attention_dropout, layer.post_mlp_dropout):
             end.register_forward_hook(lambda _m, _i, out, p=p: out * p)
     with torch.no_grad():

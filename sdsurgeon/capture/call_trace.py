@@ -329,3 +329,47 @@ def returned_submodule(module: nn.Module, call: Call, item: int | None) -> str |
         return None
     path, tensor, version = made[id(output)]
     return path if tensor is output and output._version == version and calls[path] == 1 else None
+
+
+def scaled_parameter(module: nn.Module, call: Call, item: int | None) -> str | None:
+    """The name of one of ``module``'s own parameters (not its submodules') that its output (``item`` of a
+    returned tuple, or the whole output) is proportional to, seen when ``module`` runs on ``call`` in eval:
+    with that parameter times 1/2, and times 2, the output is the same times 1/2 and 2 (a power of two scales
+    floats exactly, so a linear use gives the same numbers). A module whose code no graph reaches (a mixture of
+    experts' fused expert weights, ``out = sum_k w_k * act(x W_k) D_k``, D a 3-D parameter) can take a scale
+    there. None where no parameter does (a nonlinear use, or a bias beside the weight)."""
+
+    def run():
+        output = module(*call.args, **call.kwargs)
+        if item is not None:
+            output = output[item] if isinstance(output, (tuple, list)) and -len(output) <= item < len(output) else None
+        return output if isinstance(output, torch.Tensor) and output.is_floating_point() else None
+
+    with untouched(module), modes_kept(module, training=False), torch.no_grad():
+        try:
+            base = run()
+        except Exception:  # it does not run alone on its recorded call: no evidence
+            return None
+        if base is None or not bool(base.abs().max() > 0):
+            return None
+        for name, param in module.named_parameters(recurse=False):
+            if not param.is_floating_point():
+                continue
+            saved = param.detach().clone()
+            try:
+                ok = True
+                for factor in (0.5, 2.0):
+                    param.mul_(factor)
+                    got = run()
+                    param.copy_(saved)
+                    if got is None or got.shape != base.shape or not torch.allclose(
+                            got, base * factor, rtol=1e-3, atol=1e-6 * float(base.abs().max())):
+                        ok = False
+                        break
+            except Exception:
+                ok = False
+            finally:
+                param.copy_(saved)
+            if ok:
+                return name
+    return None

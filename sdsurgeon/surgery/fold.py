@@ -17,7 +17,7 @@ from torch import nn
 from .. import _torch
 from ..capture import in_place
 from ..capture.drop_path import is_drop_path
-from ..capture.call_trace import record_calls, returned_submodule
+from ..capture.call_trace import record_calls, returned_submodule, scaled_parameter
 from ..capture.fx import is_default_leaf, trace_eval
 from ..capture.inputs import make_example_inputs
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
@@ -281,6 +281,15 @@ class _Observed:
         self._calls: dict | None = None
 
     def returned(self, path: str, item: int | None) -> str | None:
+        call = self._call(path)
+        return None if call is None else returned_submodule(self.model.get_submodule(path), call, item)
+
+    def scaled(self, path: str, item: int | None) -> str | None:
+        """The module's own parameter its output (``item`` of it) is proportional to, seen (``scaled_parameter``)."""
+        call = self._call(path)
+        return None if call is None else scaled_parameter(self.model.get_submodule(path), call, item)
+
+    def _call(self, path: str):
         if self._calls is None:
             recipe = getattr(self.model, RECIPE_ATTR, None)
             inputs = make_example_inputs(recipe.inputs) if recipe is not None and recipe.inputs else None
@@ -288,8 +297,7 @@ class _Observed:
                       for part, gm in self.parts for graph, root in _graphs_with_branches(gm) for n in graph.nodes
                       if n.op == "call_module" and not is_default_leaf(root.get_submodule(n.target))}
             self._calls = record_calls(self.model, called, inputs) or {}
-        call = self._calls.get(path)
-        return None if call is None else returned_submodule(self.model.get_submodule(path), call, item)
+        return self._calls.get(path)
 
 
 class _Walker:
@@ -382,8 +390,16 @@ class _Walker:
         submodule's weights take the scale."""
         opaque = f"the branch ends in {type(module).__name__} ({node.target}), which is not positively homogeneous"
         inner = _attention_output_projection(module, item)
+        where = ".".join(p for p in (self.part, node.target) if p)
         if inner is None and self.observed is not None:
-            inner = self.observed.returned(".".join(p for p in (self.part, node.target) if p), item)
+            inner = self.observed.returned(where, item)
+        if inner is None and self.observed is not None:
+            # no submodule makes it, but it is proportional to one of the module's own parameters (a mixture of
+            # experts' fused down projections): the module is called here, so a copy of it can be wired in
+            own = self.observed.scaled(where, item)
+            if own is not None:
+                return [ScaleTarget("module", node.name, node.target, (f"{node.target}.{own}",),
+                                    self.usage.module_shared(module, [getattr(module, own)]))]
         if inner is None:
             return opaque
         path = f"{node.target}.{inner}"
