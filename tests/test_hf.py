@@ -30,7 +30,7 @@ if str(TESTS_DIR) not in sys.path:  # `--arch archs:...` needs it
 
 import archs  # noqa: E402
 import sdsurgeon  # noqa: E402
-from cli_helpers import assert_ok, assert_user_error, invoke  # noqa: E402
+from cli_helpers import assert_ok, assert_user_error, invoke, one_json  # noqa: E402
 from hf_zoo import CASES, HF_ZOO, LAYERS, HFCase, build, save  # noqa: E402
 from sdsurgeon.capture.inputs import InputSpec  # noqa: E402
 from sdsurgeon.deploy.export import RANDOM_OPS
@@ -627,13 +627,6 @@ PAPER = ["--scaling", "paper"]  # the fold is what these check: p_l into the wei
 def work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def one_json(result) -> dict:
-    assert_ok(result)
-    lines = result.stdout.strip("\n").splitlines()
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
 
 
 def test_cli_plan_of_a_folder_reports_the_export_capture(zoo, work):
