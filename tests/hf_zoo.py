@@ -53,6 +53,11 @@ HF_ZOO = [
            dict(TEXT, d_model=32, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=2,
                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64),
            ("input_ids:2,12:int64", "decoder_input_ids:2,12:int64"), (2 + 3) * LAYERS, "tokens"),
+    # the same shape, its stacks each reading a config copy of their own (use_cache off in every one to capture)
+    HFCase("t5", "T5ForConditionalGeneration",
+           dict(vocab_size=97, d_model=32, d_kv=16, d_ff=64, num_layers=LAYERS, num_decoder_layers=LAYERS,
+                num_heads=2, decoder_start_token_id=0),
+           ("input_ids:2,12:int64", "decoder_input_ids:2,12:int64"), (2 + 3) * LAYERS, "tokens"),
     HFCase("vit", "ViTForImageClassification",
            dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=LAYERS,
                 num_attention_heads=2, intermediate_size=64, num_labels=3),

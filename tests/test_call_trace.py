@@ -337,3 +337,51 @@ def test_a_skip_passed_as_an_optional_argument_is_the_value_that_really_flows_in
     injected(ids).sum().backward()
     with pytest.raises(SpecializedCallError):
         injected.layers[0](torch.randn(2, 6, 16), query_states=torch.randn(2, 6, 16))
+
+
+class _Config:
+    """A transformers-style config: a plain object with use_cache."""
+
+    def __init__(self) -> None:
+        self.use_cache = True
+
+
+class _Cache:
+    """Generation state that no capture can return (no pytree is registered for it)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class _CachedStack(nn.Module):
+    """A stack that reads a config copy of its own, as T5's encoder and decoder stacks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = _Config()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = x + self.fc(x)
+        return (y, _Cache(y)) if self.config.use_cache else (y,)
+
+
+class _EncoderDecoderLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = _Config()
+        self.stack = _CachedStack()
+
+    def forward(self, x):
+        return self.stack(x)
+
+
+def test_capture_switches_off_the_cache_in_every_config_the_modules_hold_and_puts_them_back():
+    """T5's stacks read their own config copies: with use_cache off in the top config alone, the decoder still
+    built an EncoderDecoderCache, torch.export refused it in the output, and the model had no site."""
+    import sdsurgeon
+
+    model = _EncoderDecoderLike()
+    plan = sdsurgeon.plan(model, 0.5, capture="export", example_inputs=torch.randn(2, 8))
+    assert plan.capture == "export" and plan.num_sites == 1
+    assert model.config.use_cache is True and model.stack.config.use_cache is True  # as they were

@@ -125,16 +125,18 @@ def follow_train_eval(gm: fx.GraphModule) -> fx.GraphModule:
 
 @contextlib.contextmanager
 def cache_off(model: nn.Module) -> Iterator[None]:
-    """A transformers-style ``config.use_cache`` off for the block, then as it was (plan never changes a model)."""
-    config = getattr(model, "config", None)
-    cached = getattr(config, "use_cache", None)
-    if cached:
-        config.use_cache = False
+    """transformers-style ``use_cache`` off in every config the model's modules hold, then as it was (plan never
+    changes a model). Every one, not the top one alone: an encoder-decoder's stacks read copies of their own (T5's
+    decoder builds an ``EncoderDecoderCache`` from its copy, and a capture cannot return one)."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if getattr(c, "use_cache", None)}
+    cached = {key: c.use_cache for key, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        if cached:
-            config.use_cache = cached
+        for key, c in configs.items():
+            c.use_cache = cached[key]
 
 
 def train_only(training: bool, value: float) -> float:
