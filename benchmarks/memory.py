@@ -92,7 +92,7 @@ def run(argv: list[str], env: dict | None = None) -> dict:
     """One child process: wall seconds, its own peak RSS (bytes), its stdout."""
     started = time.perf_counter()
     with tempfile.TemporaryFile() as err:  # stderr to a file: one pipe read to its end cannot block on the other
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=ROOT, env=env)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=SOURCE, env=env)
         out = proc.stdout.read()
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)  # not communicate(): its waitpid would lose the child's rusage
