@@ -25,14 +25,15 @@ from .capture.inputs import InputSpec, make_example_inputs
 from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, check_format, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
-from .deploy.verify import Verification, verify, verify_module
+from .deploy.verify import Verification, reference_outputs, verify, verify_module
 from .errors import ConfigError, LayerError, option_error
 from .gate import gates
+from .io import hf
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration, take_dtypes
 from .io.files import check_output, companion_of, staged, staged_folder, staged_pair
 from .io.source import SOURCE_ATTR
 from .progress import SILENT, Progress
-from .sdfile import default_output, load, rebuild_architecture, save
+from .sdfile import architecture_of, default_output, load, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
 from .surgery.inject import inject as inject_model
 from .surgery.prune import LayerRemoval, PruneCurve, PruneReport, prune, prune_curve
@@ -232,15 +233,18 @@ def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Spec
 # --- inject ---------------------------------------------------------------------------------------------
 
 
-def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None, *, progress: Progress = SILENT) -> nn.Module:
+def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None, *, progress: Progress = SILENT,
+         in_place: bool = False) -> nn.Module:
     """Inject gates into a loaded model (inputs, a transformers model's completed, are recorded in its recipe);
-    ``progress`` hears of surgery.inject's stages."""
+    ``progress`` hears of surgery.inject's stages. ``in_place``: into ``model`` itself (one the caller loaded and
+    needs no more as it was), so its weights are not copied."""
     specs, example = _examples(model, inputs)
     return inject_model(
         model, options.pL, rule=options.rule, mode=options.mode, scaling=options.scaling, seed=options.seed,
         overrides=list(options.overrides), include=list(options.include), exclude=list(options.exclude),
         leaves=list(options.leaves), inputs=specs, sync_ranks=options.sync_ranks, example_inputs=example,
         capture=options.capture, keep_existing=options.keep_existing, schedule=options.schedule, progress=progress,
+        in_place=in_place,
     )
 
 
@@ -278,7 +282,7 @@ def inject(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Sp
     check_output(target, *ref.inputs)
     with progress.stage("load model"):
         model = ref.load()
-    injected = gate(model, options, inputs, progress=progress)
+    injected = gate(model, options, inputs, progress=progress, in_place=True)  # loaded here: nobody else holds it
     with progress.stage("write the injected model"):
         save(injected, target)
     source = getattr(injected, SOURCE_ATTR, None)
@@ -391,8 +395,10 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
     example = make_example_inputs(specs)
     if fmt != "onnx":
-        return _convert_plain(model, fmt, target, example, options, name, save_injected, timings, started, progress,
-                              calibration=calibration, specs=specs)
+        held = [model]  # loaded here (ref): _convert_plain lets it go before loading back what it wrote
+        del model
+        return _convert_plain(held, fmt, target, example, options, name, save_injected, timings, started, progress,
+                              owned=ref is not None, calibration=calibration, specs=specs)
     with contextlib.ExitStack() as outputs:  # every output appears together, or none does
         onnx_tmp = outputs.enter_context(staged_pair(target, DATA_SUFFIX))
         if save_injected:
@@ -433,16 +439,22 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
                          time.perf_counter() - started, pruned, unpruned_nodes)
 
 
-def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: ConvertOptions, name: str | None,
+def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, options: ConvertOptions, name: str | None,
                    save_injected: Path | None, timings: dict[str, float] | None, started: float,
-                   progress: Progress = SILENT, *, calibration=None, specs: Specs = None) -> ConvertResult:
+                   progress: Progress = SILENT, *, owned: bool = False, calibration=None,
+                   specs: Specs = None) -> ConvertResult:
     """Fold, and write the folded model as its plain architecture (safetensors or a save_pretrained folder);
     then load what was written into a fresh instance of that architecture, as a user without sdsurgeon
     would, and check it against the gated model in eval.
 
     Pruned (hf only): the chosen blocks must make up whole layers of the model's layer list, which are deleted
     from the folded model and its config (deploy.plain.delete_layers); the model with those layers deleted is
-    checked against the pruned model (every block of them folded with p = 0), in memory and loaded back."""
+    checked against the pruned model (every block of them folded with p = 0), in memory and loaded back.
+
+    ``held``: the gated model, alone in a list. ``owned``: it was loaded for this call, so it is folded in place
+    and let go before the written model is loaded back (its outputs are recorded first): one model's weights
+    are in memory at a time, not three (gated, folded copy, loaded back)."""
+    model = held.pop()
     source = getattr(model, SOURCE_ATTR, None)
     if fmt == "hf" and not (source is not None and source.kind == "hf"):
         raise ConfigError(f"--format hf writes a transformers save_pretrained folder, but {type(model).__name__} did not "
@@ -459,7 +471,9 @@ def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: C
                 reference, pruned = options.prune(model, calibration, specs, into_weights=True)
                 pruned.layers = _whole_layers(model, pruned)
         with stage(timings, "fold", progress, "fold the gates"):
-            folded, report = fold_with_report(model)
+            if reference is None:  # the gated model's outputs, recorded before an in-place fold changes it
+                reference = reference_outputs(model, example) if owned else model
+            folded, report = fold_with_report(model, own=owned)
         refuse_unless_plain(report, fmt)
         plain = _plain_architecture(folded, model)
         if pruned is not None:
@@ -468,11 +482,15 @@ def _convert_plain(model: nn.Module, fmt: str, target: Path, example, options: C
         with stage(timings, "export", progress, f"write {'the save_pretrained folder' if fmt == 'hf' else fmt}"):
             written = write_safetensors(plain, tmp) if fmt == "safetensors" else write_pretrained(plain, tmp)
         with stage(timings, "verify", progress, "load it back and verify"):
-            fresh = rebuild_architecture(model)
-            if fresh is None:  # built from a pickle: the folded model's own class, every tensor poisoned first
-                fresh = _poisoned(copy.deepcopy(plain))
-            loaded = load_plain(fmt, tmp, fresh)
-            checked = verify_module(model if reference is None else reference, loaded, example, what=f"the {fmt} model loaded back",
+            fresh = None
+            if fmt == "hf":  # from_pretrained builds its own instance: the class is all it takes
+                fresh = hf.model_class(source.arch)
+            elif source is None or source.kind not in ("arch", "hf"):
+                fresh = _poisoned(copy.deepcopy(plain))  # from a pickle: its own class, every tensor poisoned first
+            if owned:
+                del model, folded, plain  # nothing else holds them: their memory goes before the load back
+            loaded = load_plain(fmt, tmp, fresh if fresh is not None else architecture_of(source))
+            checked = verify_module(reference, loaded, example, what=f"the {fmt} model loaded back",
                                     kept="nothing was written", rtol=options.rtol, atol=options.atol)
     written.path = str(target)
     return ConvertResult(name or "", target, options, report, written, checked, None, time.perf_counter() - started,

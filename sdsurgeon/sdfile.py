@@ -111,7 +111,7 @@ def _gated_again(model: nn.Module, path: Path) -> nn.Module:
         recipe = Recipe.from_dict(recorded)
     except (SurgeonError, _Damaged, TypeError, ValueError, KeyError) as exc:
         raise LoadError(f"{path / 'config.json'}: its {hf.RECIPE_KEY!r} recipe is not usable: {exc}") from None
-    return apply_recipe(model, recipe)
+    return apply_recipe(model, recipe, in_place=True)  # the model loaded here is ours: no second copy
 
 
 def _from_state_dict(
@@ -235,12 +235,15 @@ def _from_sdsurgeon_file(
     else:  # what the file describes may build no more tensors than it holds
         holds = TensorBudget.of(payload["state_dict"], str(path))
         if source["kind"] == "hf":
-            model = hf.build(arch, source.get("arch_kwargs") or {}, holds=holds, recorded_in=path)
+            model = hf.build(arch, source.get("arch_kwargs") or {}, holds=holds, recorded_in=path, empty=True)
         else:
             model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path, holds=holds)
+    # The weights go in first, as the file's tensors themselves (memory-mapped, no copy: the model built here
+    # is ours), then the surgery is redone on that same model: the weights are held once. An injected model
+    # has its original's state_dict keys, so they fit either way.
+    load_state_strictly(model, payload["state_dict"], path, what, assign=True)
     if recipe is not None:
-        model = apply_recipe(model, recipe)
-    load_state_strictly(model, payload["state_dict"], path, what)
+        model = apply_recipe(model, recipe, in_place=True)
     return model
 
 
@@ -287,7 +290,11 @@ def save(
 def rebuild_architecture(model: nn.Module) -> nn.Module | None:
     """A fresh instance of the architecture ``model`` came from (its recorded factory or transformers config,
     random weights), or None when it came from a pickle and nothing records how to build it."""
-    source = getattr(model, SOURCE_ATTR, None)
+    return architecture_of(getattr(model, SOURCE_ATTR, None))
+
+
+def architecture_of(source: ModelSource | None) -> nn.Module | None:
+    """A fresh instance of the architecture a model's recorded ``source`` names (see rebuild_architecture)."""
     if source is None or source.kind not in ("arch", "hf"):
         return None
     if source.kind == "hf":

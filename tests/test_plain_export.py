@@ -78,3 +78,39 @@ def test_hf_format_needs_a_transformers_model_and_a_folder(work):
     assert "must end in .safetensors" in assert_user_error(
         invoke("export", "r.sd.pt", "--format", "safetensors", "-o", "x.onnx"))
     assert sorted(p.name for p in work.iterdir()) == ["r.sd.pt"]
+
+
+def test_the_pipeline_works_on_the_model_it_loaded_and_lets_it_go_before_loading_back(work, monkeypatch):
+    """Memory (issue 27 item 5): inject writes the very model it loaded, not a deep copy of it; export folds the
+    model it loaded in place and drops it before loading back what it wrote, so one model's weights are held at a
+    time. The check is still against the gated model (its outputs, recorded before the fold)."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from sdsurgeon import pipeline
+    from sdsurgeon.capture.inputs import InputSpec
+
+    loaded, saved, alive_at_load_back = [], [], []
+    real_load, real_save, real_load_plain = pipeline.ModelRef.load, pipeline.save, pipeline.load_plain
+
+    def load(self):
+        model = real_load(self)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def load_plain(*args):
+        gc.collect()
+        alive_at_load_back.append(loaded[-1]() is not None)
+        return real_load_plain(*args)
+
+    monkeypatch.setattr(pipeline.ModelRef, "load", load)
+    monkeypatch.setattr(pipeline, "save", lambda model, path, **kw: saved.append(model is loaded[-1]()) or real_save(model, path, **kw))
+    monkeypatch.setattr(pipeline, "load_plain", load_plain)
+    ref = pipeline.ModelRef(arch="sdsurgeon.models:cifar_resnet", arch_kwargs={"depth": 8})
+    pipeline.inject(ref, inputs=[InputSpec.parse("x:2,3,16,16")], output=Path("r.sd.pt"))
+    assert len(loaded) == 1 and saved == [True]  # the loaded model itself was gated and written
+    result = pipeline.convert(pipeline.ModelRef(Path("r.sd.pt")), ConvertOptions(format="safetensors"),
+                              output=Path("r.safetensors"))
+    assert result.checked.ok and len(result.checked.batch_sizes) == 3
+    assert alive_at_load_back == [False]

@@ -186,7 +186,9 @@ def check_train_eval(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: 
     Catches train-only behaviour torch.export froze into the graph that ``follow_train_eval`` does
     not know. Buffers (batch-norm statistics) are restored afterwards; the model is not changed.
     """
-    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    # the buffers alone: a forward updates those (batch-norm statistics), never its parameters, and a copy of every
+    # weight would double the memory a large model takes (and write to weights that are memory-mapped)
+    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items() if not isinstance(v, nn.Parameter)}
     with modes_kept(model, gm):
         for training in (False, True):
             model.train(training)
@@ -215,7 +217,8 @@ def _leaves(output) -> list[torch.Tensor]:
 def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in model.state_dict(keep_vars=True).items():
-            v.copy_(saved[k])
+            if k in saved:
+                v.copy_(saved[k])
 
 
 @contextlib.contextmanager

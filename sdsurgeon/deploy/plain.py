@@ -150,15 +150,15 @@ def write_pretrained(model: nn.Module, dest: str | os.PathLike) -> PlainExport:
     return PlainExport(str(dest), "hf", len(model.state_dict()), size, time.perf_counter() - started)
 
 
-def load_plain(fmt: str, path: str | os.PathLike, fresh: nn.Module) -> nn.Module:
+def load_plain(fmt: str, path: str | os.PathLike, fresh: nn.Module | type) -> nn.Module:
     """What a user without sdsurgeon gets back: ``fresh`` (the architecture) filled from the safetensors file,
-    or the folder loaded by the architecture's own ``from_pretrained``."""
+    or the folder loaded by the architecture's own ``from_pretrained`` (``fresh`` may be the class itself)."""
     if fmt == "safetensors":
         from safetensors.torch import load_model
 
         load_model(fresh, str(path), strict=True)
         return fresh.eval()
     with hf.quiet():
-        loaded = type(fresh).from_pretrained(str(path)).eval()
+        loaded = (fresh if isinstance(fresh, type) else type(fresh)).from_pretrained(str(path)).eval()
     loaded.config.use_cache = False  # as it was captured: a cache is no output to compare
     return loaded

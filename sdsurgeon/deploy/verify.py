@@ -117,19 +117,44 @@ def verify(model: nn.Module, path: str | os.PathLike, example_inputs, *, rtol: f
                     check=check, who="onnxruntime", what=str(path), kept="no ONNX file was kept", sequence=sequence)
 
 
-def verify_module(model: nn.Module, other: nn.Module, example_inputs, *, what: str, kept: str, rtol: float = 1e-4,
-                  atol: float = 1e-5, runs: int = 3, seed: int = 1, check: bool = True) -> Verification:
+@dataclass
+class Reference:
+    """A model's outputs on the fresh random inputs of a check, recorded first: the model itself can then be let go
+    before what it is checked against is loaded (two models of a few GB need not be held at once)."""
+
+    precision: torch.dtype | None  # the half-precision dtype the tolerances widen for
+    batches: list[int | None]
+    recorded: list[tuple[dict[str, torch.Tensor], list[torch.Tensor], str | None]]  # inputs, outputs, why not finite
+    lengths: list[int] = field(default_factory=list)  # of the token inputs, run by run (a dynamic axis)
+    names: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def reference_outputs(model: nn.Module, example_inputs, *, runs: int = 3, seed: int = 1) -> Reference:
+    """``model``'s outputs (eval) on the inputs ``verify_module`` checks with: give it in place of the model."""
+    started = time.perf_counter()
+    args, kwargs = args_kwargs(example_inputs)
+    names = [f"output {k}" for k in range(len(_tensors(_run_eval(model, args, kwargs))))]
+    reference = _reference(model, example_inputs, True, runs=runs, seed=seed)
+    reference.names, reference.started = names, started
+    return reference
+
+
+def verify_module(model: nn.Module | Reference, other: nn.Module, example_inputs, *, what: str, kept: str,
+                  rtol: float = 1e-4, atol: float = 1e-5, runs: int = 3, seed: int = 1,
+                  check: bool = True) -> Verification:
     """``other`` (eval) against ``model`` (eval) on fresh random inputs, as ``verify`` checks an ONNX file:
-    the plain architecture loaded back from what was written, against the gated model."""
+    the plain architecture loaded back from what was written, against the gated model. ``model`` may be its
+    ``reference_outputs``, recorded before (then ``runs`` and ``seed`` are the ones recorded with)."""
     args, kwargs = args_kwargs(example_inputs)
 
     def run(fresh: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         with modes_kept(other, training=False), cache_off(other):
             return _tensors(other(**_rebind(other, fresh, args, kwargs)))
 
-    names = [f"output {k}" for k in range(len(_tensors(_run_eval(model, args, kwargs))))]
-    return _compare(model, run, names, example_inputs, True, rtol=rtol, atol=atol, runs=runs, seed=seed,
-                    check=check, who=what, what=what, kept=kept)
+    reference = model if isinstance(model, Reference) else reference_outputs(model, example_inputs, runs=runs,
+                                                                              seed=seed)
+    return _check(reference, run, reference.names, rtol=rtol, atol=atol, check=check, who=what, what=what, kept=kept)
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -145,13 +170,15 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
              runs: int, seed: int, check: bool, who: str, what: str, kept: str, sequence: bool = False) -> Verification:
     """``run(fresh inputs) -> output tensors`` against ``model`` in eval, output by output, over ``runs`` inputs;
     with ``sequence`` (a dynamic sequence axis) each run after the first is shorter (three lengths)."""
+    reference = _reference(model, example_inputs, dynamic, runs=runs, seed=seed, sequence=sequence)
+    return _check(reference, run, names, rtol=rtol, atol=atol, check=check, who=who, what=what, kept=kept)
+
+
+def _reference(model: nn.Module, example_inputs, dynamic: bool, *, runs: int, seed: int,
+               sequence: bool = False) -> Reference:
+    """``model``'s outputs in eval on ``runs`` fresh inputs shaped like ``example_inputs`` (with ``dynamic`` the last
+    of another batch size; with ``sequence`` each run after the first shorter)."""
     started = time.perf_counter()
-    precision = half_precision(model)
-    # Two computations of one model in bf16/fp16 (folded and gated, or another runtime) round apart by a few
-    # units of the dtype's precision, relative to the size of the values: the tolerances widen to that.
-    ulps = 4 * torch.finfo(precision).eps if precision is not None else 0.0
-    rtol = max(rtol, ulps)
-    atols: list[float] = [atol]
     args, kwargs = args_kwargs(example_inputs)
     named = named_inputs(model, args, kwargs)
     first = next((t for t in named.values() if t.dim()), None)
@@ -159,9 +186,7 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
     batches = [example_batch] * runs
     if dynamic and example_batch is not None and runs > 1:
         batches[-1] = 1 if example_batch > 1 else 3
-    worst: dict[int, list[float]] = {}
-    lengths: list[int] = []
-    failed_at: int | None = None
+    reference = Reference(half_precision(model), batches, [], started=started)
     with modes_kept(model, training=False), cache_off(model), torch.no_grad():
         for attempt, batch in enumerate(batches):
             fresh = _fresh_inputs(model, args, kwargs, batch, seed + attempt, attempt % 3 if sequence else 0)
@@ -175,7 +200,27 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
                 fresh = _fresh_inputs(model, args, kwargs, batch, seed + attempt)
                 expected = _tensors(model(**_rebind(model, fresh, args, kwargs)))
             if sequence:
-                lengths += [fresh[n].shape[1] for n in sequence_inputs(fresh)][:1]
+                reference.lengths += [fresh[n].shape[1] for n in sequence_inputs(fresh)][:1]
+            finite = all(bool(torch.isfinite(e.detach()).all()) for e in expected if e.is_floating_point())
+            reference.recorded.append((fresh, [e.detach() for e in expected], None if finite else _non_finite(model)))
+    return reference
+
+
+def _check(reference: Reference, run, names: list[str], *, rtol: float, atol: float, check: bool, who: str,
+           what: str, kept: str) -> Verification:
+    """``run(fresh inputs) -> output tensors`` against the recorded reference, output by output."""
+    precision = reference.precision
+    # Two computations of one model in bf16/fp16 (folded and gated, or another runtime) round apart by a few
+    # units of the dtype's precision, relative to the size of the values: the tolerances widen to that.
+    ulps = 4 * torch.finfo(precision).eps if precision is not None else 0.0
+    rtol = max(rtol, ulps)
+    atols: list[float] = [atol]
+    batches = reference.batches
+    worst: dict[int, list[float]] = {}
+    failed_at: int | None = None
+    with torch.no_grad():
+        for attempt, (fresh, expected, not_finite) in enumerate(reference.recorded):
+            batch = batches[attempt]
             got = run(fresh)
             if len(got) != len(expected):
                 raise VerificationError(f"{what} has {len(got)} outputs but the model returns {len(expected)} tensors")
@@ -187,7 +232,7 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
                                             f"PyTorch {tuple(e64.shape)} (batch {batch})")
                 if not bool(torch.isfinite(e64).all()):
                     raise VerificationError(f"PyTorch's own output {names[k]} holds NaN or Inf (batch {batch}), so "
-                                            f"there is nothing to check {what} against: {_non_finite(model)}; {kept}")
+                                            f"there is nothing to check {what} against: {not_finite}; {kept}")
                 diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))  # NaN from the other side alone: a miss
                 scale = float(e64.abs().max()) if e64.numel() else 0.0
                 atols.append(max(atol, ulps * scale))
@@ -204,8 +249,9 @@ def _compare(model: nn.Module, run, names: list[str], example_inputs, dynamic: b
     result = Verification(
         ok=failed_at is None, rtol=rtol, atol=atol, batch_sizes=[b for b in batches if b is not None],
         outputs=[OutputError(names[k], *v) for k, v in sorted(worst.items())],
-        seconds=time.perf_counter() - started, precision=None if precision is None else str(precision).removeprefix("torch."),
-        sequence_lengths=lengths,
+        seconds=time.perf_counter() - reference.started,
+        precision=None if precision is None else str(precision).removeprefix("torch."),
+        sequence_lengths=reference.lengths,
     )
     if check and not result.ok:
         bad = max(result.outputs, key=lambda o: o.tolerance_used)

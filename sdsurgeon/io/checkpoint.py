@@ -200,7 +200,9 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
         raise LoadError(f"{path} holds a compressed member ({packed.filename!r}), which torch.save never writes; "
                         "it was not read. Save the checkpoint again with torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (a zip, as torch.save writes since 1.6): a tensor's pages are read when used, and a copy is
+        # made only of what is written to
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(members))
     except Exception as exc:
         failure = exc
     # What the file would import decides, read without unpickling; torch's message (which advises
@@ -260,7 +262,10 @@ def take_dtypes(model: nn.Module, state: dict) -> None:
 
 
 def load_state_strictly(model: nn.Module, state: dict, path: Path, what: str,
-                  hint: str = "check --arch and --arch-kwargs") -> None:
+                  hint: str = "check --arch and --arch-kwargs", *, assign: bool = False) -> None:
+    """Load ``state`` into ``model``, every key and shape matching. ``assign``: the model takes ``state``'s tensors
+    themselves (no copy: a model built empty holds the weights once; memory-mapped ones stay mapped), their
+    dtypes too, and weights the model ties (one parameter under several names) stay one parameter."""
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -269,12 +274,27 @@ def load_state_strictly(model: nn.Module, state: dict, path: Path, what: str,
             f"the weights in {path} do not fit {what}: {len(missing)} missing and {len(unexpected)} unexpected "
             f"keys (e.g. {example!r}); {hint}"
         )
-    take_dtypes(model, state)
+    if not assign:
+        take_dtypes(model, state)
+    tied = _tied(model) if assign else []
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         detail = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), first_line(exc))
         raise LoadError(f"the weights in {path} do not fit {what}: {detail}") from None
+    for first, others in tied:  # assign put a parameter per name: the tied names share the first one's again
+        parameter = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, parameter)
+
+
+def _tied(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Each parameter that several names reach: its first name and the others."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [(found[0], found[1:]) for found in names.values() if len(found) > 1]
 
 
 def fit_state(model: nn.Module, state: dict, path: Path, what: str,

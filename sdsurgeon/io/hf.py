@@ -158,11 +158,13 @@ def _probe_folder(transformers, cls, path: Path) -> None:
         probe_bounded(lambda: cls(config), holds, f"{path}'s config.json")
 
 
-def build(name: str, config: dict, *, holds=None, recorded_in=None) -> nn.Module:
+def build(name: str, config: dict, *, holds=None, recorded_in=None, empty: bool = False) -> nn.Module:
     """A fresh model of transformers class ``name`` from a recorded config (random weights).
 
     ``recorded_in``/``holds``: the file the config was read from and the tensors it holds; the config is
-    checked as a folder's is, and may not make the model register more tensors than that.
+    checked as a folder's is, and may not make the model register more tensors than that. ``empty``: the
+    weights are left uninitialised (never written, so they take no memory until then), for a caller that
+    assigns every one of them (``load_state_strictly(..., assign=True)``).
     """
     from ..io.checkpoint import call_bounded
     from ..io.source import SOURCE_ATTR, ModelSource, tag
@@ -177,9 +179,18 @@ def build(name: str, config: dict, *, holds=None, recorded_in=None) -> nn.Module
             made = cls.config_class.from_dict(config, attn_implementation="eager")
         except Exception as exc:  # a config this transformers version cannot read
             raise LoadError(f"cannot rebuild {name} from its recorded config ({first_line(exc)})") from None
-        model = call_bounded(lambda: cls(made), holds, f"{name} from its recorded config")
+        with _no_init() if empty else contextlib.nullcontext():
+            model = call_bounded(lambda: cls(made), holds, f"{name} from its recorded config")
     tag(model, SOURCE_ATTR, ModelSource("hf", name, dict(config)))
     return model
+
+
+def _no_init():
+    """transformers' own switch for building a model whose weights are loaded next (torch's init functions and
+    its init_weights do nothing meanwhile)."""
+    initialization = getattr(_transformers(), "initialization", None)
+    no_init = getattr(initialization, "no_init_weights", None)
+    return no_init() if no_init is not None else contextlib.nullcontext()
 
 
 # config.json key holding the recipe of an injected model, so its save_pretrained folder loads back gated.

@@ -695,14 +695,18 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
 
 
 def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True,
-                     drop: Collection[str] = ()) -> tuple[nn.Module, FoldReport]:
+                     drop: Collection[str] = (), own: bool = False) -> tuple[nn.Module, FoldReport]:
     """``fold`` that also says, per gate, which parameters took p or why a multiply stayed.
 
-    ``drop``: site ids folded with p = 0 (pruned: see ``fold_gates``; ``surgery.prune`` chooses them)."""
-    with warnings.catch_warnings():
-        # torch's own deprecation, raised when a torch.export capture's input spec is copied
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
-        work = copy.deepcopy(model)
+    ``drop``: site ids folded with p = 0 (pruned: see ``fold_gates``; ``surgery.prune`` chooses them).
+    ``own``: fold ``model`` itself, not a copy (a caller that owns it and needs the gated model no more)."""
+    if own:
+        work = model
+    else:
+        with warnings.catch_warnings():
+            # torch's own deprecation, raised when a torch.export capture's input spec is copied
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
+            work = copy.deepcopy(model)
     sites = find_folds(work)
     report = FoldReport()
     result = work

@@ -48,6 +48,7 @@ def inject(
     keep_existing: bool = False,
     schedule: ScheduleSpec | dict | None = None,
     progress: Progress = SILENT,
+    in_place: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
@@ -66,6 +67,9 @@ def inject(
     which steps p_l over training; the gates get the rule's p_l at ``p_L`` until then.
     ``progress`` hears of each stage (capture, FLOPs count, detection, rewriting the blocks).
     ``scaling`` ``auto`` is ``inverted`` for a model with its own save path, else ``paper`` (resolve_scaling).
+    ``in_place=True`` rewrites ``model`` itself instead of a copy (for a caller that owns it, as the CLI owns
+    the model it loaded: no second copy of the weights); ``model`` is then the result, unless an ATen capture
+    replaced its root, and is left partly rewritten if this raises.
     Raises NoResidualSitesError if nothing is gated.
     """
     scaling = resolve_scaling(scaling, model)
@@ -73,7 +77,7 @@ def inject(
     if isinstance(schedule, dict):
         schedule = ScheduleSpec.from_dict(schedule)
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
-    work = copy.deepcopy(model)
+    work = model if in_place else copy.deepcopy(model)
     if example_inputs is None and inputs is not None:
         example_inputs = make_example_inputs(inputs)
     replaced = [] if keep_existing else switch_off(work)
@@ -105,10 +109,11 @@ def _failures(cap: Capture, most: int = 2) -> list[str]:
     return [f"{u.path or 'the model'}: {u.reason}" for u in cap.untraced[:most]]
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Redo a recorded surgery on ``model`` (a fresh instance of the same architecture); copies it."""
+def apply_recipe(model: nn.Module, recipe: Recipe, *, in_place: bool = False) -> nn.Module:
+    """Redo a recorded surgery on ``model`` (a fresh instance of the same architecture); copies it, unless
+    ``in_place`` (a model the caller owns, as a loader owns what it built)."""
     _check_gate_options(recipe.mode, recipe.scaling)
-    work = copy.deepcopy(model)
+    work = model if in_place else copy.deepcopy(model)
     if not recipe.keep_existing:
         switch_off(work)
     example_inputs = make_example_inputs(recipe.inputs) if recipe.inputs else None
