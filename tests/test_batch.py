@@ -591,7 +591,7 @@ def test_mixed_batch_files(mixed):
     sdsurgeon.trust("archs:tiny_resnet", folder=folder)
     injected = sdsurgeon.load(out / "good_tiny.sd.pt")  # save_injected: weights-only, gated, seeded
     assert len(sdsurgeon.gates(injected)) == 2
-    assert not [f for f in files_under(folder) if f.endswith(".tmp")]
+    assert not list(folder.rglob("*.tmp"))  # temp files and staged temp folders alike
 
 
 def test_json_prints_report_json(mixed):
@@ -847,8 +847,9 @@ def crashes(tmp_path_factory):
     seen_at_cleanup: dict[str, list[str]] = {}
     real_cleanup = sdsurgeon.batch.runner._remove_leftovers
 
-    def spy(job):
-        seen_at_cleanup[job.name] = files_under(folder / "out") if (folder / "out").is_dir() else []
+    def spy(job):  # files and folders: an ONNX export is staged in a temp folder (its graph and any data file)
+        out = folder / "out"
+        seen_at_cleanup[job.name] = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) if out.is_dir() else []
         real_cleanup(job)
 
     started = time.monotonic()
@@ -868,10 +869,10 @@ def test_killed_job_is_failed_and_others_run(crashes):
     killed = report["killed"]
     assert killed["status"] == "failed"
     assert "died" in killed["error"] and "SIGKILL" in killed["error"], killed["error"]
-    # it died mid-export, when its temp ONNX file existed; nothing of it may remain
+    # it died mid-export, when its staged ONNX output existed; nothing of it may remain
     assert [f for f in seen_at_cleanup["killed"] if f.startswith(".killed.onnx.") and f.endswith(".tmp")], \
         seen_at_cleanup
-    assert files_under(folder / "out") == ["fine.onnx", "fine.sdsurgeon.json"]
+    assert sorted(p.name for p in (folder / "out").iterdir()) == ["fine.onnx", "fine.sdsurgeon.json"]
 
 
 def test_timeout_stops_a_hanging_job(crashes):

@@ -45,6 +45,7 @@ def assert_nothing_written(folder: Path, before: dict[str, bytes]) -> None:
     after = snapshot(folder)
     assert not [n for n in after if n.endswith(".onnx") and n not in before], after.keys()
     assert not [n for n in after if Path(n).name.startswith(".") and n.endswith(".tmp")], after.keys()
+    assert not list(folder.rglob(".*.tmp")), "a staged temp folder was left"
     assert after.keys() == before.keys()
     assert all(after[n] == before[n] for n in before), "a file was changed"
 
