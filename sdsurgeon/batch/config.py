@@ -21,19 +21,21 @@ from ..deploy.plain import SUFFIXES
 from ..errors import ConfigError, SurgeonError, option_error
 from ..io.files import InputSet, companion_of, output_problem
 from ..io.trust import load_yaml
-from ..options import ConvertOptions, SurgeryOptions, key_of, option, read_value, types_of
+from ..options import ConvertOptions, SurgeryOptions, flag_of, key_of, option, read_value, types_of
 
 
 @dataclass(frozen=True)
 class _JobSettings:
     """The options of a batch job alone: where its inputs and outputs are, and how long it may run."""
 
-    input_shape: tuple[int, ...] | None = option(None, "Shape of a single float32 input, e.g. [1, 3, 32, 32].")
-    inputs: tuple[str, ...] | None = option(None, "Named inputs NAME:SHAPE[:DTYPE], as for --input.")
-    output_dir: str = option("out", "Where the job's outputs go, relative to the config's folder.")
-    trust_pickle: bool = option(False, "Unpickle a full model (with the command line's --trust-pickle only).")
-    save_injected: bool = option(False, "Also write the injected model, <name>.sd.pt.")
-    timeout: float | None = option(None, "Seconds; a job running longer is killed and reported failed.")
+    input_shape: tuple[int, ...] | None = option(None, "Shape of a single float32 input, e.g. [1, 3, 32, 32].",
+                                                 flag="--input-shape")
+    inputs: tuple[str, ...] | None = option(None, "Named inputs NAME:SHAPE[:DTYPE], as for --input.", flag="--input")
+    output_dir: str = option("out", "Where the job's outputs go, relative to the config's folder.", flag="")
+    trust_pickle: bool = option(False, "Unpickle a full model (with the command line's --trust-pickle only).",
+                                flag="")  # the command line's flag says something else: that the config may
+    save_injected: bool = option(False, "Also write the injected model, <name>.sd.pt.", flag="")
+    timeout: float | None = option(None, "Seconds; a job running longer is killed and reported failed.", flag="")
 
 
 def _job_fields() -> list[tuple[str, Any, Any]]:
@@ -80,6 +82,16 @@ JobOptions = make_dataclass(
                "surgery": _made_of(SurgeryOptions), "convert": _made_of(ConvertOptions), "specs": _specs,
                "__module__": __name__},  # workers get jobs pickled: the class must be found here by name
 )
+
+
+def config_key(exc: SurgeonError) -> str | None:
+    """The config key an error is about, found once a job runs (a count of blocks the model does not have): that of
+    the options field it names, or of the option whose command-line flag it names; None if neither."""
+    for f in fields(JobOptions):
+        source, name = f.metadata["source"]
+        if (exc.field is not None and exc.field == name) or (exc.option and exc.option == flag_of(source, name)):
+            return f.name
+    return None
 
 
 _TOP_KEYS = ("defaults", "models")

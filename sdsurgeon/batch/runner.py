@@ -22,7 +22,7 @@ from ..errors import ConfigError, SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
 from ..progress import SILENT, Progress
 from ..report import JobRecord
-from .config import Job
+from .config import Job, config_key
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -83,13 +83,9 @@ def _in_config_terms(exc: SurgeonError) -> str:
     """An error as a batch job says it: a config key where the command line would name an option."""
     if exc.option == "--input-shape" and exc.what == "no input shape":
         return "no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model"
-    if exc.option in _PRUNE_KEYS and exc.what:
-        return f"{_PRUNE_KEYS[exc.option]}: {exc.what}"
-    return str(exc)
-
-
-_PRUNE_KEYS = {"--drop": "drop", "--drop-by": "drop_by", "--drop-sites": "drop_sites",
-               "--drop-layers": "drop_layers"}  # found out only once loaded
+    key = config_key(exc)
+    # only a message that reads "{option} {what}" is reworded: other messages say more than the what
+    return f"{key}: {exc.what}" if key and exc.what and str(exc) == f"{exc.option} {exc.what}" else str(exc)
 
 
 def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
