@@ -27,7 +27,7 @@ from .errors import ConfigError, SurgeonError, UnscaledSaveWarning, option_error
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
 from .options import CALIBRATION_HELP, DROP_BY_HELP, ConvertOptions, CurveOptions, SurgeryOptions, flag_of, \
-    help_of, types_of
+    help_of, types_of, without_none
 from .progress import SILENT, Progress
 from .report import printable
 
@@ -206,6 +206,8 @@ def _takes(*groups: _Group) -> Callable[[Callable], Callable]:
 
     def decorate(command: Callable) -> Callable:
         taken = {g.into for g in groups}
+        # The command's annotations are strings (postponed); the taken ones may name what only type checkers
+        # import (pipeline.ModelRef), so each kept one is evaluated alone, in the command's module.
         own = [p.replace(annotation=eval(p.annotation, command.__globals__) if isinstance(p.annotation, str)
                          else p.annotation, kind=inspect.Parameter.KEYWORD_ONLY)
                for p in inspect.signature(command).parameters.values() if p.name not in taken]
@@ -236,10 +238,8 @@ def _options(cls: type, into: str, names: tuple[str, ...] | None = None) -> _Gro
         flag = flag_of(cls, f.name)
         if not flag or (names is not None and f.name not in names):
             continue
-        tp = hints[f.name]
-        nullable = type(None) in getattr(tp, "__args__", ())
-        base = next((a for a in getattr(tp, "__args__", (tp,)) if a is not type(None)), tp) if nullable else tp
-        if getattr(base, "__origin__", None) is tuple:
+        base, nullable = without_none(hints[f.name])
+        if getattr(base, "__origin__", None) is tuple:  # repeatable: typer collects a list
             annotation, default = list[base.__args__[0]], []
         else:
             annotation, default = (Optional[base] if nullable else base), f.default

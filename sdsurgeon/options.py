@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -49,6 +50,7 @@ def fields_of(cls: type) -> dict[str, Any]:
     return {f.name: f for f in fields(cls)}
 
 
+@functools.lru_cache(maxsize=None)  # read on every construction: the strings are evaluated once per class
 def types_of(cls: type) -> dict[str, Any]:
     """Field name -> its type, resolved (the annotations are strings here)."""
     return typing.get_type_hints(cls)
@@ -65,7 +67,7 @@ _WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a s
           Path: "a path (a string)"}
 
 
-def _parts(tp: Any) -> tuple[Any, bool]:
+def without_none(tp: Any) -> tuple[Any, bool]:
     """``tp`` without ``None``, and whether None is allowed."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -75,7 +77,7 @@ def _parts(tp: Any) -> tuple[Any, bool]:
 
 def words_for(tp: Any, *, count: bool = False) -> str:
     """How a message names what a value of type ``tp`` must be."""
-    tp, _ = _parts(tp)
+    tp, _ = without_none(tp)
     if count:
         return "a count or a share such as '25%'"
     if typing.get_origin(tp) is tuple:
@@ -96,7 +98,7 @@ def _is(value: Any, tp: Any) -> bool:
 def read_value(tp: Any, value: Any, *, count: bool = False) -> Any:
     """A value as written in a config file (YAML: lists, ints for floats) -> the field's type; ValueError with
     what was expected otherwise."""
-    base, nullable = _parts(tp)
+    base, nullable = without_none(tp)
     if value is None and nullable:
         return None
     if count and (isinstance(value, str) or _is(value, int)):
@@ -111,13 +113,13 @@ def read_value(tp: Any, value: Any, *, count: bool = False) -> Any:
 
 
 def _checked(obj: Any) -> None:
-    """Each field of ``obj`` of its type (sequences made tuples), within its choices and range: a FieldError names
+    """Each field of ``obj`` of its type (sequences made tuples), within its choices and range: a ConfigError names
     the field otherwise."""
     cls = type(obj)
     hints = types_of(cls)
     for f in fields(cls):
         value, meta = getattr(obj, f.name), f.metadata
-        base, nullable = _parts(hints[f.name])
+        base, nullable = without_none(hints[f.name])
         if value is None and nullable:
             continue
         if typing.get_origin(base) is tuple:
@@ -126,8 +128,12 @@ def _checked(obj: Any) -> None:
             object.__setattr__(obj, f.name, tuple(value))  # frozen, but a list given is ours to make a tuple
         elif base is not Any and not _is(value, base):
             raise field_error(cls, f.name, f"expected {words_for(base)}, got {value!r}")
+        elif base is float:
+            object.__setattr__(obj, f.name, float(value))  # 1 and 1.0 are one setting: records and hashes agree
         if meta.get("choices") and value not in meta["choices"]:
-            raise field_error(cls, f.name, f"{value!r} is not one of {', '.join(meta['choices'])}")
+            flag, listed = flag_of(cls, f.name), ", ".join(meta["choices"])
+            raise ConfigError(f"unknown {flag} {value!r}; use one of: {listed}", what=f"{value!r} is not one of {listed}",
+                              option=flag, field=f.name)
         problem = meta["check"](value) if meta.get("check") else None
         if problem:
             raise field_error(cls, f.name, problem)
@@ -248,4 +254,4 @@ class CurveOptions:
 
 
 __all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "help_of", "key_of",
-           "option", "read_value", "types_of", "words_for"]
+           "option", "read_value", "types_of", "without_none", "words_for"]

@@ -33,7 +33,7 @@ class _JobSettings:
     inputs: tuple[str, ...] | None = option(None, "Named inputs NAME:SHAPE[:DTYPE], as for --input.", flag="--input")
     output_dir: str = option("out", "Where the job's outputs go, relative to the config's folder.", flag="")
     trust_pickle: bool = option(False, "Unpickle a full model (with the command line's --trust-pickle only).",
-                                flag="")  # the command line's flag says something else: that the config may
+                                flag="")  # not --trust-pickle: that flag lets a config ask for this at all
     save_injected: bool = option(False, "Also write the injected model, <name>.sd.pt.", flag="")
     timeout: float | None = option(None, "Seconds; a job running longer is killed and reported failed.", flag="")
 
@@ -74,7 +74,6 @@ def _specs(self) -> list[InputSpec] | None:
     return parse_specs(self.input_shape, self.inputs, shape_option="input_shape")
 
 
-# Every inject/export option a job takes, by its config key; ``defaults:`` sets them, a model entry overrides them.
 JobOptions = make_dataclass(
     "JobOptions", _job_fields(), frozen=True,
     namespace={"__doc__": "Every inject/export option a job takes, by its config key; ``defaults:`` sets them, a "
