@@ -249,7 +249,8 @@ def _options(cls: type, into: str, names: tuple[str, ...] | None = None) -> _Gro
         params.append(_param(f.name, annotation, typer.Option(default, flag, help=help_of(cls, f.name))))
 
     def build(**values) -> Any:
-        return cls(**{k: (not v) if k in negated else tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: (not v) if k in negated else tuple(v) if isinstance(v, list) else v
+                      for k, v in values.items()})
 
     return _Group(into, params, build)
 
@@ -623,9 +624,8 @@ def export_cmd(
     """
     from . import pipeline
 
-    if not options.prunes and (options.calibration is not None or options.drop_by != "schedule"):
-        raise ConfigError(f"{'--calibration' if options.calibration is not None else '--drop-by'} is for pruning: "
-                          "add --drop N, --drop-layers N or --drop-sites REGEX")
+    if not options.prunes and options.drop_by != "schedule":  # --calibration: refused by ConvertOptions itself
+        raise ConfigError("--drop-by is for pruning: add --drop N, --drop-layers N or --drop-sites REGEX")
     with _progress(quiet or options.verbose, json_) as progress:  # --verbose: the exporter's own output, undrawn over
         result = pipeline.convert(ref, options, specs, output=output, progress=progress)
     record = result.to_dict()

@@ -1,4 +1,4 @@
-"""The typed options of plan, inject and export, taken alike by the CLI, batch and library: each option's name, default, range and help, once."""
+"""The typed options of plan, inject and export (CLI, batch, library): each one's name, default, range and help, once."""
 
 from __future__ import annotations
 
@@ -132,8 +132,8 @@ def _checked(obj: Any) -> None:
             object.__setattr__(obj, f.name, float(value))  # 1 and 1.0 are one setting: records and hashes agree
         if meta.get("choices") and value not in meta["choices"]:
             flag, listed = flag_of(cls, f.name), ", ".join(meta["choices"])
-            raise ConfigError(f"unknown {flag} {value!r}; use one of: {listed}", what=f"{value!r} is not one of {listed}",
-                              option=flag, field=f.name)
+            raise ConfigError(f"unknown {flag} {value!r}; use one of: {listed}",
+                              what=f"{value!r} is not one of {listed}", option=flag, field=f.name)
         problem = meta["check"](value) if meta.get("check") else None
         if problem:
             raise field_error(cls, f.name, problem)
@@ -236,6 +236,9 @@ class ConvertOptions:
         # Checked when made, so export's options and a batch config's keys (both built into this) are refused
         # before any work.
         _checked(self)
+        if self.calibration is not None and not self.prunes:
+            raise field_error(ConvertOptions, "calibration", "measures a pruned model: give it with --drop N, "
+                              "--drop-layers N or --drop-sites REGEX")
 
     @property
     def prunes(self) -> bool:

@@ -295,9 +295,6 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     and ``progress`` hears of each (load, save, fold, export, verify, and the extra exports that count nodes).
     """
     started = time.perf_counter()
-    if options.calibration is not None and not options.prunes:
-        raise ConfigError("--calibration measures a pruned model: give it with --drop N, --drop-layers N or "
-                          "--drop-sites REGEX", option="--calibration")
     fmt = check_format(options.format)
     if (fmt == "safetensors" and options.prunes) or (fmt != "onnx" and not options.fold):
         # hf prunes: whole layers go from the folder and its config (_convert_plain); a state_dict has no config

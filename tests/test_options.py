@@ -28,6 +28,7 @@ BAD = [
     (ConvertOptions, "rtol", -1.0, "must be a finite number"),
     (ConvertOptions, "format", "tflite", "'tflite' is not one of onnx, safetensors, hf"),
     (ConvertOptions, "drop_by", "random", "is not one of"),
+    (ConvertOptions, "calibration", "calib.pt", "measures a pruned model"),  # nothing pruned to measure
     (CurveOptions, "drop_by", "random", "is not one of"),
 ]
 
