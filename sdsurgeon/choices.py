@@ -7,3 +7,10 @@ SCALINGS = ("paper", "inverted")
 # What inject takes: a scaling, or auto (surgery.inject.resolve_scaling: inverted for a model that brings its own
 # save path, so what that path writes is the inference model; paper otherwise).
 SCALING_CHOICES = ("auto", *SCALINGS)
+# Which p_l each site gets (analysis.schedule.RULES holds the functions), how a graph is read (capture.fx), which
+# blocks pruning removes first (surgery.prune), what export writes (deploy.plain): here so that options.py checks
+# them on a low floor, and --help names them without torch.
+RULE_NAMES = ("linear", "uniform")
+CAPTURES = ("auto", "fx", "export")
+DROP_RULES = ("schedule", "influence", "angular")
+FORMATS = ("onnx", "safetensors", "hf")

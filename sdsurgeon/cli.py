@@ -10,7 +10,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich import box
@@ -21,11 +22,12 @@ from rich.text import Text
 # Only modules without torch here: --help, COMMAND --help and --version answer without importing it (a few
 # seconds). What does the work (pipeline, capture, io.checkpoint, ...) is imported by the command that runs it.
 from ._version import __version__
-from .analysis.schedule import KINDS, RULES, ScheduleSpec
-from .choices import MODES, SCALING_CHOICES
+from .analysis.schedule import KINDS, ScheduleSpec
 from .errors import ConfigError, SurgeonError, UnscaledSaveWarning, option_error
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
+from .options import CALIBRATION_HELP, DROP_BY_HELP, ConvertOptions, CurveOptions, SurgeryOptions, flag_of, \
+    help_of, types_of, without_none
 from .progress import SILENT, Progress
 from .report import printable
 
@@ -176,60 +178,110 @@ ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="JSON object of keyword a
 WEIGHTS_RULE = ("With --arch and no MODEL it is the same as MODEL --arch; with a MODEL that holds a model (a "
                 "transformers folder, an sdsurgeon file, a pickled model) they are its trained weights. A MODEL that "
                 "holds weights alone and --weights together give the weights twice: an error.")
-WEIGHTS = typer.Option(None, "--weights", help="Weights (a state_dict .pt/.pth, or .safetensors) loaded into the model "
-                       "before the work. " + WEIGHTS_RULE)
+WEIGHTS_HELP = "Weights (a state_dict .pt/.pth, or .safetensors) loaded into the model before the work. " + WEIGHTS_RULE
 TRUST = typer.Option(False, "--trust-pickle", help="Allow unpickling a full model: this runs code from the file.")
-PL = typer.Option(0.5, "--pL", help="Survival probability of the last block, in (0, 1].")
-RULE = typer.Option("linear", "--rule", help=f"Schedule: {' | '.join(RULES)}. linear: p_l = 1 - l/L (1 - p_L).")
-SET = typer.Option([], "--set", help="Override PATTERN=P for sites whose id matches the regex (re.search).")
-INCLUDE = typer.Option([], "--include", help="Gate only sites whose id matches this regex (repeatable).")
-EXCLUDE = typer.Option([], "--exclude", help="Leave sites whose id matches this regex without a gate.")
-LEAF = typer.Option([], "--leaf", help="Module class (name or module.Class) that tracing must not enter.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Shape of a single float32 input, e.g. 1,3,32,32.")
 INPUT = typer.Option([], "--input", help="Named input NAME:SHAPE[:DTYPE], e.g. ids:1,16:int64 (repeatable).")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Show no progress. Progress (the stage running, and counts "
                      "where steps are counted) is drawn on stderr, and only when stderr is a terminal and --json is "
                      "not given; results and errors are printed either way.")
-CAPTURE = typer.Option("auto", "--capture", help="How to read the model's graph: fx (torch.fx, Python level), export "
-                       "(torch.export on the example inputs, ATen level: transformers models), or auto (fx if it "
-                       "traces the whole model, else export).")
-DROP_BY = typer.Option("schedule", "--drop-by", help="Which blocks go first: schedule (lowest p_l first, the deepest "
-                       "first among equals) or influence (the lowest block influence on the calibration inputs first: "
-                       "1 - cos(skip, block output), ShortGPT's measure). With --drop-layers, per layer: the mean p_l "
-                       "of its blocks, their summed influence, or angular (the angular distance arccos(cos)/pi between "
-                       "the layer's input and output hidden states, averaged over tokens: Gromov et al.).")
-CALIBRATION = typer.Option(None, "--calibration", help="Inputs to measure pruning on: a file saved with torch.save "
-                           "holding a tensor (one positional input), a tuple of tensors, or a dict of tensors named as "
-                           "the forward's arguments (read weights-only). Default: 16 random samples of the input shape.")
-KEEP_EXISTING = typer.Option(False, "--keep-existing", help="Leave drop-path modules the model already has (timm, "
-                             "transformers) dropping at their own rates; by default they are switched off and the "
-                             "gates, at the schedule's rates, replace them.")
 
 
-def _input_specs(input_shape: Optional[str], inputs: list[str]) -> list[InputSpec] | None:
-    from .capture.inputs import InputSpec, parse_shape
+class _Group:
+    """Command-line options declared once and handed to each command that takes them as the one value they make:
+    the command names ``into`` as a parameter, and ``_takes`` puts ``params`` (typer reads them) in its place."""
 
-    specs = [InputSpec(None, parse_shape(input_shape))] if input_shape else []
-    specs += [InputSpec.parse(text) for text in inputs]
-    return specs or None
-
-
-def _ref(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str], trust: bool,
-         weights: Optional[Path] = None, *, remember: bool = True) -> pipeline.ModelRef:
-    """The model the command names; its --arch is remembered as trusted unless ``remember`` is off (plan)."""
-    from . import pipeline
-    from .io.checkpoint import parse_arch_kwargs
-
-    return pipeline.ModelRef(model, arch, parse_arch_kwargs(arch_kwargs), weights, trust, remember_arch=remember)
+    def __init__(self, into: str, params: list[inspect.Parameter], build: Callable[..., Any]) -> None:
+        self.into, self.params, self.build = into, params, build
 
 
-def _surgery(pL: float, rule: str, set_: list[str], include: list[str], exclude: list[str], leaf: list[str],
-             capture: str, keep_existing: bool, **gate) -> pipeline.SurgeryOptions:
-    from . import pipeline
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
-    return pipeline.SurgeryOptions(pL, rule, tuple(set_), tuple(include), tuple(exclude), tuple(leaf), capture,
-                                   keep_existing, **gate)
+
+def _takes(*groups: _Group) -> Callable[[Callable], Callable]:
+    """Give a command the options of ``groups``: its signature (what typer reads) has their parameters instead of
+    the groups' ``into`` names, and it is called with what each group builds from their values."""
+
+    def decorate(command: Callable) -> Callable:
+        taken = {g.into for g in groups}
+        # The command's annotations are strings (postponed); the taken ones may name what only type checkers
+        # import (pipeline.ModelRef), so each kept one is evaluated alone, in the command's module.
+        own = [p.replace(annotation=eval(p.annotation, command.__globals__) if isinstance(p.annotation, str)
+                         else p.annotation, kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(command).parameters.values() if p.name not in taken]
+        params = [p for g in groups for p in g.params] + own
+        arguments = [p for p in params if isinstance(p.default, typer.models.ArgumentInfo)]  # positional first
+        params = arguments + [p for p in params if p not in arguments]
+
+        @functools.wraps(command)
+        def run(**values):
+            for g in groups:
+                values[g.into] = g.build(**{p.name: values.pop(p.name) for p in g.params})
+            return command(**values)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        del run.__wrapped__  # typer reads the signature above, not the command's own
+        return run
+
+    return decorate
+
+
+def _options(cls: type, into: str, names: tuple[str, ...] | None = None) -> _Group:
+    """One command-line option per field of ``cls`` (those in ``names``, or every one with a flag), spelled, typed
+    and explained as the field says (options.py); the command gets ``cls`` made of them by keyword."""
+    hints = types_of(cls)
+    params, negated = [], set()
+    for f in fields(cls):
+        flag = flag_of(cls, f.name)
+        if not flag or (names is not None and f.name not in names):
+            continue
+        base, nullable = without_none(hints[f.name])
+        if getattr(base, "__origin__", None) is tuple:  # repeatable: typer collects a list
+            annotation, default = list[base.__args__[0]], []
+        else:
+            annotation, default = (Optional[base] if nullable else base), f.default
+        if f.metadata.get("negated"):
+            negated.add(f.name)
+            default = not default
+        params.append(_param(f.name, annotation, typer.Option(default, flag, help=help_of(cls, f.name))))
+
+    def build(**values) -> Any:
+        return cls(**{k: (not v) if k in negated else tuple(v) if isinstance(v, list) else v
+                      for k, v in values.items()})
+
+    return _Group(into, params, build)
+
+
+def _model(remember: bool = True, weights_help: str = WEIGHTS_HELP) -> _Group:
+    """MODEL and the options that say how to load it; its --arch is remembered as trusted unless ``remember`` is
+    off (plan)."""
+
+    def build(model: Optional[Path], arch: Optional[str], arch_kwargs: Optional[str], weights: Optional[Path],
+              trust_pickle: bool) -> pipeline.ModelRef:
+        from . import pipeline
+        from .io.checkpoint import parse_arch_kwargs
+
+        return pipeline.ModelRef(model, arch, parse_arch_kwargs(arch_kwargs), weights, trust_pickle,
+                                 remember_arch=remember)
+
+    return _Group("ref", [_param("model", Optional[Path], MODEL_ARG), _param("arch", Optional[str], ARCH),
+                          _param("arch_kwargs", Optional[str], ARCH_KWARGS),
+                          _param("weights", Optional[Path], typer.Option(None, "--weights", help=weights_help)),
+                          _param("trust_pickle", bool, TRUST)], build)
+
+
+def _build_specs(input_shape: Optional[str], input_: list[str]) -> list[InputSpec] | None:
+    from .capture.inputs import parse_specs
+
+    return parse_specs(input_shape, input_)
+
+
+# The example inputs: the command gets their specs (or None).
+_INPUTS = _Group("specs", [_param("input_shape", Optional[str], INPUT_SHAPE), _param("input_", list[str], INPUT)],
+                 _build_specs)
 
 
 def _schedule_options(kind: Optional[str], theta: float, rule: str, gamma: float, warmup: int,
@@ -376,24 +428,17 @@ def _render_curve(curve) -> None:
                 site=1, droppable=(2, 5, 4))
 
 
+# What plan and inject both take; inject adds how the gates draw and scale.
+_PLANNED = ("pL", "rule", "overrides", "include", "exclude", "leaves", "capture", "keep_existing")
+
+
 @app.command("plan")
 @user_errors
+@_takes(_model(remember=False), _options(SurgeryOptions, "surgery", _PLANNED), _INPUTS)
 def plan_cmd(
-    model: Optional[Path] = MODEL_ARG,
-    pL: float = PL,
-    rule: str = RULE,
-    set_: list[str] = SET,
-    include: list[str] = INCLUDE,
-    exclude: list[str] = EXCLUDE,
-    arch: Optional[str] = ARCH,
-    arch_kwargs: Optional[str] = ARCH_KWARGS,
-    weights: Optional[Path] = WEIGHTS,
-    trust_pickle: bool = TRUST,
-    leaf: list[str] = LEAF,
-    input_shape: Optional[str] = INPUT_SHAPE,
-    input_: list[str] = INPUT,
-    capture: str = CAPTURE,
-    keep_existing: bool = KEEP_EXISTING,
+    ref: pipeline.ModelRef,
+    surgery: SurgeryOptions,
+    specs: Optional[list[InputSpec]],
     json_: bool = JSON,
     plot: Optional[Path] = typer.Option(
         None, "--plot", help="Also draw the schedule to this image (.png, .svg or .pdf): p_l per site as a line "
@@ -403,8 +448,8 @@ def plan_cmd(
                                      "pruned: for k = 0..L blocks removed (in --drop-by order), the output's relative "
                                      "error, cosine similarity and top-1 agreement against the unpruned model. "
                                      "--plot then draws this curve."),
-    drop_by: str = DROP_BY,
-    calibration: Optional[Path] = CALIBRATION,
+    drop_by: str = typer.Option("schedule", "--drop-by", help=DROP_BY_HELP),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
     quiet: bool = QUIET,
 ) -> None:
     """Show the residual sites found and the survival probability each would get; --plot draws it.
@@ -419,15 +464,12 @@ def plan_cmd(
     """
     from . import pipeline
 
-    specs = _input_specs(input_shape, input_)
     if not prune_curve and (calibration is not None or drop_by != "schedule"):
         raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for --prune-curve in plan; "
                           "add --prune-curve")
-    curve = pipeline.CurveOptions(drop_by, calibration) if prune_curve else None
+    curve = CurveOptions(drop_by=drop_by, calibration=calibration) if prune_curve else None
     with _progress(quiet, json_) as progress:
-        result = pipeline.plan(_ref(model, arch, arch_kwargs, trust_pickle, weights, remember=False),
-                               _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing), specs,
-                               plot=plot, curve=curve, progress=progress)
+        result = pipeline.plan(ref, surgery, specs, plot=plot, curve=curve, progress=progress)
     if json_:  # the plot is written before any output, so a failed write leaves stdout empty
         print(json.dumps(result.to_dict()))
     else:
@@ -440,32 +482,12 @@ def plan_cmd(
 
 @app.command("inject")
 @user_errors
+@_takes(_model(), _options(SurgeryOptions, "surgery"), _INPUTS)
 def inject_cmd(
-    model: Optional[Path] = MODEL_ARG,
-    pL: float = PL,
+    ref: pipeline.ModelRef,
+    surgery: SurgeryOptions,
+    specs: Optional[list[InputSpec]],
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: <stem>.sd.pt beside MODEL)."),
-    rule: str = RULE,
-    mode: str = typer.Option("batch", "--mode", help=f"{' | '.join(MODES)}: one draw per step (skips compute) or per sample."),
-    scaling: str = typer.Option("auto", "--scaling", help=f"{' | '.join(SCALING_CHOICES)}: paper scales each branch by "
-                                "p at inference (export folds p into the weights); inverted by 1/p in training, so "
-                                "the trained weights are the inference model. auto: inverted for a model with its "
-                                "own save_pretrained (transformers: what Trainer.save_model writes then loads right "
-                                "in plain transformers), paper otherwise."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed the gates' draws for reproducible runs."),
-    per_rank: bool = typer.Option(False, "--per-rank-draws", help="Under torch.distributed, let each rank draw "
-                                  "its own gates (default: all ranks skip the same blocks, so none straggles)."),
-    set_: list[str] = SET,
-    include: list[str] = INCLUDE,
-    exclude: list[str] = EXCLUDE,
-    arch: Optional[str] = ARCH,
-    arch_kwargs: Optional[str] = ARCH_KWARGS,
-    weights: Optional[Path] = WEIGHTS,
-    trust_pickle: bool = TRUST,
-    leaf: list[str] = LEAF,
-    input_shape: Optional[str] = INPUT_SHAPE,
-    input_: list[str] = INPUT,
-    capture: str = CAPTURE,
-    keep_existing: bool = KEEP_EXISTING,
     schedule: Optional[str] = typer.Option(None, "--schedule", help=f"Record how p_L moves over training steps, "
                                            f"{' | '.join(KINDS)}: fixed (the rule at --pL throughout), warmup (no "
                                            "drops for --warmup steps, then a linear ramp to --theta over --ramp "
@@ -491,14 +513,12 @@ def inject_cmd(
     """
     from . import pipeline
 
-    specs = _input_specs(input_shape, input_)
-    over_steps = _schedule_options(schedule, pL if theta is None else theta, rule, gamma, warmup, ramp)
-    surgery = _surgery(pL, rule, set_, include, exclude, leaf, capture, keep_existing, mode=mode, scaling=scaling,
-                       seed=seed, sync_ranks=not per_rank, schedule=over_steps)
+    pL, rule = surgery.pL, surgery.rule
+    surgery = replace(surgery, schedule=_schedule_options(schedule, pL if theta is None else theta, rule, gamma,
+                                                          warmup, ramp))
     with _progress(quiet, json_) as progress, warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", UnscaledSaveWarning)  # the one library warning inject's user must read
-        result = pipeline.inject(_ref(model, arch, arch_kwargs, trust_pickle, weights), surgery, specs, output=output,
-                                 progress=progress)
+        result = pipeline.inject(ref, surgery, specs, output=output, progress=progress)
     for warning in said:  # on stderr: --json keeps stdout one JSON object
         if issubclass(warning.category, UnscaledSaveWarning):
             err.print(f"note: {warning.message}", markup=False)
@@ -506,7 +526,7 @@ def inject_cmd(
     if json_:
         print(json.dumps(record))
         return
-    out.print(f"gated {record['num_gated']} residual blocks ({rule} rule, p_L = {pL}, {mode} mode, "
+    out.print(f"gated {record['num_gated']} residual blocks ({rule} rule, p_L = {pL}, {surgery.mode} mode, "
               f"{record['scaling']} scaling)")
     out.print(f"expected gated blocks active per step: {record['expected_depth']:.2f} of {record['num_gated']}")
     if result.recipe.replaced:
@@ -572,46 +592,14 @@ def _render_pruned(pruned, nodes_before: int | None = None, nodes_after: int | N
 
 @app.command("export")
 @user_errors
+@_takes(_model(weights_help="Trained weights (a state_dict of the injected model or of the original architecture: "
+                            "same keys) loaded before folding. " + WEIGHTS_RULE),
+        _options(ConvertOptions, "options"), _INPUTS)
 def export_cmd(
-    model: Optional[Path] = MODEL_ARG,
-    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold each p_l into its branch's weights, or keep "
-                              "an explicit constant multiply per gate (same numbers; for comparison)."),
+    ref: pipeline.ModelRef,
+    options: ConvertOptions,
+    specs: Optional[list[InputSpec]],
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="ONNX file to write (default: <stem>.onnx beside MODEL)."),
-    input_shape: Optional[str] = INPUT_SHAPE,
-    input_: list[str] = INPUT,
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
-    static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch axis to the example's size (default: dynamic)."),
-    rtol: float = typer.Option(1e-4, "--rtol", help="Relative tolerance of the onnxruntime check (widened to the "
-                               "dtype's precision for a bf16/fp16 model, and said)."),
-    atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the onnxruntime check (widened likewise)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Trained weights (a state_dict of the injected "
-                                           "model or of the original architecture: same keys) loaded before folding. "
-                                           + WEIGHTS_RULE),
-    compare: bool = typer.Option(False, "--compare", help="Also export the architecture without gates and report its node count."),
-    arch: Optional[str] = ARCH,
-    arch_kwargs: Optional[str] = ARCH_KWARGS,
-    trust_pickle: bool = TRUST,
-    verbose: bool = typer.Option(False, "--verbose", help="Show the ONNX exporter's own log and warnings."),
-    drop: Optional[str] = typer.Option(None, "--drop", help="Prune: remove this many gated blocks (a count, or a share "
-                                       "such as 25%) before folding the rest; a removed block keeps its skip (and a "
-                                       "projection shortcut its projection). See --drop-by; `plan --prune-curve` shows "
-                                       "what each count costs."),
-    drop_by: str = DROP_BY,
-    drop_sites: Optional[str] = typer.Option(None, "--drop-sites", help="Prune the blocks whose site id matches this "
-                                             "regex (re.search) instead of a count; `plan` lists the ids."),
-    drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help="Prune whole layers instead: remove this "
-                                              "many (a count, or a share such as 25%) of the model's layer list (the "
-                                              "nn.ModuleList whose every element holds gated blocks), every block of "
-                                              "each, ranked per layer by --drop-by. With --format hf the layers are "
-                                              "deleted from the folder and its config."),
-    calibration: Optional[Path] = CALIBRATION,
-    format_: str = typer.Option("onnx", "--format", help="What to write: onnx (a graph, verified with onnxruntime), "
-                                "safetensors (the original architecture's state_dict with p_l in the weights: load it "
-                                "with safetensors.torch.load_model into the plain model) or hf (a save_pretrained folder "
-                                "that plain transformers' from_pretrained loads). safetensors and hf need every gate "
-                                "folded into weights; they are checked by loading them back into a fresh model. hf "
-                                "takes pruning that removes whole layers (--drop-layers, or sites that make up whole "
-                                "layers): they are deleted, with num_hidden_layers and the per-layer config lists."),
     json_: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -636,15 +624,10 @@ def export_cmd(
     """
     from . import pipeline
 
-    specs = _input_specs(input_shape, input_)
-    if drop is None and drop_sites is None and drop_layers is None and (calibration is not None or drop_by != "schedule"):
-        raise ConfigError(f"{'--calibration' if calibration is not None else '--drop-by'} is for pruning: "
-                          "add --drop N, --drop-layers N or --drop-sites REGEX")
-    options = pipeline.ConvertOptions(fold, opset, not static_batch, rtol, atol, compare, verbose, drop, drop_by,
-                                      drop_sites, calibration, format_, drop_layers)
-    with _progress(quiet or verbose, json_) as progress:  # --verbose: the exporter's own output, undrawn over
-        result = pipeline.convert(_ref(model, arch, arch_kwargs, trust_pickle, weights), options, specs, output=output,
-                                  progress=progress)
+    if not options.prunes and options.drop_by != "schedule":  # --calibration: refused by ConvertOptions itself
+        raise ConfigError("--drop-by is for pruning: add --drop N, --drop-layers N or --drop-sites REGEX")
+    with _progress(quiet or options.verbose, json_) as progress:  # --verbose: the exporter's own output, undrawn over
+        result = pipeline.convert(ref, options, specs, output=output, progress=progress)
     record = result.to_dict()
     if json_:
         print(json.dumps(record))
@@ -653,7 +636,7 @@ def export_cmd(
         _render_plain(result)
         return
     report, exported, checked = result.report, result.exported, result.checked
-    _render_fold(report, fold)
+    _render_fold(report, options.fold)
     if result.pruned is not None:
         _render_pruned(result.pruned, result.unpruned_nodes, exported.nodes)
     compared = (f" ({exported.scale_nodes} from kept multiplies)" if result.original_nodes is None

@@ -23,14 +23,16 @@ class SurgeonError(Exception):
     - ``where``: the file, module path or node;
     - ``hint``: what to do instead;
     - ``option``: the command-line option the message is about (``--input``); the message then reads
-      ``f"{option} {what}"``, and a batch config names its own key in its place.
+      ``f"{option} {what}"``, and a batch config names its own key in its place;
+    - ``field``: the options field it is about (``pL``, see options.py), which each front end spells its own
+      way: the command line as its flag, a batch config as its key.
     """
 
     def __init__(self, message: str, *, what: str | None = None, where: str | None = None,
-                 hint: str | None = None, option: str | None = None) -> None:
+                 hint: str | None = None, option: str | None = None, field: str | None = None) -> None:
         # One line, always: newlines in wrapped exception texts would break the CLI contract.
         super().__init__(" ".join(str(message).split()))
-        self.what, self.where, self.hint, self.option = what, where, hint, option
+        self.what, self.where, self.hint, self.option, self.field = what, where, hint, option, field
 
     def __reduce__(self):  # keyword fields survive pickling (batch workers send records across processes)
         return (_rebuild, (type(self), self.args, self.__dict__))
@@ -43,9 +45,10 @@ def _rebuild(cls: type, args: tuple, fields: dict) -> SurgeonError:
     return err
 
 
-def option_error(option: str, what: str, *, hint: str | None = None, cls: type | None = None) -> SurgeonError:
+def option_error(option: str, what: str, *, hint: str | None = None, cls: type | None = None,
+                 field: str | None = None) -> SurgeonError:
     """``{option} {what}``, with both kept as fields: a batch config puts its own key where the option was."""
-    return (cls or ConfigError)(f"{option} {what}", what=what, option=option, hint=hint)
+    return (cls or ConfigError)(f"{option} {what}", what=what, option=option, hint=hint, field=field)
 
 
 class LoadError(SurgeonError):

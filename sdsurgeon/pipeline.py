@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, check_format, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
 from .deploy.verify import Verification, reference_outputs, verify, verify_module
-from .errors import ConfigError, LayerError, option_error
+from .errors import ConfigError, LayerError
 from .gate import gates
 from .io import hf
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration, take_dtypes
 from .io.files import check_output, companion_of, staged, staged_folder, staged_pair
 from .io.source import SOURCE_ATTR
+from .options import ConvertOptions, CurveOptions, SurgeryOptions  # here too: the names pipeline always offered
 from .progress import SILENT, Progress
 from .sdfile import architecture_of, default_output, load, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
@@ -88,60 +88,11 @@ class ModelRef:
         return model
 
 
-@dataclass(frozen=True)
-class SurgeryOptions:
-    """How sites are chosen and gated: the options plan and inject share (inject's own ones are ignored by plan)."""
-
-    pL: float = 0.5
-    rule: str = "linear"
-    overrides: tuple[str, ...] = ()  # PATTERN=P, as --set
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    leaves: tuple[str, ...] = ()
-    capture: str = "auto"
-    keep_existing: bool = False
-    mode: str = "batch"
-    scaling: str = "auto"  # choices.SCALING_CHOICES; the recipe records what auto became
-    seed: int | None = None
-    sync_ranks: bool = True
-    schedule: dict | None = None  # p_L over training steps, recorded in the recipe (ScheduleSpec as a dict)
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """How the gated model becomes a verified ONNX file."""
-
-    fold: bool = True
-    opset: int | None = None
-    dynamic_batch: bool = True
-    rtol: float = 1e-4
-    atol: float = 1e-5
-    compare: bool = False  # also export the architecture without gates, for its node count
-    verbose: bool = False
-    drop: str | None = None  # prune this many gated blocks (a count, or a share: "25%"); None: prune nothing
-    drop_by: str = "schedule"  # which ones: see surgery.prune.DROP_RULES
-    drop_sites: str | None = None  # or those whose site id matches this regex
-    calibration: Path | None = None  # inputs the pruning is measured on (default: random ones)
-    format: str = "onnx"  # onnx | safetensors (the original architecture's state_dict) | hf (a save_pretrained folder)
-    drop_layers: str | None = None  # or prune this many whole layers (a count, or a share), ranked by drop_by
-
-    def __post_init__(self) -> None:
-        # Checked when made, so export's options and a batch config's keys (both built into this) are refused
-        # before any work. NaN compares false with everything: `rtol < 0` would let it through to onnxruntime.
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise option_error(f"--{name}", f"must be a finite number, zero or more (got {value!r})")
-
-    @property
-    def prunes(self) -> bool:
-        return self.drop is not None or self.drop_sites is not None or self.drop_layers is not None
-
-    def prune(self, model: nn.Module, calibration, specs, *, into_weights: bool) -> tuple[nn.Module, PruneReport]:
-        """surgery.prune with these options."""
-        return prune(model, self.drop or 0, by=self.drop_by, sites=self.drop_sites, layers=self.drop_layers,
-                     calibration=calibration, into_weights=into_weights, input_specs=specs)
+def _prune(options: ConvertOptions, model: nn.Module, calibration, specs, *,
+           into_weights: bool) -> tuple[nn.Module, PruneReport]:
+    """surgery.prune with ``options``' choice of blocks."""
+    return prune(model, options.drop or 0, by=options.drop_by, sites=options.drop_sites, layers=options.drop_layers,
+                 calibration=calibration, into_weights=into_weights, input_specs=specs)
 
 
 Specs = Sequence[InputSpec] | None
@@ -182,14 +133,6 @@ class PlanResult:
                 **({"prune_curve": self.curve.to_dict()} if self.curve else {})}
 
 
-@dataclass(frozen=True)
-class CurveOptions:
-    """``plan --prune-curve``: fidelity against blocks removed, in ``drop_by``'s order, measured on ``calibration``."""
-
-    drop_by: str = "schedule"
-    calibration: Path | None = None
-
-
 def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Specs = None, *,
          plot: Path | None = None, curve: CurveOptions | None = None, progress: Progress = SILENT) -> PlanResult:
     """The residual sites of a model file and the p_l each would get; ``plot`` also draws the schedule there.
@@ -207,11 +150,7 @@ def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Spec
     with progress.stage("load model"):
         model = ref.load()
     specs, example = _examples(model, inputs)
-    p = plan_model(
-        model, options.pL, rule=options.rule, overrides=list(options.overrides), include=list(options.include),
-        exclude=list(options.exclude), leaves=list(options.leaves), example_inputs=example, capture=options.capture,
-        keep_existing=options.keep_existing, progress=progress,
-    )
+    p = plan_model(model, options, example_inputs=example, progress=progress)
     measured = None
     if curve is not None:
         if gates(model):
@@ -239,13 +178,7 @@ def gate(model: nn.Module, options: SurgeryOptions, inputs: Specs = None, *, pro
     ``progress`` hears of surgery.inject's stages. ``in_place``: into ``model`` itself (one the caller loaded and
     needs no more as it was), so its weights are not copied."""
     specs, example = _examples(model, inputs)
-    return inject_model(
-        model, options.pL, rule=options.rule, mode=options.mode, scaling=options.scaling, seed=options.seed,
-        overrides=list(options.overrides), include=list(options.include), exclude=list(options.exclude),
-        leaves=list(options.leaves), inputs=specs, sync_ranks=options.sync_ranks, example_inputs=example,
-        capture=options.capture, keep_existing=options.keep_existing, schedule=options.schedule, progress=progress,
-        in_place=in_place,
-    )
+    return inject_model(model, options, inputs=specs, example_inputs=example, progress=progress, in_place=in_place)
 
 
 @dataclass
@@ -362,9 +295,6 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     and ``progress`` hears of each (load, save, fold, export, verify, and the extra exports that count nodes).
     """
     started = time.perf_counter()
-    if options.calibration is not None and not options.prunes:
-        raise ConfigError("--calibration measures a pruned model: give it with --drop N, --drop-layers N or "
-                          "--drop-sites REGEX", option="--calibration")
     fmt = check_format(options.format)
     if (fmt == "safetensors" and options.prunes) or (fmt != "onnx" and not options.fold):
         # hf prunes: whole layers go from the folder and its config (_convert_plain); a state_dict has no config
@@ -408,7 +338,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         pruned = None
         with stage(timings, "fold", progress, "prune and fold" if options.prunes else "fold the gates"):
             if options.prunes:
-                folded, pruned = options.prune(model, calibration, specs, into_weights=options.fold)
+                folded, pruned = _prune(options, model, calibration, specs, into_weights=options.fold)
                 report = pruned.fold
             else:
                 folded, report = fold_with_report(model, into_weights=options.fold)
@@ -468,7 +398,7 @@ def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, optio
         pruned = reference = None
         if options.prunes:
             with stage(timings, "prune", progress, "choose the layers to remove"):
-                reference, pruned = options.prune(model, calibration, specs, into_weights=True)
+                reference, pruned = _prune(options, model, calibration, specs, into_weights=True)
                 pruned.layers = _whole_layers(model, pruned)
         with stage(timings, "fold", progress, "fold the gates"):
             if reference is None:  # the gated model's outputs, recorded before an in-place fold changes it

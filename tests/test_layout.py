@@ -19,6 +19,7 @@ FLOORS = {
     "choices": 0,  # the fixed choices --help names (gate modes, scalings), without torch
     "_torch": 0,  # every private torch name, looked up at use (the cond patch keeps its own fence, in gate/)
     "progress": 0,  # the progress reporter interface long work reports stages to (the CLI draws it on stderr)
+    "options": 1,  # the typed options of plan, inject and export: their names, defaults, ranges and help, once
     "io": 1,  # bytes in and out, and who is trusted
     "gate": 2,  # the gate module the passes place: depends on errors, choices and _torch only
     "layers": 2,  # a name kept for models pickled before gate/ (it re-exports gate)

@@ -19,6 +19,7 @@ from ..capture.inputs import normalize_inputs, sequence_inputs
 from ..gate import StochasticDepth, gates
 from ..io.hf import is_hf
 from ..io.source import SOURCE_ATTR
+from ..options import SurgeryOptions
 from ..progress import SILENT, Progress
 
 
@@ -116,7 +117,7 @@ class Plan:
 
 def plan(
     model: nn.Module,
-    p_L: float = 0.5,
+    p_L: float | SurgeryOptions = 0.5,
     *,
     rule: str = "linear",
     overrides: Sequence[Override | str] = (),
@@ -133,14 +134,20 @@ def plan(
     With ``example_inputs`` (a tensor, a tuple of args, a dict of kwargs, or ``(args, kwargs)``)
     each branch's FLOPs are counted and the expected training-FLOPs ratio is computed. ``capture``
     and ``keep_existing`` are inject's: the plan shows what inject with the same options would do.
-    ``progress`` hears of each stage (capture, FLOPs count, detection, placing the gates).
+    ``progress`` hears of each stage (capture, FLOPs count, detection, placing the gates). ``p_L`` may be the
+    whole SurgeryOptions instead (what the pipeline passes); the keywords are then unused.
     """
-    overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
+    o = p_L if isinstance(p_L, SurgeryOptions) else SurgeryOptions(
+        pL=p_L, rule=rule, overrides=overrides, include=include, exclude=exclude, leaves=leaves, capture=capture,
+        keep_existing=keep_existing)  # checked there, once
+    overrides = [x if isinstance(x, Override) else Override.parse(x) for x in o.overrides]
+    leaves, keep_existing = o.leaves, o.keep_existing
     drop_paths = find_drop_paths(model)
     with contextlib.nullcontext() if keep_existing else switched_off(model):
         refused: list[RefusedAdd] = []
-        cap, sites = locate(model, leaves, example_inputs, method=capture, refused=refused, progress=progress)
-        ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
+        cap, sites = locate(model, leaves, example_inputs, method=o.capture, refused=refused, progress=progress)
+        ps = assign([s.id for s in sites], o.pL, rule=o.rule, overrides=overrides, include=o.include,
+                    exclude=o.exclude)
         with progress.stage("place the gates"):
             planned_rewrites = [
                 PlannedRewrite(r.path, r.how, type(model.get_submodule(r.path)).__name__, len(r.sites))
@@ -163,7 +170,7 @@ def plan(
         node_flops, [([(s.part, n) for n in s.branch_nodes], p) for s, p in zip(sites, ps)], total
     )
     return Plan(
-        sites=planned, rule=rule, p_L=p_L, expected_depth=expected_depth(ps),
+        sites=planned, rule=o.rule, p_L=o.pL, expected_depth=expected_depth(ps),
         expected_train_flops_ratio=ratio, total_flops=total, capture=cap.method,
         untraced=[(u.path, u.reason) for u in cap.untraced], drop_paths=drop_paths, keep_existing=keep_existing,
         refused=refused, rewrites=planned_rewrites, outputs=outputs,

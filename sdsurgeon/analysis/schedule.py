@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Hashable, Iterable, Sequence
 
+from ..choices import RULE_NAMES
 from ..errors import ConfigError, option_error
 
 
@@ -20,7 +21,8 @@ def uniform(L: int, p_L: float) -> list[float]:
     return [p_L] * L
 
 
-RULES: dict[str, Callable[[int, float], list[float]]] = {"linear": linear_decay, "uniform": uniform}
+# In the order choices.RULE_NAMES names them (what options and --help check and show, without torch).
+RULES: dict[str, Callable[[int, float], list[float]]] = dict(zip(RULE_NAMES, (linear_decay, uniform), strict=True))
 
 
 @dataclass(frozen=True)

@@ -8,55 +8,89 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from .._version import __version__
-from ..capture.inputs import InputSpec
+from ..capture.inputs import InputSpec, parse_specs
 from ..deploy.export import DATA_SUFFIX
-from ..deploy.plain import FORMATS, SUFFIXES
+from ..deploy.plain import SUFFIXES
 from ..errors import ConfigError, SurgeonError, option_error
 from ..io.files import InputSet, companion_of, output_problem
 from ..io.trust import load_yaml
+from ..options import ConvertOptions, SurgeryOptions, flag_of, key_of, option, read_value, types_of
 
 
 @dataclass(frozen=True)
-class JobOptions:
-    """Every inject/export option a job takes; ``defaults:`` sets them, a model entry overrides them."""
+class _JobSettings:
+    """The options of a batch job alone: where its inputs and outputs are, and how long it may run."""
 
-    pL: float = 0.5
-    rule: str = "linear"
-    mode: str = "batch"
-    scaling: str = "auto"
-    seed: int | None = None
-    set: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    leaf: tuple[str, ...] = ()
-    fold: bool = True
-    input_shape: tuple[int, ...] | None = None
-    inputs: tuple[str, ...] | None = None  # NAME:SHAPE[:DTYPE], as for --input
-    opset: int | None = None
-    static_batch: bool = False
-    rtol: float = 1e-4
-    atol: float = 1e-5
-    output_dir: str = "out"
-    trust_pickle: bool = False
-    save_injected: bool = False
-    timeout: float | None = None  # seconds; a job running longer is killed and reported failed
-    capture: str = "auto"  # auto | fx | export, as for --capture
-    keep_existing: bool = False  # as --keep-existing: leave the model's own drop-path modules on
-    drop: str | None = None  # as export --drop: prune this many gated blocks (a count or a share, "25%")
-    drop_by: str = "schedule"  # as --drop-by
-    drop_sites: str | None = None  # as --drop-sites
-    format: str = "onnx"  # as export --format: onnx | safetensors | hf
-    drop_layers: str | None = None  # as export --drop-layers: prune this many whole layers (a count or a share)
+    input_shape: tuple[int, ...] | None = option(None, "Shape of a single float32 input, e.g. [1, 3, 32, 32].",
+                                                 flag="--input-shape")
+    inputs: tuple[str, ...] | None = option(None, "Named inputs NAME:SHAPE[:DTYPE], as for --input.", flag="--input")
+    output_dir: str = option("out", "Where the job's outputs go, relative to the config's folder.", flag="")
+    trust_pickle: bool = option(False, "Unpickle a full model (with the command line's --trust-pickle only).",
+                                flag="")  # not --trust-pickle: that flag lets a config ask for this at all
+    save_injected: bool = option(False, "Also write the injected model, <name>.sd.pt.", flag="")
+    timeout: float | None = option(None, "Seconds; a job running longer is killed and reported failed.", flag="")
 
 
-_NULLABLE = {f.name for f in fields(JobOptions) if f.default is None}
+def _job_fields() -> list[tuple[str, Any, Any]]:
+    """JobOptions' fields: each option of SurgeryOptions and ConvertOptions a config takes, under its key and with
+    its type, default and help (options.py, said once), then the batch job's own."""
+    made = []
+    for cls in (SurgeryOptions, ConvertOptions, _JobSettings):
+        hints = types_of(cls)
+        for f in fields(cls):
+            key = key_of(cls, f.name)
+            if key:
+                default = (not f.default) if f.metadata.get("negated") else f.default
+                made.append((key, hints[f.name], field(default=default,
+                                                       metadata={**f.metadata, "source": (cls, f.name)})))
+    return made
+
+
+def _made_of(cls: type) -> Callable[[Any], Any]:
+    """A JobOptions' ``cls`` (SurgeryOptions or ConvertOptions), made by keyword from its keys."""
+
+    def make(self) -> Any:
+        values = {}
+        for f in fields(self):
+            source, name = f.metadata["source"]
+            if source is cls:
+                value = getattr(self, f.name)
+                values[name] = (not value) if f.metadata.get("negated") else value
+        return cls(**values)
+
+    make.__doc__ = f"This job's {cls.__name__}: a ConfigError whose field names what is wrong otherwise."
+    return make
+
+
+def _specs(self) -> list[InputSpec] | None:
+    """This job's example inputs, read as the command line reads --input-shape and --input."""
+    return parse_specs(self.input_shape, self.inputs, shape_option="input_shape")
+
+
+JobOptions = make_dataclass(
+    "JobOptions", _job_fields(), frozen=True,
+    namespace={"__doc__": "Every inject/export option a job takes, by its config key; ``defaults:`` sets them, a "
+                          "model entry overrides them.",
+               "surgery": _made_of(SurgeryOptions), "convert": _made_of(ConvertOptions), "specs": _specs,
+               "__module__": __name__},  # workers get jobs pickled: the class must be found here by name
+)
+
+
+def config_key(exc: SurgeonError) -> str | None:
+    """The config key an error is about, found once a job runs (a count of blocks the model does not have): that of
+    the options field it names, or of the option whose command-line flag it names; None if neither."""
+    for f in fields(JobOptions):
+        source, name = f.metadata["source"]
+        if (exc.field is not None and exc.field == name) or (exc.option and exc.option == flag_of(source, name)):
+            return f.name
+    return None
 
 
 _TOP_KEYS = ("defaults", "models")
@@ -145,40 +179,16 @@ class _Located:
         return line
 
 
-def _kind_ok(value, kind: str) -> bool:
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "count":
-        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
-    if kind == "dict":
-        return isinstance(value, dict)
-    if kind == "list[str]":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if kind == "list[int]":
-        return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    raise AssertionError(kind)
+def _read(tp: Any, value: Any, *, count: bool = False) -> Any:
+    """A YAML value read as the type ``tp`` of the option or entry field ``key``; the message says what it must be."""
+    try:
+        return read_value(tp, value, count=count)
+    except ValueError as exc:
+        raise _Expected(f"expected {exc}, got {value!r}") from None
 
 
-_KIND_WORDS = {"number": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-               "count": "a count or a share such as '25%'",
-               "dict": "a mapping", "list[str]": "a list of strings", "list[int]": "a list of integers"}
-
-
-def _option_value(key: str, value):
-    """YAML value -> JobOptions field value (lists become tuples)."""
-    if value is None:
-        return None
-    if key == "pL" or key in ("rtol", "atol", "timeout"):
-        return float(value)
-    if key in ("drop", "drop_layers"):
-        return str(value)
-    return tuple(value) if isinstance(value, list) else value
+class _Expected(Exception):
+    """A value of the wrong type, said as "expected ..."; load_config adds file, line and key."""
 
 
 def load_config(path: str | os.PathLike, *, allow_trust_pickle: bool = False) -> BatchConfig:
@@ -230,11 +240,13 @@ def load_config(path: str | os.PathLike, *, allow_trust_pickle: bool = False) ->
             fail(where, f"models[{i}]: expected a mapping with name and checkpoint or arch")
         opts = _checked_options(raw, where, fail, allow_entry_keys=True)
         check_trust(opts, where)
-        entry = {k: raw.get(k) for k in _ENTRY_KINDS}
+        entry = {k: raw.get(k) for k in _ENTRY_TYPES}
         label = f"models[{i}]" + (f" ({entry['name']})" if isinstance(entry["name"], str) else "")
-        for key, kind in _ENTRY_KINDS.items():
-            if entry[key] is not None and not _kind_ok(entry[key], kind):
-                fail(where + (key,), f"{label}.{key}: expected {_KIND_WORDS[kind]}, got {entry[key]!r}")
+        for key, tp in _ENTRY_TYPES.items():
+            try:
+                _read(tp | None, entry[key])
+            except _Expected as exc:
+                fail(where + (key,), f"{label}.{key}: {exc}")
         if entry["weights"] and not entry["arch"] and not entry["checkpoint"]:
             fail(where + ("weights",), f"{label}: 'weights' needs 'arch' (the factory the state_dict belongs to) "
                                        "or 'checkpoint' (the model they are loaded into)")
@@ -273,38 +285,35 @@ def _bad_path(text: str) -> str | None:
 
 
 def _checked_options(raw: dict, where: tuple, fail: Callable, *, allow_entry_keys: bool) -> dict[str, Any]:
-    valid = list(_OPTION_KINDS) + (list(_ENTRY_KINDS) if allow_entry_keys else [])
+    known = {f.name: f for f in fields(JobOptions)}
+    hints = types_of(JobOptions)
+    valid = list(known) + (list(_ENTRY_TYPES) if allow_entry_keys else [])
     opts = {}
     for key, value in raw.items():
-        if key in _ENTRY_KINDS and allow_entry_keys:
+        if key in _ENTRY_TYPES and allow_entry_keys:
             continue
-        if key not in _OPTION_KINDS:
+        if key not in known:
             section = "a model entry" if allow_entry_keys else "defaults"
             fail(where + (key,), f"unknown key {key!r} in {section}; valid keys: {', '.join(valid)}")
-        kind = _OPTION_KINDS[key]
-        if value is None and key in _NULLABLE:
-            opts[key] = None
-            continue
-        if not _kind_ok(value, kind):
-            fail(where + (key,), f"{key}: expected {_KIND_WORDS[kind]}, got {value!r}")
-        opts[key] = _option_value(key, value)
+        try:  # typed as the option's field is (options.py)
+            opts[key] = _read(hints[key], value, count=known[key].metadata.get("count", False))
+        except _Expected as exc:
+            fail(where + (key,), f"{key}: {exc}")
     return opts
 
 
 def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     """Values the types allow but the tool does not: said at config time, not mid-run."""
-    from ..analysis.schedule import RULES, Override
-    from ..capture.fx import CAPTURE_METHODS
-    from ..choices import SCALING_CHOICES
-    from ..gate import MODES
-    from ..pipeline import ConvertOptions
+    from ..analysis.schedule import Override
 
-    if not 0 < o.pL <= 1:  # NaN too
-        fail(where + ("pL",), f"pL: {o.pL} is outside (0, 1]")
-    for key, value, choices in (("rule", o.rule, RULES), ("mode", o.mode, MODES), ("scaling", o.scaling, SCALING_CHOICES),
-                                ("capture", o.capture, CAPTURE_METHODS)):
-        if value not in choices:
-            fail(where + (key,), f"{key}: {value!r} is not one of {', '.join(choices)}")
+    for make, cls in ((o.surgery, SurgeryOptions), (o.convert, ConvertOptions)):
+        try:
+            make()  # each option's type, choices and range, as the command line's are checked
+        except SurgeonError as exc:
+            if exc.field is None:
+                raise
+            key = key_of(cls, exc.field)
+            fail(where + (key,), f"{key}: {exc.what}")
     if o.input_shape is not None and o.inputs is not None:
         fail(where + ("inputs",), "give input_shape or inputs, not both")
     if o.input_shape is not None and any(d <= 0 for d in o.input_shape):
@@ -315,11 +324,6 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
                 parse(text)
             except SurgeonError as exc:  # about a command-line option: this key stands where it stood
                 fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
-    try:
-        ConvertOptions(rtol=o.rtol, atol=o.atol)  # the rule export's --rtol and --atol obey
-    except SurgeonError as exc:
-        key = (exc.option or "").lstrip("-")
-        fail(where + (key,), f"{key}: {exc.what}" if key in ("rtol", "atol") else str(exc))
     _check_prune_values(o, where, fail)
     if o.timeout is not None and not (math.isfinite(o.timeout) and o.timeout > 0):  # NaN > 0 is false too
         fail(where + ("timeout",), f"timeout: must be a positive number of seconds (got {o.timeout}); null for none")
@@ -334,18 +338,14 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
 
 def _check_prune_values(o: JobOptions, where: tuple, fail: Callable) -> None:
     from ..analysis.schedule import compile_pattern
-    from ..surgery.prune import DROP_RULES, parse_drop
+    from ..surgery.prune import parse_drop
 
-    if o.drop_by not in DROP_RULES:
-        fail(where + ("drop_by",), f"drop_by: {o.drop_by!r} is not one of {', '.join(DROP_RULES)}")
     if o.drop is not None and o.drop_sites is not None:
         fail(where + ("drop_sites",), "drop_sites names the blocks itself: give it or drop, not both")
     if o.drop_layers is not None and (o.drop is not None or o.drop_sites is not None):
         fail(where + ("drop_layers",), "drop_layers counts whole layers and drop/drop_sites choose blocks: give one")
     prunes = o.drop is not None or o.drop_sites is not None or o.drop_layers is not None
-    if o.format not in FORMATS:
-        fail(where + ("format",), f"format: {o.format!r} is not one of {', '.join(FORMATS)}")
-    elif (o.format == "safetensors" and prunes) or (o.format != "onnx" and not o.fold):
+    if (o.format == "safetensors" and prunes) or (o.format != "onnx" and not o.fold):
         fail(where + ("format",), f"format: {o.format} writes the original architecture, which does not compute "
                                   f"{'the multiplies that fold: false keeps' if not o.fold else 'a pruned model'}: use "
                                   f"onnx{'' if not o.fold else ' (hf deletes whole layers)'}")
@@ -471,17 +471,4 @@ def check_jobs(jobs: list[Job]) -> None:
             raise ConfigError(f"{job.where}: job {job.name}: {job.checkpoint}: no such file")
 
 
-# key -> (kind, choices); kinds: number, int, bool, str, list[str], list[int]; every option may be null
-# where its default is None.
-_OPTION_KINDS: dict[str, str] = {
-    "pL": "number", "rule": "str", "mode": "str", "scaling": "str", "seed": "int", "set": "list[str]",
-    "include": "list[str]", "exclude": "list[str]", "leaf": "list[str]", "fold": "bool", "input_shape": "list[int]",
-    "inputs": "list[str]", "opset": "int", "static_batch": "bool", "rtol": "number", "atol": "number",
-    "output_dir": "str", "trust_pickle": "bool", "save_injected": "bool", "timeout": "number",
-    "capture": "str", "keep_existing": "bool", "drop": "count", "drop_by": "str", "drop_sites": "str",
-    "format": "str", "drop_layers": "count",
-}
-
-
-_ENTRY_KINDS: dict[str, str] = {"name": "str", "checkpoint": "str", "arch": "str", "arch_kwargs": "dict",
-                                "weights": "str"}
+_ENTRY_TYPES: dict[str, type] = {"name": str, "checkpoint": str, "arch": str, "arch_kwargs": dict, "weights": str}

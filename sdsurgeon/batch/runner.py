@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .._version import __version__
-from ..capture.inputs import InputSpec, parse_shape
 from ..errors import ConfigError, SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
 from ..progress import SILENT, Progress
 from ..report import JobRecord
-from .config import Job, JobOptions
+from .config import Job, config_key
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -80,25 +79,13 @@ def skipped_record(job: Job) -> JobRecord:
 # --- one job ----------------------------------------------------------------------------------------------
 
 
-def _specs(o: JobOptions) -> list[InputSpec] | None:
-    if o.input_shape is not None:
-        return [InputSpec(None, parse_shape(",".join(map(str, o.input_shape)), "input_shape"))]
-    if o.inputs is not None:
-        return [InputSpec.parse(text) for text in o.inputs]
-    return None
-
-
 def _in_config_terms(exc: SurgeonError) -> str:
     """An error as a batch job says it: a config key where the command line would name an option."""
     if exc.option == "--input-shape" and exc.what == "no input shape":
         return "no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model"
-    if exc.option in _PRUNE_KEYS and exc.what:
-        return f"{_PRUNE_KEYS[exc.option]}: {exc.what}"
-    return str(exc)
-
-
-_PRUNE_KEYS = {"--drop": "drop", "--drop-by": "drop_by", "--drop-sites": "drop_sites",
-               "--drop-layers": "drop_layers"}  # found out only once loaded
+    key = config_key(exc)
+    # only a message that reads "{option} {what}" is reworded: other messages say more than the what
+    return f"{key}: {exc.what}" if key and exc.what and str(exc) == f"{exc.option} {exc.what}" else str(exc)
 
 
 def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
@@ -117,18 +104,14 @@ def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
                                 trust_pickle=o.trust_pickle, arch_folders=job.import_paths)
         with pipeline.stage(timings, "load", progress, "load model"):
             model = ref.load()
-        specs = _specs(o)
+        specs = o.specs()
         if getattr(model, RECIPE_ATTR, None) is None:  # a plain model: gate it; an sdsurgeon file is already gated
-            surgery = pipeline.SurgeryOptions(o.pL, o.rule, o.set, o.include, o.exclude, o.leaf, o.capture,
-                                              o.keep_existing, mode=o.mode, scaling=o.scaling, seed=o.seed)
             with pipeline.stage(timings, "inject", progress, "inject gates"):
-                model = pipeline.gate(model, surgery, specs, progress=progress)
+                model = pipeline.gate(model, o.surgery(), specs, progress=progress)
             specs = None  # the recipe now holds them, completed from a transformers config where needed
         record.sites = len(getattr(model, RECIPE_ATTR).sites)  # known even if the job fails later
         converted = pipeline.convert(
-            model, pipeline.ConvertOptions(o.fold, o.opset, not o.static_batch, o.rtol, o.atol, drop=o.drop,
-                                           drop_by=o.drop_by, drop_sites=o.drop_sites, format=o.format,
-                                           drop_layers=o.drop_layers), specs,
+            model, o.convert(), specs,
             output=Path(job.output_path), name=job.name, save_injected=Path(job.sd_path) if job.sd_path else None,
             timings=timings, progress=progress,
         )

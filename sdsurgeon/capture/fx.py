@@ -17,6 +17,7 @@ from torch import nn
 from ..capture.drop_path import find_drop_paths, leaf_classes, restore_calls
 from ..capture.graph_facts import dead_nodes, shape_only_nodes
 from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph
+from ..choices import CAPTURES as CAPTURE_METHODS  # named there, for options.py and --help
 from ..errors import CaptureError, ConfigError
 from .inputs import ExampleInputs, normalize_inputs
 from .torch_nn import followable, is_composite
@@ -25,7 +26,6 @@ from .where import calling_frame, explain
 # User module classes that torch.fx must not trace into (see register_leaf and --leaf).
 LEAF_REGISTRY: set[type] = set()
 
-CAPTURE_METHODS = ("auto", "fx", "export")
 
 
 def register_leaf(cls: type) -> type:

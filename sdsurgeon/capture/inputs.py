@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -79,6 +79,19 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         return cls(d.get("name"), tuple(d["shape"]), d.get("dtype", "float32"), d.get("high"))
+
+
+def parse_specs(shape: str | Sequence[int] | None, named: Iterable[str] | None, *,
+                shape_option: str = "--input-shape") -> list[InputSpec] | None:
+    """The example inputs a front end was given: one unnamed float32 input of ``shape`` (text as ``1,3,32,32``, or
+    numbers), then one per ``NAME:SHAPE[:DTYPE]`` of ``named``; None when neither is given. The command line and
+    batch configs both read theirs here (a config passes its key as ``shape_option``)."""
+    specs = []
+    if shape is not None:
+        text = shape if isinstance(shape, str) else ",".join(map(str, shape))
+        specs.append(InputSpec(None, parse_shape(text, shape_option)))
+    specs += [InputSpec.parse(text) for text in named or ()]
+    return specs or None
 
 
 def make_example_inputs(specs: Iterable[InputSpec], seed: int = 0) -> ExampleInputs:

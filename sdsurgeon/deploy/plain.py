@@ -11,12 +11,12 @@ from typing import Any, Collection
 
 from torch import nn
 
+from ..choices import FORMATS  # named there, for options.py and --help
 from ..errors import ConfigError, LayerError, WriteError, first_line
 from ..io import hf
 from ..io.files import output_of, writing
 from ..surgery.fold import FoldedSite, FoldReport
 
-FORMATS = ("onnx", "safetensors", "hf")
 SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors", "hf": ""}  # hf: a folder
 
 

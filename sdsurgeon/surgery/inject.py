@@ -25,13 +25,14 @@ from ..errors import NoResidualSitesError, RecipeMismatchError, UnscaledSaveWarn
 from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.hf import carry_recipe
 from ..io.source import tag
+from ..options import SurgeryOptions
 from ..progress import SILENT, Progress
 from .recipe import RECIPE_ATTR, Recipe
 
 
 def inject(
     model: nn.Module,
-    p_L: float = 0.5,
+    p_L: float | SurgeryOptions = 0.5,
     *,
     rule: str = "linear",
     mode: str = "batch",
@@ -70,21 +71,25 @@ def inject(
     ``in_place=True`` rewrites ``model`` itself instead of a copy (for a caller that owns it, as the CLI owns
     the model it loaded: no second copy of the weights); ``model`` is then the result, unless an ATen capture
     replaced its root, and is left partly rewritten if this raises.
+    ``p_L`` may be the whole SurgeryOptions instead (what the pipeline passes); the keywords are then unused.
     Raises NoResidualSitesError if nothing is gated.
     """
-    scaling = resolve_scaling(scaling, model)
-    _check_gate_options(mode, scaling)
-    if isinstance(schedule, dict):
-        schedule = ScheduleSpec.from_dict(schedule)
-    overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
+    o = p_L if isinstance(p_L, SurgeryOptions) else SurgeryOptions(
+        pL=p_L, rule=rule, mode=mode, scaling=scaling, seed=seed, overrides=overrides, include=include,
+        exclude=exclude, leaves=leaves, sync_ranks=sync_ranks, capture=capture, keep_existing=keep_existing,
+        schedule=schedule.to_dict() if isinstance(schedule, ScheduleSpec) else schedule)  # checked there, once
+    scaling = resolve_scaling(o.scaling, model)
+    _check_gate_options(o.mode, scaling)
+    schedule = None if o.schedule is None else ScheduleSpec.from_dict(o.schedule)
+    overrides = [x if isinstance(x, Override) else Override.parse(x) for x in o.overrides]
     work = model if in_place else copy.deepcopy(model)
     if example_inputs is None and inputs is not None:
         example_inputs = make_example_inputs(inputs)
-    replaced = [] if keep_existing else switch_off(work)
-    cap, sites = locate(work, leaves, example_inputs, method=capture, progress=progress)
+    replaced = [] if o.keep_existing else switch_off(work)
+    cap, sites = locate(work, o.leaves, example_inputs, method=o.capture, progress=progress)
     if inputs is None and example_inputs is not None:
         inputs = complete_specs(model, specs_of(normalize_inputs(example_inputs)))
-    ps = assign([s.id for s in sites], p_L, rule=rule, overrides=overrides, include=include, exclude=exclude)
+    ps = assign([s.id for s in sites], o.pL, rule=o.rule, overrides=overrides, include=o.include, exclude=o.exclude)
     chosen = [(s, p) for s, p in zip(sites, ps) if p is not None]
     if not chosen:
         what = "no residual block" if not sites else f"none of its {len(sites)} residual sites selected"
@@ -96,9 +101,9 @@ def inject(
             f"{type(model).__name__} has {what}{why}: nothing to inject (run `sdsurgeon plan` to see what was found)"
         )
     recipe = Recipe(
-        sites=[(s.id, p) for s, p in chosen], mode=mode, scaling=scaling, seed=seed, p_L=p_L, rule=rule,
-        leaves=list(leaves), inputs=None if inputs is None else list(inputs), sync_ranks=sync_ranks,
-        capture=cap.method, keep_existing=keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
+        sites=[(s.id, p) for s, p in chosen], mode=o.mode, scaling=scaling, seed=o.seed, p_L=o.pL, rule=o.rule,
+        leaves=list(o.leaves), inputs=None if inputs is None else list(inputs), sync_ranks=o.sync_ranks,
+        capture=cap.method, keep_existing=o.keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
         schedule=None if schedule is None else schedule.to_dict(),
     )
     with progress.stage("rewrite the blocks"):

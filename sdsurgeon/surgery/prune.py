@@ -13,13 +13,13 @@ from ..analysis.fidelity import Fidelity, compare, outputs_and_parameters
 from ..analysis.influence import INFLUENCE_MEASURE, block_influence
 from ..analysis.layers import ANGULAR_MEASURE, LayerList, find_layers, layer_angular_distance
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs
+from ..choices import DROP_RULES  # named there, for options.py and --help
 from ..errors import NoResidualSitesError, SurgeonError, first_line, option_error
 from ..gate import StochasticDepth, gates
 from ..progress import SILENT, Progress
 from .fold import FoldReport, fold_with_report
 from .recipe import RECIPE_ATTR
 
-DROP_RULES = ("schedule", "influence", "angular")
 LAYER_RULES = {"schedule": "the lowest mean p_l of its blocks", "influence": "the lowest summed block influence",
                "angular": "the lowest angular distance between its input and output"}  # each first, deepest first among equals
 CALIBRATION_BATCH = 16  # random calibration inputs: samples per input, so the fidelity figures average something

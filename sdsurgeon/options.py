@@ -1,0 +1,260 @@
+"""The typed options of plan, inject and export (CLI, batch, library): each one's name, default, range and help, once."""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from .choices import CAPTURES, DROP_RULES, FORMATS, MODES, RULE_NAMES, SCALING_CHOICES
+from .errors import ConfigError, option_error
+
+
+def option(default: Any, help: str, *, flag: str | None = None, key: str | None = None, choices: tuple = (),
+           check: Callable[[Any], str | None] | None = None, negated: bool = False, count: bool = False) -> Any:
+    """A dataclass field with what every front end needs to spell, explain and check it.
+
+    ``flag``: the command line's spelling (default ``--name`` with dashes; "" for an option it does not take);
+    ``key``: a batch config's (default: the field name; "" for none). ``negated``: the flag and key say the opposite
+    of the field (``--static-batch`` sets ``dynamic_batch`` false). ``choices``: the values it may take; ``check``:
+    why a value is refused (a phrase, or None). ``count``: a string that a batch config may give as an integer.
+    """
+    meta = {"help": help, "flag": flag, "key": key, "choices": choices, "check": check, "negated": negated,
+            "count": count}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line flag of field ``name`` of ``cls``."""
+    spelled = fields_of(cls)[name].metadata.get("flag")
+    return ("--" + name.replace("_", "-")) if spelled is None else spelled
+
+
+def key_of(cls: type, name: str) -> str:
+    """The batch config key of field ``name`` of ``cls`` ("" when a config does not take it)."""
+    spelled = fields_of(cls)[name].metadata.get("key")
+    return name if spelled is None else spelled
+
+
+def help_of(cls: type, name: str) -> str:
+    return fields_of(cls)[name].metadata["help"]
+
+
+def fields_of(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in fields(cls)}
+
+
+@functools.lru_cache(maxsize=None)  # read on every construction: the strings are evaluated once per class
+def types_of(cls: type) -> dict[str, Any]:
+    """Field name -> its type, resolved (the annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
+def field_error(cls: type, name: str, what: str) -> ConfigError:
+    """``{flag} {what}``, the command line's wording, with the field kept so that other fronts word it their way."""
+    return option_error(flag_of(cls, name), what, field=name)
+
+
+# --- types: one reading of a field's type, for checking a value made anywhere and reading a YAML one ------------
+
+_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "a mapping",
+          Path: "a path (a string)"}
+
+
+def without_none(tp: Any) -> tuple[Any, bool]:
+    """``tp`` without ``None``, and whether None is allowed."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def words_for(tp: Any, *, count: bool = False) -> str:
+    """How a message names what a value of type ``tp`` must be."""
+    tp, _ = without_none(tp)
+    if count:
+        return "a count or a share such as '25%'"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_WORDS[typing.get_args(tp)[0]].split(' ', 1)[1]}s"
+    return _WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _is(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is Path:
+        return isinstance(value, (str, Path))
+    return isinstance(value, tp)
+
+
+def read_value(tp: Any, value: Any, *, count: bool = False) -> Any:
+    """A value as written in a config file (YAML: lists, ints for floats) -> the field's type; ValueError with
+    what was expected otherwise."""
+    base, nullable = without_none(tp)
+    if value is None and nullable:
+        return None
+    if count and (isinstance(value, str) or _is(value, int)):
+        return str(value)
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        if isinstance(value, list) and (value or item is not int) and all(_is(v, item) for v in value):
+            return tuple(value)
+    elif _is(value, base):
+        return float(value) if base is float else Path(value) if base is Path else value
+    raise ValueError(words_for(tp, count=count))
+
+
+def _checked(obj: Any) -> None:
+    """Each field of ``obj`` of its type (sequences made tuples), within its choices and range: a ConfigError names
+    the field otherwise."""
+    cls = type(obj)
+    hints = types_of(cls)
+    for f in fields(cls):
+        value, meta = getattr(obj, f.name), f.metadata
+        base, nullable = without_none(hints[f.name])
+        if value is None and nullable:
+            continue
+        if typing.get_origin(base) is tuple:
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise field_error(cls, f.name, f"expected {words_for(base)}, got {value!r}")
+            object.__setattr__(obj, f.name, tuple(value))  # frozen, but a list given is ours to make a tuple
+        elif base is not Any and not _is(value, base):
+            raise field_error(cls, f.name, f"expected {words_for(base)}, got {value!r}")
+        elif base is float:
+            object.__setattr__(obj, f.name, float(value))  # 1 and 1.0 are one setting: records and hashes agree
+        if meta.get("choices") and value not in meta["choices"]:
+            flag, listed = flag_of(cls, f.name), ", ".join(meta["choices"])
+            raise ConfigError(f"unknown {flag} {value!r}; use one of: {listed}",
+                              what=f"{value!r} is not one of {listed}", option=flag, field=f.name)
+        problem = meta["check"](value) if meta.get("check") else None
+        if problem:
+            raise field_error(cls, f.name, problem)
+
+
+def _probability(p: float) -> str | None:
+    return None if 0 < p <= 1 else f"{p} is outside (0, 1]; 1 keeps a block always on"  # NaN too
+
+
+def _tolerance(value: float) -> str | None:
+    # NaN compares false with everything: `value < 0` would let it through to onnxruntime.
+    return None if math.isfinite(value) and value >= 0 else f"must be a finite number, zero or more (got {value!r})"
+
+
+# --- the options ----------------------------------------------------------------------------------------------
+
+DROP_BY_HELP = ("Which blocks go first: schedule (lowest p_l first, the deepest first among equals) or influence (the "
+                "lowest block influence on the calibration inputs first: 1 - cos(skip, block output), ShortGPT's "
+                "measure). With --drop-layers, per layer: the mean p_l of its blocks, their summed influence, or "
+                "angular (the angular distance arccos(cos)/pi between the layer's input and output hidden states, "
+                "averaged over tokens: Gromov et al.).")
+CALIBRATION_HELP = ("Inputs to measure pruning on: a file saved with torch.save holding a tensor (one positional "
+                    "input), a tuple of tensors, or a dict of tensors named as the forward's arguments (read "
+                    "weights-only). Default: 16 random samples of the input shape.")
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """How sites are chosen and gated: the options plan and inject share (inject's own ones are ignored by plan)."""
+
+    pL: float = option(0.5, "Survival probability of the last block, in (0, 1].", check=_probability)
+    rule: str = option("linear", f"Schedule: {' | '.join(RULE_NAMES)}. linear: p_l = 1 - l/L (1 - p_L).",
+                       choices=RULE_NAMES)
+    overrides: tuple[str, ...] = option((), "Override PATTERN=P for sites whose id matches the regex (re.search).",
+                                        flag="--set", key="set")
+    include: tuple[str, ...] = option((), "Gate only sites whose id matches this regex (repeatable).")
+    exclude: tuple[str, ...] = option((), "Leave sites whose id matches this regex without a gate.")
+    leaves: tuple[str, ...] = option((), "Module class (name or module.Class) that tracing must not enter.",
+                                     flag="--leaf", key="leaf")
+    capture: str = option("auto", "How to read the model's graph: fx (torch.fx, Python level), export (torch.export "
+                          "on the example inputs, ATen level: transformers models), or auto (fx if it traces the whole "
+                          "model, else export).", choices=CAPTURES)
+    keep_existing: bool = option(False, "Leave drop-path modules the model already has (timm, transformers) dropping "
+                                 "at their own rates; by default they are switched off and the gates, at the "
+                                 "schedule's rates, replace them.")
+    mode: str = option("batch", f"{' | '.join(MODES)}: one draw per step (skips compute) or per sample.",
+                       choices=MODES)
+    scaling: str = option("auto", f"{' | '.join(SCALING_CHOICES)}: paper scales each branch by p at inference "
+                          "(export folds p into the weights); inverted by 1/p in training, so the trained weights are "
+                          "the inference model. auto: inverted for a model with its own save_pretrained "
+                          "(transformers: what Trainer.save_model writes then loads right in plain transformers), "
+                          "paper otherwise.", choices=SCALING_CHOICES)  # the recipe records what auto became
+    seed: int | None = option(None, "Seed the gates' draws for reproducible runs.")
+    sync_ranks: bool = option(True, "Under torch.distributed, let each rank draw its own gates (default: all ranks "
+                              "skip the same blocks, so none straggles).", flag="--per-rank-draws", key="",
+                              negated=True)
+    # p_L over training steps, recorded in the recipe (analysis.schedule.ScheduleSpec as a dict); the command line
+    # builds it from --schedule, --theta, --gamma, --warmup and --ramp
+    schedule: dict | None = option(None, "How p_L moves over training steps.", flag="", key="")
+
+    def __post_init__(self) -> None:
+        _checked(self)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How the gated model becomes a verified ONNX file (or its plain architecture's weights)."""
+
+    fold: bool = option(True, "Fold each p_l into its branch's weights, or keep an explicit constant multiply per "
+                        "gate (same numbers; for comparison).", flag="--fold/--no-fold")
+    opset: int | None = option(None, "ONNX opset (default: the exporter's).")
+    dynamic_batch: bool = option(True, "Fix the batch axis to the example's size (default: dynamic).",
+                                 flag="--static-batch", key="static_batch", negated=True)
+    rtol: float = option(1e-4, "Relative tolerance of the onnxruntime check (widened to the dtype's precision for a "
+                         "bf16/fp16 model, and said).", check=_tolerance)
+    atol: float = option(1e-5, "Absolute tolerance of the onnxruntime check (widened likewise).", check=_tolerance)
+    compare: bool = option(False, "Also export the architecture without gates and report its node count.", key="")
+    verbose: bool = option(False, "Show the ONNX exporter's own log and warnings.", key="")
+    drop: str | None = option(None, "Prune: remove this many gated blocks (a count, or a share such as 25%) before "
+                              "folding the rest; a removed block keeps its skip (and a projection shortcut its "
+                              "projection). See --drop-by; `plan --prune-curve` shows what each count costs.",
+                              count=True)
+    drop_by: str = option("schedule", DROP_BY_HELP, choices=DROP_RULES)  # see surgery.prune
+    drop_sites: str | None = option(None, "Prune the blocks whose site id matches this regex (re.search) instead of "
+                                    "a count; `plan` lists the ids.")
+    calibration: Path | None = option(None, CALIBRATION_HELP, key="")  # default: random inputs
+    format: str = option("onnx", "What to write: onnx (a graph, verified with onnxruntime), safetensors (the original "
+                         "architecture's state_dict with p_l in the weights: load it with safetensors.torch.load_model "
+                         "into the plain model) or hf (a save_pretrained folder that plain transformers' "
+                         "from_pretrained loads). safetensors and hf need every gate folded into weights; they are "
+                         "checked by loading them back into a fresh model. hf takes pruning that removes whole layers "
+                         "(--drop-layers, or sites that make up whole layers): they are deleted, with "
+                         "num_hidden_layers and the per-layer config lists.", choices=FORMATS)
+    drop_layers: str | None = option(None, "Prune whole layers instead: remove this many (a count, or a share such "
+                                     "as 25%) of the model's layer list (the nn.ModuleList whose every element holds "
+                                     "gated blocks), every block of each, ranked per layer by --drop-by. With --format "
+                                     "hf the layers are deleted from the folder and its config.", count=True)
+
+    def __post_init__(self) -> None:
+        # Checked when made, so export's options and a batch config's keys (both built into this) are refused
+        # before any work.
+        _checked(self)
+        if self.calibration is not None and not self.prunes:
+            raise field_error(ConvertOptions, "calibration", "measures a pruned model: give it with --drop N, "
+                              "--drop-layers N or --drop-sites REGEX")
+
+    @property
+    def prunes(self) -> bool:
+        return self.drop is not None or self.drop_sites is not None or self.drop_layers is not None
+
+
+@dataclass(frozen=True)
+class CurveOptions:
+    """``plan --prune-curve``: fidelity against blocks removed, in ``drop_by``'s order, measured on ``calibration``."""
+
+    drop_by: str = option("schedule", DROP_BY_HELP, choices=DROP_RULES)
+    calibration: Path | None = option(None, CALIBRATION_HELP)
+
+    def __post_init__(self) -> None:
+        _checked(self)
+
+
+__all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "help_of", "key_of",
+           "option", "read_value", "types_of", "without_none", "words_for"]
