@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _torch
-from ..capture import in_place
+from ..attrs import resolve as _get_attr
+from ..distributed import unwatch_units
+from . import install as in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.call_trace import record_calls, returned_submodule, scaled_parameter
 from ..capture.fx import is_default_leaf, trace_eval
@@ -179,7 +181,7 @@ class Scale(nn.Module):
 
 def _graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     """(path, GraphModule) of every graph in the model: GraphModule parts, and a view of each module that
-    runs an installed graph forward (``capture.in_place``: a pass on the view changes that module)."""
+    runs an installed graph forward (``surgery.install``: a pass on the view changes that module)."""
     return [(path, in_place.view(m) if in_place.graph_forward(m) is not None else m)
             for path, m in model.named_modules()
             if isinstance(m, fx.GraphModule) or in_place.graph_forward(m) is not None]
@@ -190,13 +192,6 @@ def _gate_graphs(parts: list[tuple[str, fx.GraphModule]]) -> Iterator[tuple[str,
     for path, gm in parts:
         if any(isinstance(m, StochasticDepth) for m in gm.children()):
             yield path, gm
-
-
-def _get_attr(root: nn.Module, target: str):
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 class _Usage:
@@ -722,7 +717,7 @@ def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool
                 in_place.install(owner, gm)
     report.sites.sort(key=lambda s: s.index)
     if not in_place.rewritten(result):
-        in_place.unwatch_units(result)
+        unwatch_units(result)
     _untag(result)
     return result.eval(), report
 
