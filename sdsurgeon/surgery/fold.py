@@ -312,7 +312,8 @@ class _Walker:
             self._dead[node.graph] = dead_nodes(list(node.graph.nodes))
         return sum(u not in self._dead[node.graph] for u in node.users)
 
-    def _resolve(self, value):
+    def _outside_value(self, value):
+        # a node of a module's own graph that stands for a value of the graph around it (not an attribute path)
         return self.outside.get(value, value) if isinstance(value, fx.Node) else value
 
     def targets(self, node: fx.Node) -> list[ScaleTarget] | str:
@@ -355,7 +356,7 @@ class _Walker:
             return self._opaque(node)
         if node.op == "get_attr":
             return f"the branch ends in the attribute {node.target}"
-        return f"the branch output is one of its inputs ({describe(self._resolve(node), self.part)})"
+        return f"the branch output is one of its inputs ({describe(self._outside_value(node), self.part)})"
 
     def _inside(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | None:
         """A module call with no rule here (a leaf kept for its train/eval switch, e.g. a BatchNorm2d
@@ -416,7 +417,7 @@ class _Walker:
         if not isinstance(source, fx.Node):
             return self._opaque(node)
         if self._used(source) > 1:
-            return (f"{describe(self._resolve(source), self.part)} is used more than once in the branch, so its "
+            return (f"{describe(self._outside_value(source), self.part)} is used more than once in the branch, so its "
                     "producer cannot be scaled")
         return self.targets(source)
 
@@ -434,19 +435,19 @@ class _Walker:
         )]
 
     def _attr(self, value: fx.Node, user: fx.Node) -> ScaleTarget:
-        getattr_node = self._resolve(value)
+        getattr_node = self._outside_value(value)
         tensor = _get_attr(self.root, getattr_node.target)
         return ScaleTarget("attr", getattr_node.name, getattr_node.target, (getattr_node.target,),
                            self.usage.tensor_shared(tensor, getattr_node), user=user.name)
 
     def _is_tensor_attr(self, value) -> bool:
-        value = self._resolve(value)
+        value = self._outside_value(value)
         return (isinstance(value, fx.Node) and value.op == "get_attr"
                 and isinstance(_get_attr(self.root, value.target), torch.Tensor))
 
     def _attr_behind_views(self, value) -> fx.Node | None:
         """The tensor attribute ``value`` is a view of, each step read once (``gamma.view(1, -1, 1, 1)``)."""
-        value = self._resolve(value)
+        value = self._outside_value(value)
         if not isinstance(value, fx.Node) or not is_view(value):
             return None
         while isinstance(value, fx.Node) and is_view(value) and len(value.users) == 1:
