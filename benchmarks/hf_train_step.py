@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import sdsurgeon
 from sdsurgeon.analysis import owners
-from sdsurgeon.capture import in_place
+from sdsurgeon.surgery import install as in_place
 
 
 def main() -> None:

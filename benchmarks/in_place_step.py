@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import sdsurgeon
 from sdsurgeon.analysis import owners
-from sdsurgeon.capture import in_place
+from sdsurgeon.surgery import install as in_place
 from sdsurgeon.models import cifar_resnet
 
 

@@ -82,8 +82,11 @@ def layout_table() -> str:
     package = ROOT / "sdsurgeon"
     rows = ["| floor | module | what it owns |", "|---|---|---|"]
     for name, floor in sorted(layout.FLOORS.items(), key=lambda item: (item[1], item[0] != "__init__", item[0])):
-        if (package / name).is_dir():
-            subs = sorted(p.stem for p in (package / name).glob("*.py") if p.stem != "__init__")
+        if "." in name:  # one module placed apart from its package
+            rows.append(f"| {floor} | `{name.replace('.', '/')}.py` | {_first_line(package / (name.replace('.', '/') + '.py'))} |")
+        elif (package / name).is_dir():
+            subs = sorted(p.stem for p in (package / name).glob("*.py")
+                          if p.stem != "__init__" and f"{name}.{p.stem}" not in layout.FLOORS)
             what = _first_line(package / name / "__init__.py") + (f" ({', '.join(f'`{s}`' for s in subs)})" if subs else "")
             rows.append(f"| {floor} | `{name}/` | {what} |")
         elif (package / f"{name}.py").exists():

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from .analysis.layers import find_layers
 from .analysis.plan import Plan
 from .analysis.plan import plan as plan_model
-from .capture import in_place
+from .surgery import install as in_place
 from .capture.hf_inputs import complete_specs
 from .capture.inputs import InputSpec, make_example_inputs
 from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx

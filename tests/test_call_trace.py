@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdsurgeon import inject, plan
-from sdsurgeon.capture import in_place
+from sdsurgeon.surgery import install as in_place
 from sdsurgeon.capture.call_trace import Call, record_calls, returned_submodule, trace_call
 from sdsurgeon.errors import SpecializedCallError
 from sdsurgeon.surgery.fold import fold_with_report

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdsurgeon import StochasticDepth, find_folds, fold, fold_with_report, inject, remove_gates
-from sdsurgeon.capture import in_place
+from sdsurgeon.surgery import install as in_place
 from sdsurgeon.surgery.fold import Scale
 from zoo import POSITIVE, PlusBlock, Seq, linear_ps
 

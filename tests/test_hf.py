@@ -1063,11 +1063,11 @@ def test_each_layer_is_rewritten_in_place_and_fold_gives_the_plain_class_back(zo
     saved = zoo(case)
     injected = saved.injected
     assert type(injected) is type(saved.loaded)
-    assert [path for path, _ in sdsurgeon.capture.in_place.rewritten(injected)] == layer_paths(injected, case)
+    assert [path for path, _ in sdsurgeon.surgery.install.rewritten(injected)] == layer_paths(injected, case)
     assert [r.how for r in saved.plan.rewrites] == ["block"] * len(layer_paths(injected, case))
     assert list(injected.state_dict()) == list(saved.loaded.state_dict())
     folded = sdsurgeon.fold(injected)
-    assert type(folded) is type(injected) and not sdsurgeon.capture.in_place.rewritten(folded)
+    assert type(folded) is type(injected) and not sdsurgeon.surgery.install.rewritten(folded)
 
 
 @by_name(IN_PLACE)

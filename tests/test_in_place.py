@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import sdsurgeon
 from sdsurgeon import fold, gates, inject, plan
-from sdsurgeon.capture import in_place
+from sdsurgeon.surgery import install as in_place
 from sdsurgeon.cli import app
 from zoo import POSITIVE, PlusBlock
 
@@ -225,3 +225,13 @@ def test_blocks_of_one_class_that_trace_differently_each_get_their_own_graph():
         torch.testing.assert_close(injected(x), expected)
     graphs = [in_place.graph_forward(b).graph for b in injected]
     assert len({id(g) for g in graphs}) == 4  # a graph each, even where two blocks traced alike
+
+
+def test_names_pickled_before_the_installer_moved_still_resolve():
+    """torch.save of an injected model named sdsurgeon.capture.in_place for its graph forwards and its FSDP2 hook."""
+    import pickle
+
+    from sdsurgeon import distributed
+
+    assert pickle.loads(b"csdsurgeon.capture.in_place\n_rebuild\n.") is in_place._rebuild
+    assert pickle.loads(b"csdsurgeon.capture.in_place\nprepare_units\n.") is distributed.prepare_units

@@ -17,7 +17,7 @@ from torch.utils import _pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 import sdsurgeon
-from sdsurgeon.capture import in_place
+from sdsurgeon.surgery import install as in_place
 from models import ZOO, ZooModel
 from oracle import ScaledCalls, parent, reference
 

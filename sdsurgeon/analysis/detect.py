@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..attrs import resolve
 from ..capture.graph_facts import constant_nodes, dead_nodes, shape_only_nodes, write_edges
 from ..capture.where import describe, used_by
 
@@ -108,7 +109,7 @@ class _Graph:
     def attr_params(self, n: fx.Node) -> int:
         if n.op != "get_attr":
             return 0
-        value = _get_attr(self.gm, n.target)
+        value = resolve(self.gm, n.target)
         return value.numel() if isinstance(value, nn.Parameter) else 0
 
     def own_attr_params(self, inputs: list[fx.Node], region: set[fx.Node]) -> int:
@@ -166,13 +167,6 @@ class _Graph:
                 hanging.add(n)
                 stack += [u for u in n.users if u not in region]
         return hanging
-
-
-def _get_attr(gm: nn.Module, target: str):
-    obj = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _shortcut_chain(g: _Graph, s: fx.Node, add: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:

@@ -1,4 +1,4 @@
-"""Block influence: how much each gated block changes the residual stream on calibration inputs (read-only)."""
+"""Block influence: how much each gated block changes the residual stream on calibration inputs (runs the model; changes nothing)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def block_influence(model: nn.Module, inputs) -> dict[str, float]:
 
 def run_hooked(model: nn.Module, inputs, hooks, *, with_kwargs: bool = False) -> None:
     """One forward of ``model`` on ``inputs`` in eval, without grad, with each ``(module, hook)`` of ``hooks`` as a
-    forward hook; the hooks are removed and the modes restored after, whatever happens (read-only)."""
+    forward hook; the hooks are removed and the modes restored after, whatever happens (the model is run, never changed)."""
     args, kwargs = normalize_inputs(inputs)
     handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook in hooks]
     try:

@@ -1,5 +1,5 @@
 """The model's layer list (the ModuleList whose every element holds gated sites), the sites of each layer, and the
-angular distance each layer moves its hidden state (read-only)."""
+angular distance each layer moves its hidden state (measured by running the model; nothing is changed)."""
 
 from __future__ import annotations
 

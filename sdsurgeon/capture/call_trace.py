@@ -30,7 +30,7 @@ ROUTES = "sdsurgeon_routes"
 @has_side_effect  # a check: graph passes must keep it though nothing reads its result
 def expect_value(value: Any, expected: Any, where: str) -> None:
     """Raise unless ``value`` is the constant a rewritten forward was traced with (a graph node: runs every call)."""
-    if isinstance(value, fx.Proxy):  # the graph traced back from its code (capture.in_place): the check stays a node
+    if isinstance(value, fx.Proxy):  # the graph traced back from its code (surgery.install): the check stays a node
         return value.tracer.create_proxy("call_function", expect_value, (value, expected, where), {})
     if value is not expected and not (type(value) is type(expected) and value == expected):
         raise SpecializedCallError(
@@ -92,7 +92,7 @@ def trace_call(module: nn.Module, call: Call, leaves: Iterable[str] = ()) -> fx.
     traced), and then as few arguments fixed as that depth allows. A trace counts only if its graph
     gives what the module gives on the call (``_check_replay``). A fixed argument is checked on every call (SpecializedCallError).
     Where the forward takes ``**kwargs``, the graph's ``meta[ROUTES]`` names the modules that keywords
-    the call did not record go to (found with a probe keyword): ``capture.in_place`` passes them on.
+    the call did not record go to (found with a probe keyword): ``surgery.install`` passes them on.
     """
     if _takes_kwargs(module):  # a probe keyword shows where keywords the call did not record would go
         gm = _trace_call(module, Call(call.args, {**call.kwargs, PROBE: None}), leaves)

@@ -33,7 +33,7 @@ def batch_norm_with_stats(bn: nn.Module, x: torch.Tensor):
 torch.fx.wrap("batch_norm_with_stats")  # a call in any graph that holds it, never traced through
 
 
-def _stats_branch(branch) -> tuple[torch.fx.GraphModule, list[nn.Module]] | None:
+def stats_branch(branch) -> tuple[torch.fx.GraphModule, list[nn.Module]] | None:
     """A copy of a torch.fx branch whose batch norms return their batch statistics (see
     batch_norm_with_stats), returning ``(out, *means, *vars)``; None if torch.cond cannot take it."""
     import torch.fx as fx

@@ -1,36 +1,17 @@
-"""Keep/drop draws: each gate's RNG stream, the seed all ranks agree on, and replay under activation checkpointing."""
+"""Keep/drop draws: each gate's RNG stream (seeded alike on every rank: distributed), replay under activation checkpointing."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-import torch.distributed as dist
 
 from .. import _torch
+from ..distributed import distributed, rank, shared_seed
 from .spec import GateSpec
-
-# One seed per process group, agreed once: every rank's gates then draw the same stream.
-_SHARED_SEEDS: dict[int, int] = {}
 
 # Draws a seeded gate remembers for checkpoint recomputes: micro-batches run forward before one backward.
 REPLAY_LIMIT = 64
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def shared_seed() -> int:
-    """A seed drawn on rank 0 and broadcast once to every rank of the default process group."""
-    key = id(dist.group.WORLD)
-    if key not in _SHARED_SEEDS:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-        if dist.get_backend() == "nccl":  # nccl moves CUDA tensors only
-            seed = seed.cuda()
-        dist.broadcast(seed, src=0)
-        _SHARED_SEEDS[key] = int(seed.item())
-    return _SHARED_SEEDS[key]
 
 
 class Draws:
@@ -43,6 +24,10 @@ class Draws:
     same key and gets that draw back, whichever micro-batch or call it belongs to. The key only indexes
     this process's records; the decision still comes from the gate's stream, so ranks sharing a seed agree.
     """
+
+    # The next call's decision, drawn before the call (``draw_ahead``), as a 1-tuple; None: none is pending.
+    # A class default: gates pickled before it existed unpickle without it.
+    ahead: tuple[bool | None] | None = None
 
     def __init__(self) -> None:
         self.generator: torch.Generator | None = None
@@ -60,11 +45,11 @@ class Draws:
         """The gate's generator: seeded by ``seed``, or by a seed all ranks share; None: torch's global one."""
         if self.generator is None:
             seed = spec.seed
-            if _distributed():
+            if distributed():
                 if seed is None and spec.sync_ranks:
                     seed = shared_seed()
                 elif seed is not None and not spec.sync_ranks:
-                    seed = seed + 7_919 * dist.get_rank()  # independent, still reproducible, per rank
+                    seed = seed + 7_919 * rank()  # independent, still reproducible, per rank
             if seed is None:
                 return None
             # Distinct, reproducible stream per gate; a large odd multiplier keeps seeds from overlapping.
@@ -73,7 +58,7 @@ class Draws:
 
     def uses_global_rng(self, spec: GateSpec) -> bool:
         """Whether draws come from torch's global generator (no seed, and no seed agreed between ranks)."""
-        return spec.seed is None and not (_distributed() and spec.sync_ranks)
+        return spec.seed is None and not (distributed() and spec.sync_ranks)
 
     def rng_state(self) -> torch.Tensor | None:
         """The own stream's position; None before its first draw (it then starts from its seed again)."""
@@ -110,6 +95,19 @@ class Draws:
         """One batch-mode draw: True with probability p."""
         return spec.p >= 1.0 or bool(self.rand(spec) < spec.p)
 
+    def draw_ahead(self, spec: GateSpec, training: bool) -> bool | None:
+        """Draw the next call's batch-mode decision now (``next_decision`` hands it to that call)."""
+        decision = self.decide(spec, training, None)
+        self.ahead = (decision,)
+        return decision
+
+    def next_decision(self, spec: GateSpec, training: bool, skip: torch.Tensor) -> bool | torch.Tensor | None:
+        """This call's decision: the one drawn ahead, if any, else one drawn now (``decide``)."""
+        if self.ahead is not None:
+            (decision,), self.ahead = self.ahead, None
+            return decision
+        return self.decide(spec, training, skip)
+
     def decide(self, spec: GateSpec, training: bool, skip: torch.Tensor) -> bool | torch.Tensor | None:
         """This call's decision: keep or not (batch mode), the kept rows (row mode); None when nothing is drawn."""
         if not training or spec.p >= 1.0:
@@ -123,16 +121,16 @@ def decides_in_graph(spec: GateSpec, training: bool, has_cond_branch: bool) -> b
     """Whether a compiled model can decide this gate with torch.cond: batch mode, training, p < 1,
     unseeded, single process, and a branch torch.cond can take (``has_cond_branch``)."""
     # A seeded gate draws from its own generator, and distributed ranks must agree: both stay in Python.
-    if spec.mode != "batch" or not training or spec.p >= 1.0 or spec.seed is not None or _distributed():
+    if spec.mode != "batch" or not training or spec.p >= 1.0 or spec.seed is not None or distributed():
         return False
     if not hasattr(torch, "cond"):  # an older torch: the Python decision, with its graph break
         return False
     return has_cond_branch
 
 
-_DRAW = object()  # forward's default: draw here (a gate called directly, outside a rewritten graph)
+DRAW = object()  # forward's default: draw here (a gate called directly, outside a rewritten graph)
 
-_IN_GRAPH = object()  # draw's answer under torch.compile when the gate decides inside the graph (torch.cond)
+IN_GRAPH = object()  # draw's answer under torch.compile when the gate decides inside the graph (torch.cond)
 
 
 def draw(gate, skip: torch.Tensor):
@@ -152,7 +150,7 @@ def draw(gate, skip: torch.Tensor):
             gate = tracer.create_proxy("get_attr", tracer.path_of_module(gate), (), {})
         return tracer.create_proxy("call_function", draw, (gate, skip), {})
     if torch.compiler.is_compiling() and gate.decides_in_graph():
-        return _IN_GRAPH
+        return IN_GRAPH
     return _draw_in_python(gate, skip)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import compiled, eager
-from .decision import _DRAW, _IN_GRAPH, Draws, decides_in_graph
+from .decision import DRAW, IN_GRAPH, Draws, decides_in_graph
 from .spec import GateSpec
 
 
@@ -79,7 +79,7 @@ class StochasticDepth(nn.Module):
         object.__setattr__(self, "_spec", spec)
         object.__setattr__(self, "branch", branch)  # not a registered submodule: see class doc
         # The branch as torch.cond runs it under torch.compile (built here, never while compiling).
-        object.__setattr__(self, "_cond_branch", compiled._stats_branch(branch))
+        object.__setattr__(self, "_cond_branch", compiled.stats_branch(branch))
         object.__setattr__(self, "_cond_key", compiled.cond_key(branch))
         self._draws = Draws()
 
@@ -115,7 +115,7 @@ class StochasticDepth(nn.Module):
             state.pop("_last_draw", None)
             state["_draws"] = draws
         if "_cond_branch" not in state:
-            state["_cond_branch"] = compiled._stats_branch(state.get("branch"))
+            state["_cond_branch"] = compiled.stats_branch(state.get("branch"))
         state.setdefault("_cond_key", compiled.cond_key(state.get("branch")))
         super().__setstate__(state)
 
@@ -130,9 +130,7 @@ class StochasticDepth(nn.Module):
     def draw(self, skip: torch.Tensor) -> bool | torch.Tensor | None:
         """This call's decision: keep or not (batch mode), the kept rows (row mode); None when nothing is drawn.
         A decision drawn ahead (``draw_ahead``) is this call's."""
-        if "_ahead" in self.__dict__:
-            return self.__dict__.pop("_ahead")
-        return self._draws.decide(self._spec, self.training, skip)
+        return self._draws.next_decision(self._spec, self.training, skip)
 
     def uses_global_rng(self) -> bool:
         """Whether this gate draws from torch's global generator (unseeded, not agreeing a seed with other ranks)."""
@@ -150,9 +148,7 @@ class StochasticDepth(nn.Module):
         """Draw the next call's batch-mode decision now (a sharded unit decides before it gathers its weights)."""
         if self._spec.mode != "batch":
             raise ValueError("only a batch-mode gate decides without seeing its input")
-        decision = self._draws.decide(self._spec, self.training, None)
-        self.__dict__["_ahead"] = decision
-        return decision
+        return self._draws.draw_ahead(self._spec, self.training)
 
     def decides_in_graph(self) -> bool:
         """Whether a compiled model can decide this gate with torch.cond: batch mode, training, p < 1,
@@ -161,7 +157,7 @@ class StochasticDepth(nn.Module):
         return decides_in_graph(self._spec, self.training, self._cond_branch is not None) and \
             compiled.may_decide_in_graph(self._cond_key)
 
-    def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor, decision=_DRAW) -> torch.Tensor:
+    def forward(self, skip: torch.Tensor, *branch_inputs: torch.Tensor, decision=DRAW) -> torch.Tensor:
         """``decision``: the result of ``draw`` for this call; the rewritten graph draws it just before
         (see ``draw``, the function), so that under torch.compile the coin flip is made in Python."""
         spec = self._spec
@@ -170,9 +166,9 @@ class StochasticDepth(nn.Module):
             return skip + out * spec.p if spec.scaling == "paper" else skip + out
         if spec.p >= 1.0:
             return skip + self.branch(*branch_inputs)
-        if decision is _IN_GRAPH:
+        if decision is IN_GRAPH:
             return compiled.run_cond(spec, self._cond_branch, skip, branch_inputs, self._cond_key)
-        if decision is _DRAW:
+        if decision is DRAW:
             decision = self.draw(skip)
         if spec.mode == "batch":
             return eager.batch_forward(spec, self.branch, skip, branch_inputs, decision)

@@ -1,1 +1,1 @@
-"""Passes over the user's model: inject gates, replay a recipe, fold gates into weights."""
+"""Passes over the user's model, in place: inject gates, replay a recipe, install rewritten graphs, fold, prune."""

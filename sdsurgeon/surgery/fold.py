@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _torch
-from ..capture import in_place
+from ..attrs import resolve as _get_attr
+from ..distributed import unwatch_units
+from . import install as in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.call_trace import record_calls, returned_submodule, scaled_parameter
 from ..capture.fx import is_default_leaf, trace_eval
@@ -179,7 +181,7 @@ class Scale(nn.Module):
 
 def _graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     """(path, GraphModule) of every graph in the model: GraphModule parts, and a view of each module that
-    runs an installed graph forward (``capture.in_place``: a pass on the view changes that module)."""
+    runs an installed graph forward (``surgery.install``: a pass on the view changes that module)."""
     return [(path, in_place.view(m) if in_place.graph_forward(m) is not None else m)
             for path, m in model.named_modules()
             if isinstance(m, fx.GraphModule) or in_place.graph_forward(m) is not None]
@@ -190,13 +192,6 @@ def _gate_graphs(parts: list[tuple[str, fx.GraphModule]]) -> Iterator[tuple[str,
     for path, gm in parts:
         if any(isinstance(m, StochasticDepth) for m in gm.children()):
             yield path, gm
-
-
-def _get_attr(root: nn.Module, target: str):
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 class _Usage:
@@ -317,7 +312,8 @@ class _Walker:
             self._dead[node.graph] = dead_nodes(list(node.graph.nodes))
         return sum(u not in self._dead[node.graph] for u in node.users)
 
-    def _resolve(self, value):
+    def _outside_value(self, value):
+        # a node of a module's own graph that stands for a value of the graph around it (not an attribute path)
         return self.outside.get(value, value) if isinstance(value, fx.Node) else value
 
     def targets(self, node: fx.Node) -> list[ScaleTarget] | str:
@@ -360,7 +356,7 @@ class _Walker:
             return self._opaque(node)
         if node.op == "get_attr":
             return f"the branch ends in the attribute {node.target}"
-        return f"the branch output is one of its inputs ({describe(self._resolve(node), self.part)})"
+        return f"the branch output is one of its inputs ({describe(self._outside_value(node), self.part)})"
 
     def _inside(self, node: fx.Node, module: nn.Module) -> list[ScaleTarget] | None:
         """A module call with no rule here (a leaf kept for its train/eval switch, e.g. a BatchNorm2d
@@ -421,7 +417,7 @@ class _Walker:
         if not isinstance(source, fx.Node):
             return self._opaque(node)
         if self._used(source) > 1:
-            return (f"{describe(self._resolve(source), self.part)} is used more than once in the branch, so its "
+            return (f"{describe(self._outside_value(source), self.part)} is used more than once in the branch, so its "
                     "producer cannot be scaled")
         return self.targets(source)
 
@@ -439,19 +435,19 @@ class _Walker:
         )]
 
     def _attr(self, value: fx.Node, user: fx.Node) -> ScaleTarget:
-        getattr_node = self._resolve(value)
+        getattr_node = self._outside_value(value)
         tensor = _get_attr(self.root, getattr_node.target)
         return ScaleTarget("attr", getattr_node.name, getattr_node.target, (getattr_node.target,),
                            self.usage.tensor_shared(tensor, getattr_node), user=user.name)
 
     def _is_tensor_attr(self, value) -> bool:
-        value = self._resolve(value)
+        value = self._outside_value(value)
         return (isinstance(value, fx.Node) and value.op == "get_attr"
                 and isinstance(_get_attr(self.root, value.target), torch.Tensor))
 
     def _attr_behind_views(self, value) -> fx.Node | None:
         """The tensor attribute ``value`` is a view of, each step read once (``gamma.view(1, -1, 1, 1)``)."""
-        value = self._resolve(value)
+        value = self._outside_value(value)
         if not isinstance(value, fx.Node) or not is_view(value):
             return None
         while isinstance(value, fx.Node) and is_view(value) and len(value.users) == 1:
@@ -722,7 +718,7 @@ def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool
                 in_place.install(owner, gm)
     report.sites.sort(key=lambda s: s.index)
     if not in_place.rewritten(result):
-        in_place.unwatch_units(result)
+        unwatch_units(result)
     _untag(result)
     return result.eval(), report
 

@@ -15,7 +15,8 @@ from ..analysis.locate import locate
 from ..analysis.owners import WHOLE, rewrites, written_in_place
 from ..analysis.schedule import Override, ScheduleSpec, assign
 from ..capture.drop_path import find_drop_paths, switch_off
-from ..capture import in_place
+from ..distributed import watch_units
+from . import install as in_place
 from ..capture.fx import Capture
 from ..capture.hf_inputs import complete_specs
 from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, specs_of
@@ -54,7 +55,7 @@ def inject(
     """A copy of ``model`` whose residual blocks are gated by stochastic depth. ``model`` is unchanged.
 
     The copy is of ``model``'s own class: only the modules owning a gated add run a gated graph as
-    their forward, keeping their class (see analysis.owners and capture.in_place); an ATen-level
+    their forward, keeping their class (see analysis.owners and surgery.install); an ATen-level
     torch.export capture is the exception, returned as a GraphModule. The result has exactly the
     state_dict keys and tensors of ``model``; it carries its recipe as
     ``result.sdsurgeon_recipe`` so it can be saved weights-only and rebuilt. ``example_inputs`` (a
@@ -164,7 +165,7 @@ def _check_gate_options(mode: str, scaling: str) -> None:
 
 def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float]], recipe: Recipe) -> nn.Module:
     """Gate each rewrite's sites and put it in place: a block or a captured part keeps its class and runs
-    its gated graph (``capture.in_place``); an ATen capture is replaced by its GraphModule."""
+    its gated graph (``surgery.install``); an ATen capture is replaced by its GraphModule."""
     p_of = {s.id: p for s, p in chosen}
     result = work
     examples = make_example_inputs(recipe.inputs) if recipe.inputs else None
@@ -179,7 +180,7 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
             for depth in range(len(names)):  # the modules around it: none may bypass its forward
                 call_children_always(work.get_submodule(".".join(names[:depth])))
     if in_place.rewritten(result):
-        in_place.watch_units(result)  # FSDP2 units whose gates all drop are then not called at all
+        watch_units(result)  # FSDP2 units whose gates all drop are then not called at all
     tag(result, RECIPE_ATTR, recipe)
     carry_recipe(result, recipe.to_dict())  # save_pretrained writes it to config.json: sdsurgeon.load regates
     for name in ("sdsurgeon_source",):
