@@ -393,7 +393,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     specs = complete_specs(model, specs)
     if specs is None:
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
-    example = make_example_inputs(specs)
+    # the tensors the load's capture and the fold already ran on, when the specs are the recipe's: one draw per job
+    example = recipe.examples() if recipe is not None and recipe.inputs == specs else make_example_inputs(specs)
     if fmt != "onnx":
         held = [model]  # loaded here (ref): _convert_plain lets it go before loading back what it wrote
         del model

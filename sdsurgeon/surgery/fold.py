@@ -19,7 +19,6 @@ from ..capture import in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.call_trace import record_calls, returned_submodule, scaled_parameter
 from ..capture.fx import is_default_leaf, trace_eval
-from ..capture.inputs import make_example_inputs
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
 from ..capture.where import describe
 from ..gate import StochasticDepth
@@ -292,7 +291,7 @@ class _Observed:
     def _call(self, path: str):
         if self._calls is None:
             recipe = getattr(self.model, RECIPE_ATTR, None)
-            inputs = make_example_inputs(recipe.inputs) if recipe is not None and recipe.inputs else None
+            inputs = recipe.examples() if recipe is not None else None
             called = {".".join(p for p in (part, n.target) if p)
                       for part, gm in self.parts for graph, root in _graphs_with_branches(gm) for n in graph.nodes
                       if n.op == "call_module" and not is_default_leaf(root.get_submodule(n.target))}

@@ -116,7 +116,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, in_place: bool = False) ->
     work = model if in_place else copy.deepcopy(model)
     if not recipe.keep_existing:
         switch_off(work)
-    example_inputs = make_example_inputs(recipe.inputs) if recipe.inputs else None
+    example_inputs = recipe.examples() if recipe.inputs else None
     if recipe.capture == "fx":
         example_inputs = None  # as before export capture existed: fx sites never needed inputs to match
     cap, sites = locate(work, recipe.leaves, example_inputs, method=recipe.capture)
@@ -162,7 +162,7 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
     its gated graph (``capture.in_place``); an ATen capture is replaced by its GraphModule."""
     p_of = {s.id: p for s, p in chosen}
     result = work
-    examples = make_example_inputs(recipe.inputs) if recipe.inputs else None
+    examples = recipe.examples() if recipe.inputs else None  # the capture's, when it had them: made once
     for rewrite in rewrites(work, cap, [s for s, _ in chosen], recipe.leaves, examples):
         gate_sites(rewrite.gm, [(s, p_of[s.id]) for s in rewrite.sites], mode=recipe.mode, scaling=recipe.scaling,
                    seed=recipe.seed, sync_ranks=recipe.sync_ranks, copy_skip=rewrite.copy_skip)
