@@ -150,6 +150,13 @@ class FoldReport:
     def dropped(self) -> list[FoldedSite]:
         return [s for s in self.sites if s.how == "dropped"]
 
+    @property
+    def ungated_ops(self) -> bool:
+        """Every gate went into unshared weights or away (none dropped, no multiply, no copy): each owner runs its
+        own code again (``fold_with_report`` uninstalls its graph), so the folded model runs the ungated
+        architecture's ops, op for op, and only weight values differ (an export's node count is the same)."""
+        return all(s.how == "none" or (s.how == "weights" and not s.copied) for s in self.sites)
+
     def to_dict(self) -> dict:
         return {"num_gates": len(self.sites), "num_folded": len(self.folded), "num_multiplies": len(self.multiplies),
                 "num_dropped": len(self.dropped), "sites": [s.to_dict() for s in self.sites]}
