@@ -1,10 +1,11 @@
-"""`export --fold` of a recorded surgery (.sd.pt) on two checkouts, alternated: wall time and the walk's captures/traces.
+"""`export --fold` of a recorded .sd.pt on two checkouts, alternated: wall time and the walk's traces and captures.
 
-Run: .venv/bin/python benchmarks/export_walk.py --base /tmp/base-export   (main: `git worktree add --detach /tmp/base-export main`)
-     (--rounds 1 for a quick smoke run; --help for options)
+Run: .venv/bin/python benchmarks/export_walk.py --base /tmp/base-export   (--rounds 1 for a quick smoke run)
+     the base is a checkout of main: `git worktree add --detach /tmp/base-export main`
+     (--models resnet110 for one model; --help for options)
 
 Models: CIFAR ResNet-110 (sdsurgeon.models, 54 blocks) and an 8-layer tiny random Llama (transformers, as
-tests/hf_zoo.py builds it, 16 blocks), each injected once here and saved as .sd.pt. Each side is a fresh
+tests/hf_zoo.py builds it, 16 blocks), each injected once here and saved as .sd.pt (resnet110-compare: that file exported with --compare). Each side is a fresh
 interpreter (the checkout on PYTHONPATH) that runs pipeline.convert on that file and counts, by wrapping the
 functions where they are called: fx traces (torch.fx.Tracer.trace), torch.export captures outside the ONNX
 exporter, ONNX exports, StochasticDepth gates built, example inputs made (make_example_inputs) and residual
@@ -70,11 +71,12 @@ for name, module in list(sys.modules.items()):
         for attr, value in list(vars(module).items()):
             if id(value) in wrapped:
                 setattr(module, attr, wrapped[id(value)])
-path, out = sys.argv[1], sys.argv[2]
+path, out, compare = sys.argv[1], sys.argv[2], sys.argv[3] == "compare"
 t = time.perf_counter()
-result = pipeline.convert(pipeline.ModelRef(path=path), output=out)
+result = pipeline.convert(pipeline.ModelRef(path=path), pipeline.ConvertOptions(compare=compare), output=out)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "gates": len(result.report.sites), "nodes": result.exported.nodes,
+                  "original_nodes": result.original_nodes,
                   "max_abs_error": result.checked.max_abs, "file": sdsurgeon.__file__, **counts}))
 """
 
@@ -87,7 +89,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--after", type=Path, default=Path(__file__).resolve().parents[1],
                     help="the checkout measured as 'after' (default: this one)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds, one export of each side each")
-    ap.add_argument("--models", nargs="+", default=["resnet110", "llama8"], choices=["resnet110", "llama8"])
+    kinds = ["resnet110", "llama8", "resnet110-compare"]
+    ap.add_argument("--models", nargs="+", default=kinds, choices=kinds,
+                    help="resnet110-compare: the ResNet-110 file exported with --compare")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     return ap.parse_args()
 
@@ -101,9 +105,12 @@ def make_models(folder: Path, names: list[str]) -> dict[str, Path]:
 
     made = {}
     for name in names:
+        if name.endswith("-compare"):
+            continue
         torch.manual_seed(0)
         if name == "resnet110":
-            model = sdsurgeon.load(arch="sdsurgeon.models:cifar_resnet", arch_kwargs={"depth": 110}, remember_arch=False)
+            model = sdsurgeon.load(arch="sdsurgeon.models:cifar_resnet", arch_kwargs={"depth": 110},
+                                   remember_arch=False)
             specs = [InputSpec(None, (1, 3, 32, 32))]
         else:
             import transformers
@@ -120,10 +127,11 @@ def make_models(folder: Path, names: list[str]) -> dict[str, Path]:
     return made
 
 
-def run_side(checkout: Path, model: Path, out: Path) -> dict:
+def run_side(checkout: Path, model: Path, out: Path, compare: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(model), str(out)], capture_output=True, text=True,
-                          env=env, cwd=out.parent, check=False)  # captured: the exporter's log, not the figures
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(model), str(out), "compare" if compare else "-"],
+                          capture_output=True, text=True, env=env, cwd=out.parent,
+                          check=False)  # captured: the exporter's log, not the figures
     if proc.returncode:
         raise SystemExit(f"{checkout}: export of {model.name} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -139,33 +147,34 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        models = make_models(work, args.models)
+        made = make_models(work, list(dict.fromkeys(m.removesuffix("-compare") for m in args.models)))
         results = {}
-        for name, path in models.items():
+        for name in args.models:
+            path, compare = made[name.removesuffix("-compare")], name.endswith("-compare")
             sides: dict[str, list[dict]] = {"before": [], "after": []}
             for r in range(args.rounds):
                 order = ("before", "after") if r % 2 == 0 else ("after", "before")  # alternated: no side always first
                 for side in order:
                     checkout = args.base if side == "before" else args.after
-                    sides[side].append(run_side(checkout, path, work / f"{name}-{side}-{r}.onnx"))
+                    sides[side].append(run_side(checkout, path, work / f"{name}-{side}-{r}.onnx", compare))
             ratios = [a["seconds"] / b["seconds"] for a, b in zip(sides["after"], sides["before"])]
             results[name] = {
                 "before": {"median_s": round(statistics.median(s["seconds"] for s in sides["before"]), 3),
-                           **{k: sides["before"][0][k] for k in COUNTS + ("gates", "nodes")}},
+                           **{k: sides["before"][0][k] for k in COUNTS + ("gates", "nodes", "original_nodes")}},
                 "after": {"median_s": round(statistics.median(s["seconds"] for s in sides["after"]), 3),
-                          **{k: sides["after"][0][k] for k in COUNTS + ("gates", "nodes")}},
+                          **{k: sides["after"][0][k] for k in COUNTS + ("gates", "nodes", "original_nodes")}},
                 "median_ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
             }
     res = {"rounds": args.rounds, "torch": torch.__version__, "cpus": os.cpu_count(), "models": results}
     print(json.dumps(res))
     if args.json:
         return
-    print(f"\n{'model':<10} {'side':<7} {'median s':>9} " + " ".join(f"{k:>14}" for k in COUNTS))
+    print(f"\n{'model':<18} {'side':<7} {'median s':>9} " + " ".join(f"{k:>14}" for k in COUNTS))
     for name, r in results.items():
         for side in ("before", "after"):
             s = r[side]
-            print(f"{name:<10} {side:<7} {s['median_s']:>9.3f} " + " ".join(f"{s[k]:>14}" for k in COUNTS))
-        print(f"{name:<10} ratio after/before (median of rounds): {r['median_ratio']:.3f}")
+            print(f"{name:<18} {side:<7} {s['median_s']:>9.3f} " + " ".join(f"{s[k]:>14}" for k in COUNTS))
+        print(f"{name:<18} ratio after/before (median of rounds): {r['median_ratio']:.3f}")
 
 
 if __name__ == "__main__":

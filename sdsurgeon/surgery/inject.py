@@ -78,8 +78,9 @@ def inject(
         schedule = ScheduleSpec.from_dict(schedule)
     overrides = [o if isinstance(o, Override) else Override.parse(o) for o in overrides]
     work = model if in_place else copy.deepcopy(model)
+    drawn = None
     if example_inputs is None and inputs is not None:
-        example_inputs = make_example_inputs(inputs)
+        example_inputs = drawn = make_example_inputs(inputs)
     replaced = [] if keep_existing else switch_off(work)
     cap, sites = locate(work, leaves, example_inputs, method=capture, progress=progress)
     if inputs is None and example_inputs is not None:
@@ -101,6 +102,8 @@ def inject(
         capture=cap.method, keep_existing=keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
         schedule=None if schedule is None else schedule.to_dict(),
     )
+    if drawn is not None and recipe.inputs == list(inputs):  # the rewrite takes the capture's draw: one per job
+        recipe.keep_examples(drawn)
     with progress.stage("rewrite the blocks"):
         return _apply(work, cap, chosen, recipe)
 

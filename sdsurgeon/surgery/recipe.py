@@ -35,10 +35,13 @@ class Recipe:
             return None
         made = self.__dict__.get("_examples")
         if made is None or made[0] != self.inputs:  # the specs it was made from, should a caller replace them
-            made = (list(self.inputs), make_example_inputs(self.inputs))
-            # not a field: to_dict and asdict leave it out; a deep copy of the model (the fold's) copies them
-            self.__dict__["_examples"] = made
-        return made[1]
+            self.keep_examples(make_example_inputs(self.inputs))
+        return self.__dict__["_examples"][1]
+
+    def keep_examples(self, examples: ExampleInputs) -> None:
+        """Take ``examples`` as the ones its input specs make (a caller that drew them from these specs already)."""
+        # not a field: to_dict and asdict leave it out; a deep copy of the model (the fold's) copies them
+        self.__dict__["_examples"] = (list(self.inputs), examples)
 
     def to_dict(self) -> dict:
         d = asdict(self)
