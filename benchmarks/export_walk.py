@@ -101,6 +101,7 @@ def make_models(folder: Path, names: list[str]) -> dict[str, Path]:
     import torch
 
     import sdsurgeon
+    from sdsurgeon.capture.hf_inputs import complete_specs
     from sdsurgeon.capture.inputs import InputSpec
 
     made = {}
@@ -121,6 +122,7 @@ def make_models(folder: Path, names: list[str]) -> dict[str, Path]:
             transformers.LlamaForCausalLM(config).save_pretrained(folder / "llama8")
             model = sdsurgeon.load(folder / "llama8")
             specs = [InputSpec.parse("input_ids:2,12:int64")]
+        specs = complete_specs(model, specs)  # as the CLI's inject records them (a token input's range from the config)
         gated = sdsurgeon.inject(model, 0.5, inputs=specs, seed=0)
         made[name] = folder / f"{name}.sd.pt"
         sdsurgeon.save(gated, made[name])
