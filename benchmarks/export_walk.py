@@ -5,12 +5,13 @@ Run: .venv/bin/python benchmarks/export_walk.py --base /tmp/base-export   (--rou
      (--models resnet110 for one model; --help for options)
 
 Models: CIFAR ResNet-110 (sdsurgeon.models, 54 blocks) and an 8-layer tiny random Llama (transformers, as
-tests/hf_zoo.py builds it, 16 blocks), each injected once here and saved as .sd.pt (resnet110-compare: that file exported with --compare). Each side is a fresh
-interpreter (the checkout on PYTHONPATH) that runs pipeline.convert on that file and counts, by wrapping the
-functions where they are called: fx traces (torch.fx.Tracer.trace), torch.export captures outside the ONNX
-exporter, ONNX exports, StochasticDepth gates built, example inputs made (make_example_inputs) and residual
-searches (analysis.locate.locate). Wall time is the convert call alone (load + fold + export + verify), and the
-ratio is taken per round, after / before, so both sides share the machine's state.
+tests/hf_zoo.py builds it, 16 blocks), each injected once here and saved as .sd.pt; resnet110-compare is that
+file exported with --compare. Each side is a fresh interpreter (the checkout on PYTHONPATH) that runs
+pipeline.convert on the file and counts, by wrapping the functions where they are called: fx traces
+(torch.fx.Tracer.trace), torch.export captures outside the ONNX exporter, ONNX exports, StochasticDepth gates
+built, example inputs made (make_example_inputs) and residual searches (analysis.locate.locate). Wall time is
+the convert call alone (load + fold + export + verify); the ratio is taken per round, after / before, so both
+sides share the machine's state.
 """
 
 from __future__ import annotations
