@@ -323,7 +323,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     specs = complete_specs(model, specs)
     if specs is None:
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
-    example = make_example_inputs(specs)
+    # the tensors the load's capture and the fold already ran on, when the specs are the recipe's: one draw per job
+    example = recipe.examples() if recipe is not None and recipe.inputs == specs else make_example_inputs(specs)
     if fmt != "onnx":
         held = [model]  # loaded here (ref): _convert_plain lets it go before loading back what it wrote
         del model
@@ -352,15 +353,20 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
             folded = None  # its weights (a copy) are not needed now: freed before onnxruntime loads its own
             gc.collect()
             checked = verify(reference, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
-        unpruned_nodes = None
+        unpruned_nodes = unpruned_report = None
         if pruned is not None:  # before the outputs appear: a failure here leaves none
             with tempfile.TemporaryDirectory() as tmp, progress.stage("export the unpruned model (node count)"):
-                unpruned_nodes = export_onnx(fold_with_report(model, into_weights=options.fold)[0], example,
-                                             Path(tmp) / "unpruned.onnx", opset=options.opset,
+                unpruned, unpruned_report = fold_with_report(model, into_weights=options.fold)
+                unpruned_nodes = export_onnx(unpruned, example, Path(tmp) / "unpruned.onnx", opset=options.opset,
                                              dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
+                unpruned = None  # a copy of the weights: let go before anything else runs
     exported.path = str(target)
     original_nodes = None
-    if options.compare:
+    if options.compare and (report if unpruned_report is None else unpruned_report).ungated_ops:
+        # the model folded (unpruned) runs the ungated architecture's ops, op for op: its export's count is the
+        # original's, so --compare reuses that export instead of removing the gates and exporting once more
+        original_nodes = exported.nodes if pruned is None else unpruned_nodes
+    elif options.compare:  # a multiply or a copied weight stayed: the ungated model is exported for its count
         with tempfile.TemporaryDirectory() as tmp, progress.stage("export the model without gates (--compare)"):
             original = remove_gates(model) if report.sites else model
             original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=options.opset,

@@ -21,7 +21,6 @@ from . import install as in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.call_trace import record_calls, returned_submodule, scaled_parameter
 from ..capture.fx import is_default_leaf, trace_eval
-from ..capture.inputs import make_example_inputs
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
 from ..capture.where import describe
 from ..gate import StochasticDepth
@@ -152,6 +151,13 @@ class FoldReport:
     @property
     def dropped(self) -> list[FoldedSite]:
         return [s for s in self.sites if s.how == "dropped"]
+
+    @property
+    def ungated_ops(self) -> bool:
+        """Every gate went into unshared weights or away (none dropped, no multiply, no copy): each owner runs its
+        own code again (``fold_with_report`` uninstalls its graph), so the folded model runs the ungated
+        architecture's ops, op for op, and only weight values differ (an export's node count is the same)."""
+        return all(s.how == "none" or (s.how == "weights" and not s.copied) for s in self.sites)
 
     def to_dict(self) -> dict:
         return {"num_gates": len(self.sites), "num_folded": len(self.folded), "num_multiplies": len(self.multiplies),
@@ -287,7 +293,7 @@ class _Observed:
     def _call(self, path: str):
         if self._calls is None:
             recipe = getattr(self.model, RECIPE_ATTR, None)
-            inputs = make_example_inputs(recipe.inputs) if recipe is not None and recipe.inputs else None
+            inputs = recipe.examples() if recipe is not None else None
             called = {".".join(p for p in (part, n.target) if p)
                       for part, gm in self.parts for graph, root in _graphs_with_branches(gm) for n in graph.nodes
                       if n.op == "call_module" and not is_default_leaf(root.get_submodule(n.target))}

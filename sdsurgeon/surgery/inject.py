@@ -84,8 +84,9 @@ def inject(
     schedule = None if o.schedule is None else ScheduleSpec.from_dict(o.schedule)
     overrides = [x if isinstance(x, Override) else Override.parse(x) for x in o.overrides]
     work = model if in_place else copy.deepcopy(model)
+    drawn = None
     if example_inputs is None and inputs is not None:
-        example_inputs = make_example_inputs(inputs)
+        example_inputs = drawn = make_example_inputs(inputs)
     replaced = [] if o.keep_existing else switch_off(work)
     cap, sites = locate(work, o.leaves, example_inputs, method=o.capture, progress=progress)
     if inputs is None and example_inputs is not None:
@@ -107,6 +108,8 @@ def inject(
         capture=cap.method, keep_existing=o.keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
         schedule=None if schedule is None else schedule.to_dict(),
     )
+    if drawn is not None and recipe.inputs == list(inputs):  # the rewrite takes the capture's draw: one per job
+        recipe.keep_examples(drawn)
     with progress.stage("rewrite the blocks"):
         return _apply(work, cap, chosen, recipe)
 
@@ -122,7 +125,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, in_place: bool = False) ->
     work = model if in_place else copy.deepcopy(model)
     if not recipe.keep_existing:
         switch_off(work)
-    example_inputs = make_example_inputs(recipe.inputs) if recipe.inputs else None
+    example_inputs = recipe.examples() if recipe.inputs else None
     if recipe.capture == "fx":
         example_inputs = None  # as before export capture existed: fx sites never needed inputs to match
     cap, sites = locate(work, recipe.leaves, example_inputs, method=recipe.capture)
@@ -168,7 +171,7 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
     its gated graph (``surgery.install``); an ATen capture is replaced by its GraphModule."""
     p_of = {s.id: p for s, p in chosen}
     result = work
-    examples = make_example_inputs(recipe.inputs) if recipe.inputs else None
+    examples = recipe.examples() if recipe.inputs else None  # the capture's, when it had them: made once
     for rewrite in rewrites(work, cap, [s for s, _ in chosen], recipe.leaves, examples):
         gate_sites(rewrite.gm, [(s, p_of[s.id]) for s in rewrite.sites], mode=recipe.mode, scaling=recipe.scaling,
                    seed=recipe.seed, sync_ranks=recipe.sync_ranks, copy_skip=rewrite.copy_skip)
