@@ -28,6 +28,7 @@ _PUBLIC = {
     "register_leaf": ".capture.fx",
     "InputSpec": ".capture.inputs",
     "export_onnx": ".deploy.export",
+    "SurgeryOptions": ".options", "ConvertOptions": ".options",
     "verify": ".deploy.verify",
     "SurgeonError": ".errors",
     "StochasticDepth": ".gate",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # what type checkers and editors read; the same names as _PUB
     from .gate import StochasticDepth
     from .io.checkpoint import load_weights
     from .io.trust import trust
+    from .options import ConvertOptions, SurgeryOptions
     from .schedules import load_training_state, training_state
     from .sdfile import load, save
     from .surgery.fold import find_folds, fold, fold_with_report, remove_gates
@@ -81,6 +83,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ConvertOptions",
     "InputSpec",
     "Plan",
     "PruneReport",
@@ -88,6 +91,7 @@ __all__ = [
     "ResidualSite",
     "StochasticDepth",
     "SurgeonError",
+    "SurgeryOptions",
     "apply_recipe",
     "block_influence",
     "export_onnx",
