@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import assert_ok, invoke
 from sdsurgeon import pipeline
@@ -153,9 +154,30 @@ def test_convert_reports_load_fold_export_and_verify(tmp_path):
     pipeline.convert(pipeline.ModelRef(arch="archs:tiny_resnet"), pipeline.ConvertOptions(compare=True),
                      [InputSpec(None, (2, 8))], output=tmp_path / "m.onnx", timings=timings,
                      progress=progress)
-    progress.assert_started_in_order("load model", "fold the gates", "export ONNX", "verify with onnxruntime",
-                                     "export the model without gates (--compare)")
+    progress.assert_started_in_order("load model", "fold the gates", "export ONNX", "verify with onnxruntime")
+    # a model without gates: the export already is the ungated model's, so --compare takes its node count from it
+    assert "export the model without gates (--compare)" not in progress.started()
     assert set(timings) == {"load", "fold", "export", "verify"}  # the keys batch's records use, unchanged
+    progress.assert_nested()
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+def test_compare_exports_the_ungated_model_again_only_when_the_gates_left_ops_behind(fold, tmp_path):
+    import sdsurgeon
+    from archs import tiny_resnet
+
+    gated = sdsurgeon.inject(tiny_resnet(), 0.5, example_inputs=torch.randn(2, 8))
+    progress = Recording()
+    result = pipeline.convert(gated, pipeline.ConvertOptions(compare=True, fold=fold), [InputSpec(None, (2, 8))],
+                              output=tmp_path / "m.onnx", progress=progress)
+    compare = "export the model without gates (--compare)"
+    # folded into weights, each block runs its own code again: the export already has the ungated ops; kept as
+    # multiplies (--no-fold), it does not, and the ungated model is exported for its count
+    assert (compare in progress.started()) is (not fold)
+    assert (result.original_nodes == result.exported.nodes) is fold
+    plain = sdsurgeon.export_onnx(tiny_resnet(), torch.randn(2, 8), tmp_path / "plain.onnx")
+    assert result.original_nodes == plain.nodes  # the count --compare reports is the ungated architecture's
     progress.assert_nested()
 
 
