@@ -80,6 +80,15 @@ def tv_vit_branches(model: nn.Module) -> list[str]:
     return [f"{p}.{c}" for p, _ in _named(model, ("EncoderBlock",)) for c in ("dropout", "mlp")]
 
 
+def tv_video_resnet_branches(model: nn.Module) -> list[str]:
+    # torchvision.models.video.resnet: BasicBlock's out = conv2(conv1(x)); out += residual. Bottleneck's the
+    # same after conv3. Each is a Sequential ending in its BatchNorm3d, so its output is the branch's.
+    out = []
+    for p, m in _named(model, ("BasicBlock", "Bottleneck")):
+        out.append(f"{p}.conv3" if type(m).__name__ == "Bottleneck" else f"{p}.conv2")
+    return out
+
+
 def timm_convmixer_branches(model: nn.Module) -> list[str]:
     return [f"{p}.fn" for p, _ in _named(model, ("Residual",))]
 
@@ -126,6 +135,21 @@ def tv_swin_small() -> nn.Module:
     # swin_t's blocks (window and shifted window) in 2 stages, window 4 on a 32x32 image
     return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=[4, 4],
                            stochastic_depth_prob=DROP, num_classes=10)
+
+
+def tv_deeplabv3_mobilenet_v3() -> nn.Module:
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    # the registry's model as it is (dilated MobileNetV3-Large backbone, ASPP head); its output is {"out": ...}
+    return deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
+
+
+def tv_r3d_small() -> nn.Module:
+    from torchvision.models.video.resnet import BasicBlock, BasicStem, Conv3DSimple, VideoResNet
+
+    # r3d_18's stem, block and 3x3x3 convolutions, one block a stage (its widths are fixed at 64-512).
+    # r2plus1d_18 has the same blocks with twice the convolutions and batch norms: slower, no new kind of site.
+    return VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem, num_classes=10)
 
 
 # The registry functions below fix depth/width in their own kwargs (a second value is a TypeError), so
@@ -200,6 +224,12 @@ ZOO: list[ZooModel] = [
     ZooModel("tv_swin_t", tv_swin_small, (2, 3, 32, 32)),
     ZooModel("tv_regnet_y_400mf", lambda: _tv("regnet_y_400mf"), (2, 3, 32, 32), branches=tv_regnet_branches,
              how="ResBottleneckBlock blocks (no drop path)"),
+    # segmentation: a dict output; the backbone's blocks are the sites, the ASPP head concatenates (no add)
+    ZooModel("tv_deeplabv3_mobilenet_v3", tv_deeplabv3_mobilenet_v3, (2, 3, 32, 32),
+             branches=tv_mobilenet_v3_branches, how="InvertedResidual.use_res_connect (no drop path)"),
+    # video: (B, C, T, H, W) clips through 3-D batch norms
+    ZooModel("tv_r3d_18", tv_r3d_small, (2, 3, 4, 16, 16), branches=tv_video_resnet_branches,
+             how="video BasicBlock/Bottleneck blocks (no drop path)"),
 ]
 
 BY_ID = {z.id: z for z in ZOO}
