@@ -134,3 +134,19 @@ def test_docs_page_commands_run(page, tmp_path):
         assert (tmp_path / name).exists(), name
     if page == "python-api.md":
         assert "<svg" in (tmp_path / "schedule.svg").read_text()  # plot_schedule
+
+
+# README's first command, `make demo`, is this script: the main job end to end on the built-in ResNet-110.
+@pytest.mark.onnx
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_make_demo_runs_the_main_job_end_to_end(tmp_path):
+    assert "examples/quickstart.py" in (ROOT / "Makefile").read_text()  # what `make demo` runs
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("resnet110.pt", "resnet110.sd.pt", "trained.pt", "resnet110.onnx"):
+        assert (tmp_path / name).is_file(), name
+    # a CIFAR ResNet-110 has 3 stages of 18 basic blocks: 54 residual adds, every one gated and folded
+    assert re.search(r"residual sites gated:\s+54 of 54", done.stdout), done.stdout[-2000:]
+    assert "folded 54 of 54 gates into weights; 0 kept as a multiply" in done.stdout
