@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _torch
-from ..attrs import resolve as _get_attr
+from ..attrs import resolve
 from ..distributed import unwatch_units
 from . import install as in_place
 from ..capture.drop_path import is_drop_path
@@ -215,7 +215,7 @@ class _Usage:
                     if n.op == "call_module":
                         self.calls[id(root.get_submodule(n.target))] += 1
                     elif n.op == "get_attr":
-                        self.reads[id(_get_attr(root, n.target))] += 1
+                        self.reads[id(resolve(root, n.target))] += 1
 
     def module_shared(self, module: nn.Module, params: Sequence[torch.Tensor]) -> bool:
         return (self.paths[id(module)] > 1 or self.calls[id(module)] > 1
@@ -382,7 +382,7 @@ class _Walker:
         if isinstance(found, str) or any(t.kind != "attr" for t in found):
             return None
         params = tuple(f"{target}.{t.target}" for t in found)
-        tensors = [_get_attr(inner, t.target) for t in found]
+        tensors = [resolve(inner, t.target) for t in found]
         shared = self.usage.module_shared(module, tensors) or any(t.shared for t in found)
         return [ScaleTarget("module", node_name, target, params, shared)]
 
@@ -442,14 +442,14 @@ class _Walker:
 
     def _attr(self, value: fx.Node, user: fx.Node) -> ScaleTarget:
         getattr_node = self._outside_value(value)
-        tensor = _get_attr(self.root, getattr_node.target)
+        tensor = resolve(self.root, getattr_node.target)
         return ScaleTarget("attr", getattr_node.name, getattr_node.target, (getattr_node.target,),
                            self.usage.tensor_shared(tensor, getattr_node), user=user.name)
 
     def _is_tensor_attr(self, value) -> bool:
         value = self._outside_value(value)
         return (isinstance(value, fx.Node) and value.op == "get_attr"
-                and isinstance(_get_attr(self.root, value.target), torch.Tensor))
+                and isinstance(resolve(self.root, value.target), torch.Tensor))
 
     def _attr_behind_views(self, value) -> fx.Node | None:
         """The tensor attribute ``value`` is a view of, each step read once (``gamma.view(1, -1, 1, 1)``)."""
@@ -671,10 +671,10 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
                 names = list(target.params)
             with torch.no_grad():
                 for n in names:
-                    _get_attr(gm, n).mul_(site.p)
+                    resolve(gm, n).mul_(site.p)
             scaled += [qualified(n) for n in names]
         else:
-            tensor = _get_attr(gm, target.target)
+            tensor = resolve(gm, target.target)
             name = target.target
             if target.shared:  # a private copy, read by this branch's node alone
                 name = f"sd_fold_{site.index}_{k}"
@@ -691,7 +691,7 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
                     graph.erase_node(old)
                 copied.append(qualified(target.target))
             with torch.no_grad():
-                _get_attr(gm, name).mul_(site.p)
+                resolve(gm, name).mul_(site.p)
             scaled.append(qualified(name))
     return FoldedSite(site.id, site.index, site.p, "weights", tuple(scaled), tuple(copied)), out
 
