@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -148,6 +149,74 @@ def _tolerance(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else f"must be a finite number, zero or more (got {value!r})"
 
 
+def read_count(text: Any, total: int | None = None, counted: str = "gated blocks") -> tuple[str, float]:
+    """``("count", n)`` or ``("share", percent)`` of a drop option's value: a whole count >= 0 (at most ``total``,
+    when known) or a share from 0% to 100%; ValueError with what was expected otherwise."""
+    text = str(text).strip()
+    most = "" if total is None else f" to {total} (the model's {counted})"
+    problem = f"{text!r}: expected a count from 0{most} or a share from 0% to 100%, e.g. 13 or 25%"
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0.0 <= share <= 100.0:  # NaN too
+                raise ValueError
+            return "share", share
+        count = int(text)
+    except ValueError:
+        raise ValueError(problem) from None
+    if count < 0 or (total is not None and count > total):
+        raise ValueError(problem)
+    return "count", count
+
+
+def _count(value: str) -> str | None:
+    try:
+        read_count(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a regular expression, or None."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a valid regular expression: {exc}"
+    return None
+
+
+def gives(drop: Any) -> bool:
+    """Whether a drop count was given: None, "" and 0 remove nothing, so they name no choice."""
+    return drop is not None and str(drop).strip() not in ("0", "")
+
+
+def pruning_conflict(drop: Any, sites: str | None, layers: Any) -> tuple[str, str] | None:
+    """(field, why) when more than one way of choosing what to remove is given, else None: the one rule the options
+    and ``surgery.prune`` both keep."""
+    if layers is not None and (sites is not None or gives(drop)):
+        other = "drop_sites" if sites is not None else "drop"
+        return "drop_layers", f"counts whole layers and {flag_of(ConvertOptions, other)} chooses blocks: give one of them"
+    if sites is not None and gives(drop):
+        return "drop_sites", f"names the blocks itself: give it or {flag_of(ConvertOptions, 'drop')}, not both"
+    return None
+
+
+def in_keys(text: str, *classes: type) -> str:
+    """``text`` with each command-line flag of ``classes``' fields spelled as its batch config key, for a message
+    a config reader shows (``--drop-sites`` -> ``drop_sites``); flags without a key stay."""
+    spelled = {}
+    for cls in classes:
+        for f in fields(cls):
+            flag, key = flag_of(cls, f.name), key_of(cls, f.name)
+            if key and flag.startswith("--") and "/" not in flag:
+                spelled[flag] = key
+    if not spelled:
+        return text
+    flags = sorted(spelled, key=len, reverse=True)  # --drop-sites before --drop
+    return re.sub("|".join(re.escape(f) + r"(?![\w-])" for f in flags), lambda m: spelled[m.group(0)], text)
+
+
 # --- the options ----------------------------------------------------------------------------------------------
 
 DROP_BY_HELP = ("Which blocks go first: schedule (lowest p_l first, the deepest first among equals) or influence (the "
@@ -215,10 +284,10 @@ class ConvertOptions:
     drop: str | None = option(None, "Prune: remove this many gated blocks (a count, or a share such as 25%) before "
                               "folding the rest; a removed block keeps its skip (and a projection shortcut its "
                               "projection). See --drop-by; `plan --prune-curve` shows what each count costs.",
-                              count=True)
+                              count=True, check=_count)
     drop_by: str = option("schedule", DROP_BY_HELP, choices=DROP_RULES)  # see surgery.prune
     drop_sites: str | None = option(None, "Prune the blocks whose site id matches this regex (re.search) instead of "
-                                    "a count; `plan` lists the ids.")
+                                    "a count; `plan` lists the ids.", check=regex_problem)
     calibration: Path | None = option(None, CALIBRATION_HELP, key="")  # default: random inputs
     format: str = option("onnx", "What to write: onnx (a graph, verified with onnxruntime), safetensors (the original "
                          "architecture's state_dict with p_l in the weights: load it with safetensors.torch.load_model "
@@ -230,12 +299,25 @@ class ConvertOptions:
     drop_layers: str | None = option(None, "Prune whole layers instead: remove this many (a count, or a share such "
                                      "as 25%) of the model's layer list (the nn.ModuleList whose every element holds "
                                      "gated blocks), every block of each, ranked per layer by --drop-by. With --format "
-                                     "hf the layers are deleted from the folder and its config.", count=True)
+                                     "hf the layers are deleted from the folder and its config.", count=True,
+                                     check=_count)
 
     def __post_init__(self) -> None:
         # Checked when made, so export's options and a batch config's keys (both built into this) are refused
         # before any work.
         _checked(self)
+        conflict = pruning_conflict(self.drop, self.drop_sites, self.drop_layers)
+        if conflict:
+            raise field_error(ConvertOptions, *conflict)
+        if self.format != "onnx" and not self.fold:
+            raise field_error(ConvertOptions, "format", f"{self.format} writes the original architecture with scaled "
+                              "weights; without the fold each gate keeps a multiply, which that architecture does not "
+                              f"compute: use {flag_of(ConvertOptions, 'format')} onnx")
+        if self.format == "safetensors" and self.prunes:
+            # hf prunes: whole layers go from the folder and its config (pipeline); a state_dict has no config
+            raise field_error(ConvertOptions, "format", "safetensors writes the original architecture with scaled "
+                              f"weights, which a pruned model is not: use {flag_of(ConvertOptions, 'format')} onnx, or hf to "
+                              f"delete whole layers ({flag_of(ConvertOptions, 'drop_layers')})")
         if self.calibration is not None and not self.prunes:
             raise field_error(ConvertOptions, "calibration", "measures a pruned model: give it with --drop N, "
                               "--drop-layers N or --drop-sites REGEX")
@@ -256,5 +338,6 @@ class CurveOptions:
         _checked(self)
 
 
-__all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "help_of", "key_of",
-           "option", "read_value", "types_of", "without_none", "words_for"]
+__all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "gives", "help_of", "in_keys",
+           "key_of", "option", "pruning_conflict", "read_count", "read_value", "regex_problem", "types_of",
+           "without_none", "words_for"]

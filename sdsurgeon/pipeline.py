@@ -22,7 +22,7 @@ from .surgery import install as in_place
 from .capture.hf_inputs import complete_specs
 from .capture.inputs import InputSpec, make_example_inputs
 from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
-from .deploy.plain import SUFFIXES, PlainExport, check_format, delete_layers, load_plain, refuse_unless_plain, \
+from .deploy.plain import SUFFIXES, PlainExport, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
 from .deploy.verify import Verification, reference_outputs, verify, verify_module
 from .errors import ConfigError, LayerError
@@ -295,14 +295,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     and ``progress`` hears of each (load, save, fold, export, verify, and the extra exports that count nodes).
     """
     started = time.perf_counter()
-    fmt = check_format(options.format)
-    if (fmt == "safetensors" and options.prunes) or (fmt != "onnx" and not options.fold):
-        # hf prunes: whole layers go from the folder and its config (_convert_plain); a state_dict has no config
-        why = "--drop removes blocks" if options.fold else "--no-fold keeps a multiply per gate"
-        if options.fold:
-            why += " (--format hf deletes whole layers)"
-        raise ConfigError(f"--format {fmt} writes the original architecture with scaled weights, and {why}, which "
-                          "that architecture does not compute: use --format onnx", option="--format")
+    fmt = options.format  # checked with the rest of the options when they were made (options.py)
     calibration = None if options.calibration is None else read_calibration(options.calibration)
     ref = source if isinstance(source, ModelRef) else None
     if ref is not None:

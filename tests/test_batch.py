@@ -253,14 +253,14 @@ CONFIG_ERRORS = [
             arch: archs:tiny_resnet
             drop: 2
             drop_sites: layer
-        """, ("drop_sites:", 1), ["drop_sites names the blocks itself"]),
+        """, ("drop_sites:", 1), ["drop_sites: names the blocks itself: give it or drop, not both"]),
     ("drop-layers-and-drop", """
         models:
           - name: a
             arch: archs:tiny_resnet
             drop: 2
             drop_layers: 1
-        """, ("drop_layers:", 1), ["drop_layers counts whole layers and drop/drop_sites choose blocks"]),
+        """, ("drop_layers:", 1), ["drop_layers: counts whole layers and drop chooses blocks"]),
     ("drop-layers-share-over-100", """
         models:
           - name: a
@@ -287,7 +287,7 @@ CONFIG_ERRORS = [
           - name: a
             arch: archs:tiny_resnet
             drop: 1
-        """, ("- name: a", 1), ["format: safetensors writes the original architecture", "a pruned model: use onnx"]),
+        """, ("- name: a", 1), ["format: safetensors writes the original architecture", "which a pruned model is not: use format onnx, or hf to delete whole layers (drop_layers)"]),
     ("drop-not-a-count", """
         models:
           - name: a

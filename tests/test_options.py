@@ -84,3 +84,44 @@ def test_the_command_line_offers_each_flag_the_options_declare():
             flag = flag_of(cls, f.name).split("/")[0]
             if flag and (names is None or f.name in names):
                 assert flag in shown, (command, flag)
+
+
+# Rules between fields: decided once, when the options are made, so the library, the command line and a batch config
+# refuse the same combinations (each in its own spelling).
+CONFLICTS = [
+    (dict(drop="2", drop_sites="layer"), "drop_sites", "names the blocks itself"),
+    (dict(drop="1", drop_layers="1"), "drop_layers", "counts whole layers"),
+    (dict(drop_sites="layer", drop_layers="1"), "drop_layers", "counts whole layers"),
+    (dict(format="safetensors", drop="1"), "format", "which a pruned model is not"),
+    (dict(format="hf", fold=False), "format", "keeps a multiply"),
+    (dict(format="safetensors", fold=False), "format", "keeps a multiply"),
+]
+
+
+@pytest.mark.parametrize("given, field, what", CONFLICTS, ids=[",".join(c[0]) for c in CONFLICTS])
+def test_conflicting_fields_are_refused_when_made_in_each_fronts_own_terms(tmp_path, monkeypatch, given, field, what):
+    from typer.testing import CliRunner
+
+    from sdsurgeon.cli import app
+
+    with pytest.raises(ConfigError) as info:
+        ConvertOptions(**given)
+    assert info.value.field == field and what in str(info.value)
+    # The same refusal from the command line (before any file is read) and from a batch config (at --check), where
+    # every flag the message names is spelled as its key.
+    flags = []
+    for name, value in given.items():
+        flag = flag_of(ConvertOptions, name)
+        flags += ["--no-fold"] if name == "fold" else [flag, value]
+    result = CliRunner().invoke(app, ["export", "missing.sd.pt", *flags])
+    line = result.stderr.strip()
+    assert result.exit_code == 1 and len(line.splitlines()) == 1 and what in line, line
+    assert flag_of(ConvertOptions, field) in line
+    monkeypatch.chdir(tmp_path)
+    keys = "".join(f"\n    {name}: {str(value).lower() if isinstance(value, bool) else value}"
+                   for name, value in given.items())
+    (tmp_path / "cfg.yaml").write_text(f"models:\n  - name: a\n    arch: archs:tiny_resnet{keys}\n")
+    result = CliRunner().invoke(app, ["batch", "cfg.yaml", "--check"])
+    line = result.stderr.strip()
+    assert result.exit_code == 1 and what in line and f"{field}: " in line, line
+    assert "--" not in line, line  # no command-line flag in a config's error

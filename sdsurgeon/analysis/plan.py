@@ -52,7 +52,7 @@ class PlannedRewrite:
 class Reach:
     """Whether ``export --format`` can write one output of the model, and why (not), as plan can tell cheaply."""
 
-    format: str  # "onnx" | "safetensors" | "hf" (deploy.plain.FORMATS)
+    format: str  # "onnx" | "safetensors" | "hf" (choices.FORMATS)
     ok: bool | None  # None: not checked (plan lacked what the check needs, e.g. example inputs)
     why: str
     dynamic: list[str] | None = None  # ONNX: the axes export will make dynamic (batch, sequence, ...)

@@ -9,6 +9,7 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 from ..choices import RULE_NAMES
 from ..errors import ConfigError, option_error
+from ..options import regex_problem
 
 
 def linear_decay(L: int, p_L: float) -> list[float]:
@@ -55,10 +56,10 @@ def check_probability(p: float, what: str, option: str | None = None) -> float:
 
 
 def compile_pattern(pattern: str, option: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise option_error(option, f"{pattern!r} is not a valid regular expression: {exc}") from None
+    problem = regex_problem(pattern)
+    if problem:
+        raise option_error(option, problem)
+    return re.compile(pattern)
 
 
 def assign(

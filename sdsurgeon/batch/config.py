@@ -21,7 +21,7 @@ from ..deploy.plain import SUFFIXES
 from ..errors import ConfigError, SurgeonError, option_error
 from ..io.files import InputSet, companion_of, output_problem
 from ..io.trust import load_yaml
-from ..options import ConvertOptions, SurgeryOptions, flag_of, key_of, option, read_value, types_of
+from ..options import ConvertOptions, SurgeryOptions, flag_of, in_keys, key_of, option, read_value, types_of
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
             if exc.field is None:
                 raise
             key = key_of(cls, exc.field)
-            fail(where + (key,), f"{key}: {exc.what}")
+            fail(where + (key,), f"{key}: {in_keys(exc.what, SurgeryOptions, ConvertOptions)}")
     if o.input_shape is not None and o.inputs is not None:
         fail(where + ("inputs",), "give input_shape or inputs, not both")
     if o.input_shape is not None and any(d <= 0 for d in o.input_shape):
@@ -324,7 +324,6 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
                 parse(text)
             except SurgeonError as exc:  # about a command-line option: this key stands where it stood
                 fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
-    _check_prune_values(o, where, fail)
     if o.timeout is not None and not (math.isfinite(o.timeout) and o.timeout > 0):  # NaN > 0 is false too
         fail(where + ("timeout",), f"timeout: must be a positive number of seconds (got {o.timeout}); null for none")
     if _bad_path(o.output_dir):
@@ -334,29 +333,6 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
             InputSpec(None, o.input_shape)  # bounded: refused now, not when a worker allocates it
         except SurgeonError as exc:
             fail(where + ("input_shape",), f"input_shape: {exc}")
-
-
-def _check_prune_values(o: JobOptions, where: tuple, fail: Callable) -> None:
-    from ..analysis.schedule import compile_pattern
-    from ..surgery.prune import parse_drop
-
-    if o.drop is not None and o.drop_sites is not None:
-        fail(where + ("drop_sites",), "drop_sites names the blocks itself: give it or drop, not both")
-    if o.drop_layers is not None and (o.drop is not None or o.drop_sites is not None):
-        fail(where + ("drop_layers",), "drop_layers counts whole layers and drop/drop_sites choose blocks: give one")
-    prunes = o.drop is not None or o.drop_sites is not None or o.drop_layers is not None
-    if (o.format == "safetensors" and prunes) or (o.format != "onnx" and not o.fold):
-        fail(where + ("format",), f"format: {o.format} writes the original architecture, which does not compute "
-                                  f"{'the multiplies that fold: false keeps' if not o.fold else 'a pruned model'}: use "
-                                  f"onnx{'' if not o.fold else ' (hf deletes whole layers)'}")
-    for key, check in (("drop", lambda v: parse_drop(v)), ("drop_layers", lambda v: parse_drop(v, option="--drop-layers")),
-                       ("drop_sites", lambda v: compile_pattern(v, "drop_sites"))):
-        value = getattr(o, key)
-        if value is not None:
-            try:
-                check(value)
-            except SurgeonError as exc:
-                fail(where + (key,), f"{key}: {exc.what}" if exc.option else str(exc))
 
 
 def _effective(defaults: JobOptions, overrides: dict[str, Any]) -> JobOptions:

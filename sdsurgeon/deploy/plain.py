@@ -11,7 +11,6 @@ from typing import Any, Collection
 
 from torch import nn
 
-from ..choices import FORMATS  # named there, for options.py and --help
 from ..errors import ConfigError, LayerError, WriteError, first_line
 from ..io import hf
 from ..io.files import output_of, writing
@@ -33,12 +32,6 @@ class PlainExport:
     def to_dict(self) -> dict:
         return {"path": self.path, "format": self.format, "tensors": self.tensors, "file_bytes": self.file_bytes,
                 "seconds": round(self.seconds, 3)}
-
-
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown --format {fmt!r}; use one of: {', '.join(FORMATS)}", option="--format")
-    return fmt
 
 
 def not_plain(report: FoldReport) -> list[FoldedSite]:

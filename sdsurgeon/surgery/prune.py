@@ -16,6 +16,7 @@ from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs
 from ..choices import DROP_RULES  # named there, for options.py and --help
 from ..errors import NoResidualSitesError, SurgeonError, first_line, option_error
 from ..gate import StochasticDepth, gates
+from ..options import ConvertOptions, field_error, pruning_conflict, read_count, regex_problem
 from ..progress import SILENT, Progress
 from .fold import FoldReport, fold_with_report
 from .recipe import RECIPE_ATTR
@@ -77,22 +78,10 @@ class PruneReport:
 def parse_drop(drop: int | str, total: int | None = None, option: str = "--drop") -> tuple[str, float]:
     """``("count", n)`` or ``("share", percent)``; raises unless it is a whole count >= 0 (at most ``total``,
     when known) or a share from 0% to 100%. ``option`` names what is counted: --drop blocks, --drop-layers layers."""
-    text = str(drop).strip()
-    what = "layers" if option == "--drop-layers" else "gated blocks"
-    most = "" if total is None else f" to {total} (the model's {what})"
-    problem = f"{text!r}: expected a count from 0{most} or a share from 0% to 100%, e.g. 13 or 25%"
     try:
-        if text.endswith("%"):
-            share = float(text[:-1])
-            if not 0.0 <= share <= 100.0:
-                raise ValueError
-            return "share", share
-        count = int(text)
-    except ValueError:
-        raise option_error(option, problem) from None
-    if count < 0 or (total is not None and count > total):
-        raise option_error(option, problem)
-    return "count", count
+        return read_count(drop, total, "layers" if option == "--drop-layers" else "gated blocks")
+    except ValueError as exc:
+        raise option_error(option, str(exc)) from None
 
 
 def drop_count(drop: int | str, total: int, option: str = "--drop") -> int:
@@ -138,10 +127,10 @@ def layer_order(scores: Sequence[float]) -> list[int]:
 
 def matching(model: nn.Module, pattern: str) -> list[str]:
     """Site ids that ``pattern`` finds (re.search), in depth order; an error names some ids when none does."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise option_error("--drop-sites", f"{pattern!r} is not a valid regular expression: {exc}") from None
+    problem = regex_problem(pattern)
+    if problem:
+        raise field_error(ConvertOptions, "drop_sites", problem)
+    regex = re.compile(pattern)
     ids = [g.site_id for g in gates(model)]
     found = [i for i in ids if regex.search(i)]
     if not found:
@@ -205,13 +194,13 @@ def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites:
     ``"angular"``, Gromov et al.'s distance between a layer's input and output). ``calibration``: the inputs the report's figures are measured on (a tensor, dict, tuple
     or ``(args, kwargs)``); without it, random inputs from ``input_specs`` or the recipe's. ``model`` is unchanged.
     """
+    conflict = pruning_conflict(drop, sites, layers)
+    if conflict:
+        raise field_error(ConvertOptions, *conflict)
     found, inputs, source = _start(model, by, calibration, input_specs)
     reference, params_before = (None, None) if inputs is None else _checked_outputs(model, inputs)
     influence = removal = None
     if layers is not None:
-        if sites is not None or str(drop).strip() not in ("0", ""):
-            other = "--drop-sites" if sites is not None else "--drop"
-            raise option_error("--drop-layers", f"counts whole layers and {other} chooses blocks: give one of them")
         listed = find_layers(model)
         count = drop_count(layers, listed.count, "--drop-layers")
         if by in ("influence", "angular") and inputs is None:
@@ -224,8 +213,6 @@ def prune(model: nn.Module, drop: int | str = 0, *, by: str = "schedule", sites:
         removal = LayerRemoval(listed.path, listed.count, removed, by, scores)
         chosen = {s for i in removed for s in listed.sites[i]}
     elif sites is not None:
-        if str(drop).strip() not in ("0", ""):
-            raise option_error("--drop-sites", "names the blocks itself: give it or --drop, not both")
         chosen, by = set(matching(model, sites)), "sites"
     else:
         count = drop_count(drop, len(found))
