@@ -202,15 +202,20 @@ def pruning_conflict(drop: Any, sites: str | None, layers: Any) -> tuple[str, st
     return None
 
 
-def in_keys(text: str, *classes: type) -> str:
-    """``text`` with each command-line flag of ``classes``' fields spelled as its batch config key, for a message
-    a config reader shows (``--drop-sites`` -> ``drop_sites``); flags without a key stay."""
+def flags_to_keys(*classes: type) -> dict[str, str]:
+    """Each command-line flag of ``classes``' fields -> its batch config key (fields without either are left out)."""
     spelled = {}
     for cls in classes:
         for f in fields(cls):
             flag, key = flag_of(cls, f.name), key_of(cls, f.name)
             if key and flag.startswith("--") and "/" not in flag:
                 spelled[flag] = key
+    return spelled
+
+
+def in_keys(text: str, spelled: dict[str, str]) -> str:
+    """``text`` with each flag of ``spelled`` written as its config key, for a message a config reader shows
+    (``--drop-sites`` -> ``drop_sites``); other flags stay."""
     if not spelled:
         return text
     flags = sorted(spelled, key=len, reverse=True)  # --drop-sites before --drop
@@ -338,6 +343,6 @@ class CurveOptions:
         _checked(self)
 
 
-__all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "gives", "help_of", "in_keys",
+__all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "flags_to_keys", "gives", "help_of", "in_keys",
            "key_of", "option", "pruning_conflict", "read_count", "read_value", "regex_problem", "types_of",
            "without_none", "words_for"]

@@ -938,3 +938,19 @@ def test_a_job_writes_the_plain_architecture_as_safetensors(tmp_path, monkeypatc
     injected = sdsurgeon.load(tmp_path / "out" / "r.sd.pt").eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(plain(x), injected(x))
+
+
+def test_a_jobs_failure_names_config_keys_where_the_library_names_flags(tmp_path, monkeypatch):
+    """The library words its errors for the command line (--format, --arch); a batch report says the config's keys."""
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, """
+        models:
+          - name: a
+            arch: archs:tiny_resnet
+            input_shape: [1, 8]
+            format: hf
+        """)
+    assert invoke("batch", "cfg.yaml", "--report-dir", "reports").exit_code == 1
+    error = report_of(tmp_path / "reports")["a"]["error"]
+    assert "did not come from transformers" in error and "use format safetensors" in error, error
+    assert "--" not in error, error

@@ -21,7 +21,7 @@ from ..deploy.plain import SUFFIXES
 from ..errors import ConfigError, SurgeonError, option_error
 from ..io.files import InputSet, companion_of, output_problem
 from ..io.trust import load_yaml
-from ..options import ConvertOptions, SurgeryOptions, flag_of, in_keys, key_of, option, read_value, types_of
+from ..options import ConvertOptions, SurgeryOptions, flag_of, flags_to_keys, in_keys, key_of, option, read_value, types_of
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def _check_option_values(o: JobOptions, where: tuple, fail: Callable) -> None:
             if exc.field is None:
                 raise
             key = key_of(cls, exc.field)
-            fail(where + (key,), f"{key}: {in_keys(exc.what, SurgeryOptions, ConvertOptions)}")
+            fail(where + (key,), f"{key}: {in_keys(exc.what, KEY_OF_FLAG)}")
     if o.input_shape is not None and o.inputs is not None:
         fail(where + ("inputs",), "give input_shape or inputs, not both")
     if o.input_shape is not None and any(d <= 0 for d in o.input_shape):
@@ -448,3 +448,7 @@ def check_jobs(jobs: list[Job]) -> None:
 
 
 _ENTRY_TYPES: dict[str, type] = {"name": str, "checkpoint": str, "arch": str, "arch_kwargs": dict, "weights": str}
+# What a message from the library calls by its command-line flag, as a config names it: every option with a key,
+# and a model entry's own keys (the command line's model options).
+KEY_OF_FLAG = {**flags_to_keys(SurgeryOptions, ConvertOptions, _JobSettings),
+               **{f"--{key.replace('_', '-')}": key for key in ("arch", "arch_kwargs", "weights")}}

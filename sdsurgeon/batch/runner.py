@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator
 from .._version import __version__
 from ..errors import ConfigError, SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
-from ..options import ConvertOptions, SurgeryOptions, in_keys
+from ..options import in_keys
 from ..progress import SILENT, Progress
 from ..report import JobRecord
-from .config import Job, config_key
+from .config import KEY_OF_FLAG, Job, config_key
 
 # --- configuration ----------------------------------------------------------------------------------------
 
@@ -88,7 +88,7 @@ def _in_config_terms(exc: SurgeonError) -> str:
     # only a message that reads "{option} {what}" is reworded: other messages say more than the what; flags named
     # inside either are spelled as their keys
     said = f"{key}: {exc.what}" if key and exc.what and str(exc) == f"{exc.option} {exc.what}" else str(exc)
-    return in_keys(said, SurgeryOptions, ConvertOptions)
+    return in_keys(said, KEY_OF_FLAG)
 
 
 def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:
