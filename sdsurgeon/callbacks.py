@@ -12,6 +12,18 @@ from .schedules import Schedule
 from .surgery.recipe import RECIPE_ATTR
 
 
+class _Follower:
+    """What each trainer's callback does: make the Schedule when training starts (of ``model``, else of the model
+    the trainer hands over), and seek it to the trainer's global step (optimizer steps)."""
+
+    def __init__(self, model: nn.Module | None, spec: ScheduleSpec | None) -> None:
+        self.given, self.spec, self.schedule = model, spec, None
+
+    def start(self, trained: nn.Module, step: int) -> None:
+        self.schedule = Schedule(trained if self.given is None else self.given, self.spec)
+        self.schedule.seek(step)
+
+
 def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None = None) -> Any:
     """A ``transformers.TrainerCallback`` that sets every gate's p_l for the Trainer's optimizer step.
 
@@ -26,15 +38,11 @@ def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None 
     except ImportError:
         raise ConfigError("schedule_callback is for transformers' Trainer, and transformers is not installed") from None
 
-    class ScheduleCallback(TrainerCallback):
+    class ScheduleCallback(_Follower, TrainerCallback):
         """Steps the gates' p_l with the Trainer's global step (sdsurgeon.callbacks.schedule_callback)."""
 
-        def __init__(self) -> None:
-            self.schedule: Schedule | None = None
-
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.schedule = Schedule(model if given is None else given, spec)
-            self.schedule.seek(state.global_step)
+            self.start(model, state.global_step)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.schedule.seek(state.global_step)
@@ -47,8 +55,7 @@ def schedule_callback(model: nn.Module | None = None, spec: ScheduleSpec | None 
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1]["sd_expected_depth"] = depth  # the Trainer copied logs there first
 
-    given = model
-    return ScheduleCallback()
+    return ScheduleCallback(model, spec)
 
 
 def lightning_callback(model: nn.Module | None = None, spec: ScheduleSpec | None = None) -> Any:
@@ -67,21 +74,17 @@ def lightning_callback(model: nn.Module | None = None, spec: ScheduleSpec | None
         except ImportError:
             raise ConfigError("lightning_callback is for Lightning's Trainer, and lightning is not installed") from None
 
-    class ScheduleCallback(Callback):
+    class ScheduleCallback(_Follower, Callback):
         """Steps the gates' p_l with Lightning's global step (sdsurgeon.callbacks.lightning_callback)."""
 
-        def __init__(self) -> None:
-            self.schedule: Schedule | None = None
-
         def on_train_start(self, trainer, pl_module):
-            self.schedule = Schedule(injected_in(pl_module) if given is None else given, spec)
+            self.start(injected_in(pl_module) if self.given is None else self.given, trainer.global_step)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.schedule.seek(trainer.global_step)
             pl_module.log("sd_expected_depth", self.schedule.expected_depth(), on_step=True, on_epoch=False)
 
-    given = model
-    return ScheduleCallback()
+    return ScheduleCallback(model, spec)
 
 
 def injected_in(module: nn.Module) -> nn.Module:
