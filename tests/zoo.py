@@ -572,6 +572,24 @@ class BNActOutBlock(Scaled):
         return x + self.s(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
 
 
+class TwoDepthHead(nn.Module):
+    """LR-ASPP's segmentation head, smallest: ``classify(low) + classify(up(deeper(low)))``. The sum has the shape of a
+    projection block whose branch is the deep path, but that path runs a residual block of its own: it merges two
+    depths, and only the block inside is one."""
+
+    def __init__(self, c=4, classes=2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.deeper = BNActOutBlock(c)
+        self.low_classifier, self.high_classifier = nn.Conv2d(c, classes, 1), nn.Conv2d(c, classes, 1)
+
+    def forward(self, x):
+        low = F.relu(self.stem(x))
+        high = self.high_classifier(self.deeper(F.relu(self.down(low))))
+        return self.low_classifier(low) + F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+
+
 class LearntSkipScaleBlock(Scaled):
     """PoolFormerV2: the skip is scaled by a learnt per-channel parameter, the branch by another."""
 
@@ -733,6 +751,7 @@ ZOO = [
              lambda: (torch.randn(2, 3, 8, 8),), 2, _scale_blocks, {1: "projection", 2: "projection"}),
     ZooEntry("cached_bias", lambda: Seq(CachedBiasBlock(8), CachedBiasBlock(8)), lambda: (torch.randn(4, 8),), 2,
              _scale_blocks),
+    ZooEntry("two_depth_head", TwoDepthHead, lambda: (torch.randn(2, 3, 8, 8),), 1, _scale_blocks),
     ZooEntry("dense_concat", DenseLike, lambda: (torch.randn(4, 8),), 0),
     ZooEntry("negatives", Negatives, lambda: (torch.randn(4, 8), torch.randn(4, 8)), 0),
     ZooEntry("escaping_branch", EscapingBranch, lambda: (torch.randn(4, 8),), 0),

@@ -325,16 +325,22 @@ def _find(g: _Graph, part: str) -> tuple[list[ResidualSite], list[RefusedAdd]]:
 
 
 def _without_multi_branch_bodies(sites: list[ResidualSite]) -> list[ResidualSite]:
-    """Drop the sums of parallel paths that look like projection blocks, and renumber.
+    """Drop the sums of paths that look like projection blocks and are not, and renumber. Two rules:
 
-    GPT-NeoX's parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` adds two parameterised paths from the same x,
-    inside the branch of a residual from that x; ``mlp(ln2(x))`` is a chain back to x, so ``attn + mlp`` has the
-    shape of ``f(x) + proj(x)``. It is not one: the paths are one multi-branch body (dropping "the branch" would
-    drop the attention and keep the MLP). A ResNet's downsampling block ``f(x) + proj(x)`` is not inside a
-    residual of its own x, so it stays a block.
+    - A parallel body. GPT-NeoX's parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` adds two parameterised paths
+      from the same x, inside the branch of a residual from that x; ``mlp(ln2(x))`` is a chain back to x, so
+      ``attn + mlp`` has the shape of ``f(x) + proj(x)``. It is not one: the paths are one multi-branch body
+      (dropping "the branch" would drop the attention and keep the MLP). A ResNet's downsampling block
+      ``f(x) + proj(x)`` is not inside a residual of its own x, so it stays a block.
+    - A merge of two depths. A projection shortcut stands beside one block: LR-ASPP's segmentation head
+      ``classify(low) + classify(up(deeper(low)))`` has the shape of ``f(x) + proj(x)``, but its ``f`` runs
+      residual blocks of its own (the rest of the backbone). It merges a shallow and a deep path; gating it would
+      drop every block of the deep one. An identity skip around blocks (a residual in residual) stays a block.
     """
     fork = {s.id: s.branch_inputs[0] if s.branch_inputs else None for s in sites}
-    body = {s.id for s in sites if s.shortcut == "projection" and any(
-        t is not s and s.add in t.branch_nodes and fork[t.id] == fork[s.id] for t in sites)}
+    adds = {s.add for s in sites}
+    body = {s.id for s in sites if s.shortcut == "projection" and (
+        any(t is not s and s.add in t.branch_nodes and fork[t.id] == fork[s.id] for t in sites)
+        or not adds.isdisjoint(s.branch_nodes))}
     kept = [s for s in sites if s.id not in body]
     return [replace(s, index=i) for i, s in enumerate(kept, 1)] if body else sites
