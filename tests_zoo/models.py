@@ -144,6 +144,13 @@ def tv_deeplabv3_mobilenet_v3() -> nn.Module:
     return deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
 
 
+def tv_lraspp_mobilenet_v3() -> nn.Module:
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    # LR-ASPP: low_classifier(low) + high_classifier(up(deep(low))) merges two depths of the backbone (no block)
+    return lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
+
+
 def tv_r3d_small() -> nn.Module:
     from torchvision.models.video.resnet import BasicBlock, BasicStem, Conv3DSimple, VideoResNet
 
@@ -226,6 +233,9 @@ ZOO: list[ZooModel] = [
              how="ResBottleneckBlock blocks (no drop path)"),
     # segmentation: a dict output; the backbone's blocks are the sites, the ASPP head concatenates (no add)
     ZooModel("tv_deeplabv3_mobilenet_v3", tv_deeplabv3_mobilenet_v3, (2, 3, 32, 32),
+             branches=tv_mobilenet_v3_branches, how="InvertedResidual.use_res_connect (no drop path)"),
+    # its head's sum of a shallow and a deep path has the shape of f(x) + proj(x); the deep path runs blocks of its own
+    ZooModel("tv_lraspp_mobilenet_v3", tv_lraspp_mobilenet_v3, (2, 3, 32, 32),
              branches=tv_mobilenet_v3_branches, how="InvertedResidual.use_res_connect (no drop path)"),
     # video: (B, C, T, H, W) clips through 3-D batch norms
     ZooModel("tv_r3d_18", tv_r3d_small, (2, 3, 4, 16, 16), branches=tv_video_resnet_branches,
