@@ -459,13 +459,19 @@ def test_layers_that_branch_on_a_dtype_or_drop_out_on_their_own_flag_are_rewritt
         torch.testing.assert_close(injected(ids), reference(ids))
 
 
-def test_a_call_whose_dtype_decides_the_branch_otherwise_fails_in_one_line():
-    injected = inject(_Stack(_ClampedLayer), 0.5, example_inputs={"input_ids": _ids()}).eval()
-    layer = injected.layers[0]
+def test_a_call_whose_dtype_decides_the_branch_otherwise_fails_in_one_line_in_copies_too():
+    model = _Stack(_ClampedLayer)
+    injected = inject(model, 0.5, example_inputs={"input_ids": _ids()}).eval()
+    reference = _scaled_by_hand(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    folded, _ = fold_with_report(copy.deepcopy(injected))  # a copy's graph is traced back from its code, check and all
+    ids = _ids(3, 7)
+    torch.testing.assert_close(folded.eval()(ids), reference(ids))
     hidden = torch.randn(2, 6, 16)
-    torch.testing.assert_close(layer.double()(hidden.double()), layer(hidden.double()))  # float64: the same branch
-    with pytest.raises(SpecializedCallError) as raised:
-        layer.half()(hidden.half())
+    layer = injected.layers[0]
+    torch.testing.assert_close(copy.deepcopy(layer).double()(hidden.double()).float(), layer(hidden))  # same branch
+    for owner in (layer, copy.deepcopy(layer)):
+        with pytest.raises(SpecializedCallError) as raised:
+            owner.half()(hidden.half())
     message = str(raised.value)
     assert "\n" not in message and "hidden.dtype == torch.float16" in message and "example inputs" in message
 

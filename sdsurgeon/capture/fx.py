@@ -80,6 +80,8 @@ CALLS = "sdsurgeon_calls"
 def expect_decided(value, decided: bool, where: str) -> None:
     """Raise unless a condition on tensors' dtypes, devices and ranks alone comes out as the trace decided it on
     the recorded call (``_LeafTracer.to_bool``): a graph node, run on every call."""
+    if isinstance(value, fx.Proxy):  # the graph traced back from its code (surgery.install): the check stays a node
+        return value.tracer.create_proxy("call_function", expect_decided, (value, decided, where), {})
     got = bool(value)
     if got != decided:
         raise SpecializedCallError(
