@@ -385,3 +385,108 @@ def test_capture_switches_off_the_cache_in_every_config_the_modules_hold_and_put
     plan = sdsurgeon.plan(model, 0.5, capture="export", example_inputs=torch.randn(2, 8))
     assert plan.capture == "export" and plan.num_sites == 1
     assert model.config.use_cache is True and model.stack.config.use_cache is True  # as they were
+
+
+# --- issue 29: an encoder-decoder's layers (BART's) are the owners, not the whole model ---------------------------
+
+
+class _ClampedLayer(nn.Module):
+    """Ends as BART's encoder layer does: a branch on the dtype of a value the layer computed (clamping float16
+    overflow), which torch.fx cannot take on a traced value."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(d, d), nn.LayerNorm(d)
+        self.scale = 1.0  # a hand-scaled reference sets it to p
+
+    def forward(self, hidden):
+        hidden = self.norm(hidden + self.scale * self.fc(hidden))
+        if hidden.dtype == torch.float16 and not torch.isfinite(hidden).all():
+            hidden = hidden.clamp(-1e4, 1e4)
+        return hidden
+
+
+class _DropoutLayer(nn.Module):
+    """Drops out as BART's layers do: functional dropout with ``training=self.training`` in its own forward, so its
+    train-mode and eval-mode traces differ in the layer's own code."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.scale = 1.0
+
+    def forward(self, hidden):
+        h = F.dropout(F.gelu(self.up(hidden)), p=0.5, training=self.training)
+        return hidden + self.scale * F.dropout(self.down(h), p=0.5, training=self.training)
+
+
+class _Stack(nn.Module):
+    """Its own forward does not trace with torch.fx (``(*ids.shape, ...)``): its layers are traced on their calls."""
+
+    def __init__(self, layer, d=16, vocab=32, layers=2):
+        super().__init__()
+        self.d = d
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(layer(d) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids).view(*input_ids.shape, self.d)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.head(hidden)
+
+
+def _scaled_by_hand(model, ps):
+    reference = copy.deepcopy(model)
+    for layer, p in zip(reference.layers, ps, strict=True):
+        layer.scale = p
+    return reference.eval()
+
+
+@pytest.mark.parametrize("layer", [_ClampedLayer, _DropoutLayer])
+def test_layers_that_branch_on_a_dtype_or_drop_out_on_their_own_flag_are_rewritten_each_in_place(layer):
+    model = _Stack(layer)
+    record = plan(model, example_inputs={"input_ids": _ids()}).to_dict()
+    assert [(r["module"], r["how"], r["gates"]) for r in record["rewrites"]] == [
+        ("layers.0", "block", 1), ("layers.1", "block", 1)]
+    injected = inject(model, 0.5, example_inputs={"input_ids": _ids()})
+    assert type(injected) is _Stack and [p for p, _ in in_place.rewritten(injected)] == ["layers.0", "layers.1"]
+    reference = _scaled_by_hand(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    injected.eval()
+    for batch, length in ((2, 6), (3, 9)):
+        ids = _ids(batch, length)
+        torch.testing.assert_close(injected(ids), reference(ids))
+
+
+def test_a_call_whose_dtype_decides_the_branch_otherwise_fails_in_one_line_in_copies_too():
+    model = _Stack(_ClampedLayer)
+    injected = inject(model, 0.5, example_inputs={"input_ids": _ids()}).eval()
+    reference = _scaled_by_hand(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    folded, _ = fold_with_report(copy.deepcopy(injected))  # a copy's graph is traced back from its code, check and all
+    ids = _ids(3, 7)
+    torch.testing.assert_close(folded.eval()(ids), reference(ids))
+    hidden = torch.randn(2, 6, 16)
+    layer = injected.layers[0]
+    torch.testing.assert_close(copy.deepcopy(layer).double()(hidden.double()).float(), layer(hidden))  # same branch
+    for owner in (layer, copy.deepcopy(layer)):
+        with pytest.raises(SpecializedCallError) as raised:
+            owner.half()(hidden.half())
+    message = str(raised.value)
+    assert "\n" not in message and "hidden.dtype == torch.float16" in message and "example inputs" in message
+
+
+def test_a_dropout_that_follows_the_layers_flag_reads_it_at_run_time_in_copies_too():
+    model = _Stack(_DropoutLayer)
+    injected = inject(model, 1.0, example_inputs={"input_ids": _ids()})  # gates always open: dropout alone draws
+    hidden = torch.randn(2, 6, 16)
+    for layer in (injected.layers[0], copy.deepcopy(injected).layers[0]):  # a copy's graph is traced back from code
+        graph = in_place.graph_forward(layer).graph
+        assert [n.target for n in graph.nodes if n.op == "get_attr"].count("training") == 1
+        layer.train()
+        torch.manual_seed(3)
+        got = layer(hidden)
+        torch.manual_seed(3)
+        torch.testing.assert_close(got, model.layers[0].train()(hidden))  # the same masks, drawn alike
+        layer.eval()
+        torch.testing.assert_close(layer(hidden), model.layers[0].eval()(hidden))  # off: no dropout

@@ -250,7 +250,9 @@ class _Spec:
         exec(compile(src, f"<sdsurgeon call of {type(self.module).__qualname__}>", "exec"), namespace)
         shell = _shell(type(self.module), namespace["forward"])
         shell.__dict__ = self.module.__dict__  # the module itself, seen through a forward with named arguments
-        gm = trace(shell, leaves, leaf_paths=opaque)
+        # on the call's own values (a recorded call only), what tensors' metadata decides is decided (capture.fx)
+        values = {n: self.values[n] for n in self.names if n in self.values} if replay else None
+        gm = trace(shell, leaves, leaf_paths=opaque, values=values)
         _check_fixed(gm, {n: self.values[n] for n in fixed}, cls_name)
         if replay:
             _check_replay(self.module, gm, self.call, cls_name)

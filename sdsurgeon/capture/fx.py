@@ -12,13 +12,16 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
+from torch.fx.node import has_side_effect
 
+from .. import _torch
 from ..capture.drop_path import find_drop_paths, leaf_classes, restore_calls
-from ..capture.graph_facts import dead_nodes, shape_only_nodes
-from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph
+from ..capture.graph_facts import dead_nodes, shape_only_nodes, size_free
+from ..capture.torch_export import at_least_two, cache_off, check_train_eval, export_graph, train_only
 from ..choices import CAPTURES as CAPTURE_METHODS  # named there, for options.py and --help
-from ..errors import CaptureError, ConfigError
+from ..errors import CaptureError, ConfigError, SpecializedCallError
 from .inputs import ExampleInputs, normalize_inputs
 from .torch_nn import followable, is_composite
 from .where import calling_frame, explain
@@ -73,15 +76,78 @@ TRACED = _Traced.VALUE
 CALLS = "sdsurgeon_calls"
 
 
+@has_side_effect  # a check: graph passes must keep it though nothing reads its result
+def expect_decided(value, decided: bool, where: str) -> None:
+    """Raise unless a condition on tensors' dtypes, devices and ranks alone comes out as the trace decided it on
+    the recorded call (``_LeafTracer.to_bool``): a graph node, run on every call."""
+    if isinstance(value, fx.Proxy):  # the graph traced back from its code (surgery.install): the check stays a node
+        return value.tracer.create_proxy("call_function", expect_decided, (value, decided, where), {})
+    got = bool(value)
+    if got != decided:
+        raise SpecializedCallError(
+            f"the rewritten forward was traced where {where} gave {decided!r} (on the example inputs) and this call "
+            f"gives {got!r}; re-run inject with example inputs of this dtype, device or rank"
+        )
+
+
 class _LeafTracer(fx.Tracer):
     """torch.fx tracer whose leaves are torch.nn layers (not its composites: ``capture.torch_nn``), registered
-    and named user classes, and the modules (by path) that decide something on ``self.training`` (see ``trace``)."""
+    and named user classes, and the modules (by path) that decide something on ``self.training`` (see ``trace``).
 
-    def __init__(self, leaf_names: frozenset[str] = frozenset(), leaf_paths: frozenset[str] = frozenset()) -> None:
+    With ``values`` (the recorded call's value of each placeholder, ``capture.call_trace``) it decides a condition
+    torch.fx cannot take where the answer depends only on what every call of a model shares, tensors' dtypes,
+    devices and ranks (``graph_facts.size_free``: ``if h.dtype == torch.float16``): the graph traced so far runs on
+    those values (each node once per trace), and a guard node (``expect_decided``) raises on a call that decides
+    otherwise. Conditions on sizes are never decided (a decoder's next-token call has length 1), nor on tensors'
+    contents: the trace then fails as torch.fx's does."""
+
+    def __init__(self, leaf_names: frozenset[str] = frozenset(), leaf_paths: frozenset[str] = frozenset(),
+                 values: dict | None = None) -> None:
         super().__init__()  # no arguments needed: GraphModule unpickling builds one bare
         self.leaf_names = leaf_names
         self.leaf_paths = leaf_paths
         self.calls: dict[str, tuple[tuple, dict]] = {}
+        self.values = values
+        self._env: dict[fx.Node, object] = {}  # node -> its value on the recorded call, as far as one was needed
+        self._evaluating = False  # the graph runs on real values: modules and attributes are themselves
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self._decide(obj) if self._decidable(obj.node) else super().to_bool(obj)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _decidable(self, node: fx.Node) -> bool:
+        placeholders = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        return self.values is not None and all(p in self.values for p in placeholders) and size_free(node)
+
+    def _decide(self, obj: fx.Proxy) -> bool:
+        decided = bool(self._evaluate(obj.node))
+        frame = calling_frame()
+        where = f"`{frame.code.strip()}` ({frame.file.rsplit('/', 1)[-1]}:{frame.line})" if frame else str(obj.node)
+        self.create_proxy("call_function", expect_decided, (obj, decided, where), {})
+        return decided
+
+    def _evaluate(self, node: fx.Node):
+        """``node``'s value on the recorded call: the graph so far run on it (each node once per trace; a copy of
+        each tensor argument, so that nothing the graph writes in place reaches the call; the RNG left as it was)."""
+        interpreter = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
+        interpreter.env = self._env
+        copied = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+        devices = sorted({t.device.index or 0 for t in _torch.tree_leaves(self.values)
+                          if isinstance(t, torch.Tensor) and t.is_cuda})
+        self._evaluating = True
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                for n in self.graph.nodes:
+                    if n not in self._env:
+                        self._env[n] = (_torch.tree_map(copied, self.values[n.target]) if n.op == "placeholder"
+                                        else interpreter.run_node(n))
+                    if n is node:
+                        break
+        finally:
+            self._evaluating = False
+        return self._env[node]
 
     user_lines = False  # record on each node the line of user code that made it (where.calling_frame)
 
@@ -96,6 +162,8 @@ class _LeafTracer(fx.Tracer):
         return node
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
+        if self._evaluating:
+            return forward(*args, **kwargs)
         # what each module was called with, constants kept and traced values marked: traced alone later (the
         # owner of a residual add), its None and flag arguments are fixed to these (analysis.owners)
         path = self.path_of_module(m)
@@ -145,19 +213,22 @@ class ModeDependentForward(Exception):
 _MODE_ROUNDS = 4
 
 
-def trace(module: nn.Module, leaves: Iterable[str] = (), leaf_paths: Iterable[str] = ()) -> fx.GraphModule:
+def trace(module: nn.Module, leaves: Iterable[str] = (), leaf_paths: Iterable[str] = (),
+          values: dict | None = None) -> fx.GraphModule:
     """Trace one module with torch.fx so that the graph still switches train/eval; leaves no state on it.
 
     torch.fx runs the Python of ``forward``, so an ``if self.training`` is decided once, at trace time
     (timm's BatchNormAct2d picks batch statistics that way). The module is therefore traced in train
-    and in eval mode: every submodule whose own ops differ between the two becomes a leaf, called at
-    run time where it decides for itself, and tracing repeats. If ``module``'s own ops differ there is
-    nothing to isolate: ModeDependentForward (callers then capture its children instead). Raises
-    whatever tracing raises otherwise.
+    and in eval mode: a functional dropout on in one and off in the other reads the module's flag at
+    run time (``_follow_mode``); every submodule whose own ops still differ between the two becomes a
+    leaf, called at run time where it decides for itself, and tracing repeats. If ``module``'s own ops
+    differ there is nothing to isolate: ModeDependentForward (callers then capture its children instead).
+    ``values``: see ``_LeafTracer``. Raises whatever tracing raises otherwise.
     """
     leaf_names, leaf_paths = frozenset(leaves), frozenset(leaf_paths)
     for _ in range(_MODE_ROUNDS):
-        train, eval_ = (_trace_in_mode(module, mode, leaf_names, leaf_paths) for mode in (True, False))
+        train, eval_ = (_trace_in_mode(module, mode, leaf_names, leaf_paths, values) for mode in (True, False))
+        _follow_mode(train, eval_)
         differing = _mode_dependent_scopes(train, eval_)
         if not differing:
             gm = faithful_graph_module(module, train)
@@ -175,9 +246,76 @@ def trace(module: nn.Module, leaves: Iterable[str] = (), leaf_paths: Iterable[st
 def trace_as_part(module: nn.Module, leaves: Iterable[str], leaf_paths: Iterable[str]) -> fx.GraphModule:
     """``trace`` in one mode, for a module inside a part ``trace`` already captured: ``leaf_paths`` (relative
     to ``module``) are the modules that trace called there, those deciding on ``self.training`` among them,
-    so the train and eval graphs of ``module`` are known to agree."""
-    graph = _trace_in_mode(module, True, frozenset(leaves), frozenset(leaf_paths))
+    so the train and eval graphs of ``module`` are known to agree, but for the dropouts that follow the mode
+    (traced in eval too where there is one)."""
+    leaf_names, leaf_paths = frozenset(leaves), frozenset(leaf_paths)
+    graph = _trace_in_mode(module, True, leaf_names, leaf_paths)
+    if any(_mode_flag(n) is not None for n in graph.nodes):
+        _follow_mode(graph, _trace_in_mode(module, False, leaf_names, leaf_paths))
     return faithful_graph_module(module, graph)
+
+
+# Functional dropouts: (input, p, training) by position or by name.
+_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout})
+_SDPA_DROPOUT = ("dropout_p", 4)  # F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
+
+
+def _argument(n: fx.Node, name: str, index: int):
+    return n.kwargs[name] if name in n.kwargs else n.args[index] if len(n.args) > index else None
+
+
+def _set_argument(n: fx.Node, name: str, index: int, value) -> None:
+    if name in n.kwargs or len(n.args) <= index:
+        n.update_kwarg(name, value)
+    else:
+        n.update_arg(index, value)
+
+
+def _mode_flag(n: fx.Node) -> tuple[str, int] | None:
+    """Where a call's train-only behaviour is set: a functional dropout's ``training`` flag, attention's dropout rate."""
+    if n.op != "call_function":
+        return None
+    if n.target in _DROPOUTS:
+        return "training", 2
+    return _SDPA_DROPOUT if n.target is F.scaled_dot_product_attention else None
+
+
+def _follow_mode(train: fx.Graph, eval_: fx.Graph) -> None:
+    """Make the train-mode-only calls of two traces of one module (the same nodes in the same order, each traced
+    in its mode) read the traced module's ``training`` flag at run time, in both graphs alike.
+
+    A functional dropout called with ``training=self.training`` (transformers' layers) is traced with True in
+    train and False in eval; attention's dropout rate with ``0.0 if not self.training else rate``. Each such
+    pair takes the train trace's rate and the module's flag: in train that is the train trace's call, in eval
+    a dropout off (the identity whatever its rate) or a rate of 0, as the eval trace's. A flag the same in both
+    (dropout always on) stays a constant. The flag read is the traced module's own (``model.train()`` and
+    ``eval()`` set every module's alike; the ATen front-end reads its graph's, ``torch_export``)."""
+    a, b = list(train.nodes), list(eval_.nodes)
+    if len(a) != len(b):
+        return  # they differ anyway (_mode_dependent_scopes)
+    flags: dict[fx.Graph, fx.Node] = {}
+
+    def flag_of(graph: fx.Graph) -> fx.Node:
+        if graph not in flags:
+            placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+            with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before():
+                flags[graph] = graph.create_node("get_attr", "training", name="training")
+        return flags[graph]
+
+    for m, n in zip(a, b):
+        where = _mode_flag(m)
+        if where is None or n.op != m.op or n.target is not m.target:
+            continue
+        on, off = _argument(m, *where), _argument(n, *where)
+        if m.target in _DROPOUTS:
+            if on is True and off is False:
+                _set_argument(n, "p", 1, _argument(m, "p", 1))
+                for node, graph in ((m, train), (n, eval_)):
+                    _set_argument(node, *where, flag_of(graph))
+        elif isinstance(on, float) and on > 0 and off == 0:
+            for node, graph in ((m, train), (n, eval_)):
+                with graph.inserting_before(node):
+                    _set_argument(node, *where, graph.call_function(train_only, (flag_of(graph), on)))
 
 
 def trace_eval(module: nn.Module) -> fx.GraphModule:
@@ -185,11 +323,12 @@ def trace_eval(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(module, _trace_in_mode(module, False, frozenset(), frozenset()))
 
 
-def _trace_in_mode(module: nn.Module, training: bool, leaf_names: frozenset[str], leaf_paths: frozenset[str]) -> fx.Graph:
+def _trace_in_mode(module: nn.Module, training: bool, leaf_names: frozenset[str], leaf_paths: frozenset[str],
+                   values: dict | None = None) -> fx.Graph:
     with untouched(module), followable():
         for m in module.modules():
             m.training = training
-        tracer = _LeafTracer(leaf_names, leaf_paths)
+        tracer = _LeafTracer(leaf_names, leaf_paths, values)
         # The train-mode graph is the one kept: its nodes remember the user's source line (messages name it).
         tracer.user_lines = training
         graph = tracer.trace(module)

@@ -46,6 +46,34 @@ def shape_only_nodes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return shape_only
 
 
+# The metadata that a model's calls share whatever their batch and sequence sizes: dtype, device and rank. A trace on
+# one call may decide conditions on them (capture.fx._LeafTracer), never on sizes (a decoder's next-token call has length 1).
+SIZE_FREE_METHODS = frozenset({"dim", "ndimension", "get_device"})
+SIZE_FREE_ATTRS = frozenset({"dtype", "device", "ndim", "is_cuda", "layout"})
+
+
+def _reads(node: fx.Node, methods: frozenset[str], attrs: frozenset[str]) -> bool:
+    if node.op == "call_method":
+        return node.target in methods
+    return (node.op == "call_function" and node.target is getattr and len(node.args) > 1
+            and node.args[1] in attrs)
+
+
+def size_free(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on tensors' dtypes, devices and ranks alone: every path back from it passes
+    through a read of one of them (``x.dtype == torch.float16``, ``x.dim() == 3``), and it reads nothing else."""
+    seen: dict[fx.Node, bool] = {}
+
+    def free(n: fx.Node) -> bool:
+        if n not in seen:
+            ins = n.all_input_nodes
+            seen[n] = _reads(n, SIZE_FREE_METHODS, SIZE_FREE_ATTRS) or (
+                n.op in ("call_function", "call_method") and bool(ins) and all(free(i) for i in ins))
+        return seen[n]
+
+    return free(node)
+
+
 def has_effect(n: fx.Node) -> bool:
     """Whether ``n`` matters even when nothing reads its value (it writes, or it is the output).
 

@@ -103,17 +103,21 @@ def _is_gate(module: nn.Module) -> bool:
 
 
 def _retrace(owner: nn.Module, fn) -> fx.Graph:
-    """The graph back from generated code: every module a leaf, as torch.fx unpickles a GraphModule."""
-    shell_class = type(type(owner).__name__, (nn.Module,), {"forward": fn})
-    shell = shell_class.__new__(shell_class)
-    shell.__dict__ = {k: v for k, v in owner.__dict__.items() if k != FORWARD}  # the same _modules, _parameters...
+    """The graph back from generated code: every module a leaf, as torch.fx unpickles a GraphModule. The owner's
+    ``training`` flag, read at run time by dropouts that follow the mode (``capture.fx._follow_mode``), is read
+    again, not the mode it has now."""
 
     class KeepModules(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return True
 
+    tracer = KeepModules()
+    flag = property(lambda self: tracer.create_proxy("get_attr", "training", (), {}))
+    shell_class = type(type(owner).__name__, (nn.Module,), {"forward": fn, "training": flag})
+    shell = shell_class.__new__(shell_class)
+    shell.__dict__ = {k: v for k, v in owner.__dict__.items() if k not in (FORWARD, "training")}  # the same _modules...
     with followable():  # torch.nn's input checks that the code calls are calls again, not run on proxies
-        return KeepModules().trace(shell)
+        return tracer.trace(shell)
 
 
 def graph_forward(module: nn.Module) -> GraphForward | None:
