@@ -44,16 +44,9 @@ FORMAT_VERSION = 1
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def load(
-    path: str | os.PathLike | None = None,
-    *,
-    trust_pickle: bool = False,
-    arch: str | None = None,
-    arch_kwargs: dict | None = None,
-    arch_folders: Iterable[str | os.PathLike] | None = None,
-    remember_arch: bool = True,
-) -> nn.Module:
-    """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
+def load(path: str | os.PathLike | None = None, **keywords) -> nn.Module:
+    """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone. The keywords
+    (``trust_pickle``, ``arch``, ``arch_kwargs``, ``arch_folders``, ``remember_arch``) are ``load_recorded``'s.
 
     - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only,
       never running code of its own (``trust_remote_code`` stays off);
@@ -67,8 +60,7 @@ def load(
     with ``remember_arch=False`` for this process only, as ``plan`` and batch configs name it). It is
     imported from the installed packages, else from ``arch_folders`` (default: the current folder).
     """
-    model, recipe = load_recorded(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
-                                  arch_folders=arch_folders, remember_arch=remember_arch)
+    model, recipe = load_recorded(path, **keywords)
     # the model built here is ours: the surgery is redone on it, no second copy
     return model if recipe is None else apply_recipe(model, recipe, in_place=True)
 

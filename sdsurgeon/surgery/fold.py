@@ -23,7 +23,7 @@ from ..capture.call_trace import record_calls, returned_submodule, scaled_parame
 from ..capture.fx import is_default_leaf, trace_eval
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
 from ..capture.where import describe
-from ..gate import StochasticDepth
+from ..gate import GateSpec, StochasticDepth
 from ..io.hf import carry_recipe
 from ..capture.inputs import make_example_inputs
 from ..surgery.recipe import RECIPE_ATTR
@@ -193,6 +193,7 @@ class SiteRecord(nn.Module):
     def __init__(self, p: float, branch: fx.GraphModule, *, scaling: str, site_id: str, index: int,
                  copy_skip: bool = False) -> None:
         super().__init__()
+        GateSpec(float(p), scaling=scaling, site_id=site_id, index=index)  # p and scaling checked as a gate's are
         self.p, self.scaling = float(p), scaling
         self.site_id, self.index, self.copy_skip = site_id, index, copy_skip
         object.__setattr__(self, "branch", branch)  # not a registered submodule, as a gate's (the owner's modules)

@@ -23,7 +23,7 @@ from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, s
 from ..capture.torch_nn import call_children_always
 from ..choices import SCALING_CHOICES
 from ..errors import NoResidualSitesError, RecipeMismatchError, UnscaledSaveWarning, option_error
-from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
+from ..gate import GateSpec, StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.hf import carry_recipe
 from ..io.source import tag
 from ..options import SurgeryOptions
@@ -221,8 +221,8 @@ def resolve_scaling(scaling: str, model: nn.Module) -> str:
 
 
 def _check_gate_options(mode: str, scaling: str) -> None:
-    # Checked up front so a bad option fails before any copying or tracing.
-    StochasticDepth(1.0, lambda: None, mode=mode, scaling=scaling)
+    # Checked up front so a bad option fails before any copying or tracing (a gate's spec, no gate built).
+    GateSpec(1.0, mode=mode, scaling=scaling)
 
 
 def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float]], recipe: Recipe,
