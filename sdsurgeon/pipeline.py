@@ -20,7 +20,7 @@ from .analysis.plan import Plan
 from .analysis.plan import plan as plan_model
 from .surgery import install as in_place
 from .capture.hf_inputs import complete_specs
-from .capture.inputs import InputSpec, make_example_inputs
+from .capture.inputs import InputSpec, copy_inputs, make_example_inputs
 from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
@@ -33,8 +33,9 @@ from .io.files import check_output, companion_of, staged, staged_folder, staged_
 from .io.source import SOURCE_ATTR
 from .options import ConvertOptions, CurveOptions, SurgeryOptions  # here too: the names pipeline always offered
 from .progress import SILENT, Progress
-from .sdfile import architecture_of, default_output, load, rebuild_architecture, save
+from .sdfile import architecture_of, default_output, load_recorded, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
+from .surgery.inject import apply_recipe, fold_recipe
 from .surgery.inject import inject as inject_model
 from .surgery.prune import LayerRemoval, PruneCurve, PruneReport, prune, prune_curve
 from .surgery.recipe import RECIPE_ATTR, Recipe
@@ -73,19 +74,26 @@ class ModelRef:
     def default_output(self, suffix: str = ".sd.pt") -> Path:
         return default_output(self.path, suffix, self.arch)
 
-    def load(self) -> nn.Module:
-        """The model, with ``weights`` loaded into it."""
+    def load(self, examples=None) -> nn.Module:
+        """The model, with ``weights`` loaded into it (a recorded surgery redone, on ``examples`` where given)."""
+        model, recipe = self.load_recorded()
+        return model if recipe is None else apply_recipe(model, recipe, in_place=True, examples=examples)
+
+    def load_recorded(self) -> tuple[nn.Module, Recipe | None]:
+        """The model with ``weights`` loaded into it, a recorded surgery not redone, and its recipe (see
+        sdfile.load_recorded)."""
         if self.weights is not None and self.path is not None and self.arch and holds_weights_only(self.path):
             raise ConfigError(
                 f"{self.path} holds weights alone and --weights {self.weights} gives weights too; give them once: "
                 f"MODEL --arch {self.arch}, or --arch {self.arch} --weights FILE",
                 what="weights given twice", where=str(self.path), option="--weights",
             )
-        model = load(self.path, trust_pickle=self.trust_pickle, arch=self.arch, arch_kwargs=dict(self.arch_kwargs),
-                     arch_folders=self.arch_folders, remember_arch=self.remember_arch)
-        if self.weights is not None:
+        model, recipe = load_recorded(self.path, trust_pickle=self.trust_pickle, arch=self.arch,
+                                      arch_kwargs=dict(self.arch_kwargs), arch_folders=self.arch_folders,
+                                      remember_arch=self.remember_arch)
+        if self.weights is not None:  # an injected model has its original's keys: they fit before the surgery
             load_weights(model, self.weights)
-        return model
+        return model, recipe
 
 
 def _prune(options: ConvertOptions, model: nn.Module, calibration, specs, *,
@@ -298,6 +306,8 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     fmt = options.format  # checked with the rest of the options when they were made (options.py)
     calibration = None if options.calibration is None else read_calibration(options.calibration)
     ref = source if isinstance(source, ModelRef) else None
+    # pruning measures the gated model and save_injected writes it: only a plain fold and export go without gates
+    by_records = fmt == "onnx" and not options.prunes and not save_injected
     if ref is not None:
         target = Path(output) if output else ref.default_output(SUFFIXES[fmt] or "-hf")
         if fmt != "hf" and target.suffix != SUFFIXES[fmt]:
@@ -307,17 +317,18 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         if fmt == "onnx":  # past 2 GB the weights go beside it, and an old one is replaced or removed
             check_output(companion_of(target, DATA_SUFFIX), *reads)
         with stage(timings, "load", progress, "load model"):
-            model = ref.load()
+            # exported folded, a recorded surgery is folded from its records (fold_recipe): no gate is built
+            model, recorded = ref.load_recorded() if by_records else (ref.load(), None)
         name = name or ref.name
     else:
-        model, target = source, Path(output)
-    recipe = getattr(model, RECIPE_ATTR, None)
+        model, target, recorded = source, Path(output), None
+    recipe = recorded if recorded is not None else getattr(model, RECIPE_ATTR, None)
     specs = list(inputs) if inputs else (recipe.inputs if recipe is not None and recipe.inputs else None)
     specs = complete_specs(model, specs)
     if specs is None:
         raise ConfigError(NO_INPUT_SHAPE, what="no input shape", option="--input-shape")
-    # the tensors the load's capture and the fold already ran on, when the specs are the recipe's: one draw per job
-    example = recipe.examples() if recipe is not None and recipe.inputs == specs else make_example_inputs(specs)
+    drawn = make_example_inputs(specs)  # the job's one draw: each stage runs on a copy of its own (copy_inputs)
+    example = copy_inputs(drawn)  # the export's and verify's (neither writes into it)
     if fmt != "onnx":
         held = [model]  # loaded here (ref): _convert_plain lets it go before loading back what it wrote
         del model
@@ -331,25 +342,36 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
                 save(model, sd_tmp)
         pruned = None
         with stage(timings, "fold", progress, "prune and fold" if options.prunes else "fold the gates"):
-            if options.prunes:
+            if recorded is not None:  # the loaded model itself is folded; the reference computes x + p f(x)
+                folded, report, reference = fold_recipe(model, recorded, examples=copy_inputs(drawn),
+                                                        into_weights=options.fold, reference=options.fold)
+                model = None  # it is ``folded`` now
+            elif options.prunes:
                 folded, pruned = _prune(options, model, calibration, specs, into_weights=options.fold)
                 report = pruned.fold
             else:
-                folded, report = fold_with_report(model, into_weights=options.fold)
+                folded, report = fold_with_report(model, into_weights=options.fold, examples=copy_inputs(drawn))
         with stage(timings, "export", progress, "export ONNX"):
             exported = write_onnx(folded, example, onnx_tmp, opset=options.opset, dynamic_batch=options.dynamic_batch,
                                   verbose=options.verbose)
         with stage(timings, "verify", progress, "verify with onnxruntime"):
             # against the gated model (the check covers the fold as well as the export); a pruned one is
-            # another function, checked against itself in PyTorch (the report measures how far it moved)
-            reference = folded if pruned else model
+            # another function, checked against itself in PyTorch (the report measures how far it moved); folded
+            # from records, against the recipe computed with a multiply per site (no weight scaled), else (kept as
+            # multiplies, --no-fold) the folded model itself, which is that
+            if recorded is None:
+                reference = folded if pruned else model
+            elif reference is None:
+                reference = folded
             folded = None  # its weights (a copy) are not needed now: freed before onnxruntime loads its own
             gc.collect()
             checked = verify(reference, onnx_tmp, example, rtol=options.rtol, atol=options.atol)
+            reference = None
         unpruned_nodes = unpruned_report = None
         if pruned is not None:  # before the outputs appear: a failure here leaves none
             with tempfile.TemporaryDirectory() as tmp, progress.stage("export the unpruned model (node count)"):
-                unpruned, unpruned_report = fold_with_report(model, into_weights=options.fold)
+                unpruned, unpruned_report = fold_with_report(model, into_weights=options.fold,
+                                                             examples=copy_inputs(drawn))
                 unpruned_nodes = export_onnx(unpruned, example, Path(tmp) / "unpruned.onnx", opset=options.opset,
                                              dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
                 unpruned = None  # a copy of the weights: let go before anything else runs
@@ -361,7 +383,10 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         original_nodes = exported.nodes if pruned is None else unpruned_nodes
     elif options.compare:  # a multiply or a copied weight stayed: the ungated model is exported for its count
         with tempfile.TemporaryDirectory() as tmp, progress.stage("export the model without gates (--compare)"):
-            original = remove_gates(model) if report.sites else model
+            if recorded is not None:  # the recorded architecture again, its sites folded with no scale (no gate)
+                original = fold_recipe(ref.load_recorded()[0], recorded, examples=copy_inputs(drawn), scale=False)[0]
+            else:
+                original = remove_gates(model) if report.sites else model
             original_nodes = export_onnx(original, example, Path(tmp) / "original.onnx", opset=options.opset,
                                          dynamic_batch=options.dynamic_batch, verbose=options.verbose).nodes
     return ConvertResult(name or "", target, options, report, exported, checked, original_nodes,

@@ -44,16 +44,9 @@ FORMAT_VERSION = 1
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def load(
-    path: str | os.PathLike | None = None,
-    *,
-    trust_pickle: bool = False,
-    arch: str | None = None,
-    arch_kwargs: dict | None = None,
-    arch_folders: Iterable[str | os.PathLike] | None = None,
-    remember_arch: bool = True,
-) -> nn.Module:
-    """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone.
+def load(path: str | os.PathLike | None = None, **keywords) -> nn.Module:
+    """Load a model from a checkpoint, an sdsurgeon file, or an architecture factory alone. The keywords
+    (``trust_pickle``, ``arch``, ``arch_kwargs``, ``arch_folders``, ``remember_arch``) are ``load_recorded``'s.
 
     - a folder written by transformers' ``save_pretrained`` (config.json + weights), local files only,
       never running code of its own (``trust_remote_code`` stays off);
@@ -67,6 +60,24 @@ def load(
     with ``remember_arch=False`` for this process only, as ``plan`` and batch configs name it). It is
     imported from the installed packages, else from ``arch_folders`` (default: the current folder).
     """
+    model, recipe = load_recorded(path, **keywords)
+    # the model built here is ours: the surgery is redone on it, no second copy
+    return model if recipe is None else apply_recipe(model, recipe, in_place=True)
+
+
+def load_recorded(
+    path: str | os.PathLike | None = None,
+    *,
+    trust_pickle: bool = False,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    arch_folders: Iterable[str | os.PathLike] | None = None,
+    remember_arch: bool = True,
+) -> tuple[nn.Module, Recipe | None]:
+    """``load`` without redoing a recorded surgery: the architecture holding the file's weights, and the recipe it
+    records (an sdsurgeon file, or a folder an injected model's ``save_pretrained`` wrote), else None. What
+    ``load`` applies (``surgery.inject.apply_recipe``), and what ``export`` folds without building a gate
+    (``surgery.inject.fold_recipe``). A pickled model comes as it was pickled (gated, if it was), with None."""
     if arch_kwargs and not arch:
         raise ConfigError("--arch-kwargs needs --arch package.module:factory")
 
@@ -76,7 +87,7 @@ def load(
     if path is None:
         if not arch:
             raise ConfigError("give a checkpoint file, or an architecture with --arch package.module:factory")
-        return named()
+        return named(), None
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file")
@@ -86,10 +97,11 @@ def load(
                             "by a transformers model's save_pretrained")
         if arch:
             raise ConfigError(f"{path} is a transformers folder: its config.json names the architecture; drop --arch")
-        return _gated_again(hf.load_folder(path), path)
+        model = hf.load_folder(path)
+        return model, _recorded_in_folder(model, path)
     check_regular(path)
     if path.suffix == ".safetensors":
-        return _from_state_dict(read_safetensors(path), path, arch, named)
+        return _from_state_dict(read_safetensors(path), path, arch, named), None
     obj = torch_load(path, trust_pickle)
     if is_sdsurgeon_file(obj):
         return _from_sdsurgeon_file(obj, path, trust_pickle, named if arch else None)
@@ -97,21 +109,20 @@ def load(
         if arch:
             raise ConfigError(f"{path} holds a whole model; --arch is only for files that hold weights alone")
         tag(obj, SOURCE_ATTR, ModelSource("pickle"))
-        return obj
-    return _from_state_dict(state_dict_of(obj, path), path, arch, named)
+        return obj, None
+    return _from_state_dict(state_dict_of(obj, path), path, arch, named), None
 
 
-def _gated_again(model: nn.Module, path: Path) -> nn.Module:
-    """A folder an injected model's ``save_pretrained`` wrote records its recipe in config.json: redo it."""
+def _recorded_in_folder(model: nn.Module, path: Path) -> Recipe | None:
+    """The recipe a folder an injected model's ``save_pretrained`` wrote records in config.json, checked."""
     recorded = getattr(model.config, hf.RECIPE_KEY, None)
     if recorded is None:
-        return model
+        return None
     try:
         _check_recipe(recorded)
-        recipe = Recipe.from_dict(recorded)
+        return Recipe.from_dict(recorded)
     except (SurgeonError, _Damaged, TypeError, ValueError, KeyError) as exc:
         raise LoadError(f"{path / 'config.json'}: its {hf.RECIPE_KEY!r} recipe is not usable: {exc}") from None
-    return apply_recipe(model, recipe, in_place=True)  # the model loaded here is ours: no second copy
 
 
 def _from_state_dict(
@@ -204,7 +215,7 @@ def _check_payload(payload: dict) -> None:
 
 def _from_sdsurgeon_file(
     payload: dict, path: Path, trust_pickle: bool, named: Callable[[], nn.Module] | None
-) -> nn.Module:
+) -> tuple[nn.Module, Recipe | None]:
     version = payload.get("version")
     if not (type(version) is int and version == FORMAT_VERSION):  # noqa: E721  (not a bool, a tensor, ...)
         raise LoadError(f"{path} is sdsurgeon format version {_shown(version)}; this sdsurgeon reads version "
@@ -228,7 +239,7 @@ def _from_sdsurgeon_file(
         except Exception as exc:
             raise LoadError(f"{path}: unpickling its model failed ({first_line(exc)})") from None
         tag(model, SOURCE_ATTR, ModelSource("pickle"))
-        return model
+        return model, None
     arch, what = source["arch"], f"the architecture it records ({source['arch']})"
     if named is not None:
         model, what = named(), "--arch"
@@ -239,12 +250,10 @@ def _from_sdsurgeon_file(
         else:
             model = build(arch, source.get("arch_kwargs") or {}, recorded_in=path, holds=holds)
     # The weights go in first, as the file's tensors themselves (memory-mapped, no copy: the model built here
-    # is ours), then the surgery is redone on that same model: the weights are held once. An injected model
-    # has its original's state_dict keys, so they fit either way.
+    # is ours); the caller redoes (or folds) the surgery on that same model: the weights are held once. An
+    # injected model has its original's state_dict keys, so they fit either way.
     load_state_strictly(model, payload["state_dict"], path, what, assign=True)
-    if recipe is not None:
-        model = apply_recipe(model, recipe, in_place=True)
-    return model
+    return model, recipe
 
 
 # --- writing ---------------------------------------------------------------------------------------

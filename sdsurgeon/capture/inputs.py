@@ -106,6 +106,13 @@ def make_example_inputs(specs: Iterable[InputSpec], seed: int = 0) -> ExampleInp
     return tuple(args), kwargs
 
 
+def copy_inputs(inputs: ExampleInputs) -> ExampleInputs:
+    """Clones of a job's example tensors, for one stage: a forward that writes its input in place changes the
+    stage's copy, never what the next stage runs on (one draw per job, each stage its own copy)."""
+    args, kwargs = inputs
+    return tuple(a.clone() for a in args), {k: v.clone() for k, v in kwargs.items()}
+
+
 def normalize_inputs(example_inputs) -> ExampleInputs | None:
     """Accept a tensor, a tuple of positional tensors, a dict of keyword tensors, or (args, kwargs)."""
     if example_inputs is None:

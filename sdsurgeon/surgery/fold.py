@@ -23,8 +23,9 @@ from ..capture.call_trace import record_calls, returned_submodule, scaled_parame
 from ..capture.fx import is_default_leaf, trace_eval
 from ..capture.graph_facts import dead_nodes, is_view, writes_in_place
 from ..capture.where import describe
-from ..gate import StochasticDepth
+from ..gate import GateSpec, StochasticDepth
 from ..io.hf import carry_recipe
+from ..capture.inputs import make_example_inputs
 from ..surgery.recipe import RECIPE_ATTR
 
 _aten = torch.ops.aten
@@ -182,6 +183,29 @@ class Scale(nn.Module):
         return x * self.p
 
 
+class SiteRecord(nn.Module):
+    """A residual site as fold reads it, standing where a gate would stand in an owner's graph: its branch
+    (a GraphModule over the owner's modules), p, scaling and whether a dropped block must copy its skip.
+
+    What ``export --fold`` of a recorded surgery builds instead of a gate (``surgery.inject.fold_recipe``): no
+    decision, no random state, never installed on the model and never run; the fold replaces it by its branch."""
+
+    def __init__(self, p: float, branch: fx.GraphModule, *, scaling: str, site_id: str, index: int,
+                 copy_skip: bool = False) -> None:
+        super().__init__()
+        GateSpec(float(p), scaling=scaling, site_id=site_id, index=index)  # p and scaling checked as a gate's are
+        self.p, self.scaling = float(p), scaling
+        self.site_id, self.index, self.copy_skip = site_id, index, copy_skip
+        object.__setattr__(self, "branch", branch)  # not a registered submodule, as a gate's (the owner's modules)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"site record {self.site_id} is folded, never run")
+
+
+# what fold takes for a site: an installed gate, or a site record
+GATES: tuple[type, ...] = (StochasticDepth, SiteRecord)
+
+
 # --- finding ---------------------------------------------------------------------------------------------
 
 
@@ -196,7 +220,7 @@ def _graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
 def _gate_graphs(parts: list[tuple[str, fx.GraphModule]]) -> Iterator[tuple[str, fx.GraphModule]]:
     """The graph parts holding gates."""
     for path, gm in parts:
-        if any(isinstance(m, StochasticDepth) for m in gm.children()):
+        if any(isinstance(m, GATES) for m in gm.children()):
             yield path, gm
 
 
@@ -229,24 +253,28 @@ def _graphs_with_branches(gm: fx.GraphModule) -> Iterator[tuple[fx.Graph, fx.Gra
     """gm's graph and its gates' branch graphs: together, the nodes of the original graph."""
     yield gm.graph, gm
     for m in gm.children():
-        if isinstance(m, StochasticDepth) and isinstance(m.branch, fx.GraphModule):
+        if isinstance(m, GATES) and isinstance(m.branch, fx.GraphModule):
             yield m.branch.graph, gm
 
 
-def find_folds(model: nn.Module) -> list[FoldSite]:
+def find_folds(model: nn.Module, *, examples=None,
+               parts: list[tuple[str, fx.GraphModule]] | None = None) -> list[FoldSite]:
     """Where each gate's p can be folded, in depth order. Read-only: the model is not changed.
 
     For every gate, walks back from its branch output through positively homogeneous ops to the
     nearest affine producers (see AFFINE_MODULES / AFFINE_FUNCTIONS and layer-scale multiplies).
     A gate whose branch ends elsewhere gets a ``reason`` and will keep an explicit multiply.
+    ``examples``: the job's example inputs, for the one eval forward that looks at modules with no rule
+    here (default: drawn from the recipe's specs when needed). ``parts``: the graphs holding the gates or
+    site records (default: those installed in ``model``; ``surgery.inject.fold_recipe`` passes its own).
     """
-    parts = _graph_parts(model)
+    parts = _graph_parts(model) if parts is None else parts
     usage = _Usage(model, parts)
-    observed = _Observed(model, parts)
+    observed = _Observed(model, parts, examples)
     sites: list[FoldSite] = []
     for path, gm in _gate_graphs(parts):
         for name, gate in gm.named_children():
-            if not isinstance(gate, StochasticDepth):
+            if not isinstance(gate, GATES):
                 continue
             common = dict(id=gate.site_id, index=gate.index, p=gate.p, scaling=gate.scaling, part=path, gate=name)
             if gate.scaling == "inverted" or gate.p == 1.0:
@@ -275,10 +303,11 @@ def _branch_inputs(gm: fx.GraphModule, gate_name: str, branch: fx.GraphModule) -
 
 class _Observed:
     """Which submodule's output each module called in the graphs returns as is (``returned_submodule``),
-    seen in one eval forward of the model on its recipe's example inputs, run the first time it is asked."""
+    seen in one eval forward of the model on the job's example inputs (else drawn from its recipe's specs),
+    run the first time it is asked."""
 
-    def __init__(self, model: nn.Module, parts: list[tuple[str, fx.GraphModule]]) -> None:
-        self.model, self.parts = model, parts
+    def __init__(self, model: nn.Module, parts: list[tuple[str, fx.GraphModule]], examples=None) -> None:
+        self.model, self.parts, self.examples = model, parts, examples
         self._calls: dict | None = None
 
     def returned(self, path: str, item: int | None) -> str | None:
@@ -292,11 +321,14 @@ class _Observed:
 
     def _call(self, path: str):
         if self._calls is None:
-            recipe = getattr(self.model, RECIPE_ATTR, None)
-            inputs = recipe.examples() if recipe is not None else None
+            inputs = self.examples
+            if inputs is None:
+                recipe = getattr(self.model, RECIPE_ATTR, None)
+                inputs = make_example_inputs(recipe.inputs) if recipe is not None and recipe.inputs else None
             called = {".".join(p for p in (part, n.target) if p)
                       for part, gm in self.parts for graph, root in _graphs_with_branches(gm) for n in graph.nodes
-                      if n.op == "call_module" and not is_default_leaf(root.get_submodule(n.target))}
+                      if n.op == "call_module" and not isinstance(module := root.get_submodule(n.target), GATES)
+                      and not is_default_leaf(module)}
             self._calls = record_calls(self.model, called, inputs) or {}
         return self._calls.get(path)
 
@@ -329,7 +361,7 @@ class _Walker:
                 return self._module(node, module)
             if (_runs_torch_forward(module, HOMOGENEOUS_MODULES) and not getattr(module, "return_indices", False)) or is_drop_path(module):
                 return self._through(node, node.args[0])
-            if isinstance(module, StochasticDepth):
+            if isinstance(module, GATES):
                 return f"the branch ends in the nested residual block {module.site_id}"
             return self._inside(node, module) or self._returned(node, module, None)
         if node.op == "call_function":
@@ -337,7 +369,7 @@ class _Walker:
             if fn is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module":
                 call, item = node.args[0], node.args[1]
                 module = self.root.get_submodule(call.target)
-                if isinstance(item, int) and self._used(call) == 1 and not isinstance(module, StochasticDepth):
+                if isinstance(item, int) and self._used(call) == 1 and not isinstance(module, GATES):
                     return self._returned(call, module, item)  # out, _ = attention(x): the output it made
             if fn in AFFINE_FUNCTIONS:
                 return self._functional(node, *AFFINE_FUNCTIONS[fn])
@@ -588,12 +620,12 @@ def fold_gates(gm: fx.GraphModule, sites: Sequence[FoldSite], *, into_weights: b
     return gm, done
 
 
-def _drop(gm: fx.GraphModule, site: FoldSite, gate: StochasticDepth) -> list[FoldedSite]:
+def _drop(gm: fx.GraphModule, site: FoldSite, gate: nn.Module) -> list[FoldedSite]:
     """Records for a dropped gate and for the gates nested in its branch, which go with it; removes them all."""
     inner, pending = [], [gate]
     while pending:  # gates in the branch, in theirs, and so on (three levels deep is in the zoo)
         found = [n.target for n in pending.pop().branch.graph.nodes
-                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), StochasticDepth)]
+                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), GATES)]
         inner += found
         pending += [gm.get_submodule(name) for name in found]
     records = [FoldedSite(site.id, site.index, site.p, "dropped")]
@@ -696,32 +728,51 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
     return FoldedSite(site.id, site.index, site.p, "weights", tuple(scaled), tuple(copied)), out
 
 
+def copied(model):
+    """A deep copy of ``model`` (or of a tuple holding it and graphs over its modules: one copy, shared as before)."""
+    with warnings.catch_warnings():
+        # torch's own deprecation, raised when a torch.export capture's input spec is copied
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
+        return copy.deepcopy(model)
+
+
 def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True,
-                     drop: Collection[str] = (), own: bool = False) -> tuple[nn.Module, FoldReport]:
+                     drop: Collection[str] = (), own: bool = False, examples=None) -> tuple[nn.Module, FoldReport]:
     """``fold`` that also says, per gate, which parameters took p or why a multiply stayed.
 
     ``drop``: site ids folded with p = 0 (pruned: see ``fold_gates``; ``surgery.prune`` chooses them).
-    ``own``: fold ``model`` itself, not a copy (a caller that owns it and needs the gated model no more)."""
-    if own:
-        work = model
-    else:
-        with warnings.catch_warnings():
-            # torch's own deprecation, raised when a torch.export capture's input spec is copied
-            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
-            work = copy.deepcopy(model)
-    sites = find_folds(work)
+    ``own``: fold ``model`` itself, not a copy (a caller that owns it and needs the gated model no more).
+    ``examples``: the job's example inputs (see ``find_folds``)."""
+    work = model if own else copied(model)
+    return fold_parts(work, _graph_parts(work), into_weights=into_weights, scale=scale, drop=drop, examples=examples)
+
+
+def fold_parts(work: nn.Module, parts: list[tuple[str, fx.GraphModule]], *, into_weights: bool = True,
+               scale: bool = True, drop: Collection[str] = (), examples=None,
+               whole: Collection[str] = ()) -> tuple[nn.Module, FoldReport]:
+    """Fold, in place, the gates or site records that ``parts`` (path, graph over ``work``'s modules) hold.
+
+    A part whose sites all went into unshared weights (or needed no scale) leaves its owner running its own code
+    (a graph installed there is uninstalled; one never installed stays so); any other owner runs its folded graph
+    (``surgery.install``). A GraphModule part of ``work`` is folded where it is; the parts at the paths in
+    ``whole`` (ATen captures, rewritten whole) replace the module there."""
+    sites = find_folds(work, examples=examples, parts=parts)
     report = FoldReport()
     result = work
-    for path, gm in list(_gate_graphs(_graph_parts(work))):
+    for path, gm in list(_gate_graphs(parts)):
         mine = [s for s in sites if s.part == path]
         _, done = fold_gates(gm, mine, into_weights=into_weights, scale=scale, prefix=path, drop=frozenset(drop))
         report.sites += done
+        if path in whole:
+            result = in_place.replace(result, path, gm)
+            continue
         owner = work.get_submodule(path)
-        if in_place.graph_forward(owner) is not None:
-            if all(d.how == "none" or (d.how == "weights" and not d.copied) for d in done):
-                in_place.uninstall(owner)  # the graph is the module's own code again, with scaled weights
-            else:
-                in_place.install(owner, gm)
+        if owner is gm:
+            continue  # a GraphModule part: folded where it is
+        if all(d.how == "none" or (d.how == "weights" and not d.copied) for d in done):
+            in_place.uninstall(owner)  # the graph is the module's own code again, with scaled weights
+        else:
+            in_place.install(owner, gm)
     report.sites.sort(key=lambda s: s.index)
     if not in_place.rewritten(result):
         unwatch_units(result)

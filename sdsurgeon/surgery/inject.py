@@ -23,11 +23,12 @@ from ..capture.inputs import InputSpec, make_example_inputs, normalize_inputs, s
 from ..capture.torch_nn import call_children_always
 from ..choices import SCALING_CHOICES
 from ..errors import NoResidualSitesError, RecipeMismatchError, UnscaledSaveWarning, option_error
-from ..gate import StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
+from ..gate import GateSpec, StochasticDepth, draw, gates  # noqa: F401  (gates: re-exported)
 from ..io.hf import carry_recipe
 from ..io.source import tag
 from ..options import SurgeryOptions
 from ..progress import SILENT, Progress
+from .fold import FoldReport, SiteRecord, copied, fold_parts
 from .recipe import RECIPE_ATTR, Recipe
 
 
@@ -84,9 +85,8 @@ def inject(
     schedule = None if o.schedule is None else ScheduleSpec.from_dict(o.schedule)
     overrides = [x if isinstance(x, Override) else Override.parse(x) for x in o.overrides]
     work = model if in_place else copy.deepcopy(model)
-    drawn = None
     if example_inputs is None and inputs is not None:
-        example_inputs = drawn = make_example_inputs(inputs)
+        example_inputs = make_example_inputs(inputs)
     replaced = [] if o.keep_existing else switch_off(work)
     cap, sites = locate(work, o.leaves, example_inputs, method=o.capture, progress=progress)
     if inputs is None and example_inputs is not None:
@@ -108,27 +108,73 @@ def inject(
         capture=cap.method, keep_existing=o.keep_existing, replaced=[[d.path, d.rate] for d in replaced if d.rate],
         schedule=None if schedule is None else schedule.to_dict(),
     )
-    if drawn is not None and recipe.inputs == list(inputs):  # the rewrite takes the capture's draw: one per job
-        recipe.keep_examples(drawn)
-    with progress.stage("rewrite the blocks"):
-        return _apply(work, cap, chosen, recipe)
+    with progress.stage("rewrite the blocks"):  # on the capture's inputs: one draw per job
+        return _apply(work, cap, chosen, recipe, example_inputs)
 
 
 def _failures(cap: Capture, most: int = 2) -> list[str]:
     return [f"{u.path or 'the model'}: {u.reason}" for u in cap.untraced[:most]]
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, *, in_place: bool = False) -> nn.Module:
+def apply_recipe(model: nn.Module, recipe: Recipe, *, in_place: bool = False, examples=None) -> nn.Module:
     """Redo a recorded surgery on ``model`` (a fresh instance of the same architecture); copies it, unless
-    ``in_place`` (a model the caller owns, as a loader owns what it built)."""
-    _check_gate_options(recipe.mode, recipe.scaling)
+    ``in_place`` (a model the caller owns, as a loader owns what it built). ``examples``: the job's example
+    inputs for the recipe's specs (drawn here where the capture needs them and none are given)."""
     work = model if in_place else copy.deepcopy(model)
+    examples = _examples_for(recipe, examples)
+    cap, chosen = _located(work, recipe, examples)
+    return _apply(work, cap, chosen, recipe, examples)
+
+
+def fold_recipe(model: nn.Module, recipe: Recipe, *, examples=None, into_weights: bool = True, scale: bool = True,
+                reference: bool = False) -> tuple[nn.Module, FoldReport, nn.Module | None]:
+    """``fold_with_report(apply_recipe(model, recipe))`` without a gate: what ``export --fold`` of a recorded
+    surgery runs. Changes ``model`` (the caller's: a fresh instance of the architecture holding the trained
+    weights, as a loader builds it) and returns it folded, with the fold's report.
+
+    The recipe's sites are found again and each owner traced as inject did (``_located``, ``rewrites``); each
+    site becomes a record of its branch and p in the owner's graph (``gate_sites(records=True)``) and
+    ``surgery.fold`` folds the records by the very rules it folds gates by. An owner whose sites all went into
+    its own weights runs its own code, with scaled weights: no graph is installed on it at any point.
+
+    ``reference``: also a copy of the model, weights as they were, that computes the recipe in eval,
+    ``x + p f(x)``, with one explicit multiply per site and no weight scaled (what the fold is checked against);
+    else None. ``examples``: the job's example inputs (drawn from the recipe's specs if needed and not given).
+    ``scale=False``: p is dropped, the architecture without gates (as ``surgery.fold.remove_gates``)."""
+    examples = _examples_for(recipe, examples)
+    cap, chosen = _located(model, recipe, examples)
+    p_of = {s.id: p for s, p in chosen}
+    parts, whole = [], set()
+    for rewrite in rewrites(model, cap, [s for s, _ in chosen], recipe.leaves, examples):
+        gate_sites(rewrite.gm, [(s, p_of[s.id]) for s in rewrite.sites], scaling=recipe.scaling,
+                   copy_skip=rewrite.copy_skip, records=True)
+        parts.append((rewrite.path, rewrite.gm))
+        if rewrite.how == WHOLE:
+            whole.add(rewrite.path)
+    twin = None
+    if reference:  # one copy of the model and of the graphs over it, their modules shared as here
+        twin_model, twin_parts = copied((model, parts))
+        twin = _placed(fold_parts(twin_model, twin_parts, into_weights=False, examples=examples, whole=whole)[0],
+                       model)
+    folded, report = fold_parts(model, parts, into_weights=into_weights, scale=scale, examples=examples, whole=whole)
+    return _placed(folded, model), report, twin
+
+
+def _examples_for(recipe: Recipe, examples):
+    """The job's example inputs, or, where the capture or the owners' trace needs them, a draw from the recipe."""
+    if examples is None and recipe.inputs and recipe.capture != "fx":
+        return make_example_inputs(recipe.inputs)
+    return examples
+
+
+def _located(work: nn.Module, recipe: Recipe, examples) -> tuple[Capture, list[tuple[ResidualSite, float]]]:
+    """The recipe's sites found again in ``work``: its drop paths switched off as inject did, captured by the same
+    front-end and detected; each with its recorded p."""
+    _check_gate_options(recipe.mode, recipe.scaling)
     if not recipe.keep_existing:
         switch_off(work)
-    example_inputs = recipe.examples() if recipe.inputs else None
-    if recipe.capture == "fx":
-        example_inputs = None  # as before export capture existed: fx sites never needed inputs to match
-    cap, sites = locate(work, recipe.leaves, example_inputs, method=recipe.capture)
+    # fx sites never needed inputs to match (as before export capture existed)
+    cap, sites = locate(work, recipe.leaves, None if recipe.capture == "fx" else examples, method=recipe.capture)
     by_id = {s.id: s for s in sites}
     missing = [sid for sid, _ in recipe.sites if sid not in by_id]
     if missing:
@@ -136,7 +182,20 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, in_place: bool = False) ->
             f"the recipe names {len(missing)} site(s) this architecture does not have (first: {missing[0]!r}); "
             "was it saved from a different architecture or with other --leaf settings?"
         )
-    return _apply(work, cap, [(by_id[sid], p) for sid, p in recipe.sites], recipe)
+    return cap, [(by_id[sid], p) for sid, p in recipe.sites]
+
+
+def _placed(result: nn.Module, work: nn.Module) -> nn.Module:
+    """``result`` (``work``, or the graph that replaced it whole) with what ``work`` records of its source, and every
+    module around an installed graph calling it (none may bypass its forward)."""
+    for path, _ in in_place.rewritten(result):
+        names = path.split(".")
+        for depth in range(len(names)):
+            call_children_always(result.get_submodule(".".join(names[:depth])))
+    for name in ("sdsurgeon_source",):
+        if hasattr(work, name) and result is not work:
+            tag(result, name, getattr(work, name))
+    return result
 
 
 def resolve_scaling(scaling: str, model: nn.Module) -> str:
@@ -162,44 +221,29 @@ def resolve_scaling(scaling: str, model: nn.Module) -> str:
 
 
 def _check_gate_options(mode: str, scaling: str) -> None:
-    # Checked up front so a bad option fails before any copying or tracing.
-    StochasticDepth(1.0, lambda: None, mode=mode, scaling=scaling)
+    # Checked up front so a bad option fails before any copying or tracing (a gate's spec, no gate built).
+    GateSpec(1.0, mode=mode, scaling=scaling)
 
 
-def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float]], recipe: Recipe) -> nn.Module:
+def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float]], recipe: Recipe,
+           examples=None) -> nn.Module:
     """Gate each rewrite's sites and put it in place: a block or a captured part keeps its class and runs
-    its gated graph (``surgery.install``); an ATen capture is replaced by its GraphModule."""
+    its gated graph (``surgery.install``); an ATen capture is replaced by its GraphModule. ``examples``: the
+    capture's inputs (the owners inside an ATen capture are traced on the calls they receive there)."""
     p_of = {s.id: p for s, p in chosen}
     result = work
-    examples = recipe.examples() if recipe.inputs else None  # the capture's, when it had them: made once
     for rewrite in rewrites(work, cap, [s for s, _ in chosen], recipe.leaves, examples):
         gate_sites(rewrite.gm, [(s, p_of[s.id]) for s in rewrite.sites], mode=recipe.mode, scaling=recipe.scaling,
                    seed=recipe.seed, sync_ranks=recipe.sync_ranks, copy_skip=rewrite.copy_skip)
         if rewrite.how == WHOLE:
-            result = _replace(result, rewrite.path, rewrite.gm)
+            result = in_place.replace(result, rewrite.path, rewrite.gm)
         else:
             in_place.install(work.get_submodule(rewrite.path), rewrite.gm, routes=rewrite.routes)
-            names = rewrite.path.split(".")
-            for depth in range(len(names)):  # the modules around it: none may bypass its forward
-                call_children_always(work.get_submodule(".".join(names[:depth])))
     if in_place.rewritten(result):
         watch_units(result)  # FSDP2 units whose gates all drop are then not called at all
     tag(result, RECIPE_ATTR, recipe)
     carry_recipe(result, recipe.to_dict())  # save_pretrained writes it to config.json: sdsurgeon.load regates
-    for name in ("sdsurgeon_source",):
-        if hasattr(work, name):
-            tag(result, name, getattr(work, name))
-    return result
-
-
-def _replace(root: nn.Module, path: str, gm: fx.GraphModule) -> nn.Module:
-    """Put a rewritten ATen part where its module was; the whole model if it is the root."""
-    if not path:
-        return gm
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, gm)
-    return root
+    return _placed(result, work)
 
 
 def gate_sites(
@@ -211,8 +255,10 @@ def gate_sites(
     seed: int | None = None,
     sync_ranks: bool = True,
     copy_skip: Mapping[str, bool] = MappingProxyType({}),
+    records: bool = False,
 ) -> fx.GraphModule:
-    """Pass: replace each site's add and branch with a call to a StochasticDepth gate.
+    """Pass: replace each site's add and branch with a call to a StochasticDepth gate (with ``records``, to a
+    ``SiteRecord`` of the branch and p, for fold alone: no gate, no draw; see ``fold_recipe``).
 
     Mutates and returns ``gm``. ``copy_skip`` (site id -> bool) says where a caller outside ``gm``
     writes the block's output in place, so a dropped gate must return a copy of its skip. Sites must come from ``find_residuals(gm)`` and be in depth order:
@@ -246,19 +292,26 @@ def gate_sites(
         branch = fx.GraphModule(gm, branch_graph, class_name="Branch")
 
         name = f"sd_gate_{site.index}"
-        gate = StochasticDepth(
-            p, branch, mode=mode, scaling=scaling, seed=seed, site_id=site.id, index=site.index,
-            copy_skip=copy_skip.get(site.id, False) or written_in_place(gm, add), sync_ranks=sync_ranks,
-            # model attributes (weights read by an ATen graph, layer-scale gammas) are never per-sample
-            sample_inputs=tuple(i.op != "get_attr" for i in inputs),
-        )
-        gm.add_submodule(name, gate)
-        with graph.inserting_before(add):
-            gate_ref = graph.create_node("get_attr", name, name=f"{name}_module")
-            decision = graph.create_node("call_function", draw, (gate_ref, node(site.skip)), name=f"{name}_draw")
-            gate_node = graph.create_node("call_module", name, (node(site.skip), *inputs), {"decision": decision},
-                                          name=name)
-        companions[gate_node] = [gate_ref, decision]
+        copies = copy_skip.get(site.id, False) or written_in_place(gm, add)
+        if records:
+            gm.add_submodule(name, SiteRecord(p, branch, scaling=scaling, site_id=site.id, index=site.index,
+                                              copy_skip=copies))
+            with graph.inserting_before(add):
+                gate_node = graph.create_node("call_module", name, (node(site.skip), *inputs), name=name)
+            companions[gate_node] = []
+        else:
+            gm.add_submodule(name, StochasticDepth(
+                p, branch, mode=mode, scaling=scaling, seed=seed, site_id=site.id, index=site.index,
+                copy_skip=copies, sync_ranks=sync_ranks,
+                # model attributes (weights read by an ATen graph, layer-scale gammas) are never per-sample
+                sample_inputs=tuple(i.op != "get_attr" for i in inputs),
+            ))
+            with graph.inserting_before(add):
+                gate_ref = graph.create_node("get_attr", name, name=f"{name}_module")
+                decision = graph.create_node("call_function", draw, (gate_ref, node(site.skip)), name=f"{name}_draw")
+                gate_node = graph.create_node("call_module", name, (node(site.skip), *inputs), {"decision": decision},
+                                              name=name)
+            companions[gate_node] = [gate_ref, decision]
         gate_node.meta = {k: v for k, v in add.meta.items() if k == "nn_module_stack"}
         add.replace_all_uses_with(gate_node)
         graph.erase_node(add)

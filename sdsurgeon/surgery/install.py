@@ -153,6 +153,17 @@ def install(owner: nn.Module, gm: fx.GraphModule, routes: tuple[str, ...] | None
     owner.__dict__[FORWARD] = GraphForward.of(owner, copy.deepcopy(gm.graph), routes)  # a copy: gm may be thrown away
 
 
+def replace(root: nn.Module, path: str, gm: fx.GraphModule) -> nn.Module:
+    """Put a rewritten ATen part (a torch.export capture, rewritten whole) where its module was; returns the
+    model, which is ``gm`` itself when the part is the root."""
+    if not path:
+        return gm
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, gm)
+    return root
+
+
 def uninstall(owner: nn.Module, added: tuple[str, ...] = ()) -> None:
     """Give ``owner`` its class's forward back, and drop the children named in ``added``."""
     owner.__dict__.pop(FORWARD, None)

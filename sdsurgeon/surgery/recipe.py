@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..capture.inputs import ExampleInputs, InputSpec, make_example_inputs
+from ..capture.inputs import InputSpec
 
 RECIPE_ATTR = "sdsurgeon_recipe"
 
@@ -27,21 +27,12 @@ class Recipe:
     replaced: list[list] = field(default_factory=list)  # [module path, rate] of drop paths switched off
     schedule: dict | None = None  # p_L over training steps (analysis.schedule.ScheduleSpec as a dict), if any
 
-    def examples(self) -> ExampleInputs | None:
-        """The example tensors its input specs make (None without specs), made on first use and kept: every stage
-        of one job (capture, the owners' re-trace, the fold's observed call, export, verify) runs on the same
-        inputs instead of each drawing its own (they are one seeded draw, so equal anyway)."""
-        if self.inputs is None:
-            return None
-        made = self.__dict__.get("_examples")
-        if made is None or made[0] != self.inputs:  # the specs it was made from, should a caller replace them
-            self.keep_examples(make_example_inputs(self.inputs))
-        return self.__dict__["_examples"][1]
-
-    def keep_examples(self, examples: ExampleInputs) -> None:
-        """Take ``examples`` as the ones its input specs make (a caller that drew them from these specs already)."""
-        # not a field: to_dict and asdict leave it out; a deep copy of the model (the fold's) copies them
-        self.__dict__["_examples"] = (list(self.inputs), examples)
+    def __setstate__(self, state: dict) -> None:
+        # a model pickled while recipes kept their drawn example tensors (``_examples``): drawn inputs belong to
+        # the job that drew them, not to the recipe, so they are let go here
+        state = dict(state)
+        state.pop("_examples", None)
+        self.__dict__.update(state)
 
     def to_dict(self) -> dict:
         d = asdict(self)
