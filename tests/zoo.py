@@ -356,6 +356,22 @@ class ParallelResidualBlock(Scaled):
         return self.s(self.mlp(self.ln2(x)) + attn) + x
 
 
+class SharedNormParallelBlock(Scaled):
+    """Falcon's and GPT-J's parallel residual: one norm feeds both paths, x + attn(h) + mlp(h) with h = ln(x). The
+    paths fork from h, not from x, and ``mlp(h) + attn`` has the shape of a projection block from h (it is not one)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.mlp = mlp(d)
+
+    def forward(self, x, angles):
+        h = self.ln(x)
+        attn = self.o(torch.tanh(self.q(h)) * angles)
+        return x + self.s(self.mlp(h) + attn)
+
+
 class ParallelStack(nn.Module):
     def __init__(self, *blocks):
         super().__init__()
@@ -732,6 +748,8 @@ ZOO = [
     ZooEntry("tanh_branch", lambda: Seq(TanhBranchBlock(8), TanhBranchBlock(8)), lambda: (torch.randn(4, 8),), 2,
              _scale_blocks, kept_multiply="not positively homogeneous"),
     ZooEntry("parallel_residual", lambda: ParallelStack(ParallelResidualBlock(8), ParallelResidualBlock(8)),
+             lambda: (torch.randn(4, 8), torch.randn(4, 8)), 2, _scale_blocks),
+    ZooEntry("shared_norm_parallel", lambda: ParallelStack(SharedNormParallelBlock(8), SharedNormParallelBlock(8)),
              lambda: (torch.randn(4, 8), torch.randn(4, 8)), 2, _scale_blocks),
     ZooEntry("torch_nn_encoder", TorchEncoder, lambda: (torch.randn(6, 2, 16),), 4, _scale_torch_nn),
     ZooEntry("torch_nn_prenorm", lambda: TorchEncoder(norm_first=True), lambda: (torch.randn(6, 2, 16),), 4,

@@ -321,17 +321,19 @@ def _find(g: _Graph, part: str) -> tuple[list[ResidualSite], list[RefusedAdd]]:
                 **fields,
             )
         )
-    return _without_multi_branch_bodies(sites), refused
+    return _without_multi_branch_bodies(g, sites), refused
 
 
-def _without_multi_branch_bodies(sites: list[ResidualSite]) -> list[ResidualSite]:
+def _without_multi_branch_bodies(g: _Graph, sites: list[ResidualSite]) -> list[ResidualSite]:
     """Drop the sums of paths that look like projection blocks and are not, and renumber. Two rules:
 
     - A parallel body. GPT-NeoX's parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` adds two parameterised paths
       from the same x, inside the branch of a residual from that x; ``mlp(ln2(x))`` is a chain back to x, so
       ``attn + mlp`` has the shape of ``f(x) + proj(x)``. It is not one: the paths are one multi-branch body
-      (dropping "the branch" would drop the attention and keep the MLP). A ResNet's downsampling block
-      ``f(x) + proj(x)`` is not inside a residual of its own x, so it stays a block.
+      (dropping "the branch" would drop the attention and keep the MLP). The paths may also fork from one value
+      made of x by a single-input chain inside that branch: Falcon's and GPT-J's ``h = ln(x)``,
+      ``x + attn(h) + mlp(h)``. A ResNet's downsampling block ``f(x) + proj(x)`` is not inside a residual of its
+      own x, so it stays a block.
     - A merge of two depths. A projection shortcut stands beside one block: LR-ASPP's segmentation head
       ``classify(low) + classify(up(deeper(low)))`` has the shape of ``f(x) + proj(x)``, but its ``f`` runs
       residual blocks of its own (the rest of the backbone). It merges a shallow and a deep path; gating it would
@@ -339,8 +341,21 @@ def _without_multi_branch_bodies(sites: list[ResidualSite]) -> list[ResidualSite
     """
     fork = {s.id: s.branch_inputs[0] if s.branch_inputs else None for s in sites}
     adds = {s.add for s in sites}
+
+    def made_of(inner: str | None, outer: ResidualSite) -> bool:
+        """Whether value ``inner`` is ``outer``'s x, or made of it by a short single-input chain in its branch."""
+        cur, region = g.by_name.get(inner) if inner else None, set(outer.branch_nodes)
+        for _ in range(MAX_SHORTCUT_OPS + 1):
+            if cur is None or cur.name == fork[outer.id]:
+                return cur is not None
+            ins = [i for i in g.data_inputs(cur) if i not in g.constant]
+            if cur.name not in region or len(ins) != 1:
+                return False
+            cur = ins[0]
+        return False
+
     body = {s.id for s in sites if s.shortcut == "projection" and (
-        any(t is not s and s.add in t.branch_nodes and fork[t.id] == fork[s.id] for t in sites)
+        any(t is not s and s.add in t.branch_nodes and made_of(fork[s.id], t) for t in sites)
         or not adds.isdisjoint(s.branch_nodes))}
     kept = [s for s in sites if s.id not in body]
     return [replace(s, index=i) for i, s in enumerate(kept, 1)] if body else sites
