@@ -940,6 +940,7 @@ def test_a_job_writes_the_plain_architecture_as_safetensors(tmp_path, monkeypatc
     torch.testing.assert_close(plain(x), injected(x))
 
 
+@pytest.mark.multiprocess
 def test_a_jobs_failure_names_config_keys_where_the_library_names_flags(tmp_path, monkeypatch):
     """The library words its errors for the command line (--format, --arch); a batch report says the config's keys."""
     monkeypatch.chdir(tmp_path)
