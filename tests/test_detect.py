@@ -12,7 +12,11 @@ from zoo import ZOO, DataDependentTop
 
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_zoo_site_count(entry):
-    _, sites = locate(entry.build())
+    from sdsurgeon.capture.drop_path import switch_off
+
+    model = entry.build()
+    switch_off(model)  # as plan and inject do: a LayerDrop drawn in Python would skip layers from the trace at random
+    _, sites = locate(model)
     assert len(sites) == entry.num_sites, [s.id for s in sites]
     assert [s.index for s in sites] == list(range(1, entry.num_sites + 1))
     assert len({s.id for s in sites}) == len(sites)
@@ -289,3 +293,39 @@ def test_an_untraced_reason_says_what_stopped_the_trace_in_words_at_the_users_li
     assert "data-dependent control flow" in export_reason and where in export_reason
     assert not any(name in r for r in (fx_reason, export_reason)
                    for name in ("TraceError", "GuardOnDataDependentSymNode", "Eq(u0"))
+
+
+class _SharedLayerLoop(torch.nn.Module):
+    """One layer called ``steps`` times, its weights shared by every step (ALBERT): each call's add is a block.
+    ``scales`` multiply each step's branch, for a hand-scaled reference."""
+
+    def __init__(self, d=8, steps=3):
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+        self.scales = [1.0] * steps
+
+    def forward(self, x):
+        for scale in self.scales:
+            x = x + torch.tanh(self.fc(self.norm(x))) * scale
+        return x
+
+
+@pytest.mark.parametrize("capture_with", ["fx", "export"])
+def test_a_layer_whose_weights_every_step_shares_is_a_block_at_each_step(capture_with):
+    """torch.export reads each weight once for the whole graph: a branch that shares its weights with the other
+    steps' branches held "no parameters of its own" there, and ALBERT had 0 sites (fx calls the module each step)."""
+    import copy
+
+    import sdsurgeon
+
+    model, x = _SharedLayerLoop().eval(), torch.randn(4, 8)
+    plan = sdsurgeon.plan(model, 0.5, capture=capture_with, example_inputs=x)
+    assert len(plan.sites) == 3
+    injected = sdsurgeon.inject(model, 0.5, capture=capture_with, example_inputs=x).eval()
+    reference = copy.deepcopy(model)
+    reference.scales = [1 - (l / 3) * 0.5 for l in (1, 2, 3)]  # the linear rule, written out
+    torch.testing.assert_close(injected(x), reference(x))
+    assert not torch.allclose(model(x), reference(x))
+    folded, report = sdsurgeon.fold_with_report(injected)  # one weight, three scales: each step a copy or a multiply
+    torch.testing.assert_close(folded(x), reference(x))
+    assert len(report.sites) == 3

@@ -113,7 +113,9 @@ class _Graph:
         return value.numel() if isinstance(value, nn.Parameter) else 0
 
     def own_attr_params(self, inputs: list[fx.Node], region: set[fx.Node]) -> int:
-        """Parameters the region alone reads, directly or through a view (``gamma.view(1, C, 1, 1)``)."""
+        """Parameters the region reads, directly or through a view (``gamma.view(1, C, 1, 1)``). Others may read them
+        too: a layer whose weights every step of a loop shares (ALBERT calls one layer L times) holds them in each
+        step's branch, as a module called twice does (``module_params``)."""
         made: set[fx.Node] = set()  # the inputs made from model attributes, and what they are made from
         stack = [i for i in inputs if i in self.constant]
         while stack:
@@ -121,7 +123,7 @@ class _Graph:
             if n not in made:
                 made.add(n)
                 stack += [i for i in n.all_input_nodes if i in self.constant]
-        return sum(self.attr_params(n) for n in made if n.op == "get_attr" and all(u in region or u in made for u in n.users))
+        return sum(self.attr_params(n) for n in made if n.op == "get_attr" and any(u in region or u in made for u in n.users))
 
     def branch(self, x: fx.Node, t: fx.Node) -> list[fx.Node] | None:
         """Nodes computing ``t`` from ``x`` (graph order), or None if t does not depend on x's values.
