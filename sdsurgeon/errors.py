@@ -79,6 +79,11 @@ class LayerError(ConfigError):
     """Whole layers cannot be chosen or removed: no layer list, two candidates, or sites that are part of a layer."""
 
 
+class EarlyExitError(ConfigError):
+    """inject --early-exit cannot be set up on this model: no LM head, no layer list, no final norm found by rule, or
+    an exit layer it does not have."""
+
+
 class RecipeMismatchError(SurgeonError):
     """A saved surgery recipe does not fit the architecture it is applied to."""
 

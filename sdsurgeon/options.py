@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .choices import CAPTURES, DROP_RULES, FORMATS, MODES, RULE_NAMES, SCALING_CHOICES
+from .choices import CAPTURES, DROP_RULES, EXIT_CURRICULA, EXIT_SCALES, FORMATS, MODES, RULE_NAMES, SCALING_CHOICES
 from .errors import ConfigError, option_error
 
 
@@ -144,6 +144,23 @@ def _probability(p: float) -> str | None:
     return None if 0 < p <= 1 else f"{p} is outside (0, 1]; 1 keeps a block always on"  # NaN too
 
 
+def _positive(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else f"must be a finite number above zero (got {value!r})"
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else f"must be 1 or more (got {value!r})"
+
+
+def _not_negative(value: int) -> str | None:
+    return None if value >= 0 else f"must be 0 or more (got {value!r})"
+
+
+def _layer_indices(values: tuple) -> str | None:
+    bad = [v for v in values if v < 0]
+    return f"layers are counted from 0 (got {bad[0]})" if bad else None
+
+
 def _tolerance(value: float) -> str | None:
     # NaN compares false with everything: `value < 0` would let it through to onnxruntime.
     return None if math.isfinite(value) and value >= 0 else f"must be a finite number, zero or more (got {value!r})"
@@ -239,7 +256,8 @@ class SurgeryOptions:
     """How sites are chosen and gated: the options plan and inject share (inject's own ones are ignored by plan)."""
 
     pL: float = option(0.5, "Survival probability of the last block, in (0, 1].", check=_probability)
-    rule: str = option("linear", f"Schedule: {' | '.join(RULE_NAMES)}. linear: p_l = 1 - l/L (1 - p_L).",
+    rule: str = option("linear", f"Schedule: {' | '.join(RULE_NAMES)}. linear: p_l = 1 - l/L (1 - p_L). "
+                       "exponential (LayerSkip's): p_l = 1 - (1 - p_L)(2^(l/(L-1)) - 1), l = 0..L-1.",
                        choices=RULE_NAMES)
     overrides: tuple[str, ...] = option((), "Override PATTERN=P for sites whose id matches the regex (re.search).",
                                         flag="--set", key="set")
@@ -267,9 +285,39 @@ class SurgeryOptions:
     # p_L over training steps, recorded in the recipe (analysis.schedule.ScheduleSpec as a dict); the command line
     # builds it from --schedule, --theta, --gamma, --warmup and --ramp
     schedule: dict | None = option(None, "How p_L moves over training steps.", flag="", key="")
+    # LayerSkip's early-exit loss (surgery.early_exit): recorded in the recipe, so sdsurgeon.load restores it
+    early_exit: bool = option(False, "Transformers causal LMs: in training, a forward with labels= returns the task "
+                              "loss and the early-exit losses (the model's own final norm and LM head on chosen "
+                              "layers' outputs), weighted as LayerSkip (--exit-scale-type, --exit-scale) under a "
+                              "curriculum (--exit-curriculum); in eval the model is the plain model.")
+    exit_layers: tuple[int, ...] = option((), "With --early-exit: a layer (0-based) whose output gets an exit loss "
+                                          "(repeatable; default: every layer but the last, whose loss is the task "
+                                          "loss).", flag="--exit-layer", check=_layer_indices)
+    exit_scale: float = option(1.0, "With --early-exit: e_scale, the factor of every exit's weight before the "
+                               "weights are normalised to sum to 1 with the last layer's (torchtune).",
+                               check=_positive)
+    exit_scale_type: str = option("sum_l", f"With --early-exit: {' | '.join(EXIT_SCALES)}: an exit at layer l weighs "
+                                  "1, l+1, the running sum of l+1 over the layers in order, 1/(l+1), sqrt(l+1) or "
+                                  "1/sqrt(l+1), times --exit-scale (torchtune's early_exit_loss).",
+                                  choices=EXIT_SCALES)
+    exit_curriculum: str = option("none", f"With --early-exit: {' | '.join(EXIT_CURRICULA)}: every exit at every "
+                                  "step; rotational: at step t the exits l with l % R == t % R (--exit-rotation R); "
+                                  "gradual: exits switched on from the last layer towards the first, all on after "
+                                  "--exit-ramp steps. The step is the optimizer step sdsurgeon.schedules.schedule "
+                                  "or callbacks.schedule_callback() counts.", choices=EXIT_CURRICULA)
+    exit_rotation: int = option(2, "With --exit-curriculum rotational: R.", check=_at_least_one)
+    exit_ramp: int = option(0, "With --exit-curriculum gradual: the step from which every exit is on (layer l of L "
+                            "switches on at step ramp (L - l) / L).", check=_not_negative)
 
     def __post_init__(self) -> None:
         _checked(self)
+        if not self.early_exit:
+            given = [f.name for f in fields(self) if f.name.startswith("exit_") and getattr(self, f.name) != f.default]
+            if given:
+                raise field_error(SurgeryOptions, given[0], "applies to the early-exit loss: give --early-exit too")
+        if self.exit_curriculum == "gradual" and self.exit_ramp == 0:
+            raise field_error(SurgeryOptions, "exit_ramp", "must be a step count from 1 with --exit-curriculum "
+                              "gradual (the step from which every exit is on)")
 
 
 @dataclass(frozen=True)

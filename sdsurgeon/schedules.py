@@ -10,6 +10,7 @@ from torch import nn
 from .analysis.schedule import RULES, ScheduleSpec
 from .errors import ConfigError
 from .gate import StochasticDepth
+from .surgery.early_exit import early_exit_of
 from .surgery.inject import gates
 from .surgery.recipe import RECIPE_ATTR
 
@@ -20,7 +21,8 @@ class Schedule:
     Built on an injected model (its gates in depth order), it sets every gate's p for step 0 at once;
     ``step()`` after each optimizer step moves to the next. ``state_dict()`` / ``load_state_dict()``
     hold the position (and the spec, checked on load). ``expected_depth()`` and
-    ``expected_flops_ratio()`` say what the current step costs in expectation.
+    ``expected_flops_ratio()`` say what the current step costs in expectation. A model injected with
+    ``--early-exit`` has its exit curriculum moved to the same step (``surgery.early_exit``).
     """
 
     def __init__(self, model: nn.Module, spec: ScheduleSpec | None = None, *, site_flops: Sequence[int] | None = None,
@@ -33,6 +35,7 @@ class Schedule:
         if site_flops is not None and len(site_flops) != len(self.gates):
             raise ConfigError(f"site_flops has {len(site_flops)} entries for {len(self.gates)} gates")
         self.site_flops, self.total_flops = site_flops, total_flops
+        self.early_exit = early_exit_of(model)
         self.last_step = 0
         self._apply()
 
@@ -62,6 +65,8 @@ class Schedule:
         self._apply()
 
     def _apply(self) -> None:
+        if self.early_exit is not None:
+            self.early_exit.step = self.last_step
         for gate, p in zip(self.gates, self.probabilities()):
             if gate.p != p:
                 gate.replace_spec(p=p)  # the same stream: a new p is not a new seed

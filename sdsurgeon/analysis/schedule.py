@@ -22,8 +22,18 @@ def uniform(L: int, p_L: float) -> list[float]:
     return [p_L] * L
 
 
+def exponential(L: int, p_L: float) -> list[float]:
+    """LayerSkip's rate (Elhoushi et al. 2024, eq. 1, its depth part): the drop rate rises exponentially with depth,
+    p_max (e^(l ln 2 / (L - 1)) - 1) for l = 0..L-1, from 0 at the first block to p_max = 1 - p_L at the last;
+    p_l = 1 - that. One block alone gets p_L."""
+    if L == 1:
+        return [p_L]
+    return [1.0 - (1.0 - p_L) * (math.exp(l * math.log(2) / (L - 1)) - 1.0) for l in range(L)]
+
+
 # In the order choices.RULE_NAMES names them (what options and --help check and show, without torch).
-RULES: dict[str, Callable[[int, float], list[float]]] = dict(zip(RULE_NAMES, (linear_decay, uniform), strict=True))
+RULES: dict[str, Callable[[int, float], list[float]]] = dict(zip(RULE_NAMES, (linear_decay, uniform, exponential),
+                                                                strict=True))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from ..analysis.owners import WHOLE, rewrites, written_in_place
 from ..analysis.schedule import Override, ScheduleSpec, assign
 from ..capture.drop_path import find_drop_paths, switch_off
 from ..distributed import watch_units
+from . import early_exit as early_exit_mod
 from . import install as in_place
 from ..capture.fx import Capture
 from ..capture.hf_inputs import complete_specs
@@ -50,6 +51,13 @@ def inject(
     capture: str = "auto",
     keep_existing: bool = False,
     schedule: ScheduleSpec | dict | None = None,
+    early_exit: bool = False,
+    exit_layers: Sequence[int] = (),
+    exit_scale: float = 1.0,
+    exit_scale_type: str = "sum_l",
+    exit_curriculum: str = "none",
+    exit_rotation: int = 2,
+    exit_ramp: int = 0,
     progress: Progress = SILENT,
     in_place: bool = False,
 ) -> nn.Module:
@@ -68,6 +76,9 @@ def inject(
     already has are switched off (the gates replace them) unless ``keep_existing``. ``schedule``
     (``ScheduleSpec`` or its dict) is recorded in the recipe for ``sdsurgeon.schedules.schedule(model)``,
     which steps p_l over training; the gates get the rule's p_l at ``p_L`` until then.
+    ``early_exit`` (a causal LM): LayerSkip's early-exit loss is added in training (surgery.early_exit; the
+    ``exit_*`` keywords are SurgeryOptions' fields of those names), and recorded in the recipe; the final norm is
+    found on one forward of the example inputs (drawn from ``inputs`` if not given).
     ``progress`` hears of each stage (capture, FLOPs count, detection, rewriting the blocks).
     ``scaling`` ``auto`` is ``inverted`` for a model with its own save path, else ``paper`` (resolve_scaling).
     ``in_place=True`` rewrites ``model`` itself instead of a copy (for a caller that owns it, as the CLI owns
@@ -79,7 +90,9 @@ def inject(
     o = p_L if isinstance(p_L, SurgeryOptions) else SurgeryOptions(
         pL=p_L, rule=rule, mode=mode, scaling=scaling, seed=seed, overrides=overrides, include=include,
         exclude=exclude, leaves=leaves, sync_ranks=sync_ranks, capture=capture, keep_existing=keep_existing,
-        schedule=schedule.to_dict() if isinstance(schedule, ScheduleSpec) else schedule)  # checked there, once
+        schedule=schedule.to_dict() if isinstance(schedule, ScheduleSpec) else schedule, early_exit=early_exit,
+        exit_layers=exit_layers, exit_scale=exit_scale, exit_scale_type=exit_scale_type,
+        exit_curriculum=exit_curriculum, exit_rotation=exit_rotation, exit_ramp=exit_ramp)  # checked there, once
     scaling = resolve_scaling(o.scaling, model)
     _check_gate_options(o.mode, scaling)
     schedule = None if o.schedule is None else ScheduleSpec.from_dict(o.schedule)
@@ -109,7 +122,15 @@ def inject(
         schedule=None if schedule is None else schedule.to_dict(),
     )
     with progress.stage("rewrite the blocks"):  # on the capture's inputs: one draw per job
-        return _apply(work, cap, chosen, recipe, example_inputs)
+        result = _apply(work, cap, chosen, recipe, example_inputs)
+    if o.early_exit:
+        settings = dict(layers=list(o.exit_layers), scale=o.exit_scale, scale_type=o.exit_scale_type,
+                        curriculum=o.exit_curriculum, rotation=o.exit_rotation, ramp=o.exit_ramp)
+        examples = example_inputs if example_inputs is not None else _examples_for(recipe, None, always=True)
+        recipe.early_exit = early_exit_mod.resolve(result, settings, examples)
+        early_exit_mod.install(result, recipe.early_exit)
+        carry_recipe(result, recipe.to_dict())
+    return result
 
 
 def _failures(cap: Capture, most: int = 2) -> list[str]:
@@ -160,9 +181,10 @@ def fold_recipe(model: nn.Module, recipe: Recipe, *, examples=None, into_weights
     return _placed(folded, model), report, twin
 
 
-def _examples_for(recipe: Recipe, examples):
-    """The job's example inputs, or, where the capture or the owners' trace needs them, a draw from the recipe."""
-    if examples is None and recipe.inputs and recipe.capture != "fx":
+def _examples_for(recipe: Recipe, examples, always: bool = False):
+    """The job's example inputs, or, where the capture or the owners' trace needs them (or ``always``), a draw from
+    the recipe."""
+    if examples is None and recipe.inputs and (always or recipe.capture != "fx"):
         return make_example_inputs(recipe.inputs)
     return examples
 
@@ -241,6 +263,8 @@ def _apply(work: nn.Module, cap: Capture, chosen: list[tuple[ResidualSite, float
             in_place.install(work.get_submodule(rewrite.path), rewrite.gm, routes=rewrite.routes)
     if in_place.rewritten(result):
         watch_units(result)  # FSDP2 units whose gates all drop are then not called at all
+    if recipe.early_exit is not None:  # a recorded one (apply_recipe); inject adds its own after finding the parts
+        early_exit_mod.install(result, recipe.early_exit)
     tag(result, RECIPE_ATTR, recipe)
     carry_recipe(result, recipe.to_dict())  # save_pretrained writes it to config.json: sdsurgeon.load regates
     return _placed(result, work)

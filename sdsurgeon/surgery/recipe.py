@@ -26,6 +26,7 @@ class Recipe:
     keep_existing: bool = False  # drop-path modules the model had keep their rates (else switched off)
     replaced: list[list] = field(default_factory=list)  # [module path, rate] of drop paths switched off
     schedule: dict | None = None  # p_L over training steps (analysis.schedule.ScheduleSpec as a dict), if any
+    early_exit: dict | None = None  # inject --early-exit: surgery.early_exit.resolve's record (settings and parts)
 
     def __setstate__(self, state: dict) -> None:
         # a model pickled while recipes kept their drawn example tensors (``_examples``): drawn inputs belong to
