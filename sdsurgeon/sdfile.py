@@ -32,6 +32,7 @@ from .io.checkpoint import (
 from .io.files import atomic_write
 from .io.source import SOURCE_ATTR, ModelSource, tag
 from .io.trust import trust
+from .surgery.early_exit import check_record
 from .surgery.inject import apply_recipe
 from .surgery.recipe import RECIPE_ATTR, Recipe
 
@@ -145,6 +146,7 @@ _RECIPE_KINDS: dict[str, tuple[type, ...]] = {
     "sites": (list,), "mode": (str,), "scaling": (str,), "seed": (int, type(None)), "p_L": (int, float, type(None)),
     "rule": (str, type(None)), "leaves": (list,), "inputs": (list, type(None)), "capture": (str,),
     "sync_ranks": (bool,), "keep_existing": (bool,), "replaced": (list,), "schedule": (dict, type(None)),
+    "early_exit": (dict, type(None)),
 }
 
 
@@ -189,6 +191,8 @@ def _check_recipe(d) -> None:
               "a recipe input's value range is not a positive integer")
     if d.get("schedule") is not None:
         ScheduleSpec.from_dict(d["schedule"])  # ConfigError: reported as an unusable recipe
+    if d.get("early_exit") is not None:
+        check_record(d["early_exit"])  # EarlyExitError (a ConfigError): likewise
     for entry in d.get("replaced", []):
         _need(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
               and _is_number(entry[1]), "a replaced drop path is not [module path, rate]")

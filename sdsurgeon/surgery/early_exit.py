@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -161,6 +162,37 @@ def find_final_norm(model: nn.Module, layer_list: str, head: str, examples) -> s
     return min(found, key=lambda p: p.count("."))  # the outermost: a wrapper's own extra steps included
 
 
+_PATH = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
+
+
+def check_record(d: Any) -> None:
+    """Refuse a recorded early exit (a recipe read from a file: data from anywhere) that is not ``resolve``'s shape:
+    EarlyExitError names what is wrong."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise EarlyExitError(f"its early exit record {what}")
+
+    def count(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    need(isinstance(d, dict), "is not a mapping")
+    keys = {"layers", "n_layers", "layer_list", "head", "norm", "scale", "scale_type", "curriculum", "rotation", "ramp"}
+    need(set(d) == keys, f"has keys {sorted(map(str, d))}, not {sorted(keys)}")
+    need(count(d["n_layers"], 2), "has no layer count of 2 or more")
+    need(isinstance(d["layers"], list) and bool(d["layers"]) and all(count(l, 0) and l < d["n_layers"] - 1
+                                                                     for l in d["layers"]),
+         "has exit layers that are not layers before the last")
+    for key in ("layer_list", "head"):
+        need(isinstance(d[key], str) and bool(_PATH.match(d[key])), f"has a {key} that is not a module path")
+    need(isinstance(d["norm"], str) and (d["norm"] == "" or bool(_PATH.match(d["norm"]))),
+         "has a norm that is not a module path")
+    need(isinstance(d["scale"], (int, float)) and not isinstance(d["scale"], bool) and math.isfinite(d["scale"])
+         and d["scale"] > 0, "has a scale that is not a number above zero")
+    need(d["scale_type"] in EXIT_SCALES, "has an unknown scale type")
+    need(d["curriculum"] in EXIT_CURRICULA, "has an unknown curriculum")
+    need(count(d["rotation"], 1) and count(d["ramp"], 0), "has a rotation below 1 or a negative ramp")
+
+
 # --- the thin wiring: hooks that survive deepcopy and pickling ---------------------------------------------------
 
 class EarlyExit:
@@ -264,5 +296,5 @@ def early_exit_of(model: nn.Module) -> EarlyExit | None:
     return state if isinstance(state, EarlyExit) else None
 
 
-__all__ = ["EarlyExit", "active_exits", "combined_loss", "early_exit_of", "find_final_norm", "install", "loss_scales",
+__all__ = ["EarlyExit", "active_exits", "check_record", "combined_loss", "early_exit_of", "find_final_norm", "install", "loss_scales",
            "resolve", "shifted_cross_entropy"]
