@@ -1027,6 +1027,35 @@ def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scale
     assert (work / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_export_format_hf_lets_the_model_it_loaded_go_before_loading_the_folder_back(zoo, work, monkeypatch):
+    """Memory (issue 27 item 5): the gated model export loaded is folded in place and freed before the written
+    folder is loaded back, so two models' weights are never held at once; the check is still against the gated
+    model's outputs, recorded before the fold."""
+    import weakref
+
+    from sdsurgeon import pipeline
+
+    sdsurgeon.save(zoo(CASES["llama"]).injected, "m.sd.pt")
+    loaded, alive_at_load_back = [], []
+    real_load, real_load_plain = pipeline.ModelRef.load, pipeline.load_plain
+
+    def load(self):
+        model = real_load(self)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def load_plain(*args):
+        alive_at_load_back.append(loaded[-1]() is not None)
+        return real_load_plain(*args)
+
+    monkeypatch.setattr(pipeline.ModelRef, "load", load)
+    monkeypatch.setattr(pipeline, "load_plain", load_plain)
+    result = pipeline.convert(pipeline.ModelRef(Path("m.sd.pt")), pipeline.ConvertOptions(format="hf"),
+                              output=Path("plain"))
+    assert result.checked.ok and len(result.checked.batch_sizes) == 3
+    assert alive_at_load_back == [False]
+
+
 @pytest.mark.onnx
 def test_a_bfloat16_model_stays_bfloat16_through_inject_and_every_output(work):
     # built from its recorded config, a model is float32: the stored weights' dtypes are taken back
