@@ -131,8 +131,8 @@ def measure(layers: int, dtype: str, work: Path, onnx: bool, stages: bool, chose
         "inject": ("inject", [py, "-m", "sdsurgeon", "inject", str(folder), "-o", str(sd), "--json"], None),
         "export --format hf": ("export", export, None),
         f"export --format hf (before: {BEFORE})": ("export", export, BEFORE),
-        "transformers load + save": ("baseline", [py, "-c", BASELINE, str(folder), str(work / f"resaved-{layers}-{dtype}")],
-                                     None),
+        "transformers load + save": ("baseline", [py, "-c", BASELINE, str(folder),
+                                                  str(work / f"resaved-{layers}-{dtype}")], None),
     }
     if BEFORE is None:
         del steps[f"export --format hf (before: {BEFORE})"]
