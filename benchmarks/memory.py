@@ -15,10 +15,12 @@ carries the hiwater RSS of the image a child execs from into its ru_maxrss). The
 causal LM is input_ids 1x16 (capture.hf_inputs), so activations are negligible next to the weights.
 
 ``--stages`` also runs inject and export in-process with a progress reporter that prints RSS at each stage
-boundary (where the memory goes).
+boundary (where the memory goes). ``--before DIR`` also runs ``export --format hf`` with the sdsurgeon of another
+checkout (e.g. the commit before a change) on the same files, right after this one's: before and after in one run.
+``--steps`` measures some steps only (inject runs whenever export does: it writes the file export reads).
 
 Run: .venv/bin/python benchmarks/memory.py [--layers 4,12,24] [--dtypes bfloat16,float32] [--out DIR]
-     [--onnx] [--json FILE]
+     [--onnx] [--json FILE] [--before DIR] [--steps plan,inject,export,baseline]
 Peak memory is about 1.5-4x the largest model's weights: mind the machine.
 """
 
@@ -92,7 +94,8 @@ def run(argv: list[str], env: dict | None = None) -> dict:
     """One child process: wall seconds, its own peak RSS (bytes), its stdout."""
     started = time.perf_counter()
     with tempfile.TemporaryFile() as err:  # stderr to a file: one pipe read to its end cannot block on the other
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=SOURCE, env=env)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=(env or {}).get("PYTHONPATH", SOURCE),
+                                env=env)
         out = proc.stdout.read()
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)  # not communicate(): its waitpid would lose the child's rusage
@@ -106,31 +109,42 @@ def run(argv: list[str], env: dict | None = None) -> dict:
 
 
 SOURCE = ROOT  # the sdsurgeon measured (--source: another checkout, e.g. the commit before a change)
+BEFORE: Path | None = None  # --before: another checkout whose export is measured beside this one's
+STEPS = ("plan", "inject", "export", "baseline")
 
 
-def env() -> dict:
-    e = dict(os.environ, PYTHONPATH=str(SOURCE), TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+def env(source: Path | None = None) -> dict:
+    e = dict(os.environ, PYTHONPATH=str(source or SOURCE), TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     e.pop("TTY_COMPATIBLE", None)
     return e
 
 
-def measure(layers: int, dtype: str, work: Path, onnx: bool, stages: bool) -> dict:
+def measure(layers: int, dtype: str, work: Path, onnx: bool, stages: bool, chosen: tuple[str, ...] = STEPS) -> dict:
     py = sys.executable
     folder = work / f"llama-{layers}-{dtype}"
     built = run([py, "-c", BUILD, str(layers), dtype, str(folder), json.dumps(SHAPE)], env())
     row = {"layers": layers, "dtype": dtype, **json.loads(built["stdout"].strip().splitlines()[-1]), "steps": {}}
     sd, out = work / f"m-{layers}-{dtype}.sd.pt", work / f"out-{layers}-{dtype}"
+    export = [py, "-m", "sdsurgeon", "export", str(sd), "--format", "hf", "-o", str(out), "--json"]
     steps = {
-        "plan": [py, "-m", "sdsurgeon", "plan", str(folder), "--json"],
-        "inject": [py, "-m", "sdsurgeon", "inject", str(folder), "-o", str(sd), "--json"],
-        "export --format hf": [py, "-m", "sdsurgeon", "export", str(sd), "--format", "hf", "-o", str(out), "--json"],
-        "transformers load + save": [py, "-c", BASELINE, str(folder), str(work / f"resaved-{layers}-{dtype}")],
+        "plan": ("plan", [py, "-m", "sdsurgeon", "plan", str(folder), "--json"], None),
+        "inject": ("inject", [py, "-m", "sdsurgeon", "inject", str(folder), "-o", str(sd), "--json"], None),
+        "export --format hf": ("export", export, None),
+        f"export --format hf (before: {BEFORE})": ("export", export, BEFORE),
+        "transformers load + save": ("baseline", [py, "-c", BASELINE, str(folder),
+                                                  str(work / f"resaved-{layers}-{dtype}")], None),
     }
+    if BEFORE is None:
+        del steps[f"export --format hf (before: {BEFORE})"]
     if onnx:
-        steps["export (ONNX)"] = [py, "-m", "sdsurgeon", "export", str(sd), "-o", str(work / f"m-{layers}.onnx"),
-                                  "--json"]
-    for name, argv in steps.items():
-        r = run(argv, env())
+        steps["export (ONNX)"] = ("export", [py, "-m", "sdsurgeon", "export", str(sd), "-o",
+                                             str(work / f"m-{layers}.onnx"), "--json"], None)
+    for name, (key, argv, source) in steps.items():
+        if key not in chosen:
+            continue
+        if source is not None:
+            subprocess.run(["rm", "-rf", str(out)], check=True)  # a fresh output folder, as this one's had
+        r = run(argv, env(source))
         row["steps"][name] = {"seconds": r["seconds"], "peak_rss": r["peak_rss"],
                               "ratio": round(r["peak_rss"] / row["weight_bytes"], 2)}
         print(f"{layers:>3} layers {dtype:<8} {name:<26} {r['seconds']:7.1f} s  {r['peak_rss'] / 2**30:6.2f} GiB  "
@@ -162,9 +176,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     parser.add_argument("--source", type=Path, default=ROOT,
                         help="the checkout whose sdsurgeon is measured (default: this one)")
+    parser.add_argument("--before", type=Path, help="also measure export --format hf with this checkout's sdsurgeon, "
+                                                    "on the same files")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"the steps measured, of {','.join(STEPS)}")
     args = parser.parse_args()
-    global SOURCE
+    global SOURCE, BEFORE
     SOURCE = args.source.resolve()
+    BEFORE = args.before.resolve() if args.before else None
+    chosen = tuple(args.steps.split(","))
+    if set(chosen) - set(STEPS):
+        parser.error(f"--steps: unknown {sorted(set(chosen) - set(STEPS))}; choose from {','.join(STEPS)}")
+    if "export" in chosen and "inject" not in chosen:
+        chosen += ("inject",)  # it writes the file export reads
     rows = []
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         depths = [int(n) for n in args.layers.split(",")]
@@ -172,7 +195,7 @@ def main() -> None:
             for n in depths:
                 work = Path(tmp) / f"{n}-{dtype}"
                 work.mkdir()
-                rows.append(measure(n, dtype, work, args.onnx and n == min(depths), args.stages))
+                rows.append(measure(n, dtype, work, args.onnx and n == min(depths), args.stages, chosen))
                 subprocess.run(["rm", "-rf", str(work)], check=True)  # the disk holds one model's files at a time
     print()
     print(markdown(rows))

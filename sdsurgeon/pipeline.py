@@ -441,8 +441,9 @@ def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, optio
                 fresh = hf.model_class(source.arch)
             elif source is None or source.kind not in ("arch", "hf"):
                 fresh = _poisoned(copy.deepcopy(plain))  # from a pickle: its own class, every tensor poisoned first
-            if owned:
-                del model, folded, plain  # nothing else holds them: their memory goes before the load back
+            if owned:  # nothing else holds them: their memory goes before the load back
+                del model, folded, plain
+                gc.collect()  # a block rewritten in place and its graph refer to each other: a cycle only gc frees
             loaded = load_plain(fmt, tmp, fresh if fresh is not None else architecture_of(source))
             checked = verify_module(reference, loaded, example, what=f"the {fmt} model loaded back",
                                     kept="nothing was written", rtol=options.rtol, atol=options.atol)

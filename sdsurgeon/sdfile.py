@@ -257,6 +257,9 @@ def _from_sdsurgeon_file(
     # is ours); the caller redoes (or folds) the surgery on that same model: the weights are held once. An
     # injected model has its original's state_dict keys, so they fit either way.
     load_state_strictly(model, payload["state_dict"], path, what, assign=True)
+    unset = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if unset is not None:  # built empty (hf) and not among the file's tensors: nothing can compute with it
+        raise LoadError(f"the weights in {path} do not fit {what}: they leave {unset!r} unset")
     return model, recipe
 
 

@@ -297,6 +297,56 @@ def test_a_recorded_config_rebuilds_with_eager_attention_as_the_folder_loaded(zo
     assert sdsurgeon.load(zoo(CASES["swin"]).folder).config._attn_implementation == "eager"
 
 
+@by_name(HF_ZOO)
+def test_an_empty_build_holds_no_weights_and_the_buffers_no_file_carries_as_transformers_loads_them(zoo, case):
+    """What an .sd.pt of a transformers model is rebuilt on (hf.build(empty=True)): no parameter takes memory (each
+    is assigned from the file next), and each buffer outside the state_dict (rotary frequencies, position ids) is
+    what transformers' own from_pretrained of the folder holds."""
+    reference = getattr(transformers, case.cls).from_pretrained(zoo(case).folder, local_files_only=True)
+    built = sdsurgeon.io.hf.build(case.cls, reference.config.to_dict(), empty=True)
+    assert all(p.is_meta for p in built.parameters())
+    expected = {k: v for k, v in reference.named_buffers() if k not in reference.state_dict()}
+    got = {k: v for k, v in built.named_buffers() if k not in built.state_dict()}
+    assert got.keys() == expected.keys()
+    assert case.name not in ("llama", "bert") or got  # the cases that have some
+    for name, buffer in got.items():
+        torch.testing.assert_close(buffer, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_buffer_set_only_by_init_weights_is_set_in_a_model_rebuilt_from_its_file(zoo, work, monkeypatch):
+    """transformers 5 sets non-persistent buffers in _init_weights too (its meta-device loading loses what __init__
+    computed): a model whose __init__ leaves one unset still gets it when its .sd.pt is rebuilt, checked against
+    RoPE's own formula."""
+    from transformers.models.llama import modeling_llama
+
+    saved = zoo(CASES["llama"])
+    sdsurgeon.save(saved.injected, "m.sd.pt")
+    init = modeling_llama.LlamaRotaryEmbedding.__init__
+
+    def unset(self, config):
+        init(self, config)
+        self.inv_freq.zero_()
+        self.original_inv_freq.zero_()
+
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "__init__", unset)
+    config = saved.injected.config
+    dim = config.hidden_size // config.num_attention_heads
+    expected = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rotary = [m for m in sdsurgeon.load("m.sd.pt").modules() if isinstance(m, modeling_llama.LlamaRotaryEmbedding)]
+    assert rotary
+    for module in rotary:
+        torch.testing.assert_close(module.inv_freq, expected)
+
+
+def test_an_sd_file_whose_weights_leave_a_parameter_unset_is_a_one_line_error(zoo, work, monkeypatch):
+    """The parameters of a rebuilt transformers model are on meta until the file's tensors are assigned: one left so
+    is refused when loading, not met as a meta tensor in the first forward."""
+    sdsurgeon.save(zoo(CASES["llama"]).injected, "m.sd.pt")
+    monkeypatch.setattr(sdsurgeon.sdfile, "load_state_strictly", lambda *args, **kwargs: None)
+    with pytest.raises(sdsurgeon.errors.LoadError, match=r"leave 'model\.embed_tokens\.weight' unset"):
+        sdsurgeon.load("m.sd.pt")
+
+
 # --- 1. counts: the residual adds of each layer, nothing else ---------------------------------------------------
 
 
@@ -975,6 +1025,35 @@ def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scale
     (work / "other" / "notes.txt").write_text("mine")
     assert "folder of other files" in assert_user_error(invoke("export", "m.sd.pt", "--format", "hf", "-o", "other"))
     assert (work / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_export_format_hf_lets_the_model_it_loaded_go_before_loading_the_folder_back(zoo, work, monkeypatch):
+    """Memory (issue 27 item 5): the gated model export loaded is folded in place and freed before the written
+    folder is loaded back, so two models' weights are never held at once; the check is still against the gated
+    model's outputs, recorded before the fold."""
+    import weakref
+
+    from sdsurgeon import pipeline
+
+    sdsurgeon.save(zoo(CASES["llama"]).injected, "m.sd.pt")
+    loaded, alive_at_load_back = [], []
+    real_load, real_load_plain = pipeline.ModelRef.load, pipeline.load_plain
+
+    def load(self):
+        model = real_load(self)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def load_plain(*args):
+        alive_at_load_back.append(loaded[-1]() is not None)
+        return real_load_plain(*args)
+
+    monkeypatch.setattr(pipeline.ModelRef, "load", load)
+    monkeypatch.setattr(pipeline, "load_plain", load_plain)
+    result = pipeline.convert(pipeline.ModelRef(Path("m.sd.pt")), pipeline.ConvertOptions(format="hf"),
+                              output=Path("plain"))
+    assert result.checked.ok and len(result.checked.batch_sizes) == 3
+    assert alive_at_load_back == [False]
 
 
 @pytest.mark.onnx

@@ -84,7 +84,6 @@ def test_the_pipeline_works_on_the_model_it_loaded_and_lets_it_go_before_loading
     """Memory (issue 27 item 5): inject writes the very model it loaded, not a deep copy of it; export folds the
     model it loaded in place and drops it before loading back what it wrote, so one model's weights are held at a
     time. The check is still against the gated model (its outputs, recorded before the fold)."""
-    import gc
     import weakref
     from pathlib import Path
 
@@ -99,8 +98,7 @@ def test_the_pipeline_works_on_the_model_it_loaded_and_lets_it_go_before_loading
         loaded.append(weakref.ref(model))
         return model
 
-    def load_plain(*args):
-        gc.collect()
+    def load_plain(*args):  # no gc.collect() here: the pipeline's own (a gated block's graph is a cycle)
         alive_at_load_back.append(loaded[-1]() is not None)
         return real_load_plain(*args)
 
@@ -114,3 +112,52 @@ def test_the_pipeline_works_on_the_model_it_loaded_and_lets_it_go_before_loading
                               output=Path("r.safetensors"))
     assert result.checked.ok and len(result.checked.batch_sizes) == 3
     assert alive_at_load_back == [False]
+
+
+class _Constant(torch.nn.Module):
+    """Gives ``value`` whatever its input: outputs known exactly, whatever inputs a check draws."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return self.value + 0 * x.sum()
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_check_of_an_output_larger_than_a_chunk_finds_the_worst_element_wherever_it_is(monkeypatch, where):
+    """The check compares outputs in float64 a chunk at a time (an LM's logits are never copied whole): its errors are
+    those computed over the whole tensors at once here, and one element out of tolerance fails it in any chunk."""
+    from sdsurgeon.deploy import verify
+
+    monkeypatch.setattr(verify, "CHUNK", 1000)
+    expected = torch.linspace(-5, 5, 5002)  # 5 chunks of 1000 and one of 2
+    got = expected.clone()
+    got[{"first": 3, "middle": 2777, "last": -1}[where]] += 0.5
+    got[1234] += 0.001
+    rtol, atol = 1e-4, 1e-5
+    result = verify.verify_module(_Constant(expected), _Constant(got), (torch.zeros(2, 3),), what="it", kept="",
+                                  rtol=rtol, atol=atol, check=False)
+    e64, g64 = expected.double(), got.double()
+    diff = (g64 - e64).abs()
+    out = result.outputs[0]
+    assert not result.ok
+    assert out.max_abs == float(diff.max())
+    assert out.tolerance_used == pytest.approx(float((diff / (atol + rtol * e64.abs())).max()), rel=1e-12)
+    assert out.max_rel == pytest.approx(float(diff.max()) / 5.0, rel=1e-12)
+    good = verify.verify_module(_Constant(expected), _Constant(expected.clone()), (torch.zeros(2, 3),), what="it",
+                                kept="", rtol=rtol, atol=atol, check=False)
+    assert good.ok and good.outputs[0].max_abs == 0.0
+
+
+def test_a_nan_in_the_last_chunk_of_the_other_side_alone_fails_the_check(monkeypatch):
+    from sdsurgeon.deploy import verify
+
+    monkeypatch.setattr(verify, "CHUNK", 1000)
+    expected = torch.linspace(-5, 5, 4321)
+    got = expected.clone()
+    got[-1] = float("nan")
+    result = verify.verify_module(_Constant(expected), _Constant(got), (torch.zeros(2, 3),), what="it", kept="",
+                                  check=False)
+    assert not result.ok and result.outputs[0].max_abs == float("inf")

@@ -225,25 +225,19 @@ def _check(reference: Reference, run, names: list[str], *, rtol: float, atol: fl
             if len(got) != len(expected):
                 raise VerificationError(f"{what} has {len(got)} outputs but the model returns {len(expected)} tensors")
             for k, (e, g) in enumerate(zip(expected, got)):
-                e64 = e.detach().to(torch.float64)
-                g64 = g.detach().to(torch.float64)
-                if tuple(g64.shape) != tuple(e64.shape):
-                    raise VerificationError(f"output {names[k]}: {who} gives shape {tuple(g64.shape)}, "
-                                            f"PyTorch {tuple(e64.shape)} (batch {batch})")
-                if not bool(torch.isfinite(e64).all()):
+                if tuple(g.shape) != tuple(e.shape):
+                    raise VerificationError(f"output {names[k]}: {who} gives shape {tuple(g.shape)}, "
+                                            f"PyTorch {tuple(e.shape)} (batch {batch})")
+                if not all(bool(torch.isfinite(c).all()) for c in _chunks64(e)):
                     raise VerificationError(f"PyTorch's own output {names[k]} holds NaN or Inf (batch {batch}), so "
                                             f"there is nothing to check {what} against: {not_finite}; {kept}")
-                diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))  # NaN from the other side alone: a miss
-                scale = float(e64.abs().max()) if e64.numel() else 0.0
+                scale = max((float(c.abs().max()) for c in _chunks64(e)), default=0.0)
                 atols.append(max(atol, ulps * scale))
-                allowed = atols[-1] + rtol * e64.abs()
-                max_abs = float(diff.max()) if diff.numel() else 0.0
-                used = float((diff / allowed).max()) if diff.numel() and bool((allowed > 0).all()) else (
-                    0.0 if max_abs == 0 else float("inf"))
+                max_abs, used, within = _errors(e, g, atols[-1], rtol)
                 prev = worst.setdefault(k, [0.0, 0.0, 0.0])
                 rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
                 prev[:] = max(prev[0], max_abs), max(prev[1], rel), max(prev[2], used)
-                if failed_at is None and not bool((diff <= allowed).all()):
+                if failed_at is None and not within:
                     failed_at = attempt
     atol = max(atols)
     result = Verification(
@@ -262,6 +256,34 @@ def _check(reference: Reference, run, names: list[str], *, rtol: float, atol: fl
             result,
         )
     return result
+
+
+CHUNK = 1 << 20  # elements compared at a time in float64 (8 MiB each): an LM's logits are never copied whole
+
+
+def _chunks64(t: torch.Tensor):
+    """``t``'s elements in float64, a chunk at a time."""
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        yield flat[start:start + CHUNK].to(torch.float64)
+
+
+def _errors(expected: torch.Tensor, got: torch.Tensor, atol: float, rtol: float) -> tuple[float, float, bool]:
+    """max |got - expected|, the largest share of the tolerance ``atol + rtol |expected|`` it uses, and whether every
+    element is within it (a NaN only ``got`` holds is a miss), in float64 a chunk at a time."""
+    max_abs, used, within, unbounded = 0.0, 0.0, True, False
+    for e64, g64 in zip(_chunks64(expected), _chunks64(got)):
+        diff = (g64 - e64).abs().nan_to_num(nan=float("inf"))
+        allowed = atol + rtol * e64.abs()
+        max_abs = max(max_abs, float(diff.max()))
+        if bool((allowed > 0).all()):
+            used = max(used, float((diff / allowed).max()))
+        else:  # a zero tolerance somewhere: no share of it to give
+            unbounded = True
+        within = within and bool((diff <= allowed).all())
+    if unbounded:
+        used = 0.0 if max_abs == 0 else float("inf")
+    return max_abs, used, within
 
 
 def _non_finite(model: nn.Module) -> str:

@@ -163,8 +163,10 @@ def build(name: str, config: dict, *, holds=None, recorded_in=None, empty: bool 
 
     ``recorded_in``/``holds``: the file the config was read from and the tensors it holds; the config is
     checked as a folder's is, and may not make the model register more tensors than that. ``empty``: the
-    weights are left uninitialised (never written, so they take no memory until then), for a caller that
-    assigns every one of them (``load_state_strictly(..., assign=True)``).
+    parameters are on the meta device (they take no memory), for a caller that assigns every one of them
+    (``load_state_strictly(..., assign=True)``); the buffers are built as the ordinary build makes them, its
+    ``_init_weights`` included (a non-persistent buffer may get its value there, as transformers' own meta-device
+    loading relies on), since a state_dict does not carry them.
     """
     from ..io.checkpoint import call_bounded
     from ..io.source import SOURCE_ATTR, ModelSource, tag
@@ -179,18 +181,31 @@ def build(name: str, config: dict, *, holds=None, recorded_in=None, empty: bool 
             made = cls.config_class.from_dict(config, attn_implementation="eager")
         except Exception as exc:  # a config this transformers version cannot read
             raise LoadError(f"cannot rebuild {name} from its recorded config ({first_line(exc)})") from None
-        with _no_init() if empty else contextlib.nullcontext():
+        with _parameters_on_meta() if empty else contextlib.nullcontext():
             model = call_bounded(lambda: cls(made), holds, f"{name} from its recorded config")
     tag(model, SOURCE_ATTR, ModelSource("hf", name, dict(config)))
     return model
 
 
-def _no_init():
-    """transformers' own switch for building a model whose weights are loaded next (torch's init functions and
-    its init_weights do nothing meanwhile)."""
-    initialization = getattr(_transformers(), "initialization", None)
-    no_init = getattr(initialization, "no_init_weights", None)
-    return no_init() if no_init is not None else contextlib.nullcontext()
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter a module registers meanwhile goes to the meta device as it is registered (torch's global
+    registration hook), so the initialisation that follows writes nothing and no weight takes memory; buffers stay
+    real. A parameter created on the CPU first is freed unwritten (an untouched allocation takes no memory). This is
+    transformers' own way (``from_pretrained`` builds on meta, then loads) less its buffers, which are built for
+    real here because nothing loads them afterwards."""
+    from torch.nn.modules import module as module_hooks
+
+    def to_meta(_module, _name, param):
+        if type(param) is nn.Parameter and param.device.type != "meta":  # already meta: a tied weight, kept one
+            return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = module_hooks.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # config.json key holding the recipe of an injected model, so its save_pretrained folder loads back gated.
