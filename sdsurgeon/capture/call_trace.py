@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Sequence
@@ -72,7 +73,7 @@ def record_calls(model: nn.Module, paths: Iterable[str], example_inputs, outputs
             calls.setdefault(path, Call(tuple(args), dict(kwargs)))
         handles.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
     try:
-        dropped = _dropped_outputs(model, paths, inputs, training=False) if outputs else {}
+        dropped = _dropped_outputs(model, paths if outputs else set(), inputs, training=False)
     except Exception:  # it does not run outside torch.export: nothing recorded
         return None
     finally:
@@ -136,7 +137,7 @@ def _dropped_outputs(model: nn.Module, paths: set[str], inputs, training: bool) 
     try:
         with torch.random.fork_rng(devices=[]), untouched(model), cache_off(model), \
                 modes_kept(model, training=training), torch.no_grad():
-            with reads:
+            with reads if paths else contextlib.nullcontext():
                 output = model(*args, **kwargs)
     finally:
         for handle in handles:
