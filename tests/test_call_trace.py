@@ -490,3 +490,83 @@ def test_a_dropout_that_follows_the_layers_flag_reads_it_at_run_time_in_copies_t
         torch.testing.assert_close(got, model.layers[0].train()(hidden))  # the same masks, drawn alike
         layer.eval()
         torch.testing.assert_close(layer(hidden), model.layers[0].eval()(hidden))  # off: no dropout
+
+
+# --- issue 29: a layer that returns its attention weights whatever its caller asks (transformers' Falcon, BLOOM) ---
+
+
+class _WeightsAttention(nn.Module):
+    """Returns ``(out, weights)``: the softmax weights after dropout, computed inside the branch."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.qkv, self.o, self.dropout = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Dropout(0.5)
+
+    def forward(self, hidden):
+        q, k, v = self.qkv(hidden).chunk(3, dim=-1)
+        weights = self.dropout((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1))
+        return self.o(weights @ v), weights
+
+
+class _WeightsLayer(nn.Module):
+    """``return output, attn_weights`` whatever ``output_attentions`` says, as transformers' Falcon and BLOOM layers."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(d), _WeightsAttention(d)
+        self.scale = 1.0  # a hand-scaled reference sets it to p
+
+    def forward(self, hidden, output_attentions=False):
+        out, weights = self.attn(self.norm(hidden))
+        return hidden + self.scale * out, weights
+
+
+class _WeightsStack(_Stack):
+    """Reads its layers' weights only when asked (``output_attentions``), as transformers' stacks do."""
+
+    def forward(self, input_ids, output_attentions=False):
+        hidden = self.embed(input_ids).view(*input_ids.shape, self.d)
+        attentions = ()
+        for layer in self.layers:
+            hidden, weights = layer(hidden, output_attentions=output_attentions)
+            if output_attentions:
+                attentions += (weights,)
+        logits = self.head(hidden)
+        return (logits, attentions) if output_attentions else logits
+
+
+def test_outputs_the_model_drops_are_found_on_the_recorded_forward():
+    model = _WeightsStack(_WeightsLayer)
+    calls = record_calls(model, ["layers.0", "layers.1"], {"input_ids": _ids()}, outputs=True)
+    assert [calls[p].dropped for p in ("layers.0", "layers.1")] == [frozenset({"[1]"})] * 2
+    asked = record_calls(model, ["layers.0"], {"input_ids": _ids(), "output_attentions": True}, outputs=True)
+    assert asked["layers.0"].dropped == frozenset()  # read by the stack (and returned): kept
+
+
+def test_attention_weights_the_stack_drops_leave_each_layer_rewritten_in_place():
+    model = _WeightsStack(_WeightsLayer)
+    record = plan(model, example_inputs={"input_ids": _ids()}).to_dict()
+    assert [(r["module"], r["how"], r["gates"]) for r in record["rewrites"]] == [
+        ("layers.0", "block", 1), ("layers.1", "block", 1)]
+    injected = inject(model, 0.5, example_inputs={"input_ids": _ids()})
+    assert type(injected) is _WeightsStack and len(injected.sdsurgeon_recipe.sites) == 2
+    assert [p for p, _ in in_place.rewritten(injected)] == ["layers.0", "layers.1"]
+    reference = _scaled_by_hand(model, [p for _, p in injected.sdsurgeon_recipe.sites])
+    injected.eval()
+    ids = _ids(3, 7)
+    torch.testing.assert_close(injected(ids), reference(ids))
+    out, weights = injected.layers[0](torch.randn(2, 6, 16))
+    assert out.shape == (2, 6, 16) and weights is None  # the structure kept: None where nobody read
+
+
+def test_attention_weights_the_stack_drops_change_nothing_at_p_one_in_train_and_eval():
+    model = _WeightsStack(_WeightsLayer)
+    injected = inject(copy.deepcopy(model), 1.0, example_inputs={"input_ids": _ids()})
+    assert type(injected) is _WeightsStack and [p for p, _ in in_place.rewritten(injected)] == ["layers.0", "layers.1"]
+    ids = _ids(2, 5)
+    for training in (True, False):
+        injected.train(training), model.train(training)
+        torch.manual_seed(4)
+        got = injected(ids)
+        torch.manual_seed(4)
+        torch.testing.assert_close(got, model(ids))  # the same dropout masks, drawn alike

@@ -1331,3 +1331,41 @@ def test_a_parallel_residual_layer_is_one_block_whose_body_is_both_paths():
         got, want, unscaled = (m(input_ids=ids).logits for m in (injected, reference, model))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, unscaled, atol=1e-3)
+
+
+# --- issue 29: layers that return their attention weights whatever output_attentions says -----------------------
+
+
+def _falcon():
+    config = transformers.FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       parallel_attn=True, new_decoder_architecture=False)
+    return transformers.FalconForCausalLM(config).eval()
+
+
+def _bloom():
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=2)).eval()
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("build, sites, cache", [(_falcon, 2, True), (_bloom, 4, False)], ids=["falcon", "bloom"])
+def test_layers_returning_attention_weights_nobody_asked_for_are_rewritten_in_place_and_generate(build, sites, cache):
+    """Falcon's and BLOOM's layers return ``(output, attn_weights)`` unconditionally; their stacks drop the weights
+    unless ``output_attentions``. The layers are the owners; the model keeps its class and ``generate``. (BLOOM's
+    attention traces only with ``layer_past`` fixed to None: it generates without a cache.)"""
+    torch.manual_seed(0)
+    model = build()
+    x = {"input_ids": torch.randint(0, 90, (2, 12))}
+    injected = sdsurgeon.inject(copy.deepcopy(model), 1.0, example_inputs=x)
+    assert type(injected) is type(model) and len(injected.sdsurgeon_recipe.sites) == sites
+    assert {p for p, _ in sdsurgeon.surgery.install.rewritten(injected)} == {"transformer.h.0", "transformer.h.1"}
+    for training in (True, False):
+        injected.train(training), model.train(training)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            got = injected(**x, use_cache=False).logits
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            torch.testing.assert_close(got, model(**x, use_cache=False).logits, rtol=1e-4, atol=1e-5)
+    injected.eval(), model.eval()
+    settings = dict(max_new_tokens=3, do_sample=False, use_cache=cache)
+    assert torch.equal(injected.generate(**x, **settings), model.generate(**x, **settings))

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..analysis.detect import ResidualSite, detect, module_scope
 from ..capture.drop_path import find_drop_paths, leaf_classes
-from ..capture.call_trace import ROUTES, Call, call_key, record_calls, trace_call, trace_with_constants
+from ..capture.call_trace import ROUTES, Call, call_key, drop_outputs, record_calls, trace_call, trace_with_constants
 from ..capture.fx import CALLS, Capture, faithful_graph_module, is_default_leaf, op_names, trace_as_part
 from ..capture.graph_facts import is_view, shape_only_nodes, writes_in_place
 
@@ -157,14 +157,17 @@ class _CallTracing:
         self.calls = None
 
     def prepare(self, model: nn.Module, paths: list[str]) -> bool:
-        self.calls = record_calls(model, paths, self.example_inputs)
+        self.calls = record_calls(model, paths, self.example_inputs, outputs=True)
         return self.calls is not None and all(p in self.calls for p in paths)
 
     def key(self, path: str, relative: str, owner: nn.Module) -> tuple:
-        return _structure(owner), call_key(self.calls[path])
+        return _structure(owner), call_key(self.calls[path]), self.calls[path].dropped
 
     def trace(self, path: str, relative: str, owner: nn.Module) -> fx.GraphModule:
-        return trace_call(owner, self.calls[path], self.leaves)
+        # what the model drops of the owner's output (attention weights nobody asked for) is no output of its
+        # graph: a branch computing it stays a branch, and the rewritten owner returns None there
+        call = self.calls[path]
+        return drop_outputs(trace_call(owner, call, self.leaves), call.dropped)
 
     def faithful(self, block_gm: fx.GraphModule, relative: str, alone: ResidualSite, in_part: ResidualSite) -> bool:
         return True  # traced on its recorded call and replayed on it (call_trace)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.node import has_side_effect
+from torch.overrides import TorchFunctionMode
 
 from .. import _torch
 from ..errors import CaptureError, SpecializedCallError
 from .fx import ModeDependentForward, is_default_leaf, trace, untouched
+from .graph_facts import writes_in_place
 from .inputs import normalize_inputs
 from .modes import modes_kept
 from .torch_export import cache_off
@@ -46,31 +49,139 @@ class Call:
 
     args: tuple
     kwargs: dict
+    # Positions of the module's output (``output_positions`` names) that the model drops after this call and every
+    # other call of the module in the forward, in eval and in train: None there, or a tensor that no later torch op
+    # reads and the model does not return (transformers' Falcon and BLOOM layers return their attention weights
+    # whatever ``output_attentions`` says; their stacks read them only when it is True). Filled by
+    # ``record_calls(..., outputs=True)``; ``drop_outputs`` makes a trace return None there.
+    dropped: frozenset = field(default=frozenset())
 
 
-def record_calls(model: nn.Module, paths: Iterable[str], example_inputs) -> dict[str, Call] | None:
+def record_calls(model: nn.Module, paths: Iterable[str], example_inputs, outputs: bool = False) -> dict[str, Call] | None:
     """The first call each module at ``paths`` receives in one eval forward of ``model`` on ``example_inputs``
     (transformers' ``use_cache`` off, as in capture). None where there are no inputs or the model does not
-    run on them. ``model`` is left as it was."""
+    run on them. ``model`` is left as it was. ``outputs``: also find the positions of each module's output that the
+    model drops (``Call.dropped``), confirmed by a train forward (a caller may read an output only in training)."""
     inputs = normalize_inputs(example_inputs)
     if inputs is None:
         return None
+    paths = set(paths)
     calls: dict[str, Call] = {}
     handles = []
-    for path in set(paths):
+    for path in paths:
         def record(module, args, kwargs, path=path):
             calls.setdefault(path, Call(tuple(args), dict(kwargs)))
         handles.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
     try:
-        args, kwargs = inputs
-        with untouched(model), cache_off(model), modes_kept(model, training=False), torch.no_grad():
-            model(*args, **kwargs)
+        dropped = _dropped_outputs(model, paths if outputs else set(), inputs, training=False)
     except Exception:  # it does not run outside torch.export: nothing recorded
         return None
     finally:
         for handle in handles:
             handle.remove()
+    if any(dropped.values()):
+        try:
+            in_training = _dropped_outputs(model, paths, inputs, training=True)
+        except Exception:  # no evidence from training: nothing counts as dropped
+            in_training = {}
+        calls = {p: replace(c, dropped=dropped.get(p, frozenset()) & in_training.get(p, frozenset()))
+                 for p, c in calls.items()}
     return calls
+
+
+def output_positions(output: Any, at: str = "") -> Iterator[tuple[str, Any]]:
+    """``(position, value)`` for each item of a module's output, through tuples, lists and dicts (``[1]``,
+    ``['k']``, as pytree's keystr names them); the same walk reads a traced graph's output node."""
+    if isinstance(output, (tuple, list)):
+        for i, value in enumerate(output):
+            yield from output_positions(value, f"{at}[{i}]")
+    elif isinstance(output, dict):
+        for key, value in output.items():
+            yield from output_positions(value, f"{at}[{key!r}]")
+    else:
+        yield at, output
+
+
+class _OutputReads(TorchFunctionMode):
+    """While active: which tensors that a watched module returned any torch op takes as an input afterwards."""
+
+    def __init__(self, model: nn.Module, paths: Iterable[str]) -> None:
+        super().__init__()
+        self.model, self.paths = model, list(paths)
+        self.outputs: dict[str, list[dict[str, Any]]] = {}  # path -> per call: position -> value
+        self.watched: dict[int, torch.Tensor] = {}  # held, so that ids stay unique
+        self.read: set[int] = set()
+
+    def watch(self, path: str):
+        def hook(_module, _args, output):
+            positions = dict(output_positions(output))
+            self.outputs.setdefault(path, []).append(positions)
+            self.watched.update((id(v), v) for v in positions.values() if isinstance(v, torch.Tensor))
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watched:
+            self.read.update(id(v) for v in _torch.tree_leaves((args, kwargs))
+                             if isinstance(v, torch.Tensor) and id(v) in self.watched)
+        return func(*args, **kwargs)
+
+
+def _dropped_outputs(model: nn.Module, paths: set[str], inputs, training: bool) -> dict[str, frozenset]:
+    """Each module's output positions the rest of one forward drops in every call (``Call.dropped``); the whole
+    output never counts. Runs ``model`` (as in ``record_calls``, the RNG put back), raising what it raises."""
+    reads = _OutputReads(model, paths)
+    # prepended: a hook of the model's own that reads an output reads it after the watch began
+    handles = [model.get_submodule(p).register_forward_hook(reads.watch(p), prepend=True) for p in paths]
+    args, kwargs = inputs
+    try:
+        with torch.random.fork_rng(devices=[]), untouched(model), cache_off(model), \
+                modes_kept(model, training=training), torch.no_grad():
+            with reads if paths else contextlib.nullcontext():
+                output = model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    returned = {id(v) for v in _torch.tree_leaves(output) if isinstance(v, torch.Tensor)}
+    dropped = {}
+    for path, per_call in reads.outputs.items():
+        sets = [{at for at, v in positions.items() if at and (v is None or (
+            isinstance(v, torch.Tensor) and id(v) not in reads.read and id(v) not in returned))}
+            for positions in per_call]
+        dropped[path] = frozenset(set.intersection(*sets))
+    return dropped
+
+
+def drop_outputs(gm: fx.GraphModule, dropped: Iterable[str]) -> fx.GraphModule:
+    """``gm`` (a module traced on its call) returning None at the ``dropped`` positions of its output
+    (``Call.dropped``), the output's structure kept, and without the nodes only those values needed: a value the
+    model drops is no output of the block, so that a branch computing it stays a branch (detect)."""
+    dropped = set(dropped)
+    output = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if not dropped or output is None:
+        return gm
+    hit = [at for at, v in output_positions(output.args[0]) if at in dropped and isinstance(v, fx.Node)]
+    if not hit:
+        return gm
+
+    def rebuilt(value: Any, at: str) -> Any:
+        if isinstance(value, (tuple, list)):
+            items = [rebuilt(v, f"{at}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if isinstance(value, tuple) else list(items)
+        if isinstance(value, dict):
+            return {k: rebuilt(v, f"{at}[{k!r}]") for k, v in value.items()}
+        return None if at in hit else value
+
+    output.args = (rebuilt(output.args[0], ""),)
+    # Dead code out, in reverse: never a module call, a placeholder, a check, an impure or an in-place op
+    # (fx's own pass would take ``w.masked_fill_(m, v)`` whose result is unused while ``w`` is read later).
+    for node in reversed(list(gm.graph.nodes)):
+        if (not node.users and node.op in ("call_function", "call_method", "get_attr") and not node.is_impure()
+                and not writes_in_place(node, gm)):
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def call_key(call: Call) -> tuple:
