@@ -63,6 +63,11 @@ class CaptureError(SurgeonError):
     """No part of the model could be turned into a graph."""
 
 
+class DroppedOutputError(SurgeonError, AttributeError):
+    """A rewritten block's output that the model dropped when it was traced was used after all (an AttributeError
+    too, so that ``getattr(value, name, default)`` and ``hasattr`` keep their meaning)."""
+
+
 class SpecializedCallError(SurgeonError):
     """A module rewritten on its recorded call got another value for an argument its graph fixed."""
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from sdsurgeon import inject, plan
 from sdsurgeon.surgery import install as in_place
-from sdsurgeon.capture.call_trace import Call, record_calls, returned_submodule, trace_call
-from sdsurgeon.errors import SpecializedCallError
+from sdsurgeon.capture.call_trace import Call, DroppedOutput, record_calls, returned_submodule, trace_call
+from sdsurgeon.errors import DroppedOutputError, SpecializedCallError
 from sdsurgeon.surgery.fold import fold_with_report
 
 
@@ -556,7 +556,14 @@ def test_attention_weights_the_stack_drops_leave_each_layer_rewritten_in_place()
     ids = _ids(3, 7)
     torch.testing.assert_close(injected(ids), reference(ids))
     out, weights = injected.layers[0](torch.randn(2, 6, 16))
-    assert out.shape == (2, 6, 16) and weights is None  # the structure kept: None where nobody read
+    assert out.shape == (2, 6, 16) and isinstance(weights, DroppedOutput)  # the structure kept
+    # a caller that reads them after all fails in one line, not on a None the layer never returned
+    logits, attentions = injected(ids, output_attentions=True)
+    torch.testing.assert_close(logits, reference(ids, output_attentions=True)[0])
+    for use in (lambda w: w.shape, lambda w: torch.stack([w]), lambda w: torch.ones(1) + w, lambda w: w.sum()):
+        with pytest.raises(DroppedOutputError, match=r"output \[1\] is not computed"):
+            use(attentions[0])
+    assert getattr(attentions[0], "shape", None) is None and copy.deepcopy(attentions[0]).position == "[1]"
 
 
 def test_attention_weights_the_stack_drops_change_nothing_at_p_one_in_train_and_eval():

@@ -1369,3 +1369,12 @@ def test_layers_returning_attention_weights_nobody_asked_for_are_rewritten_in_pl
     injected.eval(), model.eval()
     settings = dict(max_new_tokens=3, do_sample=False, use_cache=cache)
     assert torch.equal(injected.generate(**x, **settings), model.generate(**x, **settings))
+    # weights the stack dropped are not computed: asked for after all, they are what the original gives where it gives
+    # None (Falcon's SDPA attention), and fail in one line at use where it gives tensors (BLOOM's eager attention)
+    attentions = injected(**x, use_cache=False, output_attentions=True).attentions
+    original = model(**x, use_cache=False, output_attentions=True).attentions
+    if all(a is None for a in original):
+        assert all(a is None for a in attentions)
+    else:
+        with pytest.raises(sdsurgeon.errors.DroppedOutputError, match="output_attentions=True"):
+            torch.stack(list(attentions))

@@ -161,13 +161,14 @@ class _CallTracing:
         return self.calls is not None and all(p in self.calls for p in paths)
 
     def key(self, path: str, relative: str, owner: nn.Module) -> tuple:
-        return _structure(owner), call_key(self.calls[path]), self.calls[path].dropped
+        call = self.calls[path]
+        return _structure(owner), call_key(call), call.dropped, call.absent
 
     def trace(self, path: str, relative: str, owner: nn.Module) -> fx.GraphModule:
         # what the model drops of the owner's output (attention weights nobody asked for) is no output of its
-        # graph: a branch computing it stays a branch, and the rewritten owner returns None there
+        # graph: a branch computing it stays a branch, and the rewritten owner returns a DroppedOutput there
         call = self.calls[path]
-        return drop_outputs(trace_call(owner, call, self.leaves), call.dropped)
+        return drop_outputs(trace_call(owner, call, self.leaves), call.dropped, call.absent)
 
     def faithful(self, block_gm: fx.GraphModule, relative: str, alone: ResidualSite, in_part: ResidualSite) -> bool:
         return True  # traced on its recorded call and replayed on it (call_trace)

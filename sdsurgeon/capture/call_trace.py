@@ -14,7 +14,7 @@ from torch.fx.node import has_side_effect
 from torch.overrides import TorchFunctionMode
 
 from .. import _torch
-from ..errors import CaptureError, SpecializedCallError
+from ..errors import CaptureError, DroppedOutputError, SpecializedCallError
 from .fx import ModeDependentForward, is_default_leaf, trace, untouched
 from .graph_facts import writes_in_place
 from .inputs import normalize_inputs
@@ -53,8 +53,10 @@ class Call:
     # other call of the module in the forward, in eval and in train: None there, or a tensor that no later torch op
     # reads and the model does not return (transformers' Falcon and BLOOM layers return their attention weights
     # whatever ``output_attentions`` says; their stacks read them only when it is True). Filled by
-    # ``record_calls(..., outputs=True)``; ``drop_outputs`` makes a trace return None there.
+    # ``record_calls(..., outputs=True)``; ``drop_outputs`` makes a trace return a DroppedOutput there (None where
+    # the value was None on every call: ``absent``).
     dropped: frozenset = field(default=frozenset())
+    absent: frozenset = field(default=frozenset())
 
 
 def record_calls(model: nn.Module, paths: Iterable[str], example_inputs, outputs: bool = False) -> dict[str, Call] | None:
@@ -73,7 +75,7 @@ def record_calls(model: nn.Module, paths: Iterable[str], example_inputs, outputs
             calls.setdefault(path, Call(tuple(args), dict(kwargs)))
         handles.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
     try:
-        dropped = _dropped_outputs(model, paths if outputs else set(), inputs, training=False)
+        dropped, absent = _dropped_outputs(model, paths if outputs else set(), inputs, training=False)
     except Exception:  # it does not run outside torch.export: nothing recorded
         return None
     finally:
@@ -81,10 +83,11 @@ def record_calls(model: nn.Module, paths: Iterable[str], example_inputs, outputs
             handle.remove()
     if any(dropped.values()):
         try:
-            in_training = _dropped_outputs(model, paths, inputs, training=True)
+            in_training, absent_in_training = _dropped_outputs(model, paths, inputs, training=True)
         except Exception:  # no evidence from training: nothing counts as dropped
-            in_training = {}
-        calls = {p: replace(c, dropped=dropped.get(p, frozenset()) & in_training.get(p, frozenset()))
+            in_training, absent_in_training = {}, {}
+        calls = {p: replace(c, dropped=dropped.get(p, frozenset()) & in_training.get(p, frozenset()),
+                            absent=absent.get(p, frozenset()) & absent_in_training.get(p, frozenset()))
                  for p, c in calls.items()}
     return calls
 
@@ -127,9 +130,10 @@ class _OutputReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _dropped_outputs(model: nn.Module, paths: set[str], inputs, training: bool) -> dict[str, frozenset]:
-    """Each module's output positions the rest of one forward drops in every call (``Call.dropped``); the whole
-    output never counts. Runs ``model`` (as in ``record_calls``, the RNG put back), raising what it raises."""
+def _dropped_outputs(model: nn.Module, paths: set[str], inputs, training: bool
+                     ) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
+    """Each module's output positions the rest of one forward drops in every call (``Call.dropped``), and those of
+    them that were None in every call (``Call.absent``); the whole output never counts. Runs ``model`` (as in ``record_calls``, the RNG put back), raising what it raises."""
     reads = _OutputReads(model, paths)
     # prepended: a hook of the model's own that reads an output reads it after the watch began
     handles = [model.get_submodule(p).register_forward_hook(reads.watch(p), prepend=True) for p in paths]
@@ -143,26 +147,82 @@ def _dropped_outputs(model: nn.Module, paths: set[str], inputs, training: bool) 
         for handle in handles:
             handle.remove()
     returned = {id(v) for v in _torch.tree_leaves(output) if isinstance(v, torch.Tensor)}
-    dropped = {}
+    dropped, absent = {}, {}
     for path, per_call in reads.outputs.items():
         sets = [{at for at, v in positions.items() if at and (v is None or (
             isinstance(v, torch.Tensor) and id(v) not in reads.read and id(v) not in returned))}
             for positions in per_call]
         dropped[path] = frozenset(set.intersection(*sets))
-    return dropped
+        absent[path] = frozenset(at for at in dropped[path] if all(positions[at] is None for positions in per_call))
+    return dropped, absent
 
 
-def drop_outputs(gm: fx.GraphModule, dropped: Iterable[str]) -> fx.GraphModule:
-    """``gm`` (a module traced on its call) returning None at the ``dropped`` positions of its output
-    (``Call.dropped``), the output's structure kept, and without the nodes only those values needed: a value the
-    model drops is no output of the block, so that a branch computing it stays a branch (detect)."""
-    dropped = set(dropped)
+class DroppedOutput:
+    """What a rewritten block returns where the model dropped a tensor when the block was traced (the attention
+    weights of a layer whose caller did not ask for them): using it raises DroppedOutputError, so that a call that
+    reads it after all (``output_attentions=True``) fails in one line instead of reading a None it never had."""
+
+    __slots__ = ("block", "position")
+
+    def __init__(self, block: str, position: str) -> None:
+        self.block, self.position = block, position
+
+    def error(self) -> DroppedOutputError:
+        return DroppedOutputError(
+            f"{self.block}'s output {self.position} is not computed by its rewritten forward: nothing read it on the "
+            "example inputs inject traced it on; inject again with example inputs that read it (e.g. "
+            "output_attentions=True)", what="output dropped at inject", where=f"{self.block}{self.position}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends look for optional protocol methods: not a use
+            raise AttributeError(name)
+        raise self.error()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        dropped = next(v for v in _torch.tree_leaves((args, kwargs or {})) if isinstance(v, cls))
+        raise dropped.error()
+
+    def __bool__(self) -> bool:
+        raise self.error()
+
+    def __len__(self) -> int:
+        raise self.error()
+
+    def __getitem__(self, key):
+        raise self.error()
+
+    def __iter__(self):
+        raise self.error()
+
+    def __repr__(self) -> str:
+        return f"<{self.block}{self.position}: dropped at inject (sdsurgeon)>"
+
+
+def dropped_output(block: str, position: str) -> DroppedOutput:
+    """A graph's node for a dropped output (``drop_outputs``)."""
+    return DroppedOutput(block, position)
+
+
+def drop_outputs(gm: fx.GraphModule, dropped: Iterable[str], absent: Iterable[str] = ()) -> fx.GraphModule:
+    """``gm`` (a module traced on its call) returning a DroppedOutput at the ``dropped`` positions of its output
+    (``Call.dropped``; None at those of them that were None, ``absent``), the output's structure kept, and without
+    the nodes only those values needed: a value the model drops is no output of the block, so that a branch
+    computing it stays a branch (detect)."""
+    dropped, absent = set(dropped), set(absent)
     output = next((n for n in gm.graph.nodes if n.op == "output"), None)
     if not dropped or output is None:
         return gm
     hit = [at for at, v in output_positions(output.args[0]) if at in dropped and isinstance(v, fx.Node)]
     if not hit:
         return gm
+    block = type(gm).__name__  # the owner's class: one trace serves every owner alike (analysis.owners)
+
+    def stand_in(at: str) -> Any:
+        if at in absent:
+            return None
+        with gm.graph.inserting_before(output):
+            return gm.graph.call_function(dropped_output, (block, at))
 
     def rebuilt(value: Any, at: str) -> Any:
         if isinstance(value, (tuple, list)):
@@ -170,7 +230,7 @@ def drop_outputs(gm: fx.GraphModule, dropped: Iterable[str]) -> fx.GraphModule:
             return tuple(items) if isinstance(value, tuple) else list(items)
         if isinstance(value, dict):
             return {k: rebuilt(v, f"{at}[{k!r}]") for k, v in value.items()}
-        return None if at in hit else value
+        return stand_in(at) if at in hit else value
 
     output.args = (rebuilt(output.args[0], ""),)
     # Dead code out, in reverse: never a module call, a placeholder, a check, an impure or an in-place op
