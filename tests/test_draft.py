@@ -15,17 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sdsurgeon.analysis.draft import exit_agreement, speculative_speedup  # noqa: E402
 from sdsurgeon.errors import ConfigError, EarlyExitError  # noqa: E402
 
-LAYERS = 4
-VOCAB = 97
+from test_early_exit import LAYERS, VOCAB  # noqa: E402  (the same tiny Llama: 4 layers, hidden 32, vocab 97)
+from test_early_exit import llama as early_exit_llama  # noqa: E402
 
 
 def llama(layers: int = LAYERS, seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                                      num_key_value_heads=1)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = early_exit_llama(layers, seed)
     with torch.no_grad():  # a final norm of unit weight only scales each position: argmax would not see it missing
         model.model.norm.weight.copy_(torch.randn(32))
     return model
