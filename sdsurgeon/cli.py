@@ -686,6 +686,54 @@ def _render_plain(result) -> None:
     out.print(f"wrote {result.output} in {result.seconds:.1f} s", markup=False)
 
 
+@app.command("draft")
+@user_errors
+@_takes(_model(remember=False), _INPUTS)
+def draft_cmd(
+    ref: pipeline.ModelRef,
+    specs: Optional[list[InputSpec]],
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Token ids to measure on: a file saved with torch.save holding an integer tensor "
+        "(batch, positions), or a dict with input_ids and optionally attention_mask (positions whose mask is 0 are not "
+        "counted); read weights-only. Default: random tokens of --input (or 1x16), which say little about text."),
+    draft_tokens: int = typer.Option(20, "--draft-tokens", help="Tokens drafted per round in the speed-up model "
+                                     "(transformers' default num_assistant_tokens for assisted generation: 20)."),
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+) -> None:
+    """Measure each layer of a causal LM as the exit of self-speculative decoding: how often its greedy token (the
+    model's own final norm and LM head on the layer's output) is the full model's, and the speed-up of
+    generate(assistant_early_exit=layer + 1) that share predicts (Leviathan et al. 2023; a model, not a timing).
+
+    Example: sdsurgeon draft ./llm --calibration tokens.pt
+
+    Example: sdsurgeon draft llm.sd.pt --calibration tokens.pt --json   (an injected model, inject --early-exit)
+    """
+    from . import pipeline
+
+    with _progress(quiet, json_) as progress:
+        result = pipeline.draft(ref, specs, calibration=calibration, draft_tokens=draft_tokens, progress=progress)
+    if json_:
+        print(json.dumps(result.to_dict()))
+        return
+    r = result.report
+    columns = [("layer", "right"), ("assistant_early_exit", "right"), ("agreement", "right"),
+               ("draft cost", "right"), ("speed-up", "right")]
+    rows = [[str(e.layer), str(e.assistant_early_exit), f"{100 * e.agreement:.1f}%", f"{e.cost:.3f}",
+             f"{e.speedup:.2f}x"] for e in r.exits]
+    _site_table(f"exits of {result.name} ({r.layer_list}, {r.n_layers} layers; head {r.head}, final norm "
+                f"{r.norm or '(none)'})", columns, rows, site=0, droppable=(3, 1))
+    best = r.best()
+    out.print(f"measured on {result.calibration}: {r.positions} positions", markup=False)
+    if best is None:
+        out.print(f"no exit before the last layer predicts a speed-up (draft of {r.draft_tokens} tokens a round)")
+    else:
+        out.print(f"best predicted exit: layer {best.layer} (generate(assistant_early_exit="
+                  f"{best.assistant_early_exit})), {best.speedup:.2f}x; draft of {r.draft_tokens} tokens a round")
+    out.print("speed-up = (1 - a^(g+1)) / ((1 - a)(g c + 1)) (Leviathan et al. 2023), a = agreement, g = draft tokens, "
+              "c = draft cost (layers run / L): a model of the speed-up, not a measurement")
+
+
 class _BatchDisplay:
     """Each job's outcome on stdout: one plain line per finished job, or, on a terminal, a table of them all once
     the run is over. While it runs, progress is on stderr (``_progress``): a live table on stdout would fight it for

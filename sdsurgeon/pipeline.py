@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .analysis.draft import DRAFT_TOKENS, DraftReport, exit_agreement
 from .analysis.layers import find_layers
 from .analysis.plan import Plan
 from .analysis.plan import plan as plan_model
@@ -25,7 +26,7 @@ from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
 from .deploy.verify import Verification, reference_outputs, verify, verify_module
-from .errors import ConfigError, LayerError
+from .errors import ConfigError, LayerError, option_error
 from .gate import gates
 from .io import hf
 from .io.checkpoint import holds_weights_only, load_weights, read_calibration, take_dtypes
@@ -175,6 +176,43 @@ def plan(ref: ModelRef, options: SurgeryOptions = SurgeryOptions(), inputs: Spec
             else:
                 plot_schedule(p, plot, title=ref.name)
     return PlanResult(ref.name, p, plot, measured)
+
+
+# --- draft ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DraftResult:
+    name: str
+    report: DraftReport
+    calibration: str  # what the figures were measured on
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "calibration": self.calibration, **self.report.to_dict()}
+
+
+def draft(ref: ModelRef, inputs: Specs = None, *, calibration: Path | None = None, draft_tokens: int = DRAFT_TOKENS,
+          progress: Progress = SILENT) -> DraftResult:
+    """Per exit layer of a causal LM file (a transformers folder, an injected .sd.pt): how often the exit's greedy
+    token is the full model's on ``calibration`` (token ids saved with torch.save, read weights-only; else random
+    tokens of ``inputs``' specs), and the self-speculative speed-up that predicts (analysis.draft)."""
+    if draft_tokens < 1:
+        raise option_error("--draft-tokens", f"must be 1 or more (got {draft_tokens})")
+    data = read_calibration(calibration) if calibration is not None else None
+    with progress.stage("load model"):
+        model = ref.load()
+    if data is None:
+        specs, data = _examples(model, inputs)
+        if data is None:
+            raise ConfigError("draft measures on token ids: give --calibration FILE (token ids saved with torch.save) "
+                              "or --input input_ids:1,64:int64", option="--calibration")
+        source = "random tokens of " + ", ".join(f"{s.name or 'input'} {'x'.join(map(str, s.shape))}" for s in specs)
+    else:
+        source = str(calibration)
+    with progress.stage("measure the exits"):
+        report = exit_agreement(model, data, draft_tokens=draft_tokens,
+                                option="--calibration" if calibration is not None else "--input")
+    return DraftResult(ref.name, report, source)
 
 
 # --- inject ---------------------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ def _gated(module: nn.Module) -> list[str]:
     return [g.site_id for g in gates(module)]
 
 
-def find_layers(model: nn.Module) -> LayerList:
-    """The model's layer list: a ModuleList whose every element holds at least one gated site.
+def find_layers(model: nn.Module, *, gated: bool = True) -> LayerList:
+    """The model's layer list: a ModuleList whose every element holds at least one gated site (``gated=False``:
+    at least one parameter, for a model without gates; its ``sites`` are then empty).
 
     Where the model's config says ``num_hidden_layers``, the list must be that long (a list of attention heads or
     experts is not the layers). A list whose elements hold such lists is a list of stages, not of layers. Of those
@@ -61,11 +62,14 @@ def find_layers(model: nn.Module) -> LayerList:
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and (expected is None or len(module) == expected):
             held = tuple(tuple(_gated(layer)) for layer in module)
-            if all(held):
+            if all(held) if gated else all(any(True for _ in layer.parameters()) for layer in module):
                 found.append(LayerList(path, held))
     found = [f for f in found if not any(g.path.startswith(f"{f.path}.") or (not f.path and g.path) for g in found)]
     if not found:
         said = f" of num_hidden_layers = {expected} (its config)" if expected is not None else ""
+        if not gated:
+            raise LayerError(f"{type(model).__name__} has no layer list{said}: no nn.ModuleList whose every element "
+                             "holds parameters", what="no layer list", where=type(model).__name__)
         raise LayerError(f"{type(model).__name__} has no layer list{said}: no nn.ModuleList whose every element holds a "
                          "gated block, so whole layers cannot be chosen; drop blocks with --drop N or --drop-sites REGEX",
                          what="no layer list", where=type(model).__name__, option="--drop-layers")

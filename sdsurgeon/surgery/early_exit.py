@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.influence import run_hooked
+from ..analysis.exits import find_final_norm, find_head, first_tensor
 from ..analysis.layers import find_layers
-from ..capture.inputs import normalize_inputs
 from ..choices import EXIT_CURRICULA, EXIT_SCALES
 from ..errors import EarlyExitError, LayerError
 
@@ -72,31 +71,7 @@ def combined_loss(task_loss: torch.Tensor, exit_losses: Mapping[int, torch.Tenso
     return sum(s * loss for s, loss in zip(loss_scales(ids, n_layers, scale_type, e_scale), losses))
 
 
-# --- finding the parts (by rule) and recording them ---------------------------------------------------------------
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next((v for v in value if isinstance(v, torch.Tensor)), None)
-    if isinstance(value, Mapping):
-        return next((v for v in value.values() if isinstance(v, torch.Tensor)), None)
-    return None
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
-
-
-def _head_path(model: nn.Module) -> str:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, nn.Module):
-        raise EarlyExitError(f"{type(model).__name__} has no LM head (get_output_embeddings() gives none): "
-                             "--early-exit is for causal language models", what="no LM head",
-                             where=type(model).__name__, option="--early-exit")
-    return next(path for path, m in model.named_modules() if m is head)
-
+# --- finding the parts (by rule: analysis.exits) and recording them ---------------------------------------------------------------
 
 def resolve(model: nn.Module, settings: Mapping[str, Any], examples) -> dict:
     """The recipe's record of the early exit of ``model`` (gated already): ``settings`` (layers, scale, scale_type,
@@ -105,7 +80,7 @@ def resolve(model: nn.Module, settings: Mapping[str, Any], examples) -> dict:
     the last layer's output and whose output is what the head reads ("" where the head reads the last layer's output
     itself). Raises EarlyExitError where a part is missing or an exit layer is out of range."""
     where = type(model).__name__
-    head = _head_path(model)
+    head = find_head(model)
     try:
         layers = find_layers(model)
     except LayerError as exc:
@@ -126,40 +101,6 @@ def resolve(model: nn.Module, settings: Mapping[str, Any], examples) -> dict:
             "scale": float(settings.get("scale", 1.0)), "scale_type": settings.get("scale_type", "sum_l"),
             "curriculum": settings.get("curriculum", "none"), "rotation": int(settings.get("rotation", 2)),
             "ramp": int(settings.get("ramp", 0))}
-
-
-def find_final_norm(model: nn.Module, layer_list: str, head: str, examples) -> str:
-    """The path of the module between the last layer and the LM head (see ``resolve``), "" for none needed."""
-    last = f"{layer_list}.{len(model.get_submodule(layer_list)) - 1}"
-    seen: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-    order: list[str] = []
-
-    def wanted(path: str) -> bool:  # not the root, nor inside the layers (but the last) or the head
-        inside = path == layer_list or path.startswith((f"{layer_list}.", f"{head}."))
-        return path in (last, head) or (bool(path) and not inside)
-
-    candidates = [(path, m) for path, m in model.named_modules() if wanted(path)]
-
-    def hook_for(path: str):
-        def hook(module, args, kwargs, output):
-            if path not in seen:
-                order.append(path)
-                seen[path] = (_first_tensor(args) if args else _first_tensor(kwargs), _first_tensor(output))
-        return hook
-
-    if normalize_inputs(examples) is None:
-        raise EarlyExitError(f"--early-exit finds {type(model).__name__}'s final norm on one forward: give example "
-                             "inputs (--input)", option="--early-exit")
-    run_hooked(model, examples, [(m, hook_for(p)) for p, m in candidates], with_kwargs=True)
-    out, read = seen.get(last, (None, None))[1], seen.get(head, (None, None))[0]
-    if _same(out, read):
-        return ""
-    found = [p for p in order if p not in (last, head) and _same(seen[p][0], out) and _same(seen[p][1], read)]
-    if not found:
-        raise EarlyExitError(f"{type(model).__name__}: no module takes the last layer's output ({last}) to what the "
-                             f"LM head ({head}) reads, so the exits have no final norm to share: --early-exit needs "
-                             "one", what="no final norm", where=type(model).__name__, option="--early-exit")
-    return min(found, key=lambda p: p.count("."))  # the outermost: a wrapper's own extra steps included
 
 
 _PATH = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
@@ -239,7 +180,7 @@ class _Keep:
 
     def __call__(self, module, args, output):
         if self.state._armed and self.layer in self.state._armed:
-            self.state._captured[self.layer] = _first_tensor(output)
+            self.state._captured[self.layer] = first_tensor(output)
 
 
 class _AddLoss:
