@@ -85,8 +85,8 @@ class LayerError(ConfigError):
 
 
 class EarlyExitError(ConfigError):
-    """inject --early-exit cannot be set up on this model: no LM head, no layer list, no final norm found by rule, or
-    an exit layer it does not have."""
+    """An early exit cannot be set up on (``inject --early-exit``) or measured on (``draft``) this model: no LM head, no
+    layer list, no final norm found by rule, or an exit layer it does not have."""
 
 
 class RecipeMismatchError(SurgeonError):

@@ -288,3 +288,19 @@ def test_the_cli_takes_early_exit_and_refuses_its_settings_without_it(tmp_path):
 
     line = assert_user_error(invoke("inject", tmp_path / "none.pt", "--exit-scale", "2"))
     assert "--early-exit" in line
+
+
+@pytest.mark.hf
+def test_the_folded_model_is_for_inference_and_adds_no_exit_loss(models):
+    """fold takes the early exit off with the gates: trained with labels, its loss is the task loss alone."""
+    plain, _, model = models
+    folded = sdsurgeon.fold(model).train()
+    x = tokens(2, 8, seed=7)
+    assert not hasattr(folded, "sdsurgeon_early_exit")
+    torch.testing.assert_close(folded(input_ids=x, labels=x).loss, plain.train()(input_ids=x, labels=x).loss)
+    plain.eval()
+    model.train()
+    try:  # the injected model keeps its own
+        assert not torch.allclose(model(input_ids=x, labels=x).loss, folded(input_ids=x, labels=x).loss)
+    finally:
+        model.eval()

@@ -231,6 +231,19 @@ def install(model: nn.Module, record: Mapping[str, Any]) -> EarlyExit:
     return state
 
 
+def uninstall(model: nn.Module) -> None:
+    """Take the early exit off ``model`` (a folded model is for inference: no exit loss, whatever its labels)."""
+    if early_exit_of(model) is None:
+        return
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(hook, (_Arm, _Keep, _AddLoss))]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    delattr(model, EARLY_EXIT_ATTR)
+
+
 def early_exit_of(model: nn.Module) -> EarlyExit | None:
     """The model's early-exit state (inject --early-exit), or None."""
     state = getattr(model, EARLY_EXIT_ATTR, None)
@@ -238,4 +251,4 @@ def early_exit_of(model: nn.Module) -> EarlyExit | None:
 
 
 __all__ = ["EarlyExit", "active_exits", "check_record", "combined_loss", "early_exit_of", "find_final_norm", "install", "loss_scales",
-           "resolve", "shifted_cross_entropy"]
+           "resolve", "shifted_cross_entropy", "uninstall"]

@@ -17,6 +17,7 @@ from torch import nn
 from .. import _torch
 from ..attrs import resolve
 from ..distributed import unwatch_units
+from . import early_exit
 from . import install as in_place
 from ..capture.drop_path import is_drop_path
 from ..capture.call_trace import record_calls, returned_submodule, scaled_parameter
@@ -803,7 +804,8 @@ def remove_gates(model: nn.Module) -> nn.Module:
 
 
 def _untag(model: nn.Module) -> None:
-    """The folded model is no longer an injected one: drop the recipe."""
+    """The folded model is no longer an injected one: drop the recipe, and the early exit's training loss."""
+    early_exit.uninstall(model)
     if hasattr(model, RECIPE_ATTR):
         delattr(model, RECIPE_ATTR)
     carry_recipe(model, None)
