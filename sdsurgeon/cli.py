@@ -27,7 +27,7 @@ from .errors import ConfigError, SurgeonError, UnscaledSaveWarning, option_error
 from .io.files import check_output, clean_up_on_signals
 from .io.trust import drop_current_folder
 from .options import CALIBRATION_HELP, DROP_BY_HELP, ConvertOptions, CurveOptions, SurgeryOptions, flag_of, \
-    help_of, types_of, without_none
+    help_of, key_of, types_of, without_none
 from .progress import SILENT, Progress
 from .report import printable
 
@@ -807,9 +807,8 @@ def batch_cmd(
     others; a job whose outputs are newer than its inputs and whose settings are unchanged is skipped. Exit 0
     when every job is ok or skipped, 1 when any failed. Paths in the config are relative to its folder.
 
-    Config keys: defaults takes pL, rule, mode, scaling, seed, set, include, exclude, leaf, capture,
-    keep_existing, fold, drop, drop_by, drop_sites, drop_layers, format, input_shape or inputs, opset, static_batch,
-    rtol, atol, output_dir, trust_pickle (with --trust-pickle only), save_injected, timeout. Each entry of
+    Config keys: defaults takes {option_keys}, input_shape or inputs, output_dir, trust_pickle (with
+    --trust-pickle only), save_injected, timeout. Each entry of
     models takes name and checkpoint (a file or a glob: one job per match, named by file stem) or arch
     (package.module:factory, with arch_kwargs and weights), plus any of those options.
 
@@ -872,6 +871,11 @@ def _report_outcome(records, folder: Path, written, json_text: str | None, lead:
         err.print(f"error: {len(failed)} of {len(records)} jobs failed ({', '.join(failed)}); "
                   f"see {folder / 'summary.md'}", markup=False)
         raise typer.Exit(1)
+
+
+# The options' keys as options.py declares them: a new option is listed with no edit here.
+batch_cmd.__doc__ = batch_cmd.__doc__.replace("{option_keys}", ", ".join(
+    key_of(cls, f.name) for cls in (SurgeryOptions, ConvertOptions) for f in fields(cls) if key_of(cls, f.name)))
 
 
 @app.command("batch-report")
