@@ -113,17 +113,23 @@ def read_value(tp: Any, value: Any, *, count: bool = False) -> Any:
     raise ValueError(words_for(tp, count=count))
 
 
+@functools.lru_cache(maxsize=None)  # every construction reads them: a batch of 2000 jobs makes 4000 options
+def _field_types(cls: type) -> tuple:
+    """Per field of ``cls``: the field, its type without None, whether None is allowed, and whether it is a tuple."""
+    hints = types_of(cls)
+    return tuple((f, *without_none(hints[f.name]), typing.get_origin(without_none(hints[f.name])[0]) is tuple)
+                 for f in fields(cls))
+
+
 def _checked(obj: Any) -> None:
     """Each field of ``obj`` of its type (sequences made tuples), within its choices and range: a ConfigError names
     the field otherwise."""
     cls = type(obj)
-    hints = types_of(cls)
-    for f in fields(cls):
+    for f, base, nullable, is_tuple in _field_types(cls):
         value, meta = getattr(obj, f.name), f.metadata
-        base, nullable = without_none(hints[f.name])
         if value is None and nullable:
             continue
-        if typing.get_origin(base) is tuple:
+        if is_tuple:
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
                 raise field_error(cls, f.name, f"expected {words_for(base)}, got {value!r}")
             object.__setattr__(obj, f.name, tuple(value))  # frozen, but a list given is ours to make a tuple
