@@ -125,6 +125,7 @@ def test_the_self_made_model_really_needs_the_export_capture():
         torch.fx.symbolic_trace(TinyLM().layers[0].attn)
 
 
+@pytest.mark.slow
 def test_each_layer_is_rewritten_in_place_and_the_model_keeps_its_class():
     model, injected = _injected()
     assert type(injected) is TinyLM and injected.sdsurgeon_recipe.capture == "export"

@@ -107,6 +107,7 @@ def test_non_finite_numbers_in_a_config_are_refused_naming_line_and_key(tmp_path
 # --- 3. --check in time linear in the jobs -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_of_2000_jobs_looks_at_each_path_a_bounded_number_of_times(tmp_path, monkeypatch):
     """Every job's outputs against every job's inputs used to stat and resolve every input once per output
     (2000 jobs: minutes); the inputs' identities are worked out once now. Counted, not timed; and an output
