@@ -74,11 +74,15 @@ ZOO_TRAINING := tests/test_training.py::test_the_private_torch_names_cond_backwa
 	tests/test_training.py::test_fsdp2_with_per_rank_draws_is_refused_in_one_line_on_every_rank \
 	tests/test_training.py::test_the_fsdp2_example_skips_gathers_of_dropped_blocks_and_resumes_two_ranks_bit_exactly
 
+# Two workers as in the default tier, each taking whole models (xdist_group per model: its build, injection and
+# reference are cached per process); the tests of tests/ run one by one on either.
+ZOO_WORKERS := -n 2 --dist loadgroup
+
 test-zoo: $(ZOO_STAMP)
-	$(ZOO_BIN)/python -m pytest -q --durations=25 -m "not slow" tests_zoo $(ZOO_TRAINING)
+	$(ZOO_BIN)/python -m pytest -q --durations=25 $(ZOO_WORKERS) -m "not slow" tests_zoo $(ZOO_TRAINING)
 
 test-zoo-all: $(ZOO_STAMP)
-	$(ZOO_BIN)/python -m pytest -q --durations=25 tests_zoo $(ZOO_TRAINING)
+	$(ZOO_BIN)/python -m pytest -q --durations=25 $(ZOO_WORKERS) tests_zoo $(ZOO_TRAINING)
 
 # The sdist and the wheel built from it (python -m build: an isolated build env with the build-system's setuptools),
 # then checked as PyPI would take them (twine check --strict: metadata, the README rendered as the long description),

@@ -47,6 +47,9 @@ def cases(test: str):
     for z in ZOO:
         reason = KNOWN.get((z.id, test))
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        # one worker takes all of a model's tests (`make test-zoo` runs 2 with --dist loadgroup): the model, its
+        # injection and its reference are built once, in the cache below
+        marks.append(pytest.mark.xdist_group(z.id))
         if test == "compile" and z.id not in COMPILED_IN_MAKE_TEST:
             marks.append(pytest.mark.slow)
         out.append(pytest.param(z, id=z.id, marks=marks))
