@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
 import math
 import re
 import types
@@ -12,20 +14,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .choices import CAPTURES, DROP_RULES, EXIT_CURRICULA, EXIT_SCALES, FORMATS, MODES, RULE_NAMES, SCALING_CHOICES
-from .errors import ConfigError, option_error
+from .errors import ConfigError, SurgeonError, option_error
 
 
-def option(default: Any, help: str, *, flag: str | None = None, key: str | None = None, choices: tuple = (),
-           check: Callable[[Any], str | None] | None = None, negated: bool = False, count: bool = False) -> Any:
+def option(default: Any, help: str, *, flag: str | None = None, key: str | None = None, python: str | None = None,
+           choices: tuple = (), check: Callable[[Any], str | None] | None = None, negated: bool = False,
+           count: bool = False) -> Any:
     """A dataclass field with what every front end needs to spell, explain and check it.
 
     ``flag``: the command line's spelling (default ``--name`` with dashes; "" for an option it does not take);
-    ``key``: a batch config's (default: the field name; "" for none). ``negated``: the flag and key say the opposite
+    ``key``: a batch config's (default: the field name; "" for none); ``python``: the keyword the public functions
+    take it as (default: the field name; "" for none). ``negated``: the flag and key say the opposite
     of the field (``--static-batch`` sets ``dynamic_batch`` false). ``choices``: the values it may take; ``check``:
     why a value is refused (a phrase, or None). ``count``: a string that a batch config may give as an integer.
     """
-    meta = {"help": help, "flag": flag, "key": key, "choices": choices, "check": check, "negated": negated,
-            "count": count}
+    meta = {"help": help, "flag": flag, "key": key, "python": python, "choices": choices, "check": check,
+            "negated": negated, "count": count}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -40,6 +44,12 @@ def flag_of(cls: type, name: str) -> str:
 def key_of(cls: type, name: str) -> str:
     """The batch config key of field ``name`` of ``cls`` ("" when a config does not take it)."""
     spelled = fields_of(cls)[name].metadata.get("key")
+    return name if spelled is None else spelled
+
+
+def python_of(cls: type, name: str) -> str:
+    """The keyword a Python caller gives field ``name`` of ``cls`` as ("" when no public function takes it)."""
+    spelled = fields_of(cls)[name].metadata.get("python")
     return name if spelled is None else spelled
 
 
@@ -236,13 +246,33 @@ def flags_to_keys(*classes: type) -> dict[str, str]:
     return spelled
 
 
+# What follows a flag as its value in a message ("--drop N", "--arch package.module:factory", "--pL 2.0", "'x'"):
+# a spelling "name=" takes it without the space between.
+_VALUE = r"""['"\d]|[A-Z]|[^\s,;)]*[.:|%]"""
+
+
 def in_keys(text: str, spelled: dict[str, str]) -> str:
     """``text`` with each flag of ``spelled`` written as its config key, for a message a config reader shows
-    (``--drop-sites`` -> ``drop_sites``); other flags stay."""
+    (``--drop-sites`` -> ``drop_sites``), or as a Python keyword (``--drop-sites REGEX`` -> ``sites=REGEX``: a
+    spelling that ends in "=" takes the value after it); other flags stay. Text already spelled so is left as is."""
     if not spelled:
         return text
     flags = sorted(spelled, key=len, reverse=True)  # --drop-sites before --drop
-    return re.sub("|".join(re.escape(f) + r"(?![\w-])" for f in flags), lambda m: spelled[m.group(0)], text)
+    # a flag with a choice ("--capture fx") is not one in "--capture fx|export"
+    found = "|".join(re.escape(f) + (r"(?![\w|-])" if " " in f else r"(?![\w-])") for f in flags)
+
+    def spell(m: re.Match) -> str:
+        said = spelled[m.group(1)]
+        return said + ("" if said.endswith("=") else m.group(2) or "")
+
+    return re.sub(f"({found})( (?={_VALUE}))?", spell, text)
+
+
+def in_terms(exc: SurgeonError, name: str | None, spelled: dict[str, str]) -> str:
+    """The message of ``exc`` as a front end says it: ``{name}: {what}`` where it reads ``{option} {what}`` (its
+    option is ``name`` there), and each flag of ``spelled`` in the text spelled its way (``in_keys``)."""
+    said = f"{name}: {exc.what}" if name and exc.what and str(exc) == f"{exc.option} {exc.what}" else str(exc)
+    return in_keys(said, spelled)
 
 
 # --- the options ----------------------------------------------------------------------------------------------
@@ -261,7 +291,7 @@ CALIBRATION_HELP = ("Inputs to measure pruning on: a file saved with torch.save 
 class SurgeryOptions:
     """How sites are chosen and gated: the options plan and inject share (inject's own ones are ignored by plan)."""
 
-    pL: float = option(0.5, "Survival probability of the last block, in (0, 1].", check=_probability)
+    pL: float = option(0.5, "Survival probability of the last block, in (0, 1].", python="p_L", check=_probability)
     rule: str = option("linear", f"Schedule: {' | '.join(RULE_NAMES)}. linear: p_l = 1 - l/L (1 - p_L). "
                        "exponential (LayerSkip's): p_l = 1 - (1 - p_L)(2^(l/(L-1)) - 1), l = 0..L-1.",
                        choices=RULE_NAMES)
@@ -331,22 +361,23 @@ class ConvertOptions:
     """How the gated model becomes a verified ONNX file (or its plain architecture's weights)."""
 
     fold: bool = option(True, "Fold each p_l into its branch's weights, or keep an explicit constant multiply per "
-                        "gate (same numbers; for comparison).", flag="--fold/--no-fold")
+                        "gate (same numbers; for comparison).", flag="--fold/--no-fold", python="into_weights")
     opset: int | None = option(None, "ONNX opset (default: the exporter's).")
     dynamic_batch: bool = option(True, "Fix the batch axis to the example's size (default: dynamic).",
                                  flag="--static-batch", key="static_batch", negated=True)
     rtol: float = option(1e-4, "Relative tolerance of the onnxruntime check (widened to the dtype's precision for a "
                          "bf16/fp16 model, and said).", check=_tolerance)
     atol: float = option(1e-5, "Absolute tolerance of the onnxruntime check (widened likewise).", check=_tolerance)
-    compare: bool = option(False, "Also export the architecture without gates and report its node count.", key="")
+    compare: bool = option(False, "Also export the architecture without gates and report its node count.", key="",
+                           python="")
     verbose: bool = option(False, "Show the ONNX exporter's own log and warnings.", key="")
     drop: str | None = option(None, "Prune: remove this many gated blocks (a count, or a share such as 25%) before "
                               "folding the rest; a removed block keeps its skip (and a projection shortcut its "
                               "projection). See --drop-by; `plan --prune-curve` shows what each count costs.",
                               count=True, check=_count)
-    drop_by: str = option("schedule", DROP_BY_HELP, choices=DROP_RULES)  # see surgery.prune
+    drop_by: str = option("schedule", DROP_BY_HELP, python="by", choices=DROP_RULES)  # see surgery.prune
     drop_sites: str | None = option(None, "Prune the blocks whose site id matches this regex (re.search) instead of "
-                                    "a count; `plan` lists the ids.", check=regex_problem)
+                                    "a count; `plan` lists the ids.", python="sites", check=regex_problem)
     calibration: Path | None = option(None, CALIBRATION_HELP, key="")  # default: random inputs
     format: str = option("onnx", "What to write: onnx (a graph, verified with onnxruntime), safetensors (the original "
                          "architecture's state_dict with p_l in the weights: load it with safetensors.torch.load_model "
@@ -354,12 +385,12 @@ class ConvertOptions:
                          "from_pretrained loads). safetensors and hf need every gate folded into weights; they are "
                          "checked by loading them back into a fresh model. hf takes pruning that removes whole layers "
                          "(--drop-layers, or sites that make up whole layers): they are deleted, with "
-                         "num_hidden_layers and the per-layer config lists.", choices=FORMATS)
+                         "num_hidden_layers and the per-layer config lists.", python="", choices=FORMATS)
     drop_layers: str | None = option(None, "Prune whole layers instead: remove this many (a count, or a share such "
                                      "as 25%) of the model's layer list (the nn.ModuleList whose every element holds "
                                      "gated blocks), every block of each, ranked per layer by --drop-by. With --format "
                                      "hf the layers are deleted from the folder and its config.", count=True,
-                                     check=_count)
+                                     python="layers", check=_count)
 
     def __post_init__(self) -> None:
         # Checked when made, so export's options and a batch config's keys (both built into this) are refused
@@ -390,13 +421,91 @@ class ConvertOptions:
 class CurveOptions:
     """``plan --prune-curve``: fidelity against blocks removed, in ``drop_by``'s order, measured on ``calibration``."""
 
-    drop_by: str = option("schedule", DROP_BY_HELP, choices=DROP_RULES)
+    drop_by: str = option("schedule", DROP_BY_HELP, python="by", choices=DROP_RULES)
     calibration: Path | None = option(None, CALIBRATION_HELP)
 
     def __post_init__(self) -> None:
         _checked(self)
 
 
-__all__ = ["ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of", "flags_to_keys", "gives", "help_of", "in_keys",
-           "key_of", "option", "pruning_conflict", "read_count", "read_value", "regex_problem", "types_of",
-           "without_none", "words_for"]
+# --- the Python front end: an error raised in a public function names that function's keywords ----------------
+
+# The command line's model and input options, as the public functions' keywords (several: the first one that the
+# function called takes). Python takes example inputs as tensors or InputSpecs where the command line reads text.
+MODEL_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "--arch": ("arch=", "spec="),  # trust(spec)
+    "--arch-kwargs": ("arch_kwargs=",), "--trust-pickle": ("trust_pickle=True",),
+    "--weights": ("path=",),  # load_weights(model, path)
+    "--input": ("inputs=", "input_specs=", "example_inputs="),
+    "--input-shape": ("example_inputs=", "input_specs=", "inputs="),
+}
+
+
+def flags_to_python(*classes: type) -> dict[str, tuple[str, ...]]:
+    """Each command-line flag of ``classes``' fields -> how a Python call says it: ``name=`` before a value,
+    ``name=True``/``name=False`` for a switch (``--static-batch`` -> ``dynamic_batch=False``), ``name='value'`` for a
+    flag and one of its choices (``--capture export``). Fields without a keyword or a flag are left out."""
+    spelled: dict[str, tuple[str, ...]] = {}
+    for cls in classes:
+        hints = types_of(cls)
+        for f in fields(cls):
+            name, flag = python_of(cls, f.name), flag_of(cls, f.name)
+            if not (name and flag.startswith("--")):
+                continue
+            if hints[f.name] is bool:
+                on, *off = flag.split("/")  # --fold/--no-fold: the second says the opposite
+                said = not f.metadata.get("negated")
+                spelled[on] = (f"{name}={said}",)
+                spelled.update({other: (f"{name}={not said}",) for other in off})
+                continue
+            spelled[flag] = (f"{name}=",)
+            spelled.update({f"{flag} {choice}": (f"{name}={choice!r}",) for choice in f.metadata.get("choices", ())})
+    return spelled
+
+
+@functools.lru_cache(maxsize=None)
+def python_table() -> dict[str, tuple[str, ...]]:
+    """Every flag a library message may name that a public function takes as a keyword -> its spellings."""
+    return {**flags_to_python(SurgeryOptions, ConvertOptions, CurveOptions), **MODEL_KEYWORDS}
+
+
+def python_spelling(keywords: frozenset[str]) -> dict[str, str]:
+    """``python_table`` for a function taking ``keywords``: per flag, the first spelling it takes, else the first."""
+    return {flag: next((s for s in said if s.split("=")[0] in keywords), said[0])
+            for flag, said in python_table().items()}
+
+
+_IN_PUBLIC_CALL = contextvars.ContextVar("sdsurgeon_in_public_call", default=False)
+
+
+def in_python(fn: Callable) -> Callable:
+    """``fn`` as ``sdsurgeon.<name>`` hands it to a Python caller: a SurgeonError raised inside names ``fn``'s
+    keywords where its message names command-line flags (``--pL`` -> ``p_L``, ``--arch X`` -> ``arch=X``), its
+    ``option`` the keyword; the same exception, with its type, other fields and traceback. Only the outermost public
+    call re-spells. The command line and batch call the functions themselves, and keep their own words."""
+    keywords = frozenset(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _IN_PUBLIC_CALL.get():
+            return fn(*args, **kwargs)
+        token = _IN_PUBLIC_CALL.set(True)
+        try:
+            return fn(*args, **kwargs)
+        except SurgeonError as exc:
+            spelled = python_spelling(keywords)
+            said = spelled.get(exc.option or "")
+            name = said.split("=")[0] if said else None
+            exc.args = (in_terms(exc, name, spelled), *exc.args[1:])
+            exc.option = name or exc.option
+            raise
+        finally:
+            _IN_PUBLIC_CALL.reset(token)
+
+    return call
+
+
+__all__ = ["MODEL_KEYWORDS", "ConvertOptions", "CurveOptions", "SurgeryOptions", "field_error", "flag_of",
+           "flags_to_keys", "flags_to_python", "gives", "help_of", "in_keys", "in_python", "in_terms", "key_of",
+           "option", "pruning_conflict", "python_of", "python_spelling", "python_table", "read_count", "read_value",
+           "regex_problem", "types_of", "without_none", "words_for"]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from .._version import __version__
 from ..errors import ConfigError, SurgeonError, first_line
 from ..io.files import atomic_write, clean_up_on_signals, on_signal, sweep
-from ..options import in_keys
+from ..options import in_terms
 from ..progress import SILENT, Progress
 from ..report import JobRecord
 from .config import KEY_OF_FLAG, Job, config_key
@@ -84,11 +84,9 @@ def _in_config_terms(exc: SurgeonError) -> str:
     """An error as a batch job says it: a config key where the command line would name an option."""
     if exc.option == "--input-shape" and exc.what == "no input shape":
         return "no input shape: set input_shape (e.g. [1, 3, 32, 32]) or inputs for this model"
-    key = config_key(exc)
     # only a message that reads "{option} {what}" is reworded: other messages say more than the what; flags named
     # inside either are spelled as their keys
-    said = f"{key}: {exc.what}" if key and exc.what and str(exc) == f"{exc.option} {exc.what}" else str(exc)
-    return in_keys(said, KEY_OF_FLAG)
+    return in_terms(exc, config_key(exc), KEY_OF_FLAG)
 
 
 def run_job(job: Job, progress: Progress = SILENT) -> JobRecord:

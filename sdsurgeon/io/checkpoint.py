@@ -227,7 +227,7 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
         ) from None
 
 
-TRUST_PICKLE = "Pass --trust-pickle (trust_pickle=True in Python, trust_pickle: true in a batch config)"
+TRUST_PICKLE = "Pass --trust-pickle (trust_pickle: true in a batch config)"  # Python callers read trust_pickle=True
 
 
 def is_state_dict(obj: Any) -> bool:
