@@ -2,6 +2,7 @@
 
 import os as _os
 import sys as _sys
+import types as _types
 
 if _sys.argv[:1] == ["-m"]:
     # `python -m sdsurgeon`: runpy put the current folder first on sys.path, so a json.py or zipfile.py there
@@ -74,6 +75,10 @@ def __getattr__(name: str):
 
     module = importlib.import_module(where, __name__)
     value = module if where == "." + name else getattr(module, name)
+    if isinstance(value, _types.FunctionType):  # a function a Python caller calls: its errors name its keywords
+        from .options import in_python
+
+        value = in_python(value)
     globals()[name] = value  # found once; later lookups do not come here
     return value
 

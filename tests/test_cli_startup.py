@@ -102,7 +102,10 @@ def test_every_public_name_is_imported_on_first_use_from_the_module_that_defines
     for name, where in sdsurgeon._PUBLIC.items():
         module = __import__("sdsurgeon" + where, fromlist=["_"])
         expected = module if where == "." + name else getattr(module, name)
-        assert getattr(sdsurgeon, name) is expected is namespace[name], name
+        public = getattr(sdsurgeon, name)
+        assert public is namespace[name], name
+        # a function comes wrapped, so that its errors name its keywords (options.in_python): the wrapped is it
+        assert getattr(public, "__wrapped__", public) is expected, name
     assert set(sdsurgeon.__all__) <= set(dir(sdsurgeon))
     with pytest.raises(AttributeError, match="no_such_name"):
         sdsurgeon.no_such_name  # noqa: B018
