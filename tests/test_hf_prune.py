@@ -252,7 +252,7 @@ def test_a_model_without_a_layer_list_says_so_for_drop_layers():
     model = injected(nn.Sequential(Residual(), Residual()))
     with pytest.raises(LayerError, match="has no layer list") as info:
         sdsurgeon.prune(model, layers=1, calibration=torch.randn(2, 8))
-    assert info.value.option == "--drop-layers"
+    assert info.value.option == "layers"  # prune's keyword: sdsurgeon.prune speaks Python
 
 
 class Turn(nn.Module):

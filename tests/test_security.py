@@ -142,7 +142,7 @@ def test_item1_recorded_this_module_is_not_imported(tmp_path, capfd):
     if "this" in sys.modules:
         pytest.skip("the 'this' module was imported by something else in this process")
     path = sd_file(tmp_path / "zen.sd.pt", "this:s")
-    with pytest.raises(UnsafeLoadError, match=r"'this:s'.*--arch this:s"):
+    with pytest.raises(UnsafeLoadError, match=r"'this:s'.*arch=this:s"):
         sdsurgeon.load(path)
     assert "this" not in sys.modules
     assert "Zen" not in capfd.readouterr().out
@@ -169,7 +169,7 @@ def test_item1_trust_is_kept_in_the_users_store_not_in_the_file(tmp_path, trust_
     assert store["factories"]["mymodels:net"] == {"root": str((tmp_path / "pkg").resolve())}
     assert len(sdsurgeon.gates(sdsurgeon.load(path))) == 2
     monkeypatch.setenv("SDSURGEON_HOME", str(tmp_path / "another-user"))  # the same file, someone else's store
-    with pytest.raises(UnsafeLoadError, match="--arch mymodels:net"):
+    with pytest.raises(UnsafeLoadError, match="arch=mymodels:net"):
         sdsurgeon.load(path)
 
 
