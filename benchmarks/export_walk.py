@@ -3,6 +3,8 @@
 Run: .venv/bin/python benchmarks/export_walk.py --base /tmp/base-export   (--rounds 1 for a quick smoke run)
      the base is a checkout of main: `git worktree add --detach /tmp/base-export main`
      (--models resnet110 for one model; --help for options)
+     --format hf / safetensors: `export --format hf` (a save_pretrained folder; transformers models only, so
+     --models llama8) or `--format safetensors` instead of ONNX: fold, write, load back and check
 
 Models: CIFAR ResNet-110 (sdsurgeon.models, 54 blocks) and an 8-layer tiny random Llama (transformers, as
 tests/hf_zoo.py builds it, 16 blocks), each injected once here and saved as .sd.pt; resnet110-compare is that
@@ -72,16 +74,19 @@ for name, module in list(sys.modules.items()):
         for attr, value in list(vars(module).items()):
             if id(value) in wrapped:
                 setattr(module, attr, wrapped[id(value)])
-path, out, compare = sys.argv[1], sys.argv[2], sys.argv[3] == "compare"
+path, out, compare, fmt = sys.argv[1], sys.argv[2], sys.argv[3] == "compare", sys.argv[4]
 t = time.perf_counter()
-result = pipeline.convert(pipeline.ModelRef(path=path), pipeline.ConvertOptions(compare=compare), output=out)
+result = pipeline.convert(pipeline.ModelRef(path=path), pipeline.ConvertOptions(compare=compare, format=fmt),
+                          output=out)
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "gates": len(result.report.sites), "nodes": result.exported.nodes,
+print(json.dumps({"seconds": seconds, "gates": len(result.report.sites),
+                  "nodes": getattr(result.exported, "nodes", None),
                   "original_nodes": result.original_nodes,
                   "max_abs_error": result.checked.max_abs, "file": sdsurgeon.__file__, **counts}))
 """
 
 COUNTS = ("fx_traces", "exports", "onnx_exports", "gates_built", "example_inputs", "locates")
+SUFFIX = {"onnx": ".onnx", "hf": "", "safetensors": ".safetensors"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,11 +98,16 @@ def parse_args() -> argparse.Namespace:
     kinds = ["resnet110", "llama8", "resnet110-compare"]
     ap.add_argument("--models", nargs="+", default=kinds, choices=kinds,
                     help="resnet110-compare: the ResNet-110 file exported with --compare")
+    ap.add_argument("--format", default="onnx", choices=["onnx", "hf", "safetensors"],
+                    help="what export writes (hf: transformers models only, --models llama8)")
+    ap.add_argument("--scaling", default="auto", choices=["auto", "paper", "inverted"],
+                    help="inject's scaling (auto: inverted for the Llama, paper for the ResNet; paper folds p into the "
+                         "weights, inverted scales nothing)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     return ap.parse_args()
 
 
-def make_models(folder: Path, names: list[str]) -> dict[str, Path]:
+def make_models(folder: Path, names: list[str], scaling: str = "auto") -> dict[str, Path]:
     """Each model injected once (with the 'after' checkout, imported here) and saved as .sd.pt."""
     import torch
 
@@ -124,15 +134,15 @@ def make_models(folder: Path, names: list[str]) -> dict[str, Path]:
             model = sdsurgeon.load(folder / "llama8")
             specs = [InputSpec.parse("input_ids:2,12:int64")]
         specs = complete_specs(model, specs)  # as the CLI's inject records them (a token input's range from the config)
-        gated = sdsurgeon.inject(model, 0.5, inputs=specs, seed=0)
+        gated = sdsurgeon.inject(model, 0.5, inputs=specs, seed=0, scaling=scaling)
         made[name] = folder / f"{name}.sd.pt"
         sdsurgeon.save(gated, made[name])
     return made
 
 
-def run_side(checkout: Path, model: Path, out: Path, compare: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(checkout))
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(model), str(out), "compare" if compare else "-"],
+def run_side(checkout: Path, model: Path, out: Path, compare: bool, fmt: str = "onnx") -> dict:
+    env = dict(os.environ, PYTHONPATH=str(checkout), PYTHONDONTWRITEBYTECODE="1")  # nothing written into a checkout
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(model), str(out), "compare" if compare else "-", fmt],
                           capture_output=True, text=True, env=env, cwd=out.parent,
                           check=False)  # captured: the exporter's log, not the figures
     if proc.returncode:
@@ -150,7 +160,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        made = make_models(work, list(dict.fromkeys(m.removesuffix("-compare") for m in args.models)))
+        made = make_models(work, list(dict.fromkeys(m.removesuffix("-compare") for m in args.models)), args.scaling)
         results = {}
         for name in args.models:
             path, compare = made[name.removesuffix("-compare")], name.endswith("-compare")
@@ -159,7 +169,8 @@ def main() -> None:
                 order = ("before", "after") if r % 2 == 0 else ("after", "before")  # alternated: no side always first
                 for side in order:
                     checkout = args.base if side == "before" else args.after
-                    sides[side].append(run_side(checkout, path, work / f"{name}-{side}-{r}.onnx", compare))
+                    out = work / f"{name}-{side}-{r}{SUFFIX[args.format]}"
+                    sides[side].append(run_side(checkout, path, out, compare, args.format))
             ratios = [a["seconds"] / b["seconds"] for a, b in zip(sides["after"], sides["before"])]
             results[name] = {
                 "before": {"median_s": round(statistics.median(s["seconds"] for s in sides["before"]), 3),
@@ -168,7 +179,8 @@ def main() -> None:
                           **{k: sides["after"][0][k] for k in COUNTS + ("gates", "nodes", "original_nodes")}},
                 "median_ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
             }
-    res = {"rounds": args.rounds, "torch": torch.__version__, "cpus": os.cpu_count(), "models": results}
+    res = {"rounds": args.rounds, "format": args.format, "scaling": args.scaling, "torch": torch.__version__, "cpus": os.cpu_count(),
+           "models": results}
     print(json.dumps(res))
     if args.json:
         return

@@ -110,6 +110,7 @@ def run(argv: list[str], env: dict | None = None) -> dict:
 
 SOURCE = ROOT  # the sdsurgeon measured (--source: another checkout, e.g. the commit before a change)
 BEFORE: Path | None = None  # --before: another checkout whose export is measured beside this one's
+SCALING: str | None = None  # --scaling: inject's, passed on (None: its own default)
 STEPS = ("plan", "inject", "export", "baseline")
 
 
@@ -128,7 +129,8 @@ def measure(layers: int, dtype: str, work: Path, onnx: bool, stages: bool, chose
     export = [py, "-m", "sdsurgeon", "export", str(sd), "--format", "hf", "-o", str(out), "--json"]
     steps = {
         "plan": ("plan", [py, "-m", "sdsurgeon", "plan", str(folder), "--json"], None),
-        "inject": ("inject", [py, "-m", "sdsurgeon", "inject", str(folder), "-o", str(sd), "--json"], None),
+        "inject": ("inject", [py, "-m", "sdsurgeon", "inject", str(folder), "-o", str(sd), "--json",
+                              *(["--scaling", SCALING] if SCALING else [])], None),
         "export --format hf": ("export", export, None),
         f"export --format hf (before: {BEFORE})": ("export", export, BEFORE),
         "transformers load + save": ("baseline", [py, "-c", BASELINE, str(folder),
@@ -179,8 +181,12 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="also measure export --format hf with this checkout's sdsurgeon, "
                                                     "on the same files")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"the steps measured, of {','.join(STEPS)}")
+    parser.add_argument("--scaling", choices=["paper", "inverted"],
+                        help="inject's --scaling (default: its own, inverted for this model; paper makes export fold "
+                             "p into the weights and check against the recipe with a multiply per site)")
     args = parser.parse_args()
-    global SOURCE, BEFORE
+    global SOURCE, BEFORE, SCALING
+    SCALING = args.scaling
     SOURCE = args.source.resolve()
     BEFORE = args.before.resolve() if args.before else None
     chosen = tuple(args.steps.split(","))

@@ -25,7 +25,7 @@ from .capture.inputs import InputSpec, copy_inputs, make_example_inputs
 from .deploy.export import DATA_SUFFIX, OnnxExport, export_onnx, write_onnx
 from .deploy.plain import SUFFIXES, PlainExport, delete_layers, load_plain, refuse_unless_plain, \
     write_pretrained, write_safetensors
-from .deploy.verify import Verification, reference_outputs, verify, verify_module
+from .deploy.verify import Reference, Verification, reference_outputs, verify, verify_module
 from .errors import ConfigError, LayerError, option_error
 from .gate import gates
 from .io import hf
@@ -36,7 +36,7 @@ from .options import ConvertOptions, CurveOptions, SurgeryOptions  # here too: t
 from .progress import SILENT, Progress
 from .sdfile import architecture_of, default_output, load_recorded, rebuild_architecture, save
 from .surgery.fold import FoldReport, fold_with_report, remove_gates
-from .surgery.inject import apply_recipe, fold_recipe
+from .surgery.inject import apply_recipe, fold_recipe, record_recipe
 from .surgery.inject import inject as inject_model
 from .surgery.prune import LayerRemoval, PruneCurve, PruneReport, prune, prune_curve
 from .surgery.recipe import RECIPE_ATTR, Recipe
@@ -344,8 +344,11 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
     fmt = options.format  # checked with the rest of the options when they were made (options.py)
     calibration = None if options.calibration is None else read_calibration(options.calibration)
     ref = source if isinstance(source, ModelRef) else None
-    # pruning measures the gated model and save_injected writes it: only a plain fold and export go without gates
-    by_records = fmt == "onnx" and not options.prunes and not save_injected
+    # Loaded here, a recorded surgery is folded from its records (surgery.inject.record_recipe: no gate built), in
+    # every format. Pruning stays on the gated path: it executes drop decisions on gates (surgery.prune measures
+    # the gated model on calibration data, then folds the chosen gates with p = 0); save_injected writes the
+    # gated model itself.
+    by_records = not options.prunes and not save_injected
     if ref is not None:
         target = Path(output) if output else ref.default_output(SUFFIXES[fmt] or "-hf")
         if fmt != "hf" and target.suffix != SUFFIXES[fmt]:
@@ -371,7 +374,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
         held = [model]  # loaded here (ref): _convert_plain lets it go before loading back what it wrote
         del model
         return _convert_plain(held, fmt, target, example, options, name, save_injected, timings, started, progress,
-                              owned=ref is not None, calibration=calibration, specs=specs)
+                              owned=ref is not None, calibration=calibration, specs=specs, recorded=recorded)
     with contextlib.ExitStack() as outputs:  # every output appears together, or none does
         onnx_tmp = outputs.enter_context(staged_pair(target, DATA_SUFFIX))
         if save_injected:
@@ -434,7 +437,7 @@ def convert(source: ModelRef | nn.Module, options: ConvertOptions = ConvertOptio
 def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, options: ConvertOptions, name: str | None,
                    save_injected: Path | None, timings: dict[str, float] | None, started: float,
                    progress: Progress = SILENT, *, owned: bool = False, calibration=None,
-                   specs: Specs = None) -> ConvertResult:
+                   specs: Specs = None, recorded: Recipe | None = None) -> ConvertResult:
     """Fold, and write the folded model as its plain architecture (safetensors or a save_pretrained folder);
     then load what was written into a fresh instance of that architecture, as a user without sdsurgeon
     would, and check it against the gated model in eval.
@@ -445,7 +448,9 @@ def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, optio
 
     ``held``: the gated model, alone in a list. ``owned``: it was loaded for this call, so it is folded in place
     and let go before the written model is loaded back (its outputs are recorded first): one model's weights
-    are in memory at a time, not three (gated, folded copy, loaded back)."""
+    are in memory at a time, not three (gated, folded copy, loaded back). ``recorded``: ``held`` is the model
+    loaded without its recorded surgery redone (``ModelRef.load_recorded``, owned, not pruned), folded from
+    that recipe's site records with no gate built (``_fold_records``)."""
     model = held.pop()
     source = getattr(model, SOURCE_ATTR, None)
     if fmt == "hf" and not (source is not None and source.kind == "hf"):
@@ -463,9 +468,12 @@ def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, optio
                 reference, pruned = _prune(options, model, calibration, specs, into_weights=True)
                 pruned.layers = _whole_layers(model, pruned)
         with stage(timings, "fold", progress, "fold the gates"):
-            if reference is None:  # the gated model's outputs, recorded before an in-place fold changes it
-                reference = reference_outputs(model, example) if owned else model
-            folded, report = fold_with_report(model, own=owned)
+            if recorded is not None:  # from its records, verify's reference recorded first (no pruning: see convert)
+                folded, report, reference = _fold_records(model, recorded, example)
+            else:
+                if reference is None:  # the gated model's outputs, recorded before an in-place fold changes it
+                    reference = reference_outputs(model, example) if owned else model
+                folded, report = fold_with_report(model, own=owned)
         refuse_unless_plain(report, fmt)
         plain = _plain_architecture(folded, model)
         if pruned is not None:
@@ -488,6 +496,21 @@ def _convert_plain(held: list[nn.Module], fmt: str, target: Path, example, optio
     written.path = str(target)
     return ConvertResult(name or "", target, options, report, written, checked, None, time.perf_counter() - started,
                          pruned)
+
+
+def _fold_records(model: nn.Module, recipe: Recipe, example) -> tuple[nn.Module, FoldReport, Reference]:
+    """``model`` (loaded for this job, its recorded surgery not redone) folded in place from its site records (no
+    gate built), and verify's reference, recorded before the fold scales the weights: the recipe computed in eval
+    with an explicit multiply per site by a twin that holds the model's own weights (its module tree and graphs
+    copied, no weight: one copy of the weights in memory, as on the gated path), dropped before the fold; or,
+    where the fold scales nothing (inverted scaling, p = 1 everywhere), the model's own outputs."""
+    records = record_recipe(model, recipe, examples=copy_inputs(example))
+    if recipe.scales:
+        reference = reference_outputs(records.reference(share_weights=True), example)
+    else:
+        reference = reference_outputs(model, example)
+    folded, report = records.fold()
+    return folded, report, reference
 
 
 def _whole_layers(model: nn.Module, pruned: PruneReport) -> LayerRemoval:

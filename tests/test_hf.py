@@ -1028,32 +1028,32 @@ def test_export_format_hf_is_a_folder_plain_transformers_loads_as_the_hand_scale
 
 
 def test_export_format_hf_lets_the_model_it_loaded_go_before_loading_the_folder_back(zoo, work, monkeypatch):
-    """Memory (issue 27 item 5): the gated model export loaded is folded in place and freed before the written
-    folder is loaded back, so two models' weights are never held at once; the check is still against the gated
-    model's outputs, recorded before the fold."""
+    """Memory (issue 27 item 5): the model export loaded is folded in place (from its recorded surgery's site
+    records) and freed before the written folder is loaded back, so two models' weights are never held at once;
+    the check is still against the gated model in eval (the recipe's outputs, recorded before the fold)."""
     import weakref
 
     from sdsurgeon import pipeline
 
     sdsurgeon.save(zoo(CASES["llama"]).injected, "m.sd.pt")
     loaded, alive_at_load_back = [], []
-    real_load, real_load_plain = pipeline.ModelRef.load, pipeline.load_plain
+    real_load, real_load_plain = pipeline.ModelRef.load_recorded, pipeline.load_plain
 
-    def load(self):
-        model = real_load(self)
+    def load_recorded(self):
+        model, recipe = real_load(self)
         loaded.append(weakref.ref(model))
-        return model
+        return model, recipe
 
     def load_plain(*args):
         alive_at_load_back.append(loaded[-1]() is not None)
         return real_load_plain(*args)
 
-    monkeypatch.setattr(pipeline.ModelRef, "load", load)
+    monkeypatch.setattr(pipeline.ModelRef, "load_recorded", load_recorded)
     monkeypatch.setattr(pipeline, "load_plain", load_plain)
     result = pipeline.convert(pipeline.ModelRef(Path("m.sd.pt")), pipeline.ConvertOptions(format="hf"),
                               output=Path("plain"))
     assert result.checked.ok and len(result.checked.batch_sizes) == 3
-    assert alive_at_load_back == [False]
+    assert len(loaded) == 1 and alive_at_load_back == [False]
 
 
 @pytest.mark.onnx

@@ -91,18 +91,18 @@ def test_the_pipeline_works_on_the_model_it_loaded_and_lets_it_go_before_loading
     from sdsurgeon.capture.inputs import InputSpec
 
     loaded, saved, alive_at_load_back = [], [], []
-    real_load, real_save, real_load_plain = pipeline.ModelRef.load, pipeline.save, pipeline.load_plain
+    real_load, real_save, real_load_plain = pipeline.ModelRef.load_recorded, pipeline.save, pipeline.load_plain
 
-    def load(self):
-        model = real_load(self)
+    def load_recorded(self):  # what inject loads (ModelRef.load) and export folds from its records
+        model, recipe = real_load(self)
         loaded.append(weakref.ref(model))
-        return model
+        return model, recipe
 
     def load_plain(*args):  # no gc.collect() here: the pipeline's own (a gated block's graph is a cycle)
         alive_at_load_back.append(loaded[-1]() is not None)
         return real_load_plain(*args)
 
-    monkeypatch.setattr(pipeline.ModelRef, "load", load)
+    monkeypatch.setattr(pipeline.ModelRef, "load_recorded", load_recorded)
     monkeypatch.setattr(pipeline, "save", lambda model, path, **kw: saved.append(model is loaded[-1]()) or real_save(model, path, **kw))
     monkeypatch.setattr(pipeline, "load_plain", load_plain)
     ref = pipeline.ModelRef(arch="sdsurgeon.models:cifar_resnet", arch_kwargs={"depth": 8})
@@ -111,7 +111,7 @@ def test_the_pipeline_works_on_the_model_it_loaded_and_lets_it_go_before_loading
     result = pipeline.convert(pipeline.ModelRef(Path("r.sd.pt")), ConvertOptions(format="safetensors"),
                               output=Path("r.safetensors"))
     assert result.checked.ok and len(result.checked.batch_sizes) == 3
-    assert alive_at_load_back == [False]
+    assert len(loaded) == 2 and alive_at_load_back == [False]  # the model export loaded, freed before the load back
 
 
 class _Constant(torch.nn.Module):

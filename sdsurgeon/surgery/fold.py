@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import warnings
 from collections import Counter
@@ -729,12 +730,16 @@ def _scale(gm: fx.GraphModule, graph: fx.Graph, site: FoldSite, env: dict[str, f
     return FoldedSite(site.id, site.index, site.p, "weights", tuple(scaled), tuple(copied)), out
 
 
-def copied(model):
-    """A deep copy of ``model`` (or of a tuple holding it and graphs over its modules: one copy, shared as before)."""
+def copied(model, *, sharing: Sequence[nn.Module] = ()):
+    """A deep copy of ``model`` (or of a tuple holding it and graphs over its modules: one copy, shared as before).
+
+    ``sharing``: modules whose parameters and buffers the copy holds as they are, not copied (a copy of the
+    module tree and graphs around the same weights)."""
+    memo = {id(t): t for m in sharing for t in itertools.chain(m.parameters(), m.buffers())}
     with warnings.catch_warnings():
         # torch's own deprecation, raised when a torch.export capture's input spec is copied
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
 
 
 def fold_with_report(model: nn.Module, *, into_weights: bool = True, scale: bool = True,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -153,15 +154,53 @@ def fold_recipe(model: nn.Module, recipe: Recipe, *, examples=None, into_weights
     surgery runs. Changes ``model`` (the caller's: a fresh instance of the architecture holding the trained
     weights, as a loader builds it) and returns it folded, with the fold's report.
 
-    The recipe's sites are found again and each owner traced as inject did (``_located``, ``rewrites``); each
-    site becomes a record of its branch and p in the owner's graph (``gate_sites(records=True)``) and
-    ``surgery.fold`` folds the records by the very rules it folds gates by. An owner whose sites all went into
-    its own weights runs its own code, with scaled weights: no graph is installed on it at any point.
+    The recipe's sites are found again and each owner traced as inject did (``record_recipe``); each site becomes
+    a record of its branch and p in the owner's graph (``gate_sites(records=True)``) and ``surgery.fold`` folds
+    the records by the very rules it folds gates by. An owner whose sites all went into its own weights runs its
+    own code, with scaled weights: no graph is installed on it at any point.
 
     ``reference``: also a copy of the model, weights as they were, that computes the recipe in eval,
     ``x + p f(x)``, with one explicit multiply per site and no weight scaled (what the fold is checked against);
     else None. ``examples``: the job's example inputs (drawn from the recipe's specs if needed and not given).
     ``scale=False``: p is dropped, the architecture without gates (as ``surgery.fold.remove_gates``)."""
+    records = record_recipe(model, recipe, examples=examples)
+    twin = records.reference() if reference else None
+    folded, report = records.fold(into_weights=into_weights, scale=scale)
+    return folded, report, twin
+
+
+@dataclass
+class SiteRecords:
+    """A recorded surgery's sites found again in ``model`` and recorded in its owners' graphs (``parts``: path,
+    graph over the model's modules; ``whole``: the paths captured whole), no gate built and nothing installed:
+    ``fold_recipe`` in two steps, for a caller that takes the reference's outputs before the fold changes the
+    weights (``pipeline.convert`` of a plain format: one copy of the weights held, see ``reference``)."""
+
+    model: nn.Module
+    parts: list[tuple[str, fx.GraphModule]]
+    whole: set[str]
+    examples: Any
+
+    def reference(self, *, share_weights: bool = False) -> nn.Module:
+        """A copy of the model and of the graphs over it, their modules shared as here, that computes the recipe
+        in eval, ``x + p f(x)``, with one explicit multiply per site and no weight scaled. ``share_weights``: the
+        copy holds the model's own parameters and buffers (its module tree and graphs alone are copied): no
+        weight is copied, and it computes the recipe only until ``fold`` scales those weights."""
+        twin_model, twin_parts = copied((self.model, self.parts),
+                                        sharing=[self.model, *(gm for _, gm in self.parts)] if share_weights else ())
+        return _placed(fold_parts(twin_model, twin_parts, into_weights=False, examples=self.examples,
+                                  whole=self.whole)[0], self.model)
+
+    def fold(self, *, into_weights: bool = True, scale: bool = True) -> tuple[nn.Module, FoldReport]:
+        """The model folded in place from its records (``fold_recipe``), with the fold's report."""
+        folded, report = fold_parts(self.model, self.parts, into_weights=into_weights, scale=scale,
+                                    examples=self.examples, whole=self.whole)
+        return _placed(folded, self.model), report
+
+
+def record_recipe(model: nn.Module, recipe: Recipe, *, examples=None) -> SiteRecords:
+    """The recipe's sites found again in ``model`` and each owner traced as inject did (``_located``,
+    ``rewrites``), each site a ``SiteRecord`` of its branch and p in its owner's graph: fold's input, no gate."""
     examples = _examples_for(recipe, examples)
     cap, chosen = _located(model, recipe, examples)
     p_of = {s.id: p for s, p in chosen}
@@ -172,13 +211,7 @@ def fold_recipe(model: nn.Module, recipe: Recipe, *, examples=None, into_weights
         parts.append((rewrite.path, rewrite.gm))
         if rewrite.how == WHOLE:
             whole.add(rewrite.path)
-    twin = None
-    if reference:  # one copy of the model and of the graphs over it, their modules shared as here
-        twin_model, twin_parts = copied((model, parts))
-        twin = _placed(fold_parts(twin_model, twin_parts, into_weights=False, examples=examples, whole=whole)[0],
-                       model)
-    folded, report = fold_parts(model, parts, into_weights=into_weights, scale=scale, examples=examples, whole=whole)
-    return _placed(folded, model), report, twin
+    return SiteRecords(model, parts, whole, examples)
 
 
 def _examples_for(recipe: Recipe, examples, always: bool = False):

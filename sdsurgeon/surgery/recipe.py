@@ -35,6 +35,12 @@ class Recipe:
         state.pop("_examples", None)
         self.__dict__.update(state)
 
+    @property
+    def scales(self) -> bool:
+        """Its fold scales some branch (paper scaling, some p below 1): the folded weights differ from the trained
+        ones. Else (inverted scaling, or p = 1 everywhere) the trained weights already compute the model in eval."""
+        return self.scaling != "inverted" and any(p != 1.0 for _, p in self.sites)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sites"] = [[s, p] for s, p in self.sites]
