@@ -27,8 +27,10 @@ bytes) with ``sdsurgeon.callbacks.schedule_callback()``, and are exported with s
 2. greedy generation at batch 1 from held-out prompts: plain ``generate`` against ``generate(assistant_early_exit=E)``
    against the CEILING (the same model with every layer after the exit made an identity, its ``o_proj`` and
    ``down_proj`` zeroed, so every draft is accepted at the same compute), and a model that is only the first E
-   layers generating plainly; all variants of both arms interleaved in rounds (the order rotated each round),
-   medians of per-round ratios; assisted outputs checked token for token against plain ``generate``;
+   layers generating plainly; the two assisted ones again with transformers' confidence stop off
+   (``assistant_confidence_threshold`` 0: every draft 20 tokens long); all variants of both arms interleaved in
+   rounds (the order rotated each round), medians of per-round ratios; assisted outputs checked token for token
+   against plain ``generate`` (the ceiling's against its own);
 3. the draft loop's overhead: one profiled generation per variant, with the time inside the decoder's forward
    calls (draft and verify calls counted apart) and inside its layers.
 
@@ -264,8 +266,9 @@ def profiled(model, exit_: int | None, stop: bool, prompts: torch.Tensor, n: int
     tokens = len(prompts) * n
     inside = prof.seconds["full"] + prof.seconds["draft"]
     ms = lambda s: round(1e3 * s / tokens, 3)  # noqa: E731
-    return {"ms_per_token": ms(total), "decoder_ms_per_token": ms(inside), "layers_ms_per_token": ms(prof.seconds["layers"]),
-            "outside_decoder_ms_per_token": ms(total - inside), "outside_decoder_share": round((total - inside) / total, 4),
+    return {"ms_per_token": ms(total), "decoder_ms_per_token": ms(inside),
+            "layers_ms_per_token": ms(prof.seconds["layers"]), "outside_decoder_ms_per_token": ms(total - inside),
+            "outside_decoder_share": round((total - inside) / total, 4),
             "full_calls": prof.calls["full"], "draft_calls": prof.calls["draft"],
             "full_ms_per_call": round(1e3 * prof.seconds["full"] / max(1, prof.calls["full"]), 3),
             "draft_ms_per_call": round(1e3 * prof.seconds["draft"] / max(1, prof.calls["draft"]), 3),
@@ -296,7 +299,8 @@ def measure(folders: dict[str, Path], size: Size, held: torch.Tensor, log) -> di
                        "ceiling_agreement_at_exit": ceiling_report.exits[E - 1].agreement,
                        "ceiling_predicted_speedup": round(ceiling_report.exits[E - 1].speedup, 4)}
         log(f"  {arm}: agreement at exit {E} (after layer {E - 1}): {report.exits[E - 1].agreement:.4f}")
-        models[arm] = {"plain": (model, None, True), "assisted": (model, E, True), "ceiling plain": (ceiling, None, True),
+        models[arm] = {"plain": (model, None, True), "assisted": (model, E, True),
+                       "ceiling plain": (ceiling, None, True),
                        "ceiling assisted": (ceiling, E, True), "first E layers": (truncated_of(model, E), None, True),
                        "assisted, no confidence stop": (model, E, False),
                        "ceiling assisted, no confidence stop": (ceiling, E, False)}
@@ -405,7 +409,8 @@ def report(size: Size, result: dict, setup: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: a 4-layer, 64-wide model, 6 steps")
-    ap.add_argument("--steps", type=int, help=f"training steps per arm (default {DEFAULT.steps}; {QUICK.steps} with --quick)")
+    ap.add_argument("--steps", type=int,
+                    help=f"training steps per arm (default {DEFAULT.steps}; {QUICK.steps} with --quick)")
     ap.add_argument("--rounds", type=int, help=f"interleaved generation rounds (default {DEFAULT.rounds})")
     ap.add_argument("--new-tokens", type=int, help=f"tokens generated per prompt (default {DEFAULT.new_tokens})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine a "
@@ -437,7 +442,8 @@ def main() -> None:
              f"{data['python']} ({data['files']} .py files, {data['train_bytes'] / 1e6:.1f} MB train / "
              f"{data['heldout_bytes'] / 1e6:.1f} MB held out, split by file); both arms: p_L = {P_L}, rule {RULE}; "
              f"early exit: every layer, scale type {SCALE_TYPE}, scale {SCALE}, curriculum {CURRICULUM}; "
-             f"exit E = {size.exit}; {args.threads} torch thread{'s' * (args.threads != 1)}, torch {torch.__version__}, "
+             f"exit E = {size.exit}; {args.threads} torch thread{'s' * (args.threads != 1)}, "
+             f"torch {torch.__version__}, "
              f"transformers {transformers.__version__}.")
     log(setup)
     with tempfile.TemporaryDirectory() as tmp:
@@ -446,7 +452,8 @@ def main() -> None:
         result = measure(folders, size, held, log)
     seconds = time.perf_counter() - started
     text = report(size, result, setup)
-    text += f"\nTotal time: {seconds:.0f} s (training both arms: {sum(t['train_seconds'] for t in trained.values()):.0f} s).\n"
+    training = sum(t["train_seconds"] for t in trained.values())
+    text += f"\nTotal time: {seconds:.0f} s (training both arms: {training:.0f} s).\n"
     print("\n" + text)
     (args.out / "early_exit_results.md").write_text(text)
     record = {"size": asdict(size), "seed": args.seed, "threads": args.threads, "p_L": P_L, "rule": RULE,
