@@ -417,6 +417,8 @@ def main() -> None:
                     "second thread waits on the other processes)")
     ap.add_argument("--seed", type=int, default=0, help="initial weights, data order and layer-dropout draws")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for early_exit_results.md and .json")
+    ap.add_argument("--keep", type=Path, help="keep the trained and exported model folders here (default: a "
+                    "temporary folder, removed at the end)")
     args = ap.parse_args()
     size = QUICK if args.quick else DEFAULT
     for name in ("steps", "rounds", "new_tokens"):
@@ -446,7 +448,9 @@ def main() -> None:
              f"torch {torch.__version__}, "
              f"transformers {transformers.__version__}.")
     log(setup)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = scratch if args.keep is None else args.keep
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         folders = {arm: Path(tmp) / arm.replace(" ", "-") for arm in ARMS}
         trained = {arm: train_arm(arm, initial, size, train, folders[arm], args.seed, log) for arm in ARMS}
         result = measure(folders, size, held, log)
