@@ -55,7 +55,7 @@ def test_assisted_tokens_are_plain_generates_and_the_timings_add_up(ee_quick_run
             assert len(seconds) == size["rounds"] and all(t > 0 for t in seconds)
             assert g["tokens_per_second"][variant] == pytest.approx(tokens / statistics.median(seconds), rel=1e-3)
         paired = statistics.median(p / a for p, a in zip(g["seconds"]["plain"], g["seconds"]["assisted"]))
-        assert g["speedup"] == pytest.approx(paired, abs=1e-4)
+        assert g["speedup"] == pytest.approx(paired, rel=1e-3)  # per-round seconds are rounded to 6 places
         assert g["speedup_over_ceiling"] == pytest.approx(g["speedup"] / g["ceiling"], abs=1e-3)
 
 

@@ -343,7 +343,7 @@ def measure(folders: dict[str, Path], size: Size, held: torch.Tensor, log) -> di
             "ceiling_no_confidence_stop": ratio((arm, "ceiling assisted, no confidence stop"), (arm, "plain")),
             "identical": identical, "ceiling_identical": ceiling_identical,
             "repeatable": all(same[arm, v] for v in VARIANTS),
-            "seconds": {v: [round(t, 4) for t in times[arm, v]] for v in VARIANTS}}
+            "seconds": {v: [round(t, 6) for t in times[arm, v]] for v in VARIANTS}}
         assert identical and ceiling_identical, f"{arm}: assisted generate gave other tokens than plain generate"
         result[arm]["profile"] = {v: profiled(*models[arm][v], prompts, size.new_tokens) for v in VARIANTS}
     return result
