@@ -75,3 +75,29 @@ def test_the_ceiling_without_the_confidence_stop_drafts_full_length(ee_quick_run
         assert plain["full_calls"] == size["prompts"] * size["new_tokens"] and plain["draft_calls"] == 0
         for v in profile.values():
             assert 0 <= v["outside_decoder_share"] < 1 and v["layers_ms_per_token"] <= v["decoder_ms_per_token"]
+
+
+def test_the_first_e_layers_model_is_the_exit_and_decodes_with_a_cache():
+    """The overhead comparison's model: its logits are the full model's exit after layer E - 1 (the model's own
+    norm and head on that layer's hidden state), and it keeps the model's generation settings: a Trainer-saved
+    config says use_cache false, which made a generation config built from it decode without a cache."""
+    import importlib.util
+
+    import torch
+    import transformers
+
+    spec = importlib.util.spec_from_file_location("early_exit_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    config = script.config(script.QUICK)
+    config.use_cache = False  # as the Trainer leaves it
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.use_cache = True
+    short = script.truncated_of(model, 2)
+    assert len(short.model.layers) == 2 and short.generation_config.use_cache is True
+    x = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states[2]  # [0] is the embedding output
+        torch.testing.assert_close(short(x).logits, model.lm_head(model.model.norm(hidden)))

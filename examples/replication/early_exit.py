@@ -189,6 +189,9 @@ def truncated_of(model, exit_: int):
     cfg = copy.deepcopy(model.config)
     cfg.num_hidden_layers = exit_
     short = transformers.LlamaForCausalLM(cfg).eval()
+    # the model's own generation settings: a config saved by the Trainer says use_cache false (set for training),
+    # and a generation config made from it would decode without a cache, recomputing every position each step
+    short.generation_config = copy.deepcopy(model.generation_config)
     missing, unexpected = short.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("model.layers.") for k in unexpected), (missing, unexpected)
     return short
