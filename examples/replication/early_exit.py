@@ -14,8 +14,8 @@ from the same initial weights, data order and layer-dropout draws (the gates' se
   norm and LM head, scale type "l" (layer l's loss weighted by l + 1, the last layer's being the task loss), no
   curriculum. Why: the LM head is 512 x 256 here, so an exit's loss costs little and a curriculum (which exists to
   save head compute on 100k-token vocabularies) would only thin each exit's signal in a short run; "l" gives the
-  chosen exit (layer 2 of 12) 3/78 of the loss against the task's 12/78, where torchtune's default "sum_l" gives it
-  6/364 against 78/364 (a quarter of that share).
+  chosen exit (layer index 1 of 8, E = 2) 2/36 of the loss against the task's 8/36, where torchtune's default
+  "sum_l" gives it 3/120 against 36/120 (0.45 of that share).
 
 Both arms train with ``transformers.Trainer`` unchanged (AdamW, cosine schedule with warm-up, batch 16 x 128
 bytes) with ``sdsurgeon.callbacks.schedule_callback()``, and are exported with sdsurgeon's ``--format hf`` path
@@ -83,7 +83,7 @@ class Size:
     eval_chunks: int
 
 
-DEFAULT = Size(hidden=512, layers=12, heads=8, intermediate=1376, exit=3, seq=128, batch=16, steps=60, lr=2e-3,
+DEFAULT = Size(hidden=512, layers=8, heads=8, intermediate=1376, exit=2, seq=128, batch=16, steps=240, lr=2e-3,
                new_tokens=64, prompts=2, prompt_len=64, rounds=5, eval_chunks=32)
 QUICK = Size(hidden=64, layers=4, heads=2, intermediate=128, exit=1, seq=32, batch=4, steps=6, lr=3e-3,
              new_tokens=12, prompts=2, prompt_len=16, rounds=2, eval_chunks=4)
