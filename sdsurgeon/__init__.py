@@ -79,6 +79,9 @@ def __getattr__(name: str):
         from .options import in_python
 
         value = in_python(value)
+        # pickled by reference as sdsurgeon.<name> (this wrapper), as it was before it was wrapped: a process pool
+        # sends functions by name, and the defining module's name finds the unwrapped one, another object
+        value.__module__, value.__qualname__ = __name__, name
     globals()[name] = value  # found once; later lookups do not come here
     return value
 

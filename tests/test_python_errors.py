@@ -111,6 +111,16 @@ def test_the_command_line_and_batch_call_the_functions_themselves():
     assert sdsurgeon.inject.__doc__ == inject.inject.__doc__
 
 
+def test_a_public_function_pickles_by_reference_as_it_did_unwrapped():
+    """A process pool sends functions by name: ``sdsurgeon.load`` must come back as itself, not fail as "not the
+    same object as sdsurgeon.sdfile.load"."""
+    import pickle
+
+    for name in ("load", "inject", "prune"):
+        public = getattr(sdsurgeon, name)
+        assert pickle.loads(pickle.dumps(public)) is public, name
+
+
 # --- only the outermost public call re-spells; re-spelled text stays ---------------------------------------------
 
 
